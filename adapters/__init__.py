@@ -1,0 +1,1 @@
+"""headswap.adapters: tenant head architectures, their training and serialization (needs torch)."""

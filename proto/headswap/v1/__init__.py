@@ -1,0 +1,1 @@
+"""Generated protobuf code for the wire contract headswap.v1 (see headswap.proto)."""

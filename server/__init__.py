@@ -1,0 +1,1 @@
+"""headswap.server: the gRPC service around the frozen backbone."""

@@ -1,0 +1,115 @@
+"""The server process: gRPC, health, reflection, start-up order and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from headswap.server.config import ServerConfig
+from headswap.server.interceptors import ErrorInterceptor
+from headswap.server.service import EmbeddingService
+from headswap.server.servicer import HeadswapServicer
+from headswap.v1 import headswap_pb2 as pb
+from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HeadswapService"].full_name
+
+
+class Server:
+    """One headswap server. `run()` serves until SIGTERM or SIGINT, then drains and returns 0."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="headswap-worker")
+        self.embedding = EmbeddingService(config, self.executor)
+        self.port = 0
+        # gRPC's aio server, the health servicer and the stop event bind to the running loop: made in start().
+        self.grpc: aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self._stop: asyncio.Event | None = None
+
+    def _build(self) -> aio.Server:
+        server = aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                # Explicit limits: past them gRPC answers RESOURCE_EXHAUSTED before any work is done.
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ],
+        )
+        pb_grpc.add_HeadswapServiceServicer_to_server(HeadswapServicer(self.embedding, self.config.max_message_bytes), server)
+        assert self.health is not None
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        return server
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        assert self.health is not None
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen at once (health says NOT_SERVING), then load and warm up; SERVING only after that."""
+        self._stop = self._stop or asyncio.Event()
+        self.health = health.aio.HealthServicer()
+        self.grpc = self._build()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not listen on {self.config.host}:{self.config.port}")
+        await self.grpc.start()
+        log.info("gRPC listening on port %d; loading the backbone", self.port)
+        loop = asyncio.get_running_loop()
+        backbone = await loop.run_in_executor(self.executor, self.embedding.load)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING on port %d (backbone on %s)", self.port, backbone.provider)
+        return self.port
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
+        assert self.health is not None and self.grpc is not None
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: up to %.0fs for calls in flight", self.config.grace_seconds)
+        await self.grpc.stop(self.config.grace_seconds)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+        except Exception:
+            log.exception("start-up failed")
+            if self.grpc is not None:
+                await self.grpc.stop(0)
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            return 1
+        await self._stop.wait()
+        await self.stop()
+        return 0
+
+
+def serve(config: ServerConfig) -> int:
+    return asyncio.run(Server(config).run())
+
+
+__all__ = ["SERVICE_NAME", "Server", "grpc", "serve"]

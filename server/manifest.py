@@ -1,0 +1,75 @@
+"""The manifest of an exported backbone directory: what the model is and how to feed it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "headswap.backbone/1"
+MODEL_FP32 = "model.onnx"
+MODEL_FP16 = "model_fp16.onnx"
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class BackboneManifest:
+    name: str
+    embedding_dim: int
+    # How token states become one vector. Both steps run inside the ONNX graph, so the model's output is
+    # already the final embedding; the manifest records them so a reader knows what it gets.
+    pooling: str  # "mean" (mask-aware)
+    normalization: str  # "l2"
+    max_length: int  # tokens, including [CLS] and [SEP]; longer text is truncated
+    input_kind: str  # "text" or "image"
+    fingerprint: str  # sha256 over the fp32 model, the tokenizer and the fields above
+    model_fp32: str = MODEL_FP32
+    model_fp16: str = MODEL_FP16
+    tokenizer: str = TOKENIZER
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+    output_name: str = "sentence_embedding"
+    # Fused operator counts found by ONNX Runtime's transformer optimizer, and measured parity.
+    fused_operators: tuple[tuple[str, int], ...] = ()
+    parity_min_cosine_fp32: float = 0.0
+    parity_min_cosine_fp16: float = 0.0
+    format: str = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["fused_operators"] = dict(self.fused_operators)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneManifest:
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unknown backbone manifest format {data.get('format')!r}; want {MANIFEST_FORMAT}")
+        fields = dict(data)
+        fields["input_names"] = tuple(fields.get("input_names", ()))
+        fields["fused_operators"] = tuple(sorted((fields.get("fused_operators") or {}).items()))
+        return cls(**fields)
+
+    @classmethod
+    def load(cls, directory: Path) -> BackboneManifest:
+        path = directory / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} not found: {directory} is not an exported backbone (run `headswap export`)"
+            ) from None
+        return cls.from_dict(data)
+
+
+def fingerprint(files: list[Path], settings: dict[str, Any]) -> str:
+    """sha256 of the files' bytes and the settings that change what the embeddings are."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
