@@ -8,7 +8,10 @@ from headswap.client.results import BackboneInfo, EmbedResult, Timings
 from headswap.v1 import headswap_pb2 as pb
 
 _ELEMENT_TYPES = {"float32": pb.ELEMENT_TYPE_FLOAT32, "float16": pb.ELEMENT_TYPE_FLOAT16}
-_NUMPY = {pb.ELEMENT_TYPE_FLOAT32: np.dtype("<f4"), pb.ELEMENT_TYPE_FLOAT16: np.dtype("<f2")}
+_NUMPY: dict[int, np.dtype] = {
+    pb.ELEMENT_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.ELEMENT_TYPE_FLOAT16: np.dtype("<f2"),
+}
 
 
 def element_type(name: str) -> int:

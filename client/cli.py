@@ -23,7 +23,9 @@ def _target(value: str | None) -> str:
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=None, help=f"server address [HEADSWAP_TARGET, default {DEFAULT_TARGET}]")
+    parser.add_argument(
+        "--target", default=None, help=f"server address [HEADSWAP_TARGET, default {DEFAULT_TARGET}]"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
 
 
@@ -41,9 +43,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from headswap.client import _health
-
     import grpc
+
+    from headswap.client import _health
 
     with Client(_target(args.target), timeout=args.timeout) as client:
         try:
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         missing = str(exc)
 
         def _needs_server(args: argparse.Namespace) -> int:
-            print(f"headswap {args.command}: needs the server extra (pip install 'headswap[server]'): {missing}")
+            print(
+                f"headswap {args.command}: needs the server extra (pip install 'headswap[server]'): {missing}"
+            )
             return 2
 
         for name in ("serve", "export"):

@@ -91,7 +91,9 @@ class Client(_Base):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, fn: Callable[..., T], request: Any, *, retry: bool = True, timeout: float | None = None) -> T:
+    def _call(
+        self, fn: Callable[..., T], request: Any, *, retry: bool = True, timeout: float | None = None
+    ) -> T:
         attempt = 0
         while True:
             try:

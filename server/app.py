@@ -46,11 +46,17 @@ class Server:
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
             ],
         )
-        pb_grpc.add_HeadswapServiceServicer_to_server(HeadswapServicer(self.embedding, self.config.max_message_bytes), server)
+        pb_grpc.add_HeadswapServiceServicer_to_server(
+            HeadswapServicer(self.embedding, self.config.max_message_bytes), server
+        )
         assert self.health is not None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         return server

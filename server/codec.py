@@ -10,7 +10,7 @@ from headswap.server.domain import BackboneDescription, Embedded, Timings
 from headswap.server.errors import InvalidArgument
 from headswap.v1 import headswap_pb2 as pb
 
-_DTYPES = {
+_DTYPES: dict[int, np.dtype] = {
     pb.ELEMENT_TYPE_UNSPECIFIED: np.dtype("<f4"),
     pb.ELEMENT_TYPE_FLOAT32: np.dtype("<f4"),
     pb.ELEMENT_TYPE_FLOAT16: np.dtype("<f2"),
@@ -36,7 +36,9 @@ def element_type(value: int) -> np.dtype:
     try:
         return _DTYPES[value]
     except KeyError:
-        raise InvalidArgument(f"unknown element type {value}: use ELEMENT_TYPE_FLOAT32 or ELEMENT_TYPE_FLOAT16")
+        raise InvalidArgument(
+            f"unknown element type {value}: use ELEMENT_TYPE_FLOAT32 or ELEMENT_TYPE_FLOAT16"
+        ) from None
 
 
 def tensor(array: np.ndarray, dtype: np.dtype) -> pb.Tensor:

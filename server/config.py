@@ -106,7 +106,9 @@ class ServerConfig:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, default=None, help=f"{f.metadata['help']} [{f.metadata['env']}]")
+            parser.add_argument(
+                flag, dest=f.name, default=None, help=f"{f.metadata['help']} [{f.metadata['env']}]"
+            )
 
     @classmethod
     def from_sources(

@@ -49,7 +49,9 @@ PARITY_SENTENCES = [
     "ok",
     "Où est la gare ? Je voudrais acheter un billet pour Lyon.",
     "Please cancel my subscription and refund the last payment; the service has been down for days.",
-    " ".join(["The committee met again on Tuesday to discuss the budget, the schedule and the staffing plan."] * 30),
+    " ".join(
+        ["The committee met again on Tuesday to discuss the budget, the schedule and the staffing plan."] * 30
+    ),
 ]
 
 
@@ -122,7 +124,9 @@ def _reference_embeddings(model_dir: Path, batch: dict[str, np.ndarray]) -> np.n
     model = AutoModel.from_pretrained(str(model_dir)).eval()
     wrapper = _torch_wrapper(model)
     with torch.inference_mode():
-        out = wrapper(*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")))
+        out = wrapper(
+            *(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+        )
     return np.asarray(out.numpy(), dtype=np.float32)
 
 

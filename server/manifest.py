@@ -45,7 +45,9 @@ class BackboneManifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackboneManifest:
         if data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unknown backbone manifest format {data.get('format')!r}; want {MANIFEST_FORMAT}")
+            raise ValueError(
+                f"unknown backbone manifest format {data.get('format')!r}; want {MANIFEST_FORMAT}"
+            )
         fields = dict(data)
         fields["input_names"] = tuple(fields.get("input_names", ()))
         fields["fused_operators"] = tuple(sorted((fields.get("fused_operators") or {}).items()))

@@ -1,0 +1,126 @@
+"""Tenant head architectures: small classifiers that map a frozen embedding to class logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+HEAD_KINDS: tuple[str, ...] = ("linear", "mlp")
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; `HeadSpec(input_dim=True, ...)` is a bug, not a 1-dim head.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Everything needed to rebuild a head's module before loading its weights."""
+
+    kind: str
+    input_dim: int
+    num_classes: int
+    # Only used by the "mlp" kind; kept on every spec so that a spec round-trips unchanged.
+    hidden_dim: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(HEAD_KINDS)}")
+        if not _is_int(self.input_dim) or self.input_dim < 1:
+            raise ValueError(f"input_dim must be a positive integer, got {self.input_dim!r}")
+        if not _is_int(self.num_classes) or self.num_classes < 2:
+            raise ValueError(f"a head needs at least 2 classes, got num_classes={self.num_classes!r}")
+        if not _is_int(self.hidden_dim) or self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be a positive integer, got {self.hidden_dim!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class GeneratorDropout(nn.Module):
+    """Inverted dropout that can draw its masks from a private ``torch.Generator``.
+
+    ``nn.Dropout`` only uses the process-wide RNG, so two tenants training at the same time in
+    server threads would perturb each other's masks and a fixed seed would stop reproducing a head.
+    Without a generator it behaves like ``nn.Dropout`` (global RNG); in eval mode it is the identity.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        noise = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return x * (noise >= self.p).to(x.dtype) / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MLPHead(nn.Module):
+    """Linear -> GELU -> dropout -> linear; named submodules give readable tensor names on disk."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(input_dim, hidden_dim)
+        self.activation = nn.GELU()
+        self.dropout = GeneratorDropout(dropout)
+        self.output = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.dropout(self.activation(self.hidden(x))))
+
+
+def expected_state_shapes(spec: HeadSpec) -> dict[str, tuple[int, ...]]:
+    """The exact tensor names and shapes of ``build_head(spec).state_dict()``.
+
+    Written out rather than derived from a module so that loading untrusted weights can be
+    validated before any module is allocated.
+    """
+    if spec.kind == "linear":
+        return {"weight": (spec.num_classes, spec.input_dim), "bias": (spec.num_classes,)}
+    return {
+        "hidden.weight": (spec.hidden_dim, spec.input_dim),
+        "hidden.bias": (spec.hidden_dim,),
+        "output.weight": (spec.num_classes, spec.hidden_dim),
+        "output.bias": (spec.num_classes,),
+    }
+
+
+def _init_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
+    # Same distribution as nn.Linear.reset_parameters, but from a private generator.
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(layer.in_features)
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def build_head(spec: HeadSpec, generator: torch.Generator | None = None) -> nn.Module:
+    """Build the (float32, CPU) module for ``spec``; it outputs logits, not probabilities.
+
+    With ``generator`` the initial weights come from it instead of the global RNG, which makes
+    initialisation reproducible without touching process-wide state.
+    """
+    module: nn.Module
+    with torch.no_grad():
+        if spec.kind == "linear":
+            linear = nn.Linear(spec.input_dim, spec.num_classes)
+            if generator is not None:
+                _init_linear_(linear, generator)
+            module = linear
+        else:
+            mlp = MLPHead(spec.input_dim, spec.hidden_dim, spec.num_classes, spec.dropout)
+            if generator is not None:
+                _init_linear_(mlp.hidden, generator)
+                _init_linear_(mlp.output, generator)
+            module = mlp
+    return module

@@ -1,0 +1,179 @@
+"""Head serialization: weights as safetensors bytes, everything else as a JSON manifest.
+
+Nothing here uses pickle (or ``torch.save``/``torch.load``): a head's files may come from storage
+shared between tenants, and loading them must never execute code. Loading validates every tensor
+against the spec before anything is built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from .heads import HeadSpec, expected_state_shapes
+from .training import ClassMetrics, HeadMetrics, TrainedHead
+
+HEAD_FORMAT = "headswap.head/1"
+_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics"})
+
+
+class HeadFormatError(ValueError):
+    """Stored head weights or manifest are malformed, inconsistent or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class LoadedHead:
+    spec: HeadSpec
+    state: dict[str, np.ndarray]  # float32, validated against spec
+    manifest: dict[str, Any]  # a deep, JSON-only copy of the manifest it was loaded with
+
+
+def _metrics_to_json(metrics: HeadMetrics) -> dict[str, Any]:
+    as_dict = asdict(metrics)
+    # asdict keeps tuples; lists are what JSON will give back, so use them from the start.
+    as_dict["per_class"] = [asdict(item) for item in metrics.per_class]
+    return as_dict
+
+
+def head_to_bytes(
+    head: TrainedHead, extra_manifest: Mapping[str, Any] | None = None
+) -> tuple[bytes, dict[str, Any]]:
+    """Serialise ``head`` to (safetensors bytes, JSON-serialisable manifest).
+
+    ``extra_manifest`` entries (tenant, label names, timestamps...) are merged into the manifest's
+    top level; they must be JSON-serialisable and may not shadow the reserved keys.
+    """
+    extra = dict(extra_manifest or {})
+    clashes = _RESERVED_KEYS.intersection(extra)
+    if clashes:
+        raise ValueError(f"extra_manifest may not set reserved key(s): {', '.join(sorted(clashes))}")
+    expected = expected_state_shapes(head.spec)
+    if set(head.state) != set(expected):
+        raise ValueError(f"head state has tensors {sorted(head.state)}, its spec expects {sorted(expected)}")
+    tensors = {name: np.ascontiguousarray(head.state[name], dtype=np.float32) for name in sorted(expected)}
+    weights = safetensors.numpy.save(tensors, metadata={"format": HEAD_FORMAT})
+    manifest: dict[str, Any] = {
+        "format": HEAD_FORMAT,
+        "spec": asdict(head.spec),
+        "config": asdict(head.config),
+        "metrics": _metrics_to_json(head.metrics),
+        **extra,
+    }
+    try:
+        # Strict JSON (no NaN/Infinity) so any JSON reader, not just Python's, can read it back.
+        json.dumps(manifest, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"manifest is not JSON-serialisable: {exc}") from exc
+    return weights, manifest
+
+
+def _spec_from_manifest(manifest: Mapping[str, Any]) -> HeadSpec:
+    raw = manifest.get("spec")
+    if not isinstance(raw, Mapping):
+        raise HeadFormatError("manifest has no 'spec' object")
+    fields = ("kind", "input_dim", "num_classes", "hidden_dim", "dropout")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise HeadFormatError(f"manifest spec is missing {', '.join(missing)}")
+    try:
+        return HeadSpec(**{name: raw[name] for name in fields})
+    except (TypeError, ValueError) as exc:
+        raise HeadFormatError(f"manifest spec is invalid: {exc}") from exc
+
+
+def head_from_bytes(weights: bytes, manifest: Mapping[str, Any]) -> LoadedHead:
+    """Load and validate a head written by :func:`head_to_bytes`; raises :class:`HeadFormatError`."""
+    if not isinstance(manifest, Mapping):
+        raise HeadFormatError(f"manifest must be a mapping, got {type(manifest).__name__}")
+    if manifest.get("format") != HEAD_FORMAT:
+        raise HeadFormatError(f"unknown head format {manifest.get('format')!r}; expected {HEAD_FORMAT!r}")
+    try:
+        manifest_copy: dict[str, Any] = json.loads(json.dumps(dict(manifest), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise HeadFormatError(f"manifest is not plain JSON: {exc}") from exc
+    spec = _spec_from_manifest(manifest_copy)
+    if not isinstance(weights, bytes | bytearray | memoryview):
+        raise HeadFormatError(f"weights must be bytes, got {type(weights).__name__}")
+    try:
+        loaded = safetensors.numpy.load(bytes(weights))
+    except Exception as exc:  # the Rust parser raises its own error type for every kind of damage
+        raise HeadFormatError(f"weights are not a valid safetensors file: {exc}") from exc
+    expected = expected_state_shapes(spec)
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise HeadFormatError(f"weights lack tensor(s) {', '.join(missing)} required by a {spec.kind} head")
+    unexpected = sorted(set(loaded) - set(expected))
+    if unexpected:
+        raise HeadFormatError(f"weights hold unexpected tensor(s) {', '.join(unexpected)}")
+    state: dict[str, np.ndarray] = {}
+    for name, shape in expected.items():
+        array = loaded[name]
+        if array.dtype != np.float32:
+            raise HeadFormatError(f"tensor {name} is {array.dtype}, expected float32")
+        if tuple(array.shape) != shape:
+            raise HeadFormatError(f"tensor {name} has shape {tuple(array.shape)}, the spec implies {shape}")
+        if not np.all(np.isfinite(array)):
+            raise HeadFormatError(f"tensor {name} contains NaN or infinite values")
+        state[name] = np.ascontiguousarray(array)
+    return LoadedHead(spec=spec, state=state, manifest=manifest_copy)
+
+
+def _field(raw: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in raw:
+        raise HeadFormatError(f"{where} is missing {name!r}")
+    value = raw[name]
+    # bool is an int subclass, but true/false is never a valid count or score.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise HeadFormatError(f"{where}.{name} has the wrong type: {value!r}")
+    if not isinstance(value, kind):
+        raise HeadFormatError(f"{where}.{name} has the wrong type: {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HeadFormatError(f"{where}.{name} is not finite")
+    return value
+
+
+def metrics_from_manifest(manifest: Mapping[str, Any]) -> HeadMetrics:
+    """Rebuild the :class:`HeadMetrics` stored by :func:`head_to_bytes`; raises :class:`HeadFormatError`."""
+    raw = manifest.get("metrics") if isinstance(manifest, Mapping) else None
+    if not isinstance(raw, Mapping):
+        raise HeadFormatError("manifest has no 'metrics' object")
+    number = (int, float)
+    raw_classes = _field(raw, "per_class", (list, tuple), "metrics")
+    per_class: list[ClassMetrics] = []
+    for i, item in enumerate(raw_classes):
+        where = f"metrics.per_class[{i}]"
+        if not isinstance(item, Mapping):
+            raise HeadFormatError(f"{where} is not an object")
+        f1 = item.get("f1")
+        if f1 is not None:
+            f1 = float(_field(item, "f1", number, where))
+        per_class.append(
+            ClassMetrics(
+                label_index=_field(item, "label_index", int, where),
+                train_count=_field(item, "train_count", int, where),
+                validation_count=_field(item, "validation_count", int, where),
+                f1=f1,
+            )
+        )
+    evaluated_on = _field(raw, "evaluated_on", str, "metrics")
+    if evaluated_on not in ("validation", "train"):
+        raise HeadFormatError(f"metrics.evaluated_on must be 'validation' or 'train', got {evaluated_on!r}")
+    return HeadMetrics(
+        evaluated_on=evaluated_on,
+        accuracy=float(_field(raw, "accuracy", number, "metrics")),
+        macro_f1=float(_field(raw, "macro_f1", number, "metrics")),
+        majority_baseline_accuracy=float(_field(raw, "majority_baseline_accuracy", number, "metrics")),
+        negative_transfer=_field(raw, "negative_transfer", bool, "metrics"),
+        per_class=tuple(per_class),
+        epochs=_field(raw, "epochs", int, "metrics"),
+        train_seconds=float(_field(raw, "train_seconds", number, "metrics")),
+        train_examples=_field(raw, "train_examples", int, "metrics"),
+        validation_examples=_field(raw, "validation_examples", int, "metrics"),
+        stopped_early=_field(raw, "stopped_early", bool, "metrics"),
+    )

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, ServerProcess
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def backbone_dir() -> Path:
+    """The real exported all-MiniLM-L6-v2, exported once and kept in .cache/ between runs."""
+    from headswap.server.export import export_backbone
+
+    path = Path(os.environ.get("HEADSWAP_TEST_BACKBONE", REPO / ".cache" / "backbone"))
+    if not (path / "manifest.json").exists():
+        export_backbone(path, force=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server for the session, with small limits so that the limit tests are cheap."""
+    work = tmp_path_factory.mktemp("server")
+    proc = ServerProcess(
+        "--backbone",
+        str(backbone_dir),
+        "--store",
+        str(work / "store"),
+        "--max-batch-inputs",
+        "512",
+        "--max-message-bytes",
+        str(512 * 1024),
+        log_path=work / "server.log",
+    )
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        rc = proc.terminate()
+    assert rc == 0, f"server exited with {rc} on SIGTERM:\n{proc.log()}"

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from headswap.server.config import ServerConfig
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults() -> None:
+    config = ServerConfig.from_sources(parse([]), environ={})
+    assert config.port == 50051 and config.device == "auto" and config.backbone is None
+    assert config.uses_default_backbone and config.backbone_dir.name == "all-MiniLM-L6-v2"
+
+
+def test_flag_beats_environment_beats_default(tmp_path: Path) -> None:
+    env = {"HEADSWAP_PORT": "6000", "HEADSWAP_BACKBONE": str(tmp_path), "HEADSWAP_GRACE_SECONDS": "2.5"}
+    config = ServerConfig.from_sources(parse(["--port", "7000"]), environ=env)
+    assert config.port == 7000
+    assert config.backbone == tmp_path and not config.uses_default_backbone
+    assert config.grace_seconds == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HEADSWAP_PORT": "seventy"}, "port must be a number"),
+        ({"HEADSWAP_PORT": "70000"}, "outside 0..65535"),
+        ({"HEADSWAP_DEVICE": "tpu"}, "device must be"),
+        ({"HEADSWAP_MAX_BATCH_INPUTS": "0"}, "at least 1"),
+    ],
+)
+def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerConfig.from_sources(parse([]), environ=env)
+
+
+def test_every_field_has_an_env_variable_and_help() -> None:
+    from dataclasses import fields
+
+    for f in fields(ServerConfig):
+        assert f.metadata["env"] == "HEADSWAP_" + f.name.upper()
+        assert f.metadata["help"]
