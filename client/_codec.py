@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
-from headswap.client.results import BackboneInfo, EmbedResult, Timings
+from headswap.client.results import (
+    AdaptProgress,
+    AdaptResult,
+    BackboneInfo,
+    ClassMetrics,
+    EmbedResult,
+    HeadDetails,
+    HeadMetrics,
+    HeadSummary,
+    HeadVersion,
+    LabelScore,
+    Prediction,
+    Timings,
+)
 from headswap.v1 import headswap_pb2 as pb
 
 _ELEMENT_TYPES = {"float32": pb.ELEMENT_TYPE_FLOAT32, "float16": pb.ELEMENT_TYPE_FLOAT16}
@@ -46,4 +62,133 @@ def embed_result(reply: pb.EmbedResponse) -> EmbedResult:
         truncated=tuple(reply.truncated),
         backbone=backbone(reply.backbone),
         timings=timings(reply.timings),
+    )
+
+
+# -- heads -----------------------------------------------------------------------------------------------
+
+_KINDS = {pb.HEAD_KIND_LINEAR: "linear", pb.HEAD_KIND_MLP: "mlp"}
+_KIND_CODES = {"linear": pb.HEAD_KIND_LINEAR, "mlp": pb.HEAD_KIND_MLP}
+_OPTION_NAMES = {"kind", "validation_fraction", "seed", "l2", "max_epochs", "hidden_dim", "dropout"}
+
+
+def adapt_request(
+    tenant: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    replace: bool,
+    force_activate: bool,
+    options: dict[str, Any],
+) -> pb.AdaptHeadRequest:
+    if isinstance(texts, str) or isinstance(labels, str):
+        raise TypeError("texts and labels must be sequences of strings")
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels: give one label per text")
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(f"unknown training options {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
+    opts = pb.TrainingOptions()
+    if "kind" in options:
+        if options["kind"] not in _KIND_CODES:
+            raise ValueError(f"kind must be 'linear' or 'mlp', not {options['kind']!r}")
+        opts.kind = _KIND_CODES[options["kind"]]
+    if "validation_fraction" in options:
+        fraction = float(options["validation_fraction"])
+        if fraction == 0.0:
+            opts.no_validation = True
+        else:
+            opts.validation_fraction = fraction
+    for name in ("seed", "max_epochs", "hidden_dim"):
+        if name in options:
+            setattr(opts, name, int(options[name]))
+    for name in ("l2", "dropout"):
+        if name in options:
+            setattr(opts, name, float(options[name]))
+    return pb.AdaptHeadRequest(
+        tenant=tenant,
+        examples=[
+            pb.LabelledExample(input=pb.Input(text=t), label=y) for t, y in zip(texts, labels, strict=True)
+        ],
+        options=opts,
+        mode=pb.EXAMPLE_MODE_REPLACE if replace else pb.EXAMPLE_MODE_ADD,
+        force_activate=force_activate,
+    )
+
+
+def head_metrics(m: pb.HeadMetrics) -> HeadMetrics:
+    return HeadMetrics(
+        evaluated_on=m.evaluated_on,
+        accuracy=m.accuracy,
+        macro_f1=m.macro_f1,
+        majority_baseline_accuracy=m.majority_baseline_accuracy,
+        negative_transfer=m.negative_transfer,
+        per_class=tuple(
+            ClassMetrics(c.label, c.train_count, c.validation_count, c.f1 if c.HasField("f1") else None)
+            for c in m.per_class
+        ),
+        epochs=m.epochs,
+        train_seconds=m.train_seconds,
+        train_examples=m.train_examples,
+        validation_examples=m.validation_examples,
+    )
+
+
+def head_version(v: pb.HeadVersion) -> HeadVersion:
+    return HeadVersion(
+        version=v.version,
+        kind=_KINDS.get(v.kind, "unknown"),
+        labels=tuple(v.labels),
+        metrics=head_metrics(v.metrics),
+        created_at=v.created_at,
+        backbone_fingerprint=v.backbone_fingerprint,
+        example_count=v.example_count,
+    )
+
+
+def adapt_progress(p: pb.AdaptHeadProgress) -> AdaptProgress:
+    return AdaptProgress(
+        stage=p.stage,
+        done=p.done,
+        total=p.total,
+        train_loss=p.train_loss,
+        validation_loss=p.validation_loss if p.HasField("validation_loss") else None,
+        validation_accuracy=p.validation_accuracy if p.HasField("validation_accuracy") else None,
+    )
+
+
+def adapt_result(r: pb.AdaptHeadResult) -> AdaptResult:
+    return AdaptResult(
+        r.tenant, head_version(r.head), r.activated, r.active_version, r.embedded, r.cache_hits
+    )
+
+
+def classify_request(tenant: str, texts: Sequence[str], top_k: int, version: int) -> pb.ClassifyRequest:
+    if isinstance(texts, str):
+        raise TypeError("classify() takes a sequence of texts, not a single string: wrap it in a list")
+    return pb.ClassifyRequest(
+        tenant=tenant, inputs=[pb.Input(text=t) for t in texts], top_k=top_k, version=version
+    )
+
+
+def predictions(reply: pb.ClassifyResponse) -> list[Prediction]:
+    return [
+        Prediction(tuple(LabelScore(s.label, s.probability) for s in p.labels), reply.version, p.truncated)
+        for p in reply.predictions
+    ]
+
+
+def head_summaries(reply: pb.ListHeadsResponse) -> list[HeadSummary]:
+    return [
+        HeadSummary(h.tenant, h.active_version, h.version_count, tuple(h.labels), h.backbone_fingerprint)
+        for h in reply.heads
+    ]
+
+
+def head_details(reply: pb.GetHeadResponse) -> HeadDetails:
+    return HeadDetails(
+        reply.tenant,
+        reply.active_version,
+        tuple(head_version(v) for v in reply.versions),
+        reply.example_count,
     )

@@ -15,7 +15,17 @@ import grpc
 from grpc import aio
 
 from headswap.client import _codec
-from headswap.client.results import EmbedResult, HeadswapError
+from headswap.client.results import (
+    Activation,
+    AdaptProgress,
+    AdaptResult,
+    Deletion,
+    EmbedResult,
+    HeadDetails,
+    HeadSummary,
+    HeadswapError,
+    Prediction,
+)
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
 
@@ -114,6 +124,61 @@ class Client(_Base):
         reply = self._call(self._stub.Embed, _embed_request(texts, dtype))
         return _codec.embed_result(reply)
 
+    def adapt_head(
+        self,
+        tenant: str,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        *,
+        replace: bool = False,
+        force_activate: bool = False,
+        on_progress: Callable[[AdaptProgress], None] | None = None,
+        timeout: float | None = 600.0,
+        **options: Any,
+    ) -> AdaptResult:
+        """Train a new head version for `tenant` on these examples (added to the stored ones unless
+        `replace`), and activate it unless it is no better than the majority-class baseline.
+
+        Options: kind ("linear" or "mlp"), validation_fraction (0 trains on everything), seed, l2 (1/C),
+        max_epochs, hidden_dim, dropout. Not retried: a training is not idempotent.
+        """
+        request = _codec.adapt_request(
+            tenant, texts, labels, replace=replace, force_activate=force_activate, options=options
+        )
+        try:
+            for reply in self._stub.AdaptHead(request, timeout=timeout):
+                if reply.HasField("result"):
+                    return _codec.adapt_result(reply.result)
+                if on_progress is not None:
+                    on_progress(_codec.adapt_progress(reply.progress))
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        raise HeadswapError(grpc.StatusCode.UNKNOWN, "AdaptHead ended without a result")
+
+    def classify(
+        self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
+    ) -> list[Prediction]:
+        """Per input, the `top_k` most probable labels of the tenant's head (its active version, or
+        `version`), and the version that answered."""
+        reply = self._call(self._stub.Classify, _codec.classify_request(tenant, texts, top_k, version))
+        return _codec.predictions(reply)
+
+    def list_heads(self) -> list[HeadSummary]:
+        return _codec.head_summaries(self._call(self._stub.ListHeads, pb.ListHeadsRequest()))
+
+    def get_head(self, tenant: str) -> HeadDetails:
+        return _codec.head_details(self._call(self._stub.GetHead, pb.GetHeadRequest(tenant=tenant)))
+
+    def activate_head_version(self, tenant: str, version: int) -> Activation:
+        r = self._call(
+            self._stub.ActivateHeadVersion, pb.ActivateHeadVersionRequest(tenant=tenant, version=version)
+        )
+        return Activation(r.tenant, r.active_version, r.previous_version)
+
+    def delete_head(self, tenant: str) -> Deletion:
+        r = self._call(self._stub.DeleteHead, pb.DeleteHeadRequest(tenant=tenant))
+        return Deletion(r.tenant, r.versions_deleted, r.examples_deleted)
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the server's health service says SERVING."""
         _wait_ready_blocking(self._channel, timeout)
@@ -172,6 +237,53 @@ class AsyncClient(_Base):
     async def embed_full(self, texts: Sequence[str], *, dtype: str = "float32") -> EmbedResult:
         reply = await self._call(self._stub.Embed, _embed_request(texts, dtype))
         return _codec.embed_result(reply)
+
+    async def adapt_head(
+        self,
+        tenant: str,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        *,
+        replace: bool = False,
+        force_activate: bool = False,
+        on_progress: Callable[[AdaptProgress], None] | None = None,
+        timeout: float | None = 600.0,
+        **options: Any,
+    ) -> AdaptResult:
+        request = _codec.adapt_request(
+            tenant, texts, labels, replace=replace, force_activate=force_activate, options=options
+        )
+        try:
+            async for reply in self._stub.AdaptHead(request, timeout=timeout):
+                if reply.HasField("result"):
+                    return _codec.adapt_result(reply.result)
+                if on_progress is not None:
+                    on_progress(_codec.adapt_progress(reply.progress))
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        raise HeadswapError(grpc.StatusCode.UNKNOWN, "AdaptHead ended without a result")
+
+    async def classify(
+        self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
+    ) -> list[Prediction]:
+        reply = await self._call(self._stub.Classify, _codec.classify_request(tenant, texts, top_k, version))
+        return _codec.predictions(reply)
+
+    async def list_heads(self) -> list[HeadSummary]:
+        return _codec.head_summaries(await self._call(self._stub.ListHeads, pb.ListHeadsRequest()))
+
+    async def get_head(self, tenant: str) -> HeadDetails:
+        return _codec.head_details(await self._call(self._stub.GetHead, pb.GetHeadRequest(tenant=tenant)))
+
+    async def activate_head_version(self, tenant: str, version: int) -> Activation:
+        r = await self._call(
+            self._stub.ActivateHeadVersion, pb.ActivateHeadVersionRequest(tenant=tenant, version=version)
+        )
+        return Activation(r.tenant, r.active_version, r.previous_version)
+
+    async def delete_head(self, tenant: str) -> Deletion:
+        r = await self._call(self._stub.DeleteHead, pb.DeleteHeadRequest(tenant=tenant))
+        return Deletion(r.tenant, r.versions_deleted, r.examples_deleted)
 
 
 def _wait_ready_blocking(channel: grpc.Channel, timeout: float) -> None:

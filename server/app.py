@@ -12,10 +12,14 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
+from headswap.server.headbank import HeadBank
+from headswap.server.heads import HeadService
 from headswap.server.interceptors import ErrorInterceptor
 from headswap.server.service import EmbeddingService
 from headswap.server.servicer import HeadswapServicer
+from headswap.server.store import HeadStore, LocalStore
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
 
@@ -30,7 +34,13 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="headswap-worker")
+        self.io_executor = ThreadPoolExecutor(2, thread_name_prefix="headswap-io")
+        # One training at a time: a training must never take the threads that serve requests.
+        self.train_executor = ThreadPoolExecutor(1, thread_name_prefix="headswap-train")
         self.embedding = EmbeddingService(config, self.executor)
+        self.store: HeadStore | None = None
+        self.cache = EmbeddingCache(config.cache_capacity)
+        self.heads: HeadService | None = None
         self.port = 0
         # gRPC's aio server, the health servicer and the stop event bind to the running loop: made in start().
         self.grpc: aio.Server | None = None
@@ -46,9 +56,9 @@ class Server:
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
             ],
         )
-        pb_grpc.add_HeadswapServiceServicer_to_server(
-            HeadswapServicer(self.embedding, self.config.max_message_bytes), server
-        )
+        assert self.heads is not None
+        servicer = HeadswapServicer(self.embedding, self.heads, self.config.max_message_bytes)
+        pb_grpc.add_HeadswapServiceServicer_to_server(servicer, server)
         assert self.health is not None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -70,6 +80,10 @@ class Server:
         """Listen at once (health says NOT_SERVING), then load and warm up; SERVING only after that."""
         self._stop = self._stop or asyncio.Event()
         self.health = health.aio.HealthServicer()
+        self.store = LocalStore(self.config.store_dir)
+        self.heads = HeadService(
+            self.config, self.embedding, self.store, self.cache, self.io_executor, self.train_executor
+        )
         self.grpc = self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -79,9 +93,23 @@ class Server:
         log.info("gRPC listening on port %d; loading the backbone", self.port)
         loop = asyncio.get_running_loop()
         backbone = await loop.run_in_executor(self.executor, self.embedding.load)
+        self.heads.attach(
+            await loop.run_in_executor(self.executor, self._head_bank, backbone.manifest.fingerprint)
+        )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING on port %d (backbone on %s)", self.port, backbone.provider)
         return self.port
+
+    def _head_bank(self, fingerprint: str) -> HeadBank:
+        import torch
+
+        torch.set_num_threads(self.config.train_threads)
+        device = "cuda" if self.config.device != "cpu" and torch.cuda.is_available() else "cpu"
+        assert self.store is not None
+        log.info(
+            "store at %s: %d tenants; heads on %s", self.config.store_dir, len(self.store.tenants()), device
+        )
+        return HeadBank(self.store, fingerprint, device=device)
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -93,7 +121,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         log.info("draining: up to %.0fs for calls in flight", self.config.grace_seconds)
         await self.grpc.stop(self.config.grace_seconds)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.executor, self.io_executor, self.train_executor):
+            pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     async def run(self) -> int:

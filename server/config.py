@@ -58,6 +58,14 @@ class ServerConfig:
     warmup_rounds: int = _opt(
         "HEADSWAP_WARMUP_ROUNDS", "times the warm-up batches run before the server reports SERVING", 2
     )
+    max_examples: int = _opt("HEADSWAP_MAX_EXAMPLES", "most labelled examples stored per tenant", 50_000)
+    max_classes: int = _opt("HEADSWAP_MAX_CLASSES", "most labels one head may have", 1000)
+    cache_capacity: int = _opt(
+        "HEADSWAP_CACHE_CAPACITY", "embeddings kept in memory by the embedding cache (LRU)", 200_000
+    )
+    train_threads: int = _opt(
+        "HEADSWAP_TRAIN_THREADS", "PyTorch threads for head training (the rest stay with serving)", 1
+    )
     grace_seconds: float = _opt(
         "HEADSWAP_GRACE_SECONDS", "on SIGTERM, how long calls in flight may take to finish", 20.0
     )
@@ -81,6 +89,10 @@ class ServerConfig:
             problems.append("max batch inputs must be at least 1")
         if self.max_message_bytes < 1024:
             problems.append("max message bytes must be at least 1024")
+        if self.max_examples < 2 or self.max_classes < 2:
+            problems.append("max examples and max classes must be at least 2")
+        if self.cache_capacity < 0 or self.train_threads < 1:
+            problems.append("cache capacity must be 0 or more and train threads at least 1")
         if self.warmup_rounds < 0:
             problems.append("warm-up rounds must be 0 or more")
         if self.max_run_items < 1 or self.worker_threads < 1:
