@@ -20,9 +20,12 @@ def content_key(text: str) -> bytes:
 
 
 class EmbeddingCache:
+    """Content-addressed, shared by tenants; each entry remembers which tenants put or used it, so that
+    deleting a tenant drops the vectors only it had, and leaves those other tenants still use."""
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, bytes], tuple[np.ndarray, set[str]]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -30,32 +33,43 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_many(self, fingerprint: str, keys: Iterable[bytes]) -> dict[bytes, np.ndarray]:
+    def get_many(self, fingerprint: str, keys: Iterable[bytes], tenant: str = "") -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}
         with self._lock:
             for key in keys:
-                vector = self._entries.get((fingerprint, key))
-                if vector is not None:
+                entry = self._entries.get((fingerprint, key))
+                if entry is not None:
                     self._entries.move_to_end((fingerprint, key))
-                    found[key] = vector
+                    if tenant:
+                        entry[1].add(tenant)
+                    found[key] = entry[0]
         return found
 
-    def put_many(self, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
+    def put_many(self, fingerprint: str, entries: dict[bytes, np.ndarray], tenant: str = "") -> None:
         if self.capacity <= 0:
             return
         with self._lock:
             for key, vector in entries.items():
-                self._entries[(fingerprint, key)] = vector
+                old = self._entries.get((fingerprint, key))
+                owners = old[1] if old is not None else set()
+                if tenant:
+                    owners.add(tenant)
+                self._entries[(fingerprint, key)] = (vector, owners)
                 self._entries.move_to_end((fingerprint, key))
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
-    def evict(self, keys: Iterable[bytes]) -> None:
-        """Forget these texts under every fingerprint (a tenant was deleted)."""
-        drop = set(keys)
+    def evict_tenant(self, tenant: str) -> int:
+        """Forget the tenant; drop the vectors no other tenant has used. Returns how many were dropped."""
         with self._lock:
-            for entry in [k for k in self._entries if k[1] in drop]:
-                del self._entries[entry]
+            drop = []
+            for entry_key, (_, owners) in self._entries.items():
+                owners.discard(tenant)
+                if not owners:
+                    drop.append(entry_key)
+            for entry_key in drop:
+                del self._entries[entry_key]
+        return len(drop)
 
     def count(self, hits: int, misses: int) -> None:
         with self._lock:

@@ -85,6 +85,8 @@ def embed_response(
 
 # -- heads -----------------------------------------------------------------------------------------------
 
+MAX_EPOCHS = 10_000
+MAX_HIDDEN_DIM = 8192
 _KINDS = {pb.HEAD_KIND_UNSPECIFIED: "linear", pb.HEAD_KIND_LINEAR: "linear", pb.HEAD_KIND_MLP: "mlp"}
 _KIND_CODES = {"linear": pb.HEAD_KIND_LINEAR, "mlp": pb.HEAD_KIND_MLP}
 
@@ -94,6 +96,11 @@ def train_config(options: pb.TrainingOptions, device: str) -> TrainConfig:
     if options.kind not in _KINDS:
         raise InvalidArgument(f"unknown head kind {options.kind}: use HEAD_KIND_LINEAR or HEAD_KIND_MLP")
     defaults = TrainConfig()
+    # Bounds that keep one training from taking the server's memory or hours of its time.
+    if not 0 <= options.max_epochs <= MAX_EPOCHS:
+        raise InvalidArgument(f"max_epochs must be between 1 and {MAX_EPOCHS}, not {options.max_epochs}")
+    if not 0 <= options.hidden_dim <= MAX_HIDDEN_DIM:
+        raise InvalidArgument(f"hidden_dim must be between 1 and {MAX_HIDDEN_DIM}, not {options.hidden_dim}")
     if options.no_validation and options.validation_fraction:
         raise InvalidArgument("set validation_fraction or no_validation, not both")
     fraction = 0.0 if options.no_validation else (options.validation_fraction or defaults.validation_fraction)

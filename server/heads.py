@@ -189,7 +189,7 @@ class HeadService:
         """Vectors for `texts`, from the cache where possible; returns (vectors, embedded, hits)."""
         fingerprint = self.embedding.backbone.manifest.fingerprint
         keys = [content_key(t) for t in texts]
-        found = self.cache.get_many(fingerprint, keys)
+        found = self.cache.get_many(fingerprint, keys, tenant)
         if len(found) < len(set(keys)):
             stored = await self._io(self.store.cached_embeddings, tenant, fingerprint)
             found.update({k: v for k, v in stored.items() if k not in found})
@@ -208,7 +208,7 @@ class HeadService:
             fresh.update({k: result.embeddings[i] for i, (k, _) in enumerate(part)})
             report(Progress("embedding", min(start + chunk, len(todo)), len(todo)))
         self.cache.count(hits, len(todo))
-        self.cache.put_many(fingerprint, fresh)
+        self.cache.put_many(fingerprint, {**found, **fresh}, tenant)
         found.update(fresh)
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
         per_example = dict(zip(keys, vectors, strict=True))
@@ -387,10 +387,9 @@ class HeadService:
     async def delete(self, tenant: str) -> tuple[int, int]:
         check_tenant(tenant)
         async with self._lock(tenant):
-            examples = await self._io(self.store.examples, tenant)
             counts: tuple[int, int] = await self._io(self.store.delete, tenant)
             self.bank.evict(tenant)
-            self.cache.evict(content_key(e.text) for e in examples)
+            self.cache.evict_tenant(tenant)
         return counts
 
 

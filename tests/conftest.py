@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, ServerProcess
+from tests.helpers import DATA, REPO, ServerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +24,23 @@ def backbone_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def banking77() -> dict[str, dict[str, list[str]]]:
+    """Banking77 from ../shared/data: {"train"|"test": {intent: [texts]}}."""
+    import csv
+
+    out: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", "test"):
+        path = DATA / "banking77" / f"{split}.csv"
+        assert path.exists(), f"{path} not found: these tests need ../shared/data (or HEADSWAP_DATA)"
+        by_label: dict[str, list[str]] = {}
+        with path.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                by_label.setdefault(row["category"], []).append(row["text"])
+        out[split] = by_label
+    return out
+
+
+@pytest.fixture(scope="session")
 def server(backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real server for the session, with small limits so that the limit tests are cheap."""
     work = tmp_path_factory.mktemp("server")
@@ -38,6 +55,7 @@ def server(backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         str(512 * 1024),
         log_path=work / "server.log",
     )
+    proc.store = work / "store"
     try:
         proc.wait_serving()
         yield proc

@@ -31,6 +31,7 @@ class ServerProcess:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.store: Path | None = None
         self._log = log_path.open("wb")
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen(

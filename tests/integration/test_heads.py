@@ -1,0 +1,305 @@
+"""AdaptHead, Classify and head management against the real server, backbone and Banking77 data."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import numpy as np
+import pytest
+
+from headswap.client import AsyncClient, Client, HeadswapError
+from headswap.v1 import headswap_pb2 as pb
+from headswap.v1 import headswap_pb2_grpc as pb_grpc
+from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+Data = dict[str, dict[str, list[str]]]
+INTENTS = [
+    "card_arrival",
+    "exchange_rate",
+    "lost_or_stolen_card",
+    "top_up_failed",
+    "pin_blocked",
+    "Refund_not_showing_up",
+]
+
+
+def examples(
+    data: Data, intents: list[str], per: int, split: str = "train", offset: int = 0
+) -> tuple[list[str], list[str]]:
+    texts, labels = [], []
+    for intent in intents:
+        for text in data[split][intent][offset : offset + per]:
+            texts.append(text)
+            labels.append(intent)
+    return texts, labels
+
+
+def test_adapt_then_classify_held_out(server: ServerProcess, banking77: Data) -> None:
+    texts, labels = examples(banking77, INTENTS, 15)
+    progress = []
+    with Client(server.target) as client:
+        result = client.adapt_head("quality", texts, labels, replace=True, on_progress=progress.append)
+        test_texts, test_labels = examples(banking77, INTENTS, 20, split="test")
+        predictions = client.classify("quality", test_texts, top_k=3)
+    assert result.activated and result.active_version == result.version
+    assert result.head.labels == tuple(sorted(INTENTS)) and result.head.kind == "linear"
+    m = result.metrics
+    assert m.evaluated_on == "validation" and m.validation_examples == 18 and m.train_examples == 72
+    assert m.accuracy > m.majority_baseline_accuracy and not m.negative_transfer
+    assert {c.label for c in m.per_class} == set(INTENTS) and all(
+        c.validation_count == 3 for c in m.per_class
+    )
+    assert {p.stage for p in progress} == {"embedding", "training"}
+    accuracy = np.mean([p.label == y for p, y in zip(predictions, test_labels, strict=True)])
+    assert accuracy > 0.85, accuracy
+    for p in predictions:
+        assert len(p.labels) == 3 and p.version == result.version
+        probs = [s.probability for s in p.labels]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_cache_add_and_replace(server: ServerProcess, banking77: Data) -> None:
+    # Texts no other test sends: the cache is shared by content, across tenants.
+    texts, labels = examples(banking77, INTENTS[:3], 6, offset=40)
+    more, more_labels = examples(banking77, INTENTS[:3], 2, offset=46)
+    with Client(server.target) as client:
+        first = client.adapt_head("cachey", texts, labels, replace=True, validation_fraction=0)
+        again = client.adapt_head("cachey", [], [], validation_fraction=0)  # retrain on the stored ones
+        added = client.adapt_head("cachey", more, more_labels, validation_fraction=0)
+        replaced = client.adapt_head("cachey", more, more_labels, replace=True, validation_fraction=0)
+    assert first.embedded == 18 and first.cache_hits == 0
+    assert again.embedded == 0 and again.cache_hits == 18 and again.head.example_count == 18
+    assert added.embedded == 6 and added.cache_hits == 18 and added.head.example_count == 24
+    assert replaced.embedded == 0 and replaced.head.example_count == 6
+    assert [first.version, again.version, added.version, replaced.version] == [1, 2, 3, 4]
+    assert first.metrics.evaluated_on == "train"
+
+
+def test_mlp_head(server: ServerProcess, banking77: Data) -> None:
+    texts, labels = examples(banking77, INTENTS, 12)
+    with Client(server.target) as client:
+        result = client.adapt_head(
+            "mlp-tenant", texts, labels, replace=True, kind="mlp", hidden_dim=64, seed=3
+        )
+        test_texts, test_labels = examples(banking77, INTENTS, 10, split="test")
+        predictions = client.classify("mlp-tenant", test_texts)
+    assert result.head.kind == "mlp" and result.activated
+    assert np.mean([p.label == y for p, y in zip(predictions, test_labels, strict=True)]) > 0.8
+
+
+def test_management_and_rollback(server: ServerProcess, banking77: Data) -> None:
+    texts, labels = examples(banking77, INTENTS[:4], 8, offset=60)
+    with Client(server.target) as client:
+        v1 = client.adapt_head("mgmt", texts, labels, replace=True)
+        v2 = client.adapt_head("mgmt", *examples(banking77, INTENTS[:2], 8), replace=True)
+        assert client.classify("mgmt", ["Where is my card?"])[0].version == v2.version
+        details = client.get_head("mgmt")
+        assert details.active_version == v2.version and [v.version for v in details.versions] == [1, 2]
+        assert details.example_count == 16 and details.versions[0].labels == tuple(sorted(INTENTS[:4]))
+        assert details.versions[1].backbone_fingerprint == client.embed_full(["x"]).backbone.fingerprint
+        pinned = client.classify("mgmt", ["What's the exchange rate?"], version=1)[0]
+        assert pinned.version == 1 and pinned.label == "exchange_rate"
+        rollback = client.activate_head_version("mgmt", v1.version)
+        assert (rollback.active_version, rollback.previous_version) == (1, 2)
+        assert client.classify("mgmt", ["What's the exchange rate?"])[0].version == 1
+        assert any(h.tenant == "mgmt" and h.active_version == 1 for h in client.list_heads())
+        deleted = client.delete_head("mgmt")
+        assert (deleted.versions_deleted, deleted.examples_deleted) == (2, 16)
+        with pytest.raises(HeadswapError) as info:
+            client.classify("mgmt", ["x"])
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert all(h.tenant != "mgmt" for h in client.list_heads())
+        # Its cached embeddings went too: a new training embeds everything again.
+        again = client.adapt_head("mgmt", texts, labels)
+        assert again.embedded == len(texts) and again.version == 1
+        client.delete_head("mgmt")
+
+
+def test_negative_transfer_is_not_promoted(server: ServerProcess, banking77: Data) -> None:
+    rng = random.Random(0)
+    texts = [t for intent in INTENTS for t in banking77["train"][intent][:10]]
+    # Labels unrelated to the texts, with one dominant class: no head beats "always the majority".
+    labels = ["common" if rng.random() < 0.8 else "rare" for _ in texts]
+    labels[:4] = ["rare"] * 4
+    with Client(server.target) as client:
+        result = client.adapt_head("noise", texts, labels, replace=True, seed=1)
+        assert result.metrics.negative_transfer and not result.activated and result.active_version == 0
+        with pytest.raises(HeadswapError) as info:
+            client.classify("noise", ["x y z"])
+        assert (
+            info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            and "no active version" in info.value.details
+        )
+        forced = client.adapt_head("noise", [], [], seed=1, force_activate=True)
+        assert forced.activated and forced.active_version == forced.version == 2
+        assert client.classify("noise", ["x y z"])[0].version == 2
+
+
+def test_head_from_another_backbone_is_refused(server: ServerProcess, banking77: Data) -> None:
+    import json
+
+    assert server.store is not None
+    with Client(server.target) as client:
+        client.adapt_head("alien", *examples(banking77, INTENTS[:2], 6), replace=True)
+        client.adapt_head("alien", *examples(banking77, INTENTS[:3], 6), replace=True)
+    # Rewrite version 1's fingerprint as if it had been trained on another backbone, then ask for it.
+    manifest_path = server.store / "tenants" / "alien" / "versions" / "1" / "head.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["backbone_fingerprint"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with Client(server.target) as client:
+        with pytest.raises(HeadswapError) as info:
+            client.classify("alien", ["x"], version=1)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "backbone" in info.value.details
+        with pytest.raises(HeadswapError) as info:
+            client.activate_head_version("alien", 1)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        client.delete_head("alien")
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+def _adapt_code(
+    server: ServerProcess, tenant: str, texts: list[str], labels: list[str], **options: object
+) -> tuple[grpc.StatusCode, str]:
+    with Client(server.target) as client, pytest.raises(HeadswapError) as info:
+        client.adapt_head(tenant, texts, labels, replace=True, **options)  # type: ignore[arg-type]
+    return info.value.code, info.value.details
+
+
+def test_bad_training_input(server: ServerProcess, banking77: Data) -> None:
+    texts, labels = examples(banking77, INTENTS[:3], 5)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    code, details = _adapt_code(server, "bad", texts, ["one"] * len(texts))
+    assert code == invalid and "at least two labels" in details
+    code, details = _adapt_code(server, "bad", texts, [*labels[:-1], " "])
+    assert code == invalid and "empty label" in details
+    code, details = _adapt_code(server, "bad", [*texts[:-1], ""], labels)
+    assert code == invalid and "empty text" in details
+    code, details = _adapt_code(server, "bad", [*texts, "lonely"], [*labels, "singleton"])
+    assert code == invalid and "'singleton'" in details and "fewer than 2" in details
+    code, details = _adapt_code(server, "bad", [], [])
+    assert code == invalid and "no examples" in details
+    code, details = _adapt_code(server, "../../etc", texts, labels)
+    assert code == invalid and "not a valid name" in details
+    code, details = _adapt_code(server, "bad", texts, labels, max_epochs=10**6)
+    assert code == invalid and "max_epochs" in details
+    code, details = _adapt_code(server, "bad", texts, labels, validation_fraction=0.95)
+    assert code == invalid and "validation_fraction" in details
+    with Client(server.target) as client, pytest.raises(HeadswapError) as info:
+        client.get_head("bad")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND, "a refused training must store nothing"
+
+
+def test_limits_on_examples_and_classes(backbone_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    proc = ServerProcess(
+        "--backbone",
+        str(backbone_dir),
+        "--store",
+        str(tmp_path / "s"),
+        "--max-examples",
+        "20",
+        "--max-classes",
+        "3",
+        "--warmup-rounds",
+        "0",
+        log_path=tmp_path / "log",
+    )
+    try:
+        proc.wait_serving()
+        texts = [f"example number {i}" for i in range(24)]
+        code, details = _adapt_code(proc, "lim", texts, [f"l{i % 2}" for i in range(24)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit of 20" in details
+        code, details = _adapt_code(proc, "lim", texts[:16], [f"l{i % 4}" for i in range(16)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit of 3" in details
+        with Client(proc.target) as client:
+            ok = client.adapt_head("lim", texts[:12], [f"l{i % 3}" for i in range(12)])
+            assert ok.version == 1
+            code, details = _adapt_code(proc, "lim", [], [])  # replace=True with nothing
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(HeadswapError) as info:
+                client.adapt_head("lim", texts[12:], [f"l{i % 3}" for i in range(12)])  # 24 in all
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_bad_classify_and_management_input(server: ServerProcess, banking77: Data) -> None:
+    with Client(server.target) as client:
+        client.adapt_head("cls", *examples(banking77, INTENTS[:2], 6), replace=True)
+        cases = [
+            (lambda: client.classify("nobody", ["x"]), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.classify("cls", ["x"], version=99), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.classify("cls", []), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: client.classify("cls", [""]), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: client.classify("cls", ["x"], top_k=-1), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: client.classify("a/../b", ["x"]), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: client.get_head("nobody"), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.activate_head_version("cls", 42), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.activate_head_version("nobody", 1), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.activate_head_version("cls", 0), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: client.delete_head("nobody"), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.delete_head(".."), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for call, code in cases:
+            with pytest.raises(HeadswapError) as info:
+                call()
+            assert info.value.code == code, info.value
+        top = client.classify("cls", ["x"], top_k=50)[0]
+        assert len(top.labels) == 2  # clipped to the number of labels
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.HeadswapServiceStub(channel)
+        bad_kind = pb.AdaptHeadRequest(tenant="cls", options=pb.TrainingOptions(kind=7))  # type: ignore[arg-type]
+        with pytest.raises(grpc.RpcError) as rpc:
+            list(stub.AdaptHead(bad_kind))
+        assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "INTERNAL" not in server.log() and "Traceback" not in server.log()
+
+
+# -- hot swap under load -------------------------------------------------------------------------------
+
+
+async def test_retrain_under_concurrent_classify(server: ServerProcess, banking77: Data) -> None:
+    tenants = {f"swap-{i}": INTENTS[i : i + 3] for i in range(3)}
+    async with AsyncClient(server.target, retries=0) as client:
+        before = {}
+        for tenant, intents in tenants.items():
+            before[tenant] = (
+                await client.adapt_head(tenant, *examples(banking77, intents, 8), replace=True)
+            ).version
+        target = "swap-0"
+        stop = asyncio.Event()
+        replies: list[tuple[str, int]] = []
+        failures: list[BaseException] = []
+
+        async def hammer(tenant: str) -> None:
+            while not stop.is_set() or len(replies) < 300:
+                try:
+                    p = await client.classify(tenant, ["I lost my card", "what rate do you give for euros?"])
+                    replies.append((tenant, p[0].version))
+                    assert p[0].version == p[1].version
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
+                if len(replies) > 2000:
+                    return
+
+        workers = [asyncio.create_task(hammer(t)) for t in [*tenants, target, target, target]]
+        await asyncio.sleep(0.3)
+        new = await client.adapt_head(target, *examples(banking77, INTENTS[3:6], 8), replace=True)
+        after_swap = await client.classify(target, ["x"])
+        stop.set()
+        await asyncio.gather(*workers)
+    assert not failures, failures[:3]
+    assert len(replies) >= 300
+    seen = {v for t, v in replies if t == target}
+    assert seen <= {before[target], new.version} and new.version in seen | {after_swap[0].version}
+    assert after_swap[0].version == new.version
+    for tenant in tenants:
+        if tenant != target:
+            assert {v for t, v in replies if t == tenant} == {before[tenant]}

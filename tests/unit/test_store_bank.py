@@ -1,0 +1,183 @@
+"""LocalStore, EmbeddingCache and HeadBank with small synthetic heads (no backbone)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headswap.adapters import TrainConfig, head_to_bytes, train_head
+from headswap.server.cache import EmbeddingCache, content_key
+from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from headswap.server.headbank import HeadBank, live_head
+from headswap.server.store import Example, LocalStore, atomic_write
+
+FP = "a" * 64
+
+
+def trained(seed: int = 0, fingerprint: str = FP) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    head = train_head(x, y, 2, TrainConfig(seed=seed, device="cpu"))
+    weights, manifest = head_to_bytes(
+        head,
+        extra_manifest={
+            "labels": ["neg", "pos"],
+            "backbone_fingerprint": fingerprint,
+            "created_at": 1.0,
+            "example_count": 40,
+            "tenant": "t",
+        },
+    )
+    return weights, manifest
+
+
+EXAMPLES = [Example("good", "pos"), Example("bad", "neg")]
+
+
+def test_commit_activate_and_reload(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    w, m = trained()
+    s1 = store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    s2 = store.commit_version("acme", m, w, [*EXAMPLES, Example("meh", "neg")], activate=False)
+    assert (s1.active_version, s2.active_version, s2.versions) == (1, 1, (1, 2))
+    reopened = LocalStore(tmp_path)
+    assert reopened.tenants() == ["acme"]
+    assert reopened.state("acme").versions == (1, 2)
+    assert reopened.load_version("acme", 2).weights == w
+    assert reopened.manifest("acme", 2)["version"] == 2
+    assert len(reopened.examples("acme")) == 3
+    state, previous = reopened.activate("acme", 2)
+    assert (state.active_version, previous) == (2, 1)
+    with pytest.raises(NotFound, match="no version 7"):
+        reopened.activate("acme", 7)
+    with pytest.raises(NotFound, match="has no head"):
+        reopened.state("nobody")
+
+
+def test_uncommitted_version_is_swept_and_previous_stays(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    w, m = trained()
+    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    # What a crash after writing version 2 but before state.json named it leaves behind:
+    orphan = tmp_path / "tenants" / "acme" / "versions" / "2"
+    orphan.mkdir()
+    (orphan / "head.json").write_text("{}")
+    (tmp_path / "tenants" / "acme" / ".state.json.x.tmp").write_text("half")
+    reopened = LocalStore(tmp_path)
+    assert not orphan.exists()
+    assert not list((tmp_path / "tenants" / "acme").glob(".*.tmp"))
+    assert reopened.state("acme").active_version == 1
+    assert reopened.commit_version("acme", m, w, EXAMPLES, activate=True).versions == (1, 2)
+
+
+def test_delete_removes_everything(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    w, m = trained()
+    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    store.save_embeddings("acme", FP, {content_key("good"): np.ones(8, np.float32)})
+    assert store.delete("acme") == (1, 2)
+    assert not (tmp_path / "tenants" / "acme").exists()
+    assert store.tenants() == [] and store.examples("acme") == []
+    assert store.cached_embeddings("acme", FP) == {}
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ""])
+def test_tenant_names_never_become_paths(tmp_path: Path, name: str) -> None:
+    store = LocalStore(tmp_path / "s")
+    w, m = trained()
+    with pytest.raises(InvalidArgument):
+        store.commit_version(name, m, w, EXAMPLES, activate=True)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    atomic_write(path, b"old")
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_persisted_embeddings_round_trip_and_damage(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    entries = {content_key(t): np.full(4, i, np.float32) for i, t in enumerate(["a", "b", "c"])}
+    store.save_embeddings("acme", FP, entries)
+    back = store.cached_embeddings("acme", FP)
+    assert set(back) == set(entries) and all(np.array_equal(back[k], entries[k]) for k in entries)
+    assert store.cached_embeddings("acme", "b" * 64) == {}
+    (tmp_path / "tenants" / "acme" / "embeddings" / f"{FP}.safetensors").write_bytes(b"garbage")
+    assert store.cached_embeddings("acme", FP) == {}
+
+
+def test_embedding_cache_is_bounded_lru_and_keyed_by_fingerprint() -> None:
+    cache = EmbeddingCache(capacity=2)
+    a, b, c = (content_key(t) for t in "abc")
+    cache.put_many(FP, {a: np.zeros(2), b: np.ones(2)})
+    assert set(cache.get_many(FP, [a])) == {a}  # a is now most recent
+    cache.put_many(FP, {c: np.ones(2)})
+    assert set(cache.get_many(FP, [a, b, c])) == {a, c} and len(cache) == 2
+    assert cache.get_many("other", [a]) == {}
+
+
+def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> None:
+    cache = EmbeddingCache(capacity=10)
+    a, b = content_key("a"), content_key("b")
+    cache.put_many(FP, {a: np.zeros(2), b: np.ones(2)}, tenant="t1")
+    cache.get_many(FP, [b], tenant="t2")  # t2 uses b too
+    assert cache.evict_tenant("t1") == 1
+    assert set(cache.get_many(FP, [a, b])) == {b}
+    assert cache.evict_tenant("t2") == 1 and len(cache) == 0
+
+
+def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    bank = HeadBank(store, FP)
+    w1, m1 = trained(1)
+    store.commit_version("acme", m1, w1, EXAMPLES, activate=True)
+    held = bank.get("acme")  # a request in flight holds version 1
+    assert held.version == 1
+    w2, m2 = trained(2)
+    state = store.commit_version("acme", m2, w2, EXAMPLES, activate=True)
+    bank.swap(live_head("acme", state.active_version, {**m2, "version": 2}, w2, "cpu"))
+    assert bank.get("acme").version == 2
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    assert held.predict(x).shape == (3, 2)  # the in-flight request finishes on version 1
+    ref = weakref.ref(held.module)
+    del held
+    gc.collect()
+    assert ref() is None, "a retired head is still referenced"
+    assert bank.resident()[0] == 1
+
+
+def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    w, m = trained()
+    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    bank = HeadBank(store, FP)
+    assert bank.get("acme", 1).version == 1 and bank.get("acme").version == 2
+    with pytest.raises(NotFound):
+        bank.get("acme", 9)
+    with pytest.raises(NotFound):
+        bank.get("ghost")
+    other = HeadBank(store, "b" * 64)
+    with pytest.raises(FailedPrecondition, match="trained on backbone"):
+        other.get("acme")
+
+
+def test_manifest_is_json_and_weights_are_safetensors(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    w, m = trained()
+    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    vdir = tmp_path / "tenants" / "acme" / "versions" / "1"
+    assert json.loads((vdir / "head.json").read_text())["labels"] == ["neg", "pos"]
+    raw = (vdir / "weights.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8 : 8 + header_len])  # a safetensors header, not a pickle
