@@ -12,6 +12,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from headswap.server.backbone import Backbone
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.headbank import HeadBank
@@ -93,15 +94,17 @@ class Server:
         log.info("gRPC listening on port %d; loading the backbone", self.port)
         loop = asyncio.get_running_loop()
         backbone = await loop.run_in_executor(self.executor, self.embedding.load)
-        self.heads.attach(
-            await loop.run_in_executor(self.executor, self._head_bank, backbone.manifest.fingerprint)
-        )
+        bank = await loop.run_in_executor(self.executor, self._head_bank, backbone)
+        self.embedding.activate(backbone, heads=bank.stack)
+        self.heads.attach(bank)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING on port %d (backbone on %s)", self.port, backbone.provider)
         return self.port
 
-    def _head_bank(self, fingerprint: str) -> HeadBank:
+    def _head_bank(self, backbone: Backbone) -> HeadBank:
         import torch
+
+        from headswap.adapters.grouped import HeadStack
 
         torch.set_num_threads(self.config.train_threads)
         device = "cuda" if self.config.device != "cpu" and torch.cuda.is_available() else "cpu"
@@ -109,7 +112,7 @@ class Server:
         log.info(
             "store at %s: %d tenants; heads on %s", self.config.store_dir, len(self.store.tenants()), device
         )
-        return HeadBank(self.store, fingerprint, device=device)
+        return HeadBank(self.store, backbone.manifest.fingerprint, HeadStack(backbone.dim, device=device))
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -121,6 +124,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         log.info("draining: up to %.0fs for calls in flight", self.config.grace_seconds)
         await self.grpc.stop(self.config.grace_seconds)
+        await self.embedding.stop()
         for pool in (self.executor, self.io_executor, self.train_executor):
             pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

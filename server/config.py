@@ -48,7 +48,18 @@ class ServerConfig:
     max_message_bytes: int = _opt(
         "HEADSWAP_MAX_MESSAGE_BYTES", "largest gRPC message accepted or sent, in bytes", 32 * 1024 * 1024
     )
-    max_run_items: int = _opt("HEADSWAP_MAX_RUN_ITEMS", "most inputs in one backbone forward pass", 64)
+    batch_max_items: int = _opt("HEADSWAP_BATCH_MAX_ITEMS", "most inputs in one backbone forward pass", 128)
+    batch_max_tokens: int = _opt(
+        "HEADSWAP_BATCH_MAX_TOKENS", "most padded tokens (inputs x longest) in one forward pass", 16384
+    )
+    batch_max_wait_ms: float = _opt(
+        "HEADSWAP_BATCH_MAX_WAIT_MS", "how long an input may wait for others to share its batch", 2.0
+    )
+    max_queue_items: int = _opt(
+        "HEADSWAP_MAX_QUEUE_ITEMS",
+        "inputs waiting for the backbone; past it calls get RESOURCE_EXHAUSTED",
+        8192,
+    )
     worker_threads: int = _opt(
         "HEADSWAP_WORKER_THREADS", "threads for tokenizing and the backbone (off the event loop)", 2
     )
@@ -93,10 +104,12 @@ class ServerConfig:
             problems.append("max examples and max classes must be at least 2")
         if self.cache_capacity < 0 or self.train_threads < 1:
             problems.append("cache capacity must be 0 or more and train threads at least 1")
+        if self.batch_max_wait_ms < 0:
+            problems.append("batch max wait must be 0 or more")
         if self.warmup_rounds < 0:
             problems.append("warm-up rounds must be 0 or more")
-        if self.max_run_items < 1 or self.worker_threads < 1:
-            problems.append("max run items and worker threads must be at least 1")
+        if min(self.batch_max_items, self.batch_max_tokens, self.max_queue_items, self.worker_threads) < 1:
+            problems.append("batch limits, queue size and worker threads must be at least 1")
         if self.log_format not in ("text", "json"):
             problems.append(f"log format must be text or json, not {self.log_format!r}")
         if problems:

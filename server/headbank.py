@@ -8,51 +8,63 @@ version, nothing refers to it and its memory is freed.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from headswap.adapters import HeadModule, head_from_bytes
+from headswap.adapters import head_from_bytes
+from headswap.adapters.grouped import HeadStack
 from headswap.server.errors import FailedPrecondition
 from headswap.server.store import HeadStore
 
 
 @dataclass(frozen=True)
 class LiveHead:
+    """One head version in memory: its weights sit in the shared `HeadStack` at `slot`, which is released
+    when the last reference to this object goes (no request can use the version any more)."""
+
     tenant: str
     version: int
     labels: tuple[str, ...]
     fingerprint: str
-    module: HeadModule
+    slot: int
+    stack: HeadStack
 
-    def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.module.predict_proba(embeddings)
+    def predict(self, embeddings: np.ndarray) -> list[np.ndarray]:
+        return self.stack.apply(embeddings, [self.slot] * len(embeddings))
 
     @property
     def nbytes(self) -> int:
-        return self.module.nbytes
+        return self.stack.nbytes(self.slot)
 
 
-def live_head(tenant: str, version: int, manifest: dict[str, Any], weights: bytes, device: str) -> LiveHead:
+def live_head(
+    tenant: str, version: int, manifest: dict[str, Any], weights: bytes, stack: HeadStack
+) -> LiveHead:
     loaded = head_from_bytes(weights, manifest)
-    return LiveHead(
+    slot = stack.add(loaded.spec, loaded.state)
+    head = LiveHead(
         tenant=tenant,
         version=version,
         labels=tuple(manifest["labels"]),
         fingerprint=str(manifest["backbone_fingerprint"]),
-        module=HeadModule.from_state(loaded.spec, loaded.state, device=device),
+        slot=slot,
+        stack=stack,
     )
+    weakref.finalize(head, stack.release, slot)
+    return head
 
 
 class HeadBank:
     def __init__(
-        self, store: HeadStore, fingerprint: str, device: str = "cpu", pinned_capacity: int = 64
+        self, store: HeadStore, fingerprint: str, stack: HeadStack, pinned_capacity: int = 64
     ) -> None:
         self.store = store
         self.fingerprint = fingerprint
-        self.device = device
+        self.stack = stack
         self._active: dict[str, LiveHead] = {}
         # Versions asked for by number (pins and rollbacks in flight): a few, least recently used first out.
         self._pinned: OrderedDict[tuple[str, int], LiveHead] = OrderedDict()
@@ -70,7 +82,10 @@ class HeadBank:
 
     def _load(self, tenant: str, version: int) -> LiveHead:
         stored = self.store.load_version(tenant, version)
-        return live_head(tenant, version, stored.manifest, stored.weights, self.device)
+        return self.make_live(tenant, version, stored.manifest, stored.weights)
+
+    def make_live(self, tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> LiveHead:
+        return live_head(tenant, version, manifest, weights, self.stack)
 
     def get(self, tenant: str, version: int = 0) -> LiveHead:
         """The head to use for one request: the active version, or `version` when pinned. Blocking."""

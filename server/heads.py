@@ -30,7 +30,7 @@ from headswap.server.cache import EmbeddingCache, content_key
 from headswap.server.config import ServerConfig
 from headswap.server.domain import Timings
 from headswap.server.errors import FailedPrecondition, InvalidArgument, Unavailable
-from headswap.server.headbank import HeadBank, LiveHead, live_head
+from headswap.server.headbank import HeadBank, LiveHead
 from headswap.server.service import EmbeddingService
 from headswap.server.store import Example, HeadStore
 from headswap.server.validation import check_tenant, check_texts
@@ -290,7 +290,7 @@ class HeadService:
             version = state.versions[-1]
             manifest["version"] = version
             if activate:
-                live = await self._io(live_head, tenant, version, manifest, weights, bank.device)
+                live = await self._io(bank.make_live, tenant, version, manifest, weights)
                 bank.swap(live)
             log.info(
                 "tenant %s: version %d trained (accuracy %.3f on %s, baseline %.3f)%s",
@@ -320,18 +320,20 @@ class HeadService:
         if version < 0:
             raise InvalidArgument(f"version must be 0 (the active one) or a version number, not {version}")
         head: LiveHead = await self._io(self.bank.get, tenant, version)
-        embedded = await self.embedding.embed(texts)
-        started = time.perf_counter()
-        probs = await self._io(head.predict, embedded.embeddings)
-        indices, scores = top_k(probs, max(1, top))
-        head_s = time.perf_counter() - started
-        labels = [
-            [(head.labels[int(i)], float(p)) for i, p in zip(row_i, row_p, strict=True)]
-            for row_i, row_p in zip(indices, scores, strict=True)
-        ]
-        t = embedded.timings
+        # The head rides with the texts through the batcher: the backbone and every tenant's head run on
+        # the whole mixed batch, and this request keeps `head` (its version) from start to end.
+        result = await self.embedding.batcher.submit(texts, slot=head.slot)
+        labels = []
+        for probs in result.rows:
+            indices, scores = top_k(np.asarray(probs)[None, :], max(1, top))
+            labels.append(
+                [(head.labels[int(i)], float(p)) for i, p in zip(indices[0], scores[0], strict=True)]
+            )
         return Classified(
-            labels, embedded.truncated, head.version, Timings(t.queue_s, t.preprocess_s, t.backbone_s, head_s)
+            labels,
+            result.truncated,
+            head.version,
+            Timings(result.queue_s, result.tokenize_s, result.backbone_s, result.head_s),
         )
 
     # -- management ------------------------------------------------------------------------------------
@@ -376,9 +378,7 @@ class HeadService:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
         async with self._lock(tenant):
             stored = await self._io(self.store.load_version, tenant, version)  # NOT_FOUND if unknown
-            live = await self._io(
-                live_head, tenant, version, stored.manifest, stored.weights, self.bank.device
-            )
+            live = await self._io(self.bank.make_live, tenant, version, stored.manifest, stored.weights)
             self.bank._check(live)  # FAILED_PRECONDITION before anything moves
             state, previous = await self._io(self.store.activate, tenant, version)
             self.bank.swap(live)

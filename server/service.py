@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from concurrent.futures import Executor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from headswap.server.backbone import Backbone
+from headswap.server.batcher import Batcher, BatchPolicy, BatchStats, GroupedHeads
 from headswap.server.config import ServerConfig
 from headswap.server.domain import BackboneDescription, Embedded, Timings
 from headswap.server.errors import Unavailable
@@ -36,22 +38,34 @@ def ensure_backbone(config: ServerConfig) -> Path:
 
 
 class EmbeddingService:
-    """Owns the backbone once it is loaded and warmed up; until then every call is UNAVAILABLE."""
+    """Owns the backbone and its batcher once loaded and warmed up; until then every call is UNAVAILABLE."""
 
     def __init__(self, config: ServerConfig, executor: Executor) -> None:
         self.config = config
         self.executor = executor
         self._backbone: Backbone | None = None
+        self._batcher: Batcher | None = None
+        # Tokenizing and the backbone run in their own threads, so one overlaps the other.
+        self.tokenize_executor = ThreadPoolExecutor(
+            config.worker_threads, thread_name_prefix="headswap-tokenize"
+        )
+        self.backbone_executor = ThreadPoolExecutor(1, thread_name_prefix="headswap-backbone")
 
     @property
     def ready(self) -> bool:
-        return self._backbone is not None
+        return self._batcher is not None
 
     @property
     def backbone(self) -> Backbone:
-        if self._backbone is None:
+        if self._backbone is None or self._batcher is None:
             raise Unavailable("the server is still loading and warming up its backbone; retry shortly")
         return self._backbone
+
+    @property
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
+            raise Unavailable("the server is still loading and warming up its backbone; retry shortly")
+        return self._batcher
 
     def load(self) -> Backbone:
         """Blocking: export if needed, load and warm up. Called once, from a worker thread."""
@@ -60,12 +74,35 @@ class EmbeddingService:
             directory,
             device=self.config.device,
             precision=self.config.precision,
-            max_run_items=self.config.max_run_items,
+            max_run_items=self.config.batch_max_items,
             intra_op_threads=self.config.intra_op_threads,
         )
         backbone.warm_up(self.config.warmup_rounds)
-        self._backbone = backbone
         return backbone
+
+    def activate(
+        self,
+        backbone: Backbone,
+        heads: GroupedHeads | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        """On the event loop: start the batcher; from now on calls are served."""
+        policy = BatchPolicy(
+            max_batch_tokens=self.config.batch_max_tokens,
+            max_batch_items=self.config.batch_max_items,
+            max_wait_s=self.config.batch_max_wait_ms / 1000.0,
+            max_queue_items=self.config.max_queue_items,
+        )
+        batcher = Batcher(backbone, policy, self.tokenize_executor, self.backbone_executor, heads, on_batch)
+        batcher.start()
+        self._backbone = backbone
+        self._batcher = batcher
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.stop()
+        for pool in (self.tokenize_executor, self.backbone_executor):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> BackboneDescription:
         b = self.backbone
@@ -80,17 +117,10 @@ class EmbeddingService:
         )
 
     async def embed(self, texts: list[str], what: str = "inputs") -> Embedded:
-        backbone = self.backbone
         check_texts(texts, self.config.max_batch_inputs, what)
-        submitted = time.perf_counter()
-        started: list[float] = []
-
-        def work() -> Embedded:
-            started.append(time.perf_counter())
-            out = backbone.embed_texts(texts)
-            timings = Timings(
-                queue_s=started[0] - submitted, preprocess_s=out.preprocess_s, backbone_s=out.backbone_s
-            )
-            return Embedded(out.embeddings, out.truncated, timings)
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        result = await self.batcher.submit(texts)
+        embeddings = np.stack(result.rows) if result.rows else np.zeros((0, self.backbone.dim), np.float32)
+        timings = Timings(
+            queue_s=result.queue_s, preprocess_s=result.tokenize_s, backbone_s=result.backbone_s
+        )
+        return Embedded(embeddings, result.truncated, timings)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from headswap.adapters import TrainConfig, head_to_bytes, train_head
+from headswap.adapters.grouped import HeadStack
 from headswap.server.cache import EmbeddingCache, content_key
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from headswap.server.headbank import HeadBank, live_head
+from headswap.server.headbank import HeadBank
 from headswap.server.store import Example, LocalStore, atomic_write
 
 FP = "a" * 64
@@ -138,21 +139,24 @@ def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> N
 
 def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    bank = HeadBank(store, FP)
+    bank = HeadBank(store, FP, HeadStack(8))
     w1, m1 = trained(1)
     store.commit_version("acme", m1, w1, EXAMPLES, activate=True)
     held = bank.get("acme")  # a request in flight holds version 1
     assert held.version == 1
     w2, m2 = trained(2)
     state = store.commit_version("acme", m2, w2, EXAMPLES, activate=True)
-    bank.swap(live_head("acme", state.active_version, {**m2, "version": 2}, w2, "cpu"))
+    bank.swap(bank.make_live("acme", state.active_version, {**m2, "version": 2}, w2))
     assert bank.get("acme").version == 2
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
-    assert held.predict(x).shape == (3, 2)  # the in-flight request finishes on version 1
-    ref = weakref.ref(held.module)
+    old_answer = held.predict(x)  # the in-flight request finishes on version 1
+    assert len(old_answer) == 3 and old_answer[0].shape == (2,)
+    assert len(bank.stack) == 2  # both versions resident while the old one is held
+    ref = weakref.ref(held)
     del held
     gc.collect()
     assert ref() is None, "a retired head is still referenced"
+    assert len(bank.stack) == 1, "the retired version's weights were not released"
     assert bank.resident()[0] == 1
 
 
@@ -161,13 +165,13 @@ def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
     w, m = trained()
     store.commit_version("acme", m, w, EXAMPLES, activate=True)
     store.commit_version("acme", m, w, EXAMPLES, activate=True)
-    bank = HeadBank(store, FP)
+    bank = HeadBank(store, FP, HeadStack(8))
     assert bank.get("acme", 1).version == 1 and bank.get("acme").version == 2
     with pytest.raises(NotFound):
         bank.get("acme", 9)
     with pytest.raises(NotFound):
         bank.get("ghost")
-    other = HeadBank(store, "b" * 64)
+    other = HeadBank(store, "b" * 64, HeadStack(8))
     with pytest.raises(FailedPrecondition, match="trained on backbone"):
         other.get("acme")
 

@@ -1,0 +1,291 @@
+"""One dynamic batcher in front of the backbone, for every RPC and every tenant.
+
+A request is tokenized on arrival (off the event loop, in the Rust tokenizer's batch API) into items, one per
+input, that wait in one bounded queue. A batch closes when its padded token count would pass the token
+budget, when it holds the most items allowed, or when its oldest item has waited the longest allowed. A
+batch is built around the oldest waiting item (so nothing starves) from the items closest to it in length
+(so little is padding). Items of cancelled requests are dropped before they cost backbone time. Up to two
+batches are in flight: while the backbone runs one, the next is tokenized, formed and padded.
+
+Classify items carry their tenant's head; after the forward pass the heads of all tenants in the batch are
+applied in one grouped operation (`headswap.adapters.grouped.HeadStack`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from headswap.server.backbone import Backbone
+from headswap.server.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+class GroupedHeads(Protocol):
+    def apply(self, embeddings: np.ndarray, slots: list[int]) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_tokens: int = 16384  # padded tokens (items x longest) in one forward pass
+    max_batch_items: int = 256
+    max_wait_s: float = 0.002  # how long the oldest item may wait for company
+    max_queue_items: int = 8192  # past this, new calls get RESOURCE_EXHAUSTED at once
+    max_in_flight: int = 2
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    items: int
+    requests: int
+    padded_tokens: int
+    real_tokens: int
+    run_s: float
+
+
+@dataclass
+class _Request:
+    future: asyncio.Future[Any]
+    n: int
+    slot: int | None  # head slot for Classify, None for Embed
+    enqueued: float
+    tokenize_s: float
+    truncated: np.ndarray
+    rows: list[Any]
+    remaining: int
+    started: float = 0.0
+    backbone_s: float = 0.0
+    head_s: float = 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class _Item:
+    request: _Request
+    index: int
+    ids: np.ndarray
+    length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.length = len(self.ids)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    rows: list[Any]  # per input: embedding (dim,) for Embed, probabilities (classes,) for Classify
+    truncated: np.ndarray
+    queue_s: float
+    tokenize_s: float
+    backbone_s: float
+    head_s: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        backbone: Backbone,
+        policy: BatchPolicy,
+        tokenize_executor: Executor,
+        backbone_executor: Executor,
+        heads: GroupedHeads | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.policy = policy
+        self.tokenize_executor = tokenize_executor
+        self.backbone_executor = backbone_executor
+        self.heads = heads
+        self.on_batch = on_batch
+        self._pending: list[_Item] = []
+        self._reserved = 0  # items admitted but still being tokenized
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(policy.max_in_flight)
+        self._task: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending) + self._reserved
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="headswap-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, texts: list[str], slot: int | None = None) -> BatchResult:
+        """Embed `texts` (and apply the head in `slot`, if given) as part of whatever batches form."""
+        if self.queue_depth + len(texts) > self.policy.max_queue_items:
+            raise ResourceExhausted(
+                f"the server's queue is full ({self.queue_depth} inputs waiting, limit "
+                f"{self.policy.max_queue_items}): retry later, with backoff, or on another replica"
+            )
+        loop = asyncio.get_running_loop()
+        enqueued = time.perf_counter()
+        self._reserved += len(texts)
+        try:
+            ids, truncated = await loop.run_in_executor(self.tokenize_executor, self.backbone.encode, texts)
+        finally:
+            self._reserved -= len(texts)
+        request = _Request(
+            future=loop.create_future(),
+            n=len(texts),
+            slot=slot,
+            enqueued=enqueued,
+            tokenize_s=time.perf_counter() - enqueued,
+            truncated=truncated,
+            rows=[None] * len(texts),
+            remaining=len(texts),
+        )
+        self._pending.extend(_Item(request, i, x) for i, x in enumerate(ids))
+        self._wake.set()
+        try:
+            await request.future
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, or its deadline passed): its items are skipped from now on.
+            request.future.cancel()
+            raise
+        return BatchResult(
+            rows=request.rows,
+            truncated=request.truncated,
+            queue_s=max(0.0, request.started - request.enqueued - request.tokenize_s),
+            tokenize_s=request.tokenize_s,
+            backbone_s=request.backbone_s,
+            head_s=request.head_s,
+        )
+
+    # -- forming batches -----------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        if any(item.request.cancelled for item in self._pending):
+            self._pending = [item for item in self._pending if not item.request.cancelled]
+
+    def _full(self) -> bool:
+        p = self.policy
+        if len(self._pending) >= p.max_batch_items:
+            return True
+        longest = max((item.length for item in self._pending), default=0)
+        return longest * len(self._pending) >= p.max_batch_tokens
+
+    def _take(self) -> list[_Item]:
+        self._drop_cancelled()
+        if not self._pending:
+            return []
+        oldest = self._pending[0]
+        # Candidates nearest the oldest item's length first; ties keep arrival order.
+        order = sorted(range(len(self._pending)), key=lambda i: abs(self._pending[i].length - oldest.length))
+        chosen: list[int] = []
+        longest = 0
+        for i in order:
+            length = max(longest, self._pending[i].length)
+            if chosen and (
+                len(chosen) + 1 > self.policy.max_batch_items
+                or length * (len(chosen) + 1) > self.policy.max_batch_tokens
+            ):
+                continue
+            chosen.append(i)
+            longest = length
+            if len(chosen) >= self.policy.max_batch_items:
+                break
+        taken = set(chosen)
+        batch = [self._pending[i] for i in sorted(chosen)]
+        self._pending = [item for i, item in enumerate(self._pending) if i not in taken]
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_cancelled()
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # Wait for a free slot first: while the backbone is busy, more items join the next batch.
+            await self._slots.acquire()
+            deadline = self._pending[0].request.enqueued + self._pending[0].request.tokenize_s
+            deadline += self.policy.max_wait_s
+            while not self._full():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            started = time.perf_counter()
+            for item in batch:
+                if not item.request.started:
+                    item.request.started = started
+            future = loop.run_in_executor(self.backbone_executor, self._run, batch)
+            future.add_done_callback(lambda f, b=batch: self._finish(b, f))  # type: ignore[misc]
+
+    # -- running them ----------------------------------------------------------------------------------
+
+    def _run(self, batch: list[_Item]) -> tuple[list[Any], float, float]:
+        """In the backbone thread: one forward pass, then every tenant's head in one grouped operation."""
+        t0 = time.perf_counter()
+        embeddings = self.backbone.run_ids([item.ids for item in batch])
+        t1 = time.perf_counter()
+        rows: list[Any] = list(embeddings)
+        with_head = [i for i, item in enumerate(batch) if item.request.slot is not None]
+        if with_head:
+            if self.heads is None:
+                raise RuntimeError("a Classify item reached a batcher without heads")
+            slots = [int(batch[i].request.slot) for i in with_head]  # type: ignore[arg-type]
+            for i, probs in zip(with_head, self.heads.apply(embeddings[with_head], slots), strict=True):
+                rows[i] = probs
+        t2 = time.perf_counter()
+        if self.on_batch is not None:
+            longest = max(item.length for item in batch)
+            self.on_batch(
+                BatchStats(
+                    items=len(batch),
+                    requests=len({id(item.request) for item in batch}),
+                    padded_tokens=longest * len(batch),
+                    real_tokens=sum(item.length for item in batch),
+                    run_s=t1 - t0,
+                )
+            )
+        return rows, t1 - t0, t2 - t1
+
+    def _finish(self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]]) -> None:
+        self._slots.release()
+        self.batches_run += 1
+        error = future.exception()
+        if error is not None:
+            log.error("backbone batch failed", exc_info=error)
+            for item in batch:
+                if not item.request.future.done():
+                    item.request.future.set_exception(error)
+            return
+        rows, run_s, head_s = future.result()
+        seen: set[int] = set()
+        for item, row in zip(batch, rows, strict=True):
+            request = item.request
+            request.rows[item.index] = row
+            request.remaining -= 1
+            if id(request) not in seen:
+                seen.add(id(request))
+                request.backbone_s += run_s
+                if request.slot is not None:
+                    request.head_s += head_s
+            if request.remaining == 0 and not request.future.done():
+                request.future.set_result(None)
