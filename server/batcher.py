@@ -177,8 +177,8 @@ class Batcher:
         p = self.policy
         if len(self._pending) >= p.max_batch_items:
             return True
-        longest = max((item.length for item in self._pending), default=0)
-        return longest * len(self._pending) >= p.max_batch_tokens
+        # Enough tokens waiting to fill a batch (padding aside): no reason to wait longer.
+        return sum(item.length for item in self._pending) >= p.max_batch_tokens
 
     def _take(self) -> list[_Item]:
         self._drop_cancelled()
@@ -241,17 +241,25 @@ class Batcher:
 
     def _run(self, batch: list[_Item]) -> tuple[list[Any], float, float]:
         """In the backbone thread: one forward pass, then every tenant's head in one grouped operation."""
+        # A caller may have gone while this batch waited behind the previous one: drop its items now, before
+        # they cost backbone time. (Reading a future's state from this thread is a plain attribute read.)
+        live = [i for i, item in enumerate(batch) if not item.request.cancelled]
+        rows: list[Any] = [None] * len(batch)
+        if not live:
+            return rows, 0.0, 0.0
         t0 = time.perf_counter()
-        embeddings = self.backbone.run_ids([item.ids for item in batch])
+        embeddings = self.backbone.run_ids([batch[i].ids for i in live])
         t1 = time.perf_counter()
-        rows: list[Any] = list(embeddings)
+        for i, row in zip(live, embeddings, strict=True):
+            rows[i] = row
+        batch = [batch[i] for i in live]
         with_head = [i for i, item in enumerate(batch) if item.request.slot is not None]
         if with_head:
             if self.heads is None:
                 raise RuntimeError("a Classify item reached a batcher without heads")
             slots = [int(batch[i].request.slot) for i in with_head]  # type: ignore[arg-type]
             for i, probs in zip(with_head, self.heads.apply(embeddings[with_head], slots), strict=True):
-                rows[i] = probs
+                rows[live[i]] = probs
         t2 = time.perf_counter()
         if self.on_batch is not None:
             longest = max(item.length for item in batch)
@@ -280,6 +288,8 @@ class Batcher:
         seen: set[int] = set()
         for item, row in zip(batch, rows, strict=True):
             request = item.request
+            if row is None or request.future.done():
+                continue
             request.rows[item.index] = row
             request.remaining -= 1
             if id(request) not in seen:

@@ -1,0 +1,139 @@
+"""The batcher's behaviour, with a small fake backbone that records every forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from headswap.server.batcher import Batcher, BatchPolicy, BatchStats
+from headswap.server.errors import ResourceExhausted
+
+
+class FakeBackbone:
+    """Token ids are the text's code points; an 'embedding' is (first id, length, call number)."""
+
+    dim = 3
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []  # first id of each item per forward pass
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def encode(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        return [np.array([ord(c) for c in t], dtype=np.int64) for t in texts], np.zeros(len(texts), bool)
+
+    def run_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append([int(x[0]) for x in ids])
+        return np.array([[x[0], len(x), len(self.batches)] for x in ids], dtype=np.float32)
+
+
+class FakeHeads:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def apply(self, embeddings: np.ndarray, slots: list[int]) -> list[np.ndarray]:
+        self.calls.append(list(slots))
+        return [np.array([slot, e[0]], dtype=np.float32) for e, slot in zip(embeddings, slots, strict=True)]
+
+
+@pytest.fixture
+def pools():  # type: ignore[no-untyped-def]
+    tok, bb = ThreadPoolExecutor(2), ThreadPoolExecutor(1)
+    yield tok, bb
+    tok.shutdown(wait=False)
+    bb.shutdown(wait=False)
+
+
+def make(pools, **policy: float) -> tuple[Batcher, FakeBackbone, FakeHeads, list[BatchStats]]:  # type: ignore[no-untyped-def]
+    backbone, heads, stats = FakeBackbone(), FakeHeads(), []
+    batcher = Batcher(backbone, BatchPolicy(**policy), *pools, heads=heads, on_batch=stats.append)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher, backbone, heads, stats
+
+
+async def test_batch_mixes_requests_and_tenants(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, heads, stats = make(pools, max_wait_s=0.05)
+    results = await asyncio.gather(
+        batcher.submit(["aa", "ab"]), batcher.submit(["ba"], slot=7), batcher.submit(["ca", "cb"], slot=9)
+    )
+    await batcher.stop()
+    assert len(backbone.batches) == 1 and stats[0].items == 5 and stats[0].requests == 3
+    assert heads.calls == [[7, 9, 9]]  # both tenants' heads in one grouped call
+    assert [r[0] for r in results[0].rows] == [ord("a"), ord("a")]
+    assert [list(r) for r in results[1].rows] == [[7, ord("b")]]
+    assert [list(r) for r in results[2].rows] == [[9, ord("c")], [9, ord("c")]]
+
+
+async def test_replies_go_to_the_right_callers_in_order(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, _, _ = make(pools, max_batch_items=7, max_wait_s=0.001)
+    rng = np.random.default_rng(0)
+    requests = [
+        [chr(65 + (r % 50)) + "x" * int(rng.integers(0, 30)) for _ in range(int(rng.integers(1, 12)))]
+        for r in range(60)
+    ]
+    results = await asyncio.gather(*(batcher.submit(texts) for texts in requests))
+    await batcher.stop()
+    assert len(backbone.batches) > 8 and max(len(b) for b in backbone.batches) <= 7
+    for texts, result in zip(requests, results, strict=True):
+        assert [(int(r[0]), int(r[1])) for r in result.rows] == [(ord(t[0]), len(t)) for t in texts]
+
+
+async def test_groups_by_length_within_the_token_budget(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, _, stats = make(pools, max_batch_tokens=40, max_wait_s=0.05)
+    backbone.gate.clear()
+    blocker = asyncio.create_task(batcher.submit(["z"]))
+    await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
+    texts = ["a" * 2, "b" * 20, "c" * 2, "d" * 20, "e" * 3, "f" * 19]
+    pending = [asyncio.create_task(batcher.submit([t])) for t in texts]
+    await asyncio.sleep(0.1)
+    backbone.gate.set()
+    await asyncio.gather(blocker, *pending)
+    await batcher.stop()
+    batches = [sorted(chr(x) for x in b) for b in backbone.batches[1:]]
+    assert sorted(map(tuple, batches)) == [("a", "c", "e"), ("b", "d"), ("f",)]
+    assert all(s.padded_tokens <= 40 for s in stats)
+
+
+async def test_full_queue_is_resource_exhausted_at_once(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, _, _ = make(pools, max_queue_items=6, max_batch_items=2)
+    backbone.gate.clear()
+    waiting = []
+    for _ in range(3):
+        waiting.append(asyncio.create_task(batcher.submit(["a", "b", "c"])))
+        await asyncio.sleep(0.02)
+    # 9 inputs: at most two batches (4 inputs) are taken, one running and one queued behind it; the rest
+    # wait, and 2 more would pass the limit of 6.
+    assert batcher.queue_depth >= 5
+    try:
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await batcher.submit(["d", "e"])
+    finally:
+        backbone.gate.set()
+    await asyncio.gather(*waiting)
+    assert len((await batcher.submit(["d", "e"])).rows) == 2  # room again once the backbone caught up
+    await batcher.stop()
+
+
+async def test_cancelled_call_costs_no_backbone_work(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, _, _ = make(pools, max_batch_items=1)
+    backbone.gate.clear()
+    first = asyncio.create_task(batcher.submit(["first"]))
+    await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
+    doomed = asyncio.create_task(batcher.submit(["doomed", "doomed too"]))
+    kept = asyncio.create_task(batcher.submit(["kept"]))
+    await asyncio.sleep(0.05)
+    doomed.cancel()
+    await asyncio.sleep(0.01)
+    backbone.gate.set()
+    await asyncio.gather(first, kept)
+    await batcher.stop()
+    firsts = [chr(x) for batch in backbone.batches for x in batch]
+    assert "d" not in firsts and firsts == ["f", "k"]
+    assert batcher.queue_depth == 0
