@@ -18,6 +18,7 @@ from headswap.server.config import ServerConfig
 from headswap.server.headbank import HeadBank
 from headswap.server.heads import HeadService
 from headswap.server.interceptors import ErrorInterceptor
+from headswap.server.metrics import Metrics
 from headswap.server.service import EmbeddingService
 from headswap.server.servicer import HeadswapServicer
 from headswap.server.store import HeadStore, LocalStore
@@ -42,6 +43,8 @@ class Server:
         self.store: HeadStore | None = None
         self.cache = EmbeddingCache(config.cache_capacity)
         self.heads: HeadService | None = None
+        self.metrics = Metrics()
+        self.metrics_port = 0
         self.port = 0
         # gRPC's aio server, the health servicer and the stop event bind to the running loop: made in start().
         self.grpc: aio.Server | None = None
@@ -50,7 +53,7 @@ class Server:
 
     def _build(self) -> aio.Server:
         server = aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(self.metrics)],
             options=[
                 # Explicit limits: past them gRPC answers RESOURCE_EXHAUSTED before any work is done.
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -58,7 +61,7 @@ class Server:
             ],
         )
         assert self.heads is not None
-        servicer = HeadswapServicer(self.embedding, self.heads, self.config.max_message_bytes)
+        servicer = HeadswapServicer(self.embedding, self.heads, self.config.max_message_bytes, self.metrics)
         pb_grpc.add_HeadswapServiceServicer_to_server(servicer, server)
         assert self.health is not None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -83,8 +86,16 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.store = LocalStore(self.config.store_dir)
         self.heads = HeadService(
-            self.config, self.embedding, self.store, self.cache, self.io_executor, self.train_executor
+            self.config,
+            self.embedding,
+            self.store,
+            self.cache,
+            self.io_executor,
+            self.train_executor,
+            self.metrics,
         )
+        if self.config.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         self.grpc = self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -95,8 +106,9 @@ class Server:
         loop = asyncio.get_running_loop()
         backbone = await loop.run_in_executor(self.executor, self.embedding.load)
         bank = await loop.run_in_executor(self.executor, self._head_bank, backbone)
-        self.embedding.activate(backbone, heads=bank.stack)
+        self.embedding.activate(backbone, heads=bank.stack, on_batch=self.metrics.observe_batch)
         self.heads.attach(bank)
+        self._watch(backbone, bank)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING on port %d (backbone on %s)", self.port, backbone.provider)
         return self.port
@@ -107,12 +119,26 @@ class Server:
         from headswap.adapters.grouped import HeadStack
 
         torch.set_num_threads(self.config.train_threads)
+        _warm_up_training(backbone.dim)
         device = "cuda" if self.config.device != "cpu" and torch.cuda.is_available() else "cpu"
         assert self.store is not None
         log.info(
             "store at %s: %d tenants; heads on %s", self.config.store_dir, len(self.store.tenants()), device
         )
         return HeadBank(self.store, backbone.manifest.fingerprint, HeadStack(backbone.dim, device=device))
+
+    def _watch(self, backbone: Backbone, bank: HeadBank) -> None:
+        m = self.metrics
+        m.backbone_info.labels(
+            backbone.manifest.name, backbone.manifest.fingerprint, backbone.provider, backbone.precision
+        ).set(1)
+        m.watch(m.queue_depth, lambda: self.embedding.batcher.queue_depth)
+        m.watch(m.heads_resident, lambda: bank.resident()[0])
+        m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
+        store = self.store
+        assert store is not None
+        m.watch(m.tenants, lambda: len(store.tenants()))
+        bank.on_swap = m.swaps.inc
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -127,6 +153,7 @@ class Server:
         await self.embedding.stop()
         for pool in (self.executor, self.io_executor, self.train_executor):
             pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
         log.info("stopped")
 
     async def run(self) -> int:
@@ -145,6 +172,19 @@ class Server:
         await self._stop.wait()
         await self.stop()
         return 0
+
+
+def _warm_up_training(dim: int) -> None:
+    """PyTorch's first training in a process pays ~0.7 s of one-off set-up; pay it before SERVING."""
+    import numpy as np
+
+    from headswap.adapters import TrainConfig, train_head
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, dim)).astype(np.float32)
+    y = np.arange(16, dtype=np.int64) % 2
+    for kind in ("linear", "mlp"):
+        train_head(x, y, 2, TrainConfig(kind=kind, validation_fraction=0.25, max_epochs=2, device="cpu"))
 
 
 def serve(config: ServerConfig) -> int:

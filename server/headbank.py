@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,7 @@ class HeadBank:
         self._pinned_capacity = pinned_capacity
         self._lock = threading.Lock()
         self.swaps = 0
+        self.on_swap: Callable[[], None] | None = None
 
     def _check(self, head: LiveHead) -> LiveHead:
         if head.fingerprint != self.fingerprint:
@@ -124,6 +126,8 @@ class HeadBank:
             self._active[head.tenant] = head
             self._pinned.pop((head.tenant, head.version), None)
             self.swaps += 1
+        if self.on_swap is not None:
+            self.on_swap()
 
     def evict(self, tenant: str) -> None:
         with self._lock:

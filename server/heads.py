@@ -31,6 +31,7 @@ from headswap.server.config import ServerConfig
 from headswap.server.domain import Timings
 from headswap.server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from headswap.server.headbank import HeadBank, LiveHead
+from headswap.server.metrics import Metrics
 from headswap.server.service import EmbeddingService
 from headswap.server.store import Example, HeadStore
 from headswap.server.validation import check_tenant, check_texts
@@ -117,6 +118,7 @@ class HeadService:
         cache: EmbeddingCache,
         io_executor: Executor,
         train_executor: Executor,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.embedding = embedding
@@ -125,6 +127,7 @@ class HeadService:
         self.cache = cache
         self.io = io_executor
         self.train_executor = train_executor
+        self.metrics = metrics
         self._locks: dict[str, asyncio.Lock] = {}
 
     def attach(self, bank: HeadBank) -> None:
@@ -208,6 +211,9 @@ class HeadService:
             fresh.update({k: result.embeddings[i] for i, (k, _) in enumerate(part)})
             report(Progress("embedding", min(start + chunk, len(todo)), len(todo)))
         self.cache.count(hits, len(todo))
+        if self.metrics is not None:
+            self.metrics.cache_hits.inc(hits)
+            self.metrics.cache_misses.inc(len(todo))
         self.cache.put_many(fingerprint, {**found, **fresh}, tenant)
         found.update(fresh)
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
@@ -217,6 +223,25 @@ class HeadService:
 
     async def adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
         """Train a new version; yields progress, then the outcome. Cancelling the iteration cancels it."""
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            async for event in self._adapt(request):
+                if isinstance(event, AdaptOutcome):
+                    outcome = "activated" if event.activated else "negative_transfer"
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except InvalidArgument:
+            outcome = ""  # refused input: no training ran
+            raise
+        finally:
+            if self.metrics is not None and outcome:
+                self.metrics.training_runs.labels(outcome).inc()
+                self.metrics.training_duration.observe(time.perf_counter() - started)
+
+    async def _adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
         tenant = check_tenant(request.tenant)
         backbone = self.embedding.backbone
         bank = self.bank

@@ -10,6 +10,7 @@ from grpc import aio
 from headswap.server import codec
 from headswap.server.errors import ResourceExhausted
 from headswap.server.heads import HeadService
+from headswap.server.metrics import Metrics
 from headswap.server.service import EmbeddingService
 from headswap.server.validation import check_texts
 from headswap.v1 import headswap_pb2 as pb
@@ -17,10 +18,17 @@ from headswap.v1 import headswap_pb2_grpc as pb_grpc
 
 
 class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
-    def __init__(self, embedding: EmbeddingService, heads: HeadService, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        embedding: EmbeddingService,
+        heads: HeadService,
+        max_message_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.embedding = embedding
         self.heads = heads
         self.max_message_bytes = max_message_bytes
+        self.metrics = metrics
 
     def _check_reply_size(self, payload_bytes: int) -> None:
         # Refuse before the backbone runs: gRPC would only find out when sending the finished reply.
@@ -39,6 +47,9 @@ class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
         check_texts(texts, self.embedding.config.max_batch_inputs)
         self._check_reply_size(len(texts) * backbone.dim * dtype.itemsize)
         result = await self.embedding.embed(texts)
+        if self.metrics is not None:
+            t = result.timings
+            self.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, None)
         return codec.embed_response(result, dtype, self.embedding.describe(), time.perf_counter() - started)
 
     async def AdaptHead(
@@ -56,6 +67,9 @@ class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
         backbone = self.embedding.backbone
         texts = codec.texts_from_inputs(request.inputs, backbone.manifest.input_kind)
         result = await self.heads.classify(request.tenant, texts, request.top_k, request.version)
+        if self.metrics is not None:
+            t = result.timings
+            self.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
         return codec.classify_response(result, self.embedding.describe(), time.perf_counter() - started)
 
     async def ListHeads(
