@@ -324,19 +324,18 @@ def local_server(
     *,
     log_path: Path,
     timeout: float = 180.0,
-    wrapper: Sequence[str] = (),
+    module: str = "headswap.client.cli",
 ) -> Iterator[ServerHandle]:
     """`headswap serve` on a free loopback port; stopped with SIGTERM (SIGKILL after 60 s) on the way out.
 
-    `wrapper` goes before the module (e.g. `-m cProfile -o FILE`) to profile the server's main thread."""
+    `module` may name a launcher that wraps the same command line (`bench._named_serve`)."""
     if not (backbone / "manifest.json").is_file():
         raise FileNotFoundError(f"no exported backbone at {backbone}; run `headswap export --out {backbone}`")
     port = free_port()
     command = [
         sys.executable,
-        *wrapper,
         "-m",
-        "headswap.client.cli",
+        module,
         "serve",
         "--host",
         "127.0.0.1",

@@ -228,18 +228,24 @@ class HeadService:
         try:
             async for event in self._adapt(request):
                 if isinstance(event, AdaptOutcome):
-                    outcome = "activated" if event.activated else "negative_transfer"
+                    # Counted before the reply leaves: the caller may hang up as soon as it has it.
+                    self._count_training("activated" if event.activated else "negative_transfer", started)
+                    outcome = ""
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+            outcome = "cancelled" if outcome else ""
             raise
         except InvalidArgument:
             outcome = ""  # refused input: no training ran
             raise
         finally:
-            if self.metrics is not None and outcome:
-                self.metrics.training_runs.labels(outcome).inc()
-                self.metrics.training_duration.observe(time.perf_counter() - started)
+            if outcome:
+                self._count_training(outcome, started)
+
+    def _count_training(self, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.training_runs.labels(outcome).inc()
+            self.metrics.training_duration.observe(time.perf_counter() - started)
 
     async def _adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
         tenant = check_tenant(request.tenant)

@@ -27,8 +27,11 @@ def free_port() -> int:
 class ServerProcess:
     """`headswap serve` in a child process, as an operator would run it."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: Path) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, log_path: Path, metrics_port: int = 0
+    ) -> None:
         self.port = free_port()
+        self.metrics_port = metrics_port
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self.store: Path | None = None
@@ -45,7 +48,7 @@ class ServerProcess:
                 "--port",
                 str(self.port),
                 "--metrics-port",
-                "0",
+                str(metrics_port),
                 *args,
             ],
             stdout=self._log,
@@ -54,7 +57,8 @@ class ServerProcess:
         )
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_serving(self, timeout: float = 180.0) -> None:
