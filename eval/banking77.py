@@ -401,10 +401,10 @@ def render_section(report: Report) -> str:
         "the CSV's row order is that of MTEB's `mteb/banking77` train split and that nothing else draws from "
         "the global generator first, so the draws may not be the very ones behind 80.04; the mean over 10 "
         "draws is what is comparable.",
-        "- headswap's linear head minimises scikit-learn's objective (`l2` = 1/C) with L-BFGS (float64, zero "
-        f"start) in chunks of 10 iterations, so `max_epochs={HEADSWAP_MAX_EPOCHS}` is the counterpart of "
-        "`max_iter=100`; it stops before that only when a whole chunk improves the objective by less than "
-        "1e-6 relative, while scikit-learn stops as soon as its gradient test (`tol=1e-4`) passes.",
+        "- headswap's linear head minimises scikit-learn's objective (`l2` = 1/C) with L-BFGS (float32 like "
+        f"the embeddings, zero start) in chunks of 10 iterations, so `max_epochs={HEADSWAP_MAX_EPOCHS}` is the "
+        "counterpart of `max_iter=100`; like scikit-learn it stops as soon as the largest gradient entry of "
+        "the n-scaled objective is below 1e-4 (scikit-learn's `tol`), checked inside each chunk.",
         "- Timing: *sklearn fit s* is `LogisticRegression.fit` (perf_counter, BLAS limited to 1 thread like "
         "the server's default `--train-threads 1`); *headswap train s* is the server-side fit time in the "
         "result's `metrics.train_seconds`; *AdaptHead call s* is the client's wall time of the call, "
