@@ -48,9 +48,15 @@ class ServerConfig:
     max_message_bytes: int = _opt(
         "HEADSWAP_MAX_MESSAGE_BYTES", "largest gRPC message accepted or sent, in bytes", 32 * 1024 * 1024
     )
-    batch_max_items: int = _opt("HEADSWAP_BATCH_MAX_ITEMS", "most inputs in one backbone forward pass", 128)
+    batch_max_items: int = _opt(
+        "HEADSWAP_BATCH_MAX_ITEMS",
+        "most inputs in one backbone forward pass; 0 = by device (16 on CPU, 256 on CUDA)",
+        0,
+    )
     batch_max_tokens: int = _opt(
-        "HEADSWAP_BATCH_MAX_TOKENS", "most padded tokens (inputs x longest) in one forward pass", 16384
+        "HEADSWAP_BATCH_MAX_TOKENS",
+        "most padded tokens (inputs x longest) in one forward pass; 0 = by device (4096 on CPU, 65536 on CUDA)",
+        0,
     )
     batch_max_wait_ms: float = _opt(
         "HEADSWAP_BATCH_MAX_WAIT_MS", "how long an input may wait for others to share its batch", 2.0
@@ -108,12 +114,22 @@ class ServerConfig:
             problems.append("batch max wait must be 0 or more")
         if self.warmup_rounds < 0:
             problems.append("warm-up rounds must be 0 or more")
-        if min(self.batch_max_items, self.batch_max_tokens, self.max_queue_items, self.worker_threads) < 1:
+        if (
+            min(self.batch_max_items, self.batch_max_tokens) < 0
+            or min(self.max_queue_items, self.worker_threads) < 1
+        ):
             problems.append("batch limits, queue size and worker threads must be at least 1")
         if self.log_format not in ("text", "json"):
             problems.append(f"log format must be text or json, not {self.log_format!r}")
         if problems:
             raise ValueError("bad configuration: " + "; ".join(problems))
+
+    def batch_limits(self, on_gpu: bool) -> tuple[int, int]:
+        """(items, padded tokens) per forward pass. On a CPU small batches win (they stay in cache: measured
+        in docs/BENCHMARKS.md); a GPU needs large ones to stay busy."""
+        items = self.batch_max_items or (256 if on_gpu else 16)
+        tokens = self.batch_max_tokens or (65536 if on_gpu else 4096)
+        return items, tokens
 
     @property
     def backbone_dir(self) -> Path:

@@ -74,9 +74,10 @@ class EmbeddingService:
             directory,
             device=self.config.device,
             precision=self.config.precision,
-            max_run_items=self.config.batch_max_items,
             intra_op_threads=self.config.intra_op_threads,
         )
+        # Warm up with the batch shapes the batcher will use on this device.
+        backbone.max_run_items = self.config.batch_limits(backbone.provider == "CUDAExecutionProvider")[0]
         backbone.warm_up(self.config.warmup_rounds)
         return backbone
 
@@ -87,9 +88,11 @@ class EmbeddingService:
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         """On the event loop: start the batcher; from now on calls are served."""
+        items, tokens = self.config.batch_limits(backbone.provider == "CUDAExecutionProvider")
+        log.info("batches of at most %d inputs and %d padded tokens", items, tokens)
         policy = BatchPolicy(
-            max_batch_tokens=self.config.batch_max_tokens,
-            max_batch_items=self.config.batch_max_items,
+            max_batch_tokens=tokens,
+            max_batch_items=items,
             max_wait_s=self.config.batch_max_wait_ms / 1000.0,
             max_queue_items=self.config.max_queue_items,
         )
