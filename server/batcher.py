@@ -112,6 +112,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
         self.batches_run = 0
 
     @property
@@ -215,9 +216,11 @@ class Batcher:
                 continue
             # Wait for a free slot first: while the backbone is busy, more items join the next batch.
             await self._slots.acquire()
+            idle = self._in_flight == 0
             deadline = self._pending[0].request.enqueued + self._pending[0].request.tokenize_s
             deadline += self.policy.max_wait_s
-            while not self._full():
+            # An idle backbone starts at once: waiting for company only pays while another batch runs.
+            while not idle and not self._full():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -230,10 +233,7 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
-            started = time.perf_counter()
-            for item in batch:
-                if not item.request.started:
-                    item.request.started = started
+            self._in_flight += 1
             future = loop.run_in_executor(self.backbone_executor, self._run, batch)
             future.add_done_callback(lambda f, b=batch: self._finish(b, f))  # type: ignore[misc]
 
@@ -248,6 +248,10 @@ class Batcher:
         if not live:
             return rows, 0.0, 0.0
         t0 = time.perf_counter()
+        for i in live:
+            # Stamped here, in the backbone thread: time waiting behind the previous batch is queue time.
+            if not batch[i].request.started:
+                batch[i].request.started = t0
         embeddings = self.backbone.run_ids([batch[i].ids for i in live])
         t1 = time.perf_counter()
         for i, row in zip(live, embeddings, strict=True):
@@ -276,6 +280,7 @@ class Batcher:
 
     def _finish(self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]]) -> None:
         self._slots.release()
+        self._in_flight -= 1
         self.batches_run += 1
         error = future.exception()
         if error is not None:

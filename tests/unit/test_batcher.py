@@ -60,11 +60,22 @@ def make(pools, **policy: float) -> tuple[Batcher, FakeBackbone, FakeHeads, list
 
 async def test_batch_mixes_requests_and_tenants(pools) -> None:  # type: ignore[no-untyped-def]
     batcher, backbone, heads, stats = make(pools, max_wait_s=0.05)
-    results = await asyncio.gather(
-        batcher.submit(["aa", "ab"]), batcher.submit(["ba"], slot=7), batcher.submit(["ca", "cb"], slot=9)
-    )
+    # While the backbone is busy with a first call, three calls from two tenants and an Embed queue up.
+    backbone.gate.clear()
+    blocker = asyncio.create_task(batcher.submit(["zz"]))
+    await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
+    calls = [
+        batcher.submit(["aa", "ab"]),
+        batcher.submit(["ba"], slot=7),
+        batcher.submit(["ca", "cb"], slot=9),
+    ]
+    tasks = [asyncio.create_task(c) for c in calls]
+    await asyncio.sleep(0.1)
+    backbone.gate.set()
+    await blocker
+    results = await asyncio.gather(*tasks)
     await batcher.stop()
-    assert len(backbone.batches) == 1 and stats[0].items == 5 and stats[0].requests == 3
+    assert len(backbone.batches) == 2 and stats[1].items == 5 and stats[1].requests == 3
     assert heads.calls == [[7, 9, 9]]  # both tenants' heads in one grouped call
     assert [r[0] for r in results[0].rows] == [ord("a"), ord("a")]
     assert [list(r) for r in results[1].rows] == [[7, ord("b")]]
