@@ -89,6 +89,13 @@ class HeadBank:
     def make_live(self, tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> LiveHead:
         return live_head(tenant, version, manifest, weights, self.stack)
 
+    def peek(self, tenant: str, version: int = 0) -> LiveHead | None:
+        """The head if it is already in memory (no I/O, safe on the event loop), else None."""
+        head = self._active.get(tenant)
+        if head is not None and version in (0, head.version):
+            return self._check(head)
+        return None
+
     def get(self, tenant: str, version: int = 0) -> LiveHead:
         """The head to use for one request: the active version, or `version` when pinned. Blocking."""
         if version == 0:

@@ -350,7 +350,8 @@ class HeadService:
             raise InvalidArgument(f"top_k must be 0 (meaning 1) or more, not {top}")
         if version < 0:
             raise InvalidArgument(f"version must be 0 (the active one) or a version number, not {version}")
-        head: LiveHead = await self._io(self.bank.get, tenant, version)
+        # Resident heads are taken on the loop; only a head that must be loaded from the store costs a hop.
+        head: LiveHead = self.bank.peek(tenant, version) or await self._io(self.bank.get, tenant, version)
         # The head rides with the texts through the batcher: the backbone and every tenant's head run on
         # the whole mixed batch, and this request keeps `head` (its version) from start to end.
         result = await self.embedding.batcher.submit(texts, slot=head.slot)
