@@ -100,7 +100,7 @@ def test_short_workload_is_seeded_and_repeats_only_after_using_every_text() -> N
 def tokenizer() -> object:
     path = default_tokenizer_path()
     if path is None:
-        pytest.skip("no all-MiniLM-L6-v2 tokenizer.json (neither .cache/backbone nor the model package)")
+        pytest.fail("no all-MiniLM-L6-v2 tokenizer.json (neither .cache/backbone nor the model package)")
     return load_tokenizer(path)
 
 

