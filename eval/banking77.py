@@ -28,7 +28,6 @@ import datetime as dt
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from bench.common import free_port, replace_section  # one implementation for both docs writers
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -281,41 +282,6 @@ def format_targets(targets: Sequence[Target]) -> str:
     )
 
 
-def _is_fence(line: str) -> bool:
-    return line.lstrip().startswith(("```", "~~~"))
-
-
-def replace_section(document: str, heading: str, body: str) -> str:
-    """``document`` with the section under ``heading`` (up to the next ``## `` heading) replaced by ``body``.
-
-    Other sections are kept byte for byte. A missing section is appended; an empty document gets a title.
-    Lines inside fenced code blocks never count as headings.
-    """
-    section = heading + "\n\n" + body.strip("\n") + "\n"
-    lines = document.splitlines(keepends=True)
-    start = end = None
-    in_fence = False
-    for i, line in enumerate(lines):
-        if _is_fence(line):
-            in_fence = not in_fence
-            continue
-        if in_fence:
-            continue
-        if start is None and line.rstrip("\r\n").rstrip() == heading:
-            start = i
-        elif start is not None and line.startswith("## "):
-            end = i
-            break
-    if start is None:
-        if not document.strip():
-            return "# Benchmarks\n\n" + section
-        return document.rstrip("\n") + "\n\n" + section
-    before = "".join(lines[:start])
-    if end is None:
-        return before + section
-    return before + section + "\n" + "".join(lines[end:])
-
-
 @dataclass(frozen=True)
 class Machine:
     cpus: int
@@ -415,12 +381,6 @@ def render_section(report: Report) -> str:
 
 
 # -- server and calls --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_serving(
