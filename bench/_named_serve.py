@@ -93,19 +93,20 @@ def _start_rayon_pool() -> None:
 
 
 def _log_batches(path: str) -> None:
-    from headswap.server.backbone import Backbone
+    from headswap.server.inference.onnx import OnnxEncoder
 
-    original = Backbone.run_ids
+    original = OnnxEncoder.run
     log = open(path, "a", buffering=1)  # line-buffered, open for the life of the process
 
-    def run_ids(self: Backbone, ids: list[Any]) -> Any:
+    def run(self: OnnxEncoder, feeds: Any) -> Any:
         t0 = time.perf_counter()
-        out = original(self, ids)
+        out = original(self, feeds)
         seconds = time.perf_counter() - t0
-        log.write(f"{len(ids)} {max(len(x) for x in ids)} {sum(len(x) for x in ids)} {seconds:.6f}\n")
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        log.write(f"{ids.shape[0]} {ids.shape[1]} {int(mask.sum())} {seconds:.6f}\n")
         return out
 
-    Backbone.run_ids = run_ids  # type: ignore[method-assign]
+    OnnxEncoder.run = run  # type: ignore[method-assign]
 
 
 def main() -> int:

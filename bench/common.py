@@ -11,16 +11,16 @@ import math
 import os
 import random
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from headswap.server.testing import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "BENCHMARKS.md"
@@ -280,42 +280,6 @@ def wait_for_quiet(
 # -- the server --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class ServerHandle:
-    target: str
-    pid: int
-    flags: tuple[str, ...]
-    log_path: Path
-
-
-def _wait_serving(target: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
-    import grpc
-
-    from headswap.client import _health
-
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    with grpc.insecure_channel(target) as channel:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"server exited with {proc.returncode} before SERVING:\n{tail}")
-            try:
-                last = _health.check(channel, timeout=1.0)
-                if last == "SERVING":
-                    return
-            except grpc.RpcError as exc:
-                last = exc.code().name
-            time.sleep(0.1)
-    raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s (last answer: {last})")
-
-
 @contextmanager
 def local_server(
     backbone: Path,
@@ -326,47 +290,23 @@ def local_server(
     timeout: float = 180.0,
     module: str = "headswap.client.cli",
     env: Mapping[str, str] | None = None,
-) -> Iterator[ServerHandle]:
-    """`headswap serve` on a free loopback port; stopped with SIGTERM (SIGKILL after 60 s) on the way out.
+) -> Iterator[ServerProcess]:
+    """`headswap serve` on a free loopback port (headswap.server.testing); stopped with SIGTERM on the way out.
 
     `module` may name a launcher that wraps the same command line (`bench._named_serve`); `env` adds
     environment variables for it."""
     if not (backbone / "manifest.json").is_file():
         raise FileNotFoundError(f"no exported backbone at {backbone}; run `headswap export --out {backbone}`")
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        module,
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--backbone",
-        str(backbone),
-        "--store",
-        str(store),
-        *flags,
-    ]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    log: IO[bytes] = log_path.open("wb")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    from headswap.server.testing import ServerProcess
+
+    server = ServerProcess(
+        "--backbone", str(backbone), *flags, store=store, log_path=log_path, module=module, env=env
+    )
     try:
-        target = f"127.0.0.1:{port}"
-        _wait_serving(target, proc, timeout, log_path)
-        yield ServerHandle(target, proc.pid, tuple(flags), log_path)
+        yield server.wait_serving(timeout)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        if server.proc.poll() is None:
+            server.terminate()
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

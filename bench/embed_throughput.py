@@ -54,7 +54,6 @@ from bench.common import (
     BatchLogStats,
     LatencySummary,
     Machine,
-    ServerHandle,
     batch_limits_from_log,
     data_root,
     load_tokenizer,
@@ -77,6 +76,7 @@ from bench.common import (
     wait_for_quiet,
     write_section,
 )
+from headswap.server.testing import ServerProcess
 
 HEADING = "## Embed throughput"
 CALLERS = 32
@@ -318,7 +318,7 @@ async def _drive(target: str, requests: list[list[str]], callers: int) -> tuple[
 
 def measure_headswap(
     workload: Workload,
-    server: ServerHandle,
+    server: ServerProcess,
     config: str,
     min_seconds: float,
     reference: np.ndarray | None,

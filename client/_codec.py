@@ -1,26 +1,13 @@
-"""Protobuf replies -> client results. The only client module that reads `*_pb2` messages."""
+"""Requests from Python values, results from replies: the only client module that touches `*_pb2` messages."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from headswap.client.results import (
-    AdaptProgress,
-    AdaptResult,
-    BackboneInfo,
-    ClassMetrics,
-    EmbedResult,
-    HeadDetails,
-    HeadMetrics,
-    HeadSummary,
-    HeadVersion,
-    LabelScore,
-    Prediction,
-    Timings,
-)
+from headswap.client import results as r
 from headswap.v1 import headswap_pb2 as pb
 
 _ELEMENT_TYPES = {"float32": pb.ELEMENT_TYPE_FLOAT32, "float16": pb.ELEMENT_TYPE_FLOAT16}
@@ -30,7 +17,7 @@ _NUMPY: dict[int, np.dtype] = {
 }
 
 
-def element_type(name: str) -> int:
+def element_type(name: str) -> pb.ElementType:
     try:
         return _ELEMENT_TYPES[str(np.dtype(name))]
     except (KeyError, TypeError):
@@ -47,17 +34,25 @@ def tensor(t: pb.Tensor) -> np.ndarray:
     return array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
-def backbone(b: pb.BackboneInfo) -> BackboneInfo:
-    return BackboneInfo(b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider)
+def backbone(b: pb.BackboneInfo) -> r.BackboneInfo:
+    return r.BackboneInfo(b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider)
 
 
-def timings(t: pb.Timings) -> Timings:
+def timings(t: pb.Timings) -> r.Timings:
     ms = 1000.0
-    return Timings(t.queue_us / ms, t.preprocess_us / ms, t.backbone_us / ms, t.head_us / ms, t.total_us / ms)
+    return r.Timings(
+        t.queue_us / ms, t.preprocess_us / ms, t.backbone_us / ms, t.head_us / ms, t.total_us / ms
+    )
 
 
-def embed_result(reply: pb.EmbedResponse) -> EmbedResult:
-    return EmbedResult(
+def embed_request(texts: Sequence[str], dtype: str) -> pb.EmbedRequest:
+    if isinstance(texts, str):
+        raise TypeError("embed() takes a sequence of texts, not a single string: wrap it in a list")
+    return pb.EmbedRequest(inputs=[pb.Input(text=t) for t in texts], dtype=element_type(dtype))
+
+
+def embed_result(reply: pb.EmbedResponse) -> r.EmbedResult:
+    return r.EmbedResult(
         embeddings=tensor(reply.embeddings),
         truncated=tuple(reply.truncated),
         backbone=backbone(reply.backbone),
@@ -70,17 +65,15 @@ def embed_result(reply: pb.EmbedResponse) -> EmbedResult:
 _KINDS = {pb.HEAD_KIND_LINEAR: "linear", pb.HEAD_KIND_MLP: "mlp"}
 _KIND_CODES = {"linear": pb.HEAD_KIND_LINEAR, "mlp": pb.HEAD_KIND_MLP}
 _OPTION_NAMES = {"kind", "validation_fraction", "seed", "l2", "max_epochs", "hidden_dim", "dropout"}
+_REQUEST_OPTIONS = {"replace", "force_activate"}
 
 
 def adapt_request(
-    tenant: str,
-    texts: Sequence[str],
-    labels: Sequence[str],
-    *,
-    replace: bool,
-    force_activate: bool,
-    options: dict[str, Any],
+    tenant: str, texts: Sequence[str], labels: Sequence[str], options: Mapping[str, Any]
 ) -> pb.AdaptHeadRequest:
+    """`options`: the training options, `replace` and `force_activate`."""
+    replace, force_activate = bool(options.get("replace")), bool(options.get("force_activate"))
+    options = {k: v for k, v in options.items() if k not in _REQUEST_OPTIONS}
     if isinstance(texts, str) or isinstance(labels, str):
         raise TypeError("texts and labels must be sequences of strings")
     if len(texts) != len(labels):
@@ -116,15 +109,15 @@ def adapt_request(
     )
 
 
-def head_metrics(m: pb.HeadMetrics) -> HeadMetrics:
-    return HeadMetrics(
+def head_metrics(m: pb.HeadMetrics) -> r.HeadMetrics:
+    return r.HeadMetrics(
         evaluated_on=m.evaluated_on,
         accuracy=m.accuracy,
         macro_f1=m.macro_f1,
         majority_baseline_accuracy=m.majority_baseline_accuracy,
         negative_transfer=m.negative_transfer,
         per_class=tuple(
-            ClassMetrics(c.label, c.train_count, c.validation_count, c.f1 if c.HasField("f1") else None)
+            r.ClassMetrics(c.label, c.train_count, c.validation_count, c.f1 if c.HasField("f1") else None)
             for c in m.per_class
         ),
         epochs=m.epochs,
@@ -134,8 +127,8 @@ def head_metrics(m: pb.HeadMetrics) -> HeadMetrics:
     )
 
 
-def head_version(v: pb.HeadVersion) -> HeadVersion:
-    return HeadVersion(
+def head_version(v: pb.HeadVersion) -> r.HeadVersion:
+    return r.HeadVersion(
         version=v.version,
         kind=_KINDS.get(v.kind, "unknown"),
         labels=tuple(v.labels),
@@ -146,8 +139,8 @@ def head_version(v: pb.HeadVersion) -> HeadVersion:
     )
 
 
-def adapt_progress(p: pb.AdaptHeadProgress) -> AdaptProgress:
-    return AdaptProgress(
+def adapt_progress(p: pb.AdaptHeadProgress) -> r.AdaptProgress:
+    return r.AdaptProgress(
         stage=p.stage,
         done=p.done,
         total=p.total,
@@ -157,9 +150,9 @@ def adapt_progress(p: pb.AdaptHeadProgress) -> AdaptProgress:
     )
 
 
-def adapt_result(r: pb.AdaptHeadResult) -> AdaptResult:
-    return AdaptResult(
-        r.tenant, head_version(r.head), r.activated, r.active_version, r.embedded, r.cache_hits
+def adapt_result(a: pb.AdaptHeadResult) -> r.AdaptResult:
+    return r.AdaptResult(
+        a.tenant, head_version(a.head), a.activated, a.active_version, a.embedded, a.cache_hits
     )
 
 
@@ -171,24 +164,50 @@ def classify_request(tenant: str, texts: Sequence[str], top_k: int, version: int
     )
 
 
-def predictions(reply: pb.ClassifyResponse) -> list[Prediction]:
+def predictions(reply: pb.ClassifyResponse) -> list[r.Prediction]:
     return [
-        Prediction(tuple(LabelScore(s.label, s.probability) for s in p.labels), reply.version, p.truncated)
+        r.Prediction(
+            tuple(r.LabelScore(s.label, s.probability) for s in p.labels), reply.version, p.truncated
+        )
         for p in reply.predictions
     ]
 
 
-def head_summaries(reply: pb.ListHeadsResponse) -> list[HeadSummary]:
+def head_summaries(reply: pb.ListHeadsResponse) -> list[r.HeadSummary]:
     return [
-        HeadSummary(h.tenant, h.active_version, h.version_count, tuple(h.labels), h.backbone_fingerprint)
+        r.HeadSummary(h.tenant, h.active_version, h.version_count, tuple(h.labels), h.backbone_fingerprint)
         for h in reply.heads
     ]
 
 
-def head_details(reply: pb.GetHeadResponse) -> HeadDetails:
-    return HeadDetails(
+def head_details(reply: pb.GetHeadResponse) -> r.HeadDetails:
+    return r.HeadDetails(
         reply.tenant,
         reply.active_version,
         tuple(head_version(v) for v in reply.versions),
         reply.example_count,
     )
+
+
+def list_heads_request() -> pb.ListHeadsRequest:
+    return pb.ListHeadsRequest()
+
+
+def get_head_request(tenant: str) -> pb.GetHeadRequest:
+    return pb.GetHeadRequest(tenant=tenant)
+
+
+def activate_request(tenant: str, version: int) -> pb.ActivateHeadVersionRequest:
+    return pb.ActivateHeadVersionRequest(tenant=tenant, version=version)
+
+
+def activation(reply: pb.ActivateHeadVersionResponse) -> r.Activation:
+    return r.Activation(reply.tenant, reply.active_version, reply.previous_version)
+
+
+def delete_request(tenant: str) -> pb.DeleteHeadRequest:
+    return pb.DeleteHeadRequest(tenant=tenant)
+
+
+def deletion(reply: pb.DeleteHeadResponse) -> r.Deletion:
+    return r.Deletion(reply.tenant, reply.versions_deleted, reply.examples_deleted)

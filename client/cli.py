@@ -11,11 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from headswap.client.client import DEFAULT_TARGET, Client
-from headswap.client.results import AdaptProgress, HeadswapError
+from headswap.client.errors import HeadswapError
+from headswap.client.results import AdaptProgress
 
 
 def _target(value: str | None) -> str:
@@ -55,7 +57,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             )
             return 2
         rows = [(r["text"], r["label"]) for r in reader]
-    options: dict[str, object] = {"kind": args.kind, "seed": args.seed}
+    options: dict[str, Any] = {"kind": args.kind, "seed": args.seed}
     if args.validation_fraction is not None:
         options["validation_fraction"] = args.validation_fraction
     if args.l2 is not None:

@@ -27,21 +27,18 @@ import csv
 import datetime as dt
 import os
 import re
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from bench.common import free_port, replace_section  # one implementation for both docs writers
+from bench.common import replace_section  # one implementation for both docs writers
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -383,78 +380,31 @@ def render_section(report: Report) -> str:
 # -- server and calls --------------------------------------------------------------------------------------
 
 
-def _wait_serving(
-    target: str, proc: subprocess.Popen[bytes] | None, timeout: float, log: Path | None
-) -> None:
+@contextmanager
+def local_server(backbone: Path, log_path: Path | None = None, timeout: float = 300.0) -> Iterator[str]:
+    """``headswap serve`` on a free loopback port with a temporary store (headswap.server.testing); yields
+    its target. The server's output goes to ``log_path`` when given; it is stopped with SIGTERM at the end."""
+    from headswap.server.testing import ServerProcess
+
+    if not (backbone / "manifest.json").is_file():
+        raise DataError(f"no exported backbone at {backbone} (manifest.json missing); run `headswap export`")
+    server = ServerProcess("--backbone", str(backbone), log_path=log_path)
+    try:
+        server.wait_serving(timeout)
+        print(f"server pid {server.pid} SERVING on {server.target} (log {server.log_path})", flush=True)
+        yield server.target
+    finally:
+        if server.proc.poll() is None and server.terminate() != 0:
+            print("warning: server did not exit cleanly after SIGTERM", file=sys.stderr)
+
+
+def wait_serving(target: str, timeout: float) -> None:
     import grpc
 
     from headswap.client import _health
 
-    deadline = time.monotonic() + timeout
-    last = "no answer"
     with grpc.insecure_channel(target) as channel:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-4000:] if log is not None else ""
-                raise RuntimeError(f"server exited with {proc.returncode} before SERVING:\n{tail}")
-            try:
-                last = _health.check(channel, timeout=1.0)
-                if last == "SERVING":
-                    return
-            except grpc.RpcError as exc:
-                last = f"{exc.code().name}"
-            time.sleep(0.1)
-    raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s (last answer: {last})")
-
-
-@contextmanager
-def local_server(backbone: Path, log_path: Path | None = None, timeout: float = 300.0) -> Iterator[str]:
-    """``headswap serve`` on a free loopback port with a temporary store; yields its target.
-
-    The server's output goes to ``log_path`` (kept), or to a file in the temporary directory (removed).
-    It is stopped with SIGTERM on the way out (SIGKILL if it has not exited 60 s later).
-    """
-    if not (backbone / "manifest.json").is_file():
-        raise DataError(f"no exported backbone at {backbone} (manifest.json missing); run `headswap export`")
-    with tempfile.TemporaryDirectory(prefix="headswap-b77-") as tmp:
-        port = free_port()
-        log_file = log_path if log_path is not None else Path(tmp) / "server.log"
-        log: IO[bytes] = log_file.open("wb")
-        command = [
-            sys.executable,
-            "-m",
-            "headswap.client.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--backbone",
-            str(backbone),
-            "--store",
-            str(Path(tmp) / "store"),
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            target = f"127.0.0.1:{port}"
-            _wait_serving(target, proc, timeout, log_file)
-            print(f"server pid {proc.pid} SERVING on {target} (log {log_file})", flush=True)
-            yield target
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(60)
-                if rc != 0:
-                    print(f"warning: server exited with {rc} after SIGTERM", file=sys.stderr)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                print("warning: server ignored SIGTERM for 60 s and was killed", file=sys.stderr)
-            log.close()
+        _health.wait_serving(channel, timeout)
 
 
 def _chunks(n: int, size: int = CALL_CHUNK) -> Iterator[slice]:
@@ -647,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, test = load_split(root, "train"), load_split(root, "test")
         print(f"Banking77 from {root}: {len(train)} train, {len(test)} test, {len(set(train.labels))} labels")
         if args.target:
-            _wait_serving(args.target, None, 60.0, None)
+            wait_serving(args.target, 60.0)
             result = evaluate(args.target, train, test, args.draws, args.sklearn_threads)
         else:
             with local_server(args.backbone, args.server_log) as target:

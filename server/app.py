@@ -1,177 +1,206 @@
-"""The server process: gRPC, health, reflection, start-up order and graceful drain."""
+"""The server process: `build(config)` makes every part up front; `Server` starts, serves and drains.
+
+Start-up order: build (load the backbone and warm PyTorch up), listen with health NOT_SERVING, warm the
+backbone up through the batcher (the very path calls take), follow the store's change feed, then SERVING.
+On SIGTERM: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period, exit 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import grpc
-from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from headswap.server.backbone import Backbone
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.headbank import HeadBank
-from headswap.server.heads import HeadService
-from headswap.server.interceptors import ErrorInterceptor
+from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
-from headswap.server.service import EmbeddingService
-from headswap.server.servicer import HeadswapServicer
-from headswap.server.store import HeadStore, LocalStore
-from headswap.v1 import headswap_pb2 as pb
-from headswap.v1 import headswap_pb2_grpc as pb_grpc
+from headswap.server.rpc.interceptors import CallInterceptor
+from headswap.server.rpc.server import SERVICE_NAME, GrpcServer
+from headswap.server.rpc.servicer import HeadswapServicer
+from headswap.server.services.embedding import EmbeddingService
+from headswap.server.services.heads import HeadService
+from headswap.server.services.locks import TenantLocks
+from headswap.server.services.training import TrainingService
+from headswap.server.store import HeadStore, open_store
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HeadswapService"].full_name
+
+@dataclass(frozen=True)
+class Pools:
+    """Blocking work never runs on the event loop: each kind has its own threads."""
+
+    preprocess: ThreadPoolExecutor  # tokenizing, image decoding
+    backbone: ThreadPoolExecutor  # one thread: the encoder runs one batch at a time
+    io: ThreadPoolExecutor  # store reads and writes, head loading
+    train: ThreadPoolExecutor  # head training, never on the threads that serve
+
+    def shutdown(self) -> None:
+        for pool in (self.preprocess, self.backbone, self.io, self.train):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass(eq=False)
 class Server:
-    """One headswap server. `run()` serves until SIGTERM or SIGINT, then drains and returns 0."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="headswap-worker")
-        self.io_executor = ThreadPoolExecutor(2, thread_name_prefix="headswap-io")
-        # One training at a time: a training must never take the threads that serve requests.
-        self.train_executor = ThreadPoolExecutor(1, thread_name_prefix="headswap-train")
-        self.embedding = EmbeddingService(config, self.executor)
-        self.store: HeadStore | None = None
-        self.cache = EmbeddingCache(config.cache_capacity)
-        self.heads: HeadService | None = None
-        self.metrics = Metrics()
-        self.metrics_port = 0
-        self.port = 0
-        # gRPC's aio server, the health servicer and the stop event bind to the running loop: made in start().
-        self.grpc: aio.Server | None = None
-        self.health: health.aio.HealthServicer | None = None
-        self._stop: asyncio.Event | None = None
-
-    def _build(self) -> aio.Server:
-        server = aio.server(
-            interceptors=[ErrorInterceptor(self.metrics)],
-            options=[
-                # Explicit limits: past them gRPC answers RESOURCE_EXHAUSTED before any work is done.
-                ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ("grpc.max_send_message_length", self.config.max_message_bytes),
-            ],
-        )
-        assert self.heads is not None
-        servicer = HeadswapServicer(self.embedding, self.heads, self.config.max_message_bytes, self.metrics)
-        pb_grpc.add_HeadswapServiceServicer_to_server(servicer, server)
-        assert self.health is not None
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        return server
-
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        assert self.health is not None
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+    config: ServerConfig
+    backbone: Backbone
+    store: HeadStore
+    metrics: Metrics
+    pools: Pools
+    batcher: Batcher
+    bank: HeadBank
+    heads: HeadService
+    rpc: GrpcServer
+    port: int = 0  # set by start()
+    metrics_port: int = 0
+    _follow: asyncio.Task[None] | None = field(default=None, init=False)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     async def start(self) -> int:
-        """Listen at once (health says NOT_SERVING), then load and warm up; SERVING only after that."""
-        self._stop = self._stop or asyncio.Event()
-        self.health = health.aio.HealthServicer()
-        self.store = LocalStore(self.config.store_dir)
-        self.heads = HeadService(
-            self.config,
-            self.embedding,
-            self.store,
-            self.cache,
-            self.io_executor,
-            self.train_executor,
-            self.metrics,
-        )
+        """Listen at once (health says NOT_SERVING), warm up, then SERVING. Returns the gRPC port."""
+        self.port = await self.rpc.start()
+        log.info("gRPC listening on port %d; warming up", self.port)
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        self.grpc = self._build()
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise OSError(f"could not listen on {self.config.host}:{self.config.port}")
-        await self.grpc.start()
-        log.info("gRPC listening on port %d; loading the backbone", self.port)
-        loop = asyncio.get_running_loop()
-        backbone = await loop.run_in_executor(self.executor, self.embedding.load)
-        bank = await loop.run_in_executor(self.executor, self._head_bank, backbone)
-        self.embedding.activate(backbone, heads=bank.stack, on_batch=self.metrics.observe_batch)
-        self.heads.attach(bank)
-        self._watch(backbone, bank)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING on port %d (backbone on %s)", self.port, backbone.provider)
+        self.batcher.start()
+        await self._warm_up()
+        self._follow = asyncio.get_running_loop().create_task(self.heads.follow(), name="headswap-follow")
+        await self.rpc.serving()
+        log.info("SERVING on port %d (backbone on %s)", self.port, self.backbone.encoder.provider)
         return self.port
 
-    def _head_bank(self, backbone: Backbone) -> HeadBank:
-        import torch
-
-        from headswap.adapters.grouped import HeadStack
-
-        torch.set_num_threads(self.config.train_threads)
-        _warm_up_training(backbone.dim)
-        device = "cuda" if self.config.device != "cpu" and torch.cuda.is_available() else "cpu"
-        assert self.store is not None
-        log.info(
-            "store at %s: %d tenants; heads on %s", self.config.store_dir, len(self.store.tenants()), device
-        )
-        return HeadBank(self.store, backbone.manifest.fingerprint, HeadStack(backbone.dim, device=device))
-
-    def _watch(self, backbone: Backbone, bank: HeadBank) -> None:
-        m = self.metrics
-        m.backbone_info.labels(
-            backbone.manifest.name, backbone.manifest.fingerprint, backbone.provider, backbone.precision
-        ).set(1)
-        m.watch(m.queue_depth, lambda: self.embedding.batcher.queue_depth)
-        m.watch(m.heads_resident, lambda: bank.resident()[0])
-        m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
-        store = self.store
-        assert store is not None
-        m.watch(m.tenants, lambda: len(store.tenants()))
-        bank.on_swap = m.swaps.inc
+    async def _warm_up(self) -> None:
+        """Run the batch shapes serving sees first through the batcher, so no caller pays for kernel set-up."""
+        started = time.perf_counter()
+        items = self.batcher.policy.max_batch_items
+        for _ in range(self.config.warmup_rounds):
+            for inputs in self.backbone.preprocessor.warm_up_batches(items):
+                await self.batcher.submit(inputs)
+        log.info("backbone warm-up done in %.2fs", time.perf_counter() - started)
 
     def request_stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
+        self._stop.set()
 
     async def stop(self) -> None:
-        """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
-        assert self.health is not None and self.grpc is not None
-        await self.health.enter_graceful_shutdown()
         log.info("draining: up to %.0fs for calls in flight", self.config.grace_seconds)
-        await self.grpc.stop(self.config.grace_seconds)
-        await self.embedding.stop()
-        for pool in (self.executor, self.io_executor, self.train_executor):
-            pool.shutdown(wait=False, cancel_futures=True)
+        await self.rpc.stop(self.config.grace_seconds)
+        if self._follow is not None:
+            self._follow.cancel()
+            await asyncio.gather(self._follow, return_exceptions=True)
+        await self.batcher.stop()
+        self.pools.shutdown()
         self.metrics.close()
+        self.store.close()
         log.info("stopped")
 
     async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then drain; 0 on a clean stop, 1 when start-up failed."""
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.start()
         except Exception:
             log.exception("start-up failed")
-            if self.grpc is not None:
-                await self.grpc.stop(0)
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            await self.rpc.stop(0)
+            self.pools.shutdown()
             return 1
         await self._stop.wait()
         await self.stop()
         return 0
+
+
+def ensure_backbone(config: ServerConfig) -> Path:
+    """The backbone directory to serve, exporting the default one on first start."""
+    directory = config.backbone_dir
+    if (directory / "manifest.json").exists():
+        return directory
+    if not config.uses_default_backbone:
+        raise FileNotFoundError(
+            f"--backbone {directory} is not an exported backbone (no manifest.json); "
+            "run `headswap export --out DIR` or leave --backbone unset for the default"
+        )
+    from headswap.server.export.text import export_backbone
+
+    log.info("default backbone not found at %s: exporting it (once)", directory)
+    report = export_backbone(directory)
+    log.info("exported default backbone in %.1fs", report.seconds)
+    return directory
+
+
+def build(
+    config: ServerConfig, *, backbone: Backbone | None = None, store: HeadStore | None = None
+) -> Server:
+    """Every part of a server, ready to start. `backbone` and `store` replace the configured ones (tests)."""
+    import torch
+
+    from headswap.adapters.grouped import HeadStack
+    from headswap.server.inference.onnx import load_backbone
+
+    if backbone is None:
+        backbone = load_backbone(
+            ensure_backbone(config),
+            device=config.device,
+            precision=config.precision,
+            intra_op_threads=config.intra_op_threads,
+        )
+    if store is None:
+        store = open_store(config.store_url)
+    torch.set_num_threads(config.train_threads)
+    if config.warmup_rounds:
+        _warm_up_training(backbone.dim)
+    head_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    log.info("store at %s: %d tenants; heads on %s", config.store_url, len(store.tenants()), head_device)
+
+    metrics = Metrics()
+    pools = Pools(
+        preprocess=ThreadPoolExecutor(config.worker_threads, thread_name_prefix="headswap-preprocess"),
+        backbone=ThreadPoolExecutor(1, thread_name_prefix="headswap-backbone"),
+        io=ThreadPoolExecutor(2, thread_name_prefix="headswap-io"),
+        train=ThreadPoolExecutor(1, thread_name_prefix="headswap-train"),
+    )
+    stack = HeadStack(backbone.dim, device=head_device)
+    bank = HeadBank(store, backbone.fingerprint, stack)
+    items, cost = config.batching.limits(backbone.on_gpu)
+    log.info("batches of at most %d inputs and %d padded tokens", items, cost)
+    policy = BatchPolicy(
+        max_batch_cost=cost,
+        max_batch_items=items,
+        max_wait_s=config.batching.max_wait_ms / 1000.0,
+        max_queue_items=config.batching.max_queue_items,
+    )
+    batcher = Batcher(backbone, policy, pools.preprocess, pools.backbone, stack, metrics.observe_batch)
+    cache = EmbeddingCache(config.store.cache_capacity)
+    embedding = EmbeddingService(backbone, batcher, config.limits, metrics)
+    heads = HeadService(embedding, bank, store, cache, TenantLocks(), pools.io)
+    training = TrainingService(
+        embedding, heads, cache, pools.train, config.limits, metrics, device=head_device
+    )
+    servicer = HeadswapServicer(embedding, heads, training)
+    interceptor = CallInterceptor(metrics)
+    rpc = GrpcServer(config.host, config.port, config.limits.max_message_bytes, servicer, interceptor)
+    server = Server(config, backbone, store, metrics, pools, batcher, bank, heads, rpc)
+    _watch(server)
+    return server
+
+
+def _watch(server: Server) -> None:
+    m, backbone, bank, store = server.metrics, server.backbone, server.bank, server.store
+    m.backbone_info.labels(
+        backbone.manifest.name, backbone.fingerprint, backbone.encoder.provider, backbone.encoder.precision
+    ).set(1)
+    m.watch(m.queue_depth, lambda: server.batcher.queue_depth)
+    m.watch(m.heads_resident, lambda: bank.resident()[0])
+    m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
+    m.watch(m.tenants, lambda: len(store.tenants()))
+    bank.on_swap = m.swaps.inc
 
 
 def _warm_up_training(dim: int) -> None:
@@ -188,7 +217,10 @@ def _warm_up_training(dim: int) -> None:
 
 
 def serve(config: ServerConfig) -> int:
-    return asyncio.run(Server(config).run())
+    async def main() -> int:
+        return await build(config).run()
+
+    return asyncio.run(main())
 
 
-__all__ = ["SERVICE_NAME", "Server", "grpc", "serve"]
+__all__ = ["SERVICE_NAME", "Server", "build", "serve"]

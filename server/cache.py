@@ -1,22 +1,17 @@
 """The embedding cache: an example is embedded once per backbone, then reused by every later training.
 
-Keys are (backbone fingerprint, sha256 of the text), so a different backbone never reuses a vector. Memory
+Keys are (backbone fingerprint, sha256 of the input: `Input.content_key`), so a different backbone never reuses a vector. Memory
 holds at most `capacity` vectors (least recently used go first); the store keeps each tenant's vectors so a
 restart costs no re-embedding. It is a cache: losing it costs time, never correctness.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np
-
-
-def content_key(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 class EmbeddingCache:

@@ -34,7 +34,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     logs.configure("INFO", "text")
-    from headswap.server.export import ExportError, export_backbone
+    from headswap.server.export.text import ExportError, export_backbone
 
     out = args.out if args.out is not None else ServerConfig.from_sources().backbone_dir
     try:

@@ -1,18 +1,22 @@
-"""One error tree, one status table.
+"""One error tree for the domain; it knows nothing of any transport.
 
-Domain code raises these; the interceptor in `headswap.server.interceptors` maps each to its gRPC status.
-Anything else that escapes a handler is a bug: it becomes INTERNAL with a logged traceback.
+Services raise these with a message meant for the caller. The gRPC edge maps each class to its status in
+one table (`headswap.server.rpc.interceptors.STATUS`); anything else that escapes a handler is a bug and
+becomes INTERNAL with a logged traceback.
+
+    HeadswapError
+     ├── InvalidArgument      the request itself is wrong (empty batch, bad name, too few classes...)
+     ├── NotFound             unknown tenant or version
+     ├── FailedPrecondition   valid, but not in this state (a head from another backbone, none active)
+     ├── ResourceExhausted    over a configured bound (queue, batch, reply size)
+     └── Unavailable          not now: starting up, draining; safe to retry
 """
 
 from __future__ import annotations
 
-import grpc
-
 
 class HeadswapError(Exception):
-    """An error whose message is meant for the caller, with the gRPC status it maps to."""
-
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    """An error whose message is meant for the caller."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -20,28 +24,20 @@ class HeadswapError(Exception):
 
 
 class InvalidArgument(HeadswapError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request itself is wrong."""
 
 
 class NotFound(HeadswapError):
-    code = grpc.StatusCode.NOT_FOUND
+    """No such tenant or version."""
 
 
 class FailedPrecondition(HeadswapError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """A valid request the current state does not allow."""
 
 
 class ResourceExhausted(HeadswapError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class PermissionDenied(HeadswapError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    """Over a configured bound; the message says which and what to do."""
 
 
 class Unavailable(HeadswapError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class Cancelled(HeadswapError):
-    code = grpc.StatusCode.CANCELLED
+    """Not now (starting up, draining, a dependency down); safe to retry."""

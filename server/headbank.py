@@ -1,8 +1,13 @@
 """The head bank: the live heads, one immutable `LiveHead` per (tenant, version) in memory.
 
-A swap replaces the tenant's entry in one dict assignment. A request takes the entry once, at its start,
-and uses only that object, so it finishes on the version it started with; once no request holds a retired
-version, nothing refers to it and its memory is freed.
+Every swap takes one path, `reconcile(change)`: a local AdaptHead, ActivateHeadVersion or DeleteHead, and a
+change published by the store (from this process or, with a shared store, another replica) all end there.
+It loads the new version first, then moves the pointer in one dict assignment. A request takes its head
+once, at its start, and uses only that object, so it finishes on the version it started with; once no
+request holds a retired version, nothing refers to it and its memory is freed.
+
+Each change carries a sequence number; the bank remembers the newest it has seen per tenant, so a notice
+that arrives late never moves a pointer back, and a head loaded lazily from an older state is not kept.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 from headswap.adapters import head_from_bytes
 from headswap.adapters.grouped import HeadStack
 from headswap.server.errors import FailedPrecondition
-from headswap.server.store import HeadStore
+from headswap.server.store import Change, HeadStore, StoredVersion
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,12 @@ class HeadBank:
         # Versions asked for by number (pins and rollbacks in flight): a few, least recently used first out.
         self._pinned: OrderedDict[tuple[str, int], LiveHead] = OrderedDict()
         self._pinned_capacity = pinned_capacity
+        self._seen: dict[str, int] = {}  # newest change sequence seen per tenant
         self._lock = threading.Lock()
-        self.swaps = 0
         self.on_swap: Callable[[], None] | None = None
 
-    def _check(self, head: LiveHead) -> LiveHead:
+    def check(self, head: LiveHead) -> LiveHead:
+        """FAILED_PRECONDITION for a head trained on another backbone."""
         if head.fingerprint != self.fingerprint:
             raise FailedPrecondition(
                 f"tenant {head.tenant!r} version {head.version} was trained on backbone "
@@ -82,65 +88,95 @@ class HeadBank:
             )
         return head
 
-    def _load(self, tenant: str, version: int) -> LiveHead:
-        stored = self.store.load_version(tenant, version)
-        return self.make_live(tenant, version, stored.manifest, stored.weights)
-
-    def make_live(self, tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> LiveHead:
-        return live_head(tenant, version, manifest, weights, self.stack)
+    def load(self, tenant: str, version: int, stored: StoredVersion | None = None) -> LiveHead:
+        """A version in memory (blocking: reads the store unless `stored` is given); not yet swapped in."""
+        if stored is None:
+            stored = self.store.load_version(tenant, version)
+        return live_head(tenant, version, stored.manifest, stored.weights, self.stack)
 
     def peek(self, tenant: str, version: int = 0) -> LiveHead | None:
         """The head if it is already in memory (no I/O, safe on the event loop), else None."""
         head = self._active.get(tenant)
         if head is not None and version in (0, head.version):
-            return self._check(head)
+            return self.check(head)
         return None
 
     def get(self, tenant: str, version: int = 0) -> LiveHead:
         """The head to use for one request: the active version, or `version` when pinned. Blocking."""
         if version == 0:
-            head = self._active.get(tenant)
-            if head is None:
-                state = self.store.state(tenant)  # NotFound for an unknown tenant
-                if state.active_version == 0:
-                    raise FailedPrecondition(
-                        f"tenant {tenant!r} has no active version (every training so far was negative "
-                        "transfer): activate one with ActivateHeadVersion or retrain"
-                    )
-                head = self._load(tenant, state.active_version)
-                with self._lock:
-                    head = self._active.setdefault(tenant, head)
-            return self._check(head)
+            return self.check(self._active_head(tenant))
         active = self._active.get(tenant)
         if active is not None and active.version == version:
-            return self._check(active)
+            return self.check(active)
         with self._lock:
             pinned = self._pinned.get((tenant, version))
             if pinned is not None:
                 self._pinned.move_to_end((tenant, version))
-                return self._check(pinned)
-        head = self._load(tenant, version)  # NotFound for an unknown tenant or version
+                return self.check(pinned)
+        head = self.load(tenant, version)  # NotFound for an unknown tenant or version
         with self._lock:
             self._pinned[(tenant, version)] = head
             while len(self._pinned) > self._pinned_capacity:
                 self._pinned.popitem(last=False)
-        return self._check(head)
+        return self.check(head)
 
-    def swap(self, head: LiveHead) -> None:
-        """Make `head` the tenant's active head. Requests already running keep the head they took."""
-        self._check(head)
+    def _active_head(self, tenant: str) -> LiveHead:
+        retries = 2  # a change newer than the state read came in while loading: read again, twice at most
+        while True:
+            head = self._active.get(tenant)
+            if head is not None:
+                return head
+            state = self.store.state(tenant)  # NotFound for an unknown tenant
+            if state.active_version == 0:
+                raise FailedPrecondition(
+                    f"tenant {tenant!r} has no active version (every training so far was negative "
+                    "transfer): activate one with ActivateHeadVersion or retrain"
+                )
+            loaded = self.load(tenant, state.active_version)
+            with self._lock:
+                if self._seen.get(tenant, -1) > state.seq and retries:
+                    retries -= 1
+                    continue
+                self._seen[tenant] = max(state.seq, self._seen.get(tenant, -1))
+                return self._active.setdefault(tenant, loaded)
+
+    def reconcile(self, change: Change, stored: StoredVersion | None = None) -> None:
+        """Bring the tenant to `change` (blocking). Loads first, then swaps; stale changes are ignored.
+        A tenant not in memory is only marked (its next request loads the state it finds then), unless the
+        new version's bytes are at hand in `stored` (a training that just finished here)."""
+        tenant = change.tenant
         with self._lock:
-            self._active[head.tenant] = head
-            self._pinned.pop((head.tenant, head.version), None)
-            self.swaps += 1
+            if change.seq <= self._seen.get(tenant, -1):
+                return
+            current = self._active.get(tenant)
+            gone = change.deleted or change.active_version == 0
+            if gone or (current is None and stored is None):
+                self._seen[tenant] = change.seq
+                if gone:
+                    self._active.pop(tenant, None)
+                if change.deleted:
+                    for key in [k for k in self._pinned if k[0] == tenant]:
+                        del self._pinned[key]
+                return
+            if current is not None and current.version == change.active_version:
+                self._seen[tenant] = change.seq
+                return
+        try:
+            head = self.check(self.load(tenant, change.active_version, stored))
+        except Exception:
+            with self._lock:  # never keep serving the old version: the next request meets the error itself
+                if change.seq > self._seen.get(tenant, -1):
+                    self._seen[tenant] = change.seq
+                    self._active.pop(tenant, None)
+            raise
+        with self._lock:
+            if change.seq <= self._seen.get(tenant, -1):
+                return  # a newer change won the race while this one loaded
+            self._seen[tenant] = change.seq
+            self._active[tenant] = head
+            self._pinned.pop((tenant, head.version), None)
         if self.on_swap is not None:
             self.on_swap()
-
-    def evict(self, tenant: str) -> None:
-        with self._lock:
-            self._active.pop(tenant, None)
-            for key in [k for k in self._pinned if k[0] == tenant]:
-                del self._pinned[key]
 
     def resident(self) -> tuple[int, int]:
         """(heads in memory, their bytes)."""

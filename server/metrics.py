@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from headswap.server.batcher import BatchStats
+from headswap.server.inference.batcher import BatchStats
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,14 @@ class Metrics:
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.items)
         self.batch_requests.observe(stats.requests)
-        if stats.padded_tokens:
-            self.batch_padding.observe(1.0 - stats.real_tokens / stats.padded_tokens)
+        if stats.padded_cost:
+            self.batch_padding.observe(1.0 - stats.real_cost / stats.padded_cost)
 
     def observe_stages(
-        self, queue_s: float, tokenize_s: float, backbone_s: float, head_s: float | None
+        self, queue_s: float, preprocess_s: float, backbone_s: float, head_s: float | None
     ) -> None:
         self.stage_duration.labels("queue").observe(queue_s)
-        self.stage_duration.labels("tokenize").observe(tokenize_s)
+        self.stage_duration.labels("tokenize").observe(preprocess_s)
         self.stage_duration.labels("backbone").observe(backbone_s)
         if head_s is not None:
             self.stage_duration.labels("head").observe(head_s)

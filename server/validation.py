@@ -1,26 +1,40 @@
-"""Checks on caller input, made at the edge before any work is done."""
+"""Checks on caller input, made before any work is done."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
+from headswap.server.domain import Input
 from headswap.server.errors import InvalidArgument
 
+_ARTICLE = {"text": "a", "image": "an"}
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def check_texts(texts: Sequence[str], max_inputs: int, what: str = "inputs") -> None:
-    if not texts:
+def check_inputs(inputs: Sequence[Input], max_inputs: int, input_kind: str, what: str = "inputs") -> None:
+    """A non-empty batch within the limit, every input of the backbone's kind and not blank."""
+    if not inputs:
         raise InvalidArgument(f"{what} is empty: send at least one input")
-    if len(texts) > max_inputs:
+    if len(inputs) > max_inputs:
         raise InvalidArgument(
-            f"{what} has {len(texts)} items, more than this server's maximum of {max_inputs} per call: "
+            f"{what} has {len(inputs)} items, more than this server's maximum of {max_inputs} per call: "
             "split the batch"
         )
-    for i, text in enumerate(texts):
-        if not text.strip():
+    for i, item in enumerate(inputs):
+        check_kind(item, input_kind, f"{what}[{i}]")
+        if item.text is not None and not item.text.strip():
             raise InvalidArgument(f"{what}[{i}] is empty or only white space: every input needs some text")
+        if item.image is not None and not item.image:
+            raise InvalidArgument(f"{what}[{i}] is an empty image: send the encoded bytes")
+
+
+def check_kind(item: Input, input_kind: str, where: str) -> None:
+    if item.kind != input_kind:
+        raise InvalidArgument(
+            f"{where} is {_ARTICLE[item.kind]} {item.kind}, but this server's backbone takes {input_kind}: "
+            f"send `{input_kind}`"
+        )
 
 
 def check_tenant(tenant: str) -> str:

@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def backbone_dir() -> Path:
     """The real exported all-MiniLM-L6-v2, exported once and kept in .cache/ between runs."""
-    from headswap.server.export import export_backbone
+    from headswap.server.export.text import export_backbone
 
     path = Path(os.environ.get("HEADSWAP_TEST_BACKBONE", REPO / ".cache" / "backbone"))
     if not (path / "manifest.json").exists():

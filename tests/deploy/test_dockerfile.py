@@ -5,15 +5,14 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from headswap.server.config import ServerConfig
+from headswap.server.config import ServerConfig, setting_names
 from tests.deploy import REPO, Instruction, Stage, parse_dockerfile, run_tool
 
-CONFIG_ENVS = {f.metadata["env"] for f in fields(ServerConfig)}
+CONFIG_ENVS = setting_names()
 DEFAULTS = ServerConfig()
 
 
@@ -198,4 +197,4 @@ def test_image_environment(final: Stage) -> None:
     assert not unknown, f"not settings of headswap serve: {sorted(unknown)}"
     config = ServerConfig.from_sources(environ=settings)  # raises on a bad value
     assert config.port == DEFAULTS.port and config.metrics_port == DEFAULTS.metrics_port
-    assert config.store is not None, "set HEADSWAP_STORE: the volume for the store is mounted there"
+    assert config.store.url is not None, "set HEADSWAP_STORE: the volume for the store is mounted there"

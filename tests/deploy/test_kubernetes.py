@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from headswap.server.app import SERVICE_NAME
-from headswap.server.config import ServerConfig
+from headswap.server.config import ServerConfig, setting_names
+from headswap.server.rpc.server import SERVICE_NAME
 from tests.deploy import (
     METRIC_NAMES,
     OVERLAYS,
@@ -25,7 +24,7 @@ from tests.deploy import (
     the,
 )
 
-CONFIG_ENVS = {f.metadata["env"] for f in fields(ServerConfig)}
+CONFIG_ENVS = setting_names()
 DEFAULTS = ServerConfig()
 # Kinds from CRDs, which kubernetes-validate has no schema for; each is checked by a test of its own here.
 CRD_KINDS = {"PodMonitor"}
@@ -239,8 +238,8 @@ def test_store_and_tmp_are_the_only_writable_paths(
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container(deployment)["volumeMounts"]}
-    assert set(mounts) == {str(config.store_dir), "/tmp"}
-    claim = mounts[str(config.store_dir)]["persistentVolumeClaim"]["claimName"]
+    assert set(mounts) == {str(config.store_url), "/tmp"}
+    claim = mounts[str(config.store_url)]["persistentVolumeClaim"]["claimName"]
     the(docs, "PersistentVolumeClaim", claim)
     assert "emptyDir" in mounts["/tmp"]
     # The backbone is the one exported into the image.

@@ -9,14 +9,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from headswap.server.batcher import Batcher, BatchPolicy, BatchStats
+from headswap.server.domain import Input
 from headswap.server.errors import ResourceExhausted
+from headswap.server.inference.batcher import Batcher, BatchPolicy, BatchStats
+from headswap.server.inference.protocols import Backbone, Prepared
+from headswap.server.manifest import BackboneManifest
 
 
 class FakeBackbone:
-    """Token ids are the text's code points; an 'embedding' is (first id, length, call number)."""
+    """Token ids are the text's code points; an 'embedding' is (first id, length, call number). It is the
+    preprocessor and the encoder at once, and records every forward pass."""
 
     dim = 3
+    input_kind = "text"
+    provider = "fake"
+    precision = "fp32"
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []  # first id of each item per forward pass
@@ -24,12 +31,17 @@ class FakeBackbone:
         self.gate.set()
         self.entered = threading.Event()
 
-    def encode(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        return [np.array([ord(c) for c in t], dtype=np.int64) for t in texts], np.zeros(len(texts), bool)
+    def prepare(self, inputs: list[Input]) -> list[Prepared]:
+        ids = [np.array([ord(c) for c in item.text or ""], dtype=np.int64) for item in inputs]
+        return [Prepared(x, len(x), len(x)) for x in ids]
 
-    def run_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+    def collate(self, items: list[Prepared]) -> dict[str, object]:
+        return {"ids": [item.payload for item in items]}
+
+    def run(self, feeds: dict[str, list[np.ndarray]]) -> np.ndarray:
         self.entered.set()
         self.gate.wait(10)
+        ids = feeds["ids"]
         self.batches.append([int(x[0]) for x in ids])
         return np.array([[x[0], len(x), len(self.batches)] for x in ids], dtype=np.float32)
 
@@ -43,6 +55,19 @@ class FakeHeads:
         return [np.array([slot, e[0]], dtype=np.float32) for e, slot in zip(embeddings, slots, strict=True)]
 
 
+class TextBatcher:
+    """The batcher under test, called with strings as the old tests do."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    async def submit(self, texts: list[str], slot: int | None = None):  # type: ignore[no-untyped-def]
+        return await self.batcher.submit([Input(text=t) for t in texts], slot=slot)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.batcher, name)
+
+
 @pytest.fixture
 def pools():  # type: ignore[no-untyped-def]
     tok, bb = ThreadPoolExecutor(2), ThreadPoolExecutor(1)
@@ -51,11 +76,18 @@ def pools():  # type: ignore[no-untyped-def]
     bb.shutdown(wait=False)
 
 
-def make(pools, **policy: float) -> tuple[Batcher, FakeBackbone, FakeHeads, list[BatchStats]]:  # type: ignore[no-untyped-def]
+def make(pools, **policy: float) -> tuple[TextBatcher, FakeBackbone, FakeHeads, list[BatchStats]]:  # type: ignore[no-untyped-def]
     backbone, heads, stats = FakeBackbone(), FakeHeads(), []
-    batcher = Batcher(backbone, BatchPolicy(**policy), *pools, heads=heads, on_batch=stats.append)  # type: ignore[arg-type]
+    manifest = BackboneManifest("fake", 3, "none", "l2", 64, "text", "0" * 64)
+    batcher = Batcher(
+        Backbone(manifest, backbone, backbone),
+        BatchPolicy(**policy),
+        *pools,
+        heads=heads,
+        on_batch=stats.append,
+    )  # type: ignore[arg-type]
     batcher.start()
-    return batcher, backbone, heads, stats
+    return TextBatcher(batcher), backbone, heads, stats
 
 
 async def test_batch_mixes_requests_and_tenants(pools) -> None:  # type: ignore[no-untyped-def]
@@ -97,7 +129,7 @@ async def test_replies_go_to_the_right_callers_in_order(pools) -> None:  # type:
 
 
 async def test_groups_by_length_within_the_token_budget(pools) -> None:  # type: ignore[no-untyped-def]
-    batcher, backbone, _, stats = make(pools, max_batch_tokens=40, max_wait_s=0.05)
+    batcher, backbone, _, stats = make(pools, max_batch_cost=40, max_wait_s=0.05)
     backbone.gate.clear()
     blocker = asyncio.create_task(batcher.submit(["z"]))
     await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
@@ -109,7 +141,7 @@ async def test_groups_by_length_within_the_token_budget(pools) -> None:  # type:
     await batcher.stop()
     batches = [sorted(chr(x) for x in b) for b in backbone.batches[1:]]
     assert sorted(map(tuple, batches)) == [("a", "c", "e"), ("b", "d"), ("f",)]
-    assert all(s.padded_tokens <= 40 for s in stats)
+    assert all(s.padded_cost <= 40 for s in stats)
 
 
 async def test_full_queue_is_resource_exhausted_at_once(pools) -> None:  # type: ignore[no-untyped-def]

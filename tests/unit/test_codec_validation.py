@@ -6,9 +6,11 @@ import pytest
 
 from headswap.client import _codec as client_codec
 from headswap.client import _health
-from headswap.server import codec
+from headswap.server.domain import Input
 from headswap.server.errors import InvalidArgument
-from headswap.server.validation import check_tenant, check_texts
+from headswap.server.rpc import codec
+from headswap.server.rpc.interceptors import status_of
+from headswap.server.validation import check_inputs, check_tenant
 from headswap.v1 import headswap_pb2 as pb
 
 
@@ -16,30 +18,34 @@ def test_tensor_round_trip_float32_and_float16() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 384)).astype(np.float32)
     for dtype in (np.dtype("<f4"), np.dtype("<f2")):
-        wire = pb.Tensor.FromString(codec.tensor(x, dtype).SerializeToString())
+        wire = pb.Tensor.FromString(codec.tensor_to_pb(x.astype(dtype)).SerializeToString())
         back = client_codec.tensor(wire)
         assert back.shape == (5, 384) and back.dtype == dtype
         np.testing.assert_allclose(back.astype(np.float32), x, atol=1e-2 if dtype.itemsize == 2 else 0)
 
 
 def test_tensor_data_is_raw_little_endian() -> None:
-    t = codec.tensor(np.array([[1.0, -2.0]], dtype=np.float32), np.dtype("<f4"))
+    t = codec.tensor_to_pb(np.array([[1.0, -2.0]], dtype=np.float32))
     assert t.data == b"\x00\x00\x80\x3f\x00\x00\x00\xc0" and list(t.shape) == [1, 2]
 
 
 def test_inputs_to_texts_rejects_images_and_empty_content() -> None:
-    assert codec.texts_from_inputs([pb.Input(text="a")], "text") == ["a"]
+    assert codec.inputs_from_pb([pb.Input(text="a")]) == (Input(text="a"),)
     with pytest.raises(InvalidArgument, match=r"inputs\[0\] is an image"):
-        codec.texts_from_inputs([pb.Input(image=b"x")], "text")
+        check_inputs(codec.inputs_from_pb([pb.Input(image=b"x")]), 10, "text")
     with pytest.raises(InvalidArgument, match="no content"):
-        codec.texts_from_inputs([pb.Input()], "text")
+        codec.inputs_from_pb([pb.Input()])
 
 
 def test_unknown_element_type() -> None:
     with pytest.raises(InvalidArgument, match="unknown element type"):
-        codec.element_type(7)
+        codec.dtype_from_pb(7)
     with pytest.raises(ValueError, match="float32 or float16"):
         client_codec.element_type("int8")
+
+
+def check_texts(texts: list[str], max_inputs: int) -> None:
+    check_inputs([Input(text=t) for t in texts], max_inputs, "text")
 
 
 def test_check_texts() -> None:
@@ -50,7 +56,7 @@ def test_check_texts() -> None:
         check_texts(["a", "b", "c"], 2)
     with pytest.raises(InvalidArgument, match=r"inputs\[1\]"):
         check_texts(["a", "\n\t "], 2)
-    assert InvalidArgument("x").code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(InvalidArgument("x")) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize("name", ["acme", "Acme-2", "a.b_c", "x" * 64, "0day"])

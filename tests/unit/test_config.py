@@ -43,8 +43,8 @@ def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
 
 
 def test_every_field_has_an_env_variable_and_help() -> None:
-    from dataclasses import fields
+    from headswap.server.config import OPTIONS
 
-    for f in fields(ServerConfig):
-        assert f.metadata["env"] == "HEADSWAP_" + f.name.upper()
-        assert f.metadata["help"]
+    for opt in OPTIONS:
+        assert opt.env == "HEADSWAP_" + opt.key.upper() and opt.flag == "--" + opt.key.replace("_", "-")
+        assert opt.help

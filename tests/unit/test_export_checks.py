@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headswap.server import export
+from headswap.server.export import text as export
 
 
 def test_refuses_on_parity_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

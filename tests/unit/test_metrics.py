@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from headswap.server.batcher import BatchStats
+from headswap.server.inference.batcher import BatchStats
 from headswap.server.metrics import Metrics
 from tests.deploy import METRIC_NAMES
 
@@ -31,7 +31,7 @@ def test_registry_matches_the_deploy_contract() -> None:
 
 def test_label_sets_are_fixed_and_bounded() -> None:
     m = Metrics()
-    m.observe_batch(BatchStats(items=4, requests=2, padded_tokens=40, real_tokens=30, run_s=0.01))
+    m.observe_batch(BatchStats(items=4, requests=2, padded_cost=40, real_cost=30, run_s=0.01))
     m.observe_stages(0.001, 0.002, 0.003, 0.0001)
     labels = exposed(m)
     allowed = {"rpc", "code", "stage", "outcome", "le", "name", "fingerprint", "provider", "precision"}
@@ -44,7 +44,7 @@ def test_padding_ratio() -> None:
     from prometheus_client import generate_latest
 
     m = Metrics()
-    m.observe_batch(BatchStats(items=4, requests=2, padded_tokens=40, real_tokens=30, run_s=0.01))
+    m.observe_batch(BatchStats(items=4, requests=2, padded_cost=40, real_cost=30, run_s=0.01))
     text = generate_latest(m.registry).decode()
     assert "headswap_batch_padding_ratio_sum 0.25" in text
     assert "headswap_batch_size_items_sum 4.0" in text

@@ -13,10 +13,12 @@ import pytest
 
 from headswap.adapters import TrainConfig, head_to_bytes, train_head
 from headswap.adapters.grouped import HeadStack
-from headswap.server.cache import EmbeddingCache, content_key
+from headswap.server.cache import EmbeddingCache
+from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
-from headswap.server.store import Example, LocalStore, atomic_write
+from headswap.server.store import Change, NewVersion, StoredVersion
+from headswap.server.store.local import LocalStore, atomic_write
 
 FP = "a" * 64
 
@@ -39,14 +41,20 @@ def trained(seed: int = 0, fingerprint: str = FP) -> tuple[bytes, dict]:  # type
     return weights, manifest
 
 
-EXAMPLES = [Example("good", "pos"), Example("bad", "neg")]
+def content_key(text: str) -> bytes:
+    return Input(text=text).content_key()
+
+
+EXAMPLES = [Example(Input(text="good"), "pos"), Example(Input(text="bad"), "neg")]
 
 
 def test_commit_activate_and_reload(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     w, m = trained()
-    s1 = store.commit_version("acme", m, w, EXAMPLES, activate=True)
-    s2 = store.commit_version("acme", m, w, [*EXAMPLES, Example("meh", "neg")], activate=False)
+    s1 = store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
+    s2 = store.commit_version(
+        "acme", NewVersion(m, w, [*EXAMPLES, Example(Input(text="meh"), "neg")], activate=False)
+    )
     assert (s1.active_version, s2.active_version, s2.versions) == (1, 1, (1, 2))
     reopened = LocalStore(tmp_path)
     assert reopened.tenants() == ["acme"]
@@ -65,7 +73,7 @@ def test_commit_activate_and_reload(tmp_path: Path) -> None:
 def test_uncommitted_version_is_swept_and_previous_stays(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     w, m = trained()
-    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
     # What a crash after writing version 2 but before state.json named it leaves behind:
     orphan = tmp_path / "tenants" / "acme" / "versions" / "2"
     orphan.mkdir()
@@ -75,15 +83,16 @@ def test_uncommitted_version_is_swept_and_previous_stays(tmp_path: Path) -> None
     assert not orphan.exists()
     assert not list((tmp_path / "tenants" / "acme").glob(".*.tmp"))
     assert reopened.state("acme").active_version == 1
-    assert reopened.commit_version("acme", m, w, EXAMPLES, activate=True).versions == (1, 2)
+    assert reopened.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True)).versions == (1, 2)
 
 
 def test_delete_removes_everything(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     w, m = trained()
-    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
     store.save_embeddings("acme", FP, {content_key("good"): np.ones(8, np.float32)})
-    assert store.delete("acme") == (1, 2)
+    deleted, _ = store.delete("acme")
+    assert (deleted.versions_deleted, deleted.examples_deleted) == (1, 2)
     assert not (tmp_path / "tenants" / "acme").exists()
     assert store.tenants() == [] and store.examples("acme") == []
     assert store.cached_embeddings("acme", FP) == {}
@@ -94,7 +103,7 @@ def test_tenant_names_never_become_paths(tmp_path: Path, name: str) -> None:
     store = LocalStore(tmp_path / "s")
     w, m = trained()
     with pytest.raises(InvalidArgument):
-        store.commit_version(name, m, w, EXAMPLES, activate=True)
+        store.commit_version(name, NewVersion(m, w, EXAMPLES, activate=True))
     assert not (tmp_path / "escape").exists()
 
 
@@ -141,12 +150,14 @@ def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path)
     store = LocalStore(tmp_path)
     bank = HeadBank(store, FP, HeadStack(8))
     w1, m1 = trained(1)
-    store.commit_version("acme", m1, w1, EXAMPLES, activate=True)
+    store.commit_version("acme", NewVersion(m1, w1, EXAMPLES, activate=True))
     held = bank.get("acme")  # a request in flight holds version 1
     assert held.version == 1
     w2, m2 = trained(2)
-    state = store.commit_version("acme", m2, w2, EXAMPLES, activate=True)
-    bank.swap(bank.make_live("acme", state.active_version, {**m2, "version": 2}, w2))
+    state = store.commit_version("acme", NewVersion(m2, w2, EXAMPLES, activate=True))
+    bank.reconcile(
+        Change("acme", state.active_version, state.seq), StoredVersion(2, {**m2, "version": 2}, w2)
+    )
     assert bank.get("acme").version == 2
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     old_answer = held.predict(x)  # the in-flight request finishes on version 1
@@ -163,8 +174,8 @@ def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path)
 def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     w, m = trained()
-    store.commit_version("acme", m, w, EXAMPLES, activate=True)
-    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
+    store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
     bank = HeadBank(store, FP, HeadStack(8))
     assert bank.get("acme", 1).version == 1 and bank.get("acme").version == 2
     with pytest.raises(NotFound):
@@ -179,9 +190,30 @@ def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
 def test_manifest_is_json_and_weights_are_safetensors(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     w, m = trained()
-    store.commit_version("acme", m, w, EXAMPLES, activate=True)
+    store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
     vdir = tmp_path / "tenants" / "acme" / "versions" / "1"
     assert json.loads((vdir / "head.json").read_text())["labels"] == ["neg", "pos"]
     raw = (vdir / "weights.safetensors").read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     assert json.loads(raw[8 : 8 + header_len])  # a safetensors header, not a pickle
+
+
+def test_reconcile_ignores_stale_changes_and_lazy_loads_never_go_back(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    bank = HeadBank(store, FP, HeadStack(8))
+    w, m = trained()
+    s1 = store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
+    s2 = store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
+    assert bank.get("acme").version == 2
+    bank.reconcile(Change("acme", 1, s1.seq))  # a notice that arrives late
+    assert bank.get("acme").version == 2
+    s3, _ = store.activate("acme", 1)
+    bank.reconcile(Change("acme", 1, s3.seq))
+    assert bank.get("acme").version == 1
+    assert s2.seq < s3.seq
+    fresh = HeadBank(store, FP, HeadStack(8))
+    fresh.reconcile(Change("acme", 2, s3.seq + 1))  # not resident: only noted, nothing loaded
+    assert fresh.peek("acme") is None and fresh.resident() == (0, 0)
+    assert fresh.get("acme").version == 1  # the state it finds (after retrying, the store has no newer)
+    bank.reconcile(Change("acme", 0, s3.seq + 2, deleted=True))
+    assert bank.peek("acme") is None and bank.resident() == (0, 0)

@@ -1,14 +1,15 @@
-"""One dynamic batcher in front of the backbone, for every RPC and every tenant.
+"""One dynamic batcher in front of a backbone, for every RPC and every tenant.
 
-A request is tokenized on arrival (off the event loop, in the Rust tokenizer's batch API) into items, one per
-input, that wait in one bounded queue. A batch closes when its padded token count would pass the token
-budget, when it holds the most items allowed, or when its oldest item has waited the longest allowed. A
-batch is built around the oldest waiting item (so nothing starves) from the items closest to it in length
-(so little is padding). Items of cancelled requests are dropped before they cost backbone time. Up to two
-batches are in flight: while the backbone runs one, the next is tokenized, formed and padded.
+A request is prepared on arrival (off the event loop, in the preprocessing pool) into items, one per input,
+each with a cost and a grouping key; they wait in one bounded queue. A batch costs its largest item's cost
+times its size (everything is padded to the largest); it closes when that would pass the cost budget, when
+it holds the most items allowed, or when its oldest item has waited the longest allowed. A batch is built
+around the oldest waiting item (so nothing starves) from the items whose keys are nearest (so little is
+padding). Items of cancelled requests are dropped before they cost backbone time. Up to two batches are in
+flight: while the encoder runs one, the next is prepared, formed and collated.
 
-Classify items carry their tenant's head; after the forward pass the heads of all tenants in the batch are
-applied in one grouped operation (`headswap.adapters.grouped.HeadStack`).
+Classify items carry their tenant's head slot; after the forward pass the heads of all tenants in the batch
+are applied in one grouped operation.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from headswap.server.backbone import Backbone
+from headswap.server.domain import Input
 from headswap.server.errors import ResourceExhausted
+from headswap.server.inference.protocols import Backbone, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class GroupedHeads(Protocol):
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch_tokens: int = 16384  # padded tokens (items x longest) in one forward pass
+    max_batch_cost: int = 16384  # padded cost (items x largest item's cost) of one forward pass
     max_batch_items: int = 256
     max_wait_s: float = 0.002  # how long the oldest item may wait for company
     max_queue_items: int = 8192  # past this, new calls get RESOURCE_EXHAUSTED at once
@@ -46,18 +48,17 @@ class BatchPolicy:
 class BatchStats:
     items: int
     requests: int
-    padded_tokens: int
-    real_tokens: int
+    padded_cost: int
+    real_cost: int
     run_s: float
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
-    future: asyncio.Future[Any]
-    n: int
+    future: asyncio.Future[None]
     slot: int | None  # head slot for Classify, None for Embed
     enqueued: float
-    tokenize_s: float
+    preprocess_s: float
     truncated: np.ndarray
     rows: list[Any]
     remaining: int
@@ -70,15 +71,11 @@ class _Request:
         return self.future.done()
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class _Item:
     request: _Request
     index: int
-    ids: np.ndarray
-    length: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.length = len(self.ids)
+    prepared: Prepared
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ class BatchResult:
     rows: list[Any]  # per input: embedding (dim,) for Embed, probabilities (classes,) for Classify
     truncated: np.ndarray
     queue_s: float
-    tokenize_s: float
+    preprocess_s: float
     backbone_s: float
     head_s: float
 
@@ -96,19 +93,20 @@ class Batcher:
         self,
         backbone: Backbone,
         policy: BatchPolicy,
-        tokenize_executor: Executor,
+        preprocess_executor: Executor,
         backbone_executor: Executor,
         heads: GroupedHeads | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
-        self.backbone = backbone
+        self.preprocessor = backbone.preprocessor
+        self.encoder = backbone.encoder
         self.policy = policy
-        self.tokenize_executor = tokenize_executor
+        self.preprocess_executor = preprocess_executor
         self.backbone_executor = backbone_executor
         self.heads = heads
         self.on_batch = on_batch
         self._pending: list[_Item] = []
-        self._reserved = 0  # items admitted but still being tokenized
+        self._reserved = 0  # items admitted but still being prepared
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._task: asyncio.Task[None] | None = None
@@ -127,31 +125,32 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def submit(self, texts: list[str], slot: int | None = None) -> BatchResult:
-        """Embed `texts` (and apply the head in `slot`, if given) as part of whatever batches form."""
-        if self.queue_depth + len(texts) > self.policy.max_queue_items:
+    async def submit(self, inputs: Sequence[Input], slot: int | None = None) -> BatchResult:
+        """Embed `inputs` (and apply the head in `slot`, if given) as part of whatever batches form."""
+        if self.queue_depth + len(inputs) > self.policy.max_queue_items:
             raise ResourceExhausted(
                 f"the server's queue is full ({self.queue_depth} inputs waiting, limit "
                 f"{self.policy.max_queue_items}): retry later, with backoff, or on another replica"
             )
         loop = asyncio.get_running_loop()
         enqueued = time.perf_counter()
-        self._reserved += len(texts)
+        self._reserved += len(inputs)
         try:
-            ids, truncated = await loop.run_in_executor(self.tokenize_executor, self.backbone.encode, texts)
+            prepared = await loop.run_in_executor(
+                self.preprocess_executor, self.preprocessor.prepare, list(inputs)
+            )
         finally:
-            self._reserved -= len(texts)
+            self._reserved -= len(inputs)
         request = _Request(
             future=loop.create_future(),
-            n=len(texts),
             slot=slot,
             enqueued=enqueued,
-            tokenize_s=time.perf_counter() - enqueued,
-            truncated=truncated,
-            rows=[None] * len(texts),
-            remaining=len(texts),
+            preprocess_s=time.perf_counter() - enqueued,
+            truncated=np.fromiter((p.truncated for p in prepared), dtype=bool, count=len(prepared)),
+            rows=[None] * len(prepared),
+            remaining=len(prepared),
         )
-        self._pending.extend(_Item(request, i, x) for i, x in enumerate(ids))
+        self._pending.extend(_Item(request, i, p) for i, p in enumerate(prepared))
         self._wake.set()
         try:
             await request.future
@@ -162,8 +161,8 @@ class Batcher:
         return BatchResult(
             rows=request.rows,
             truncated=request.truncated,
-            queue_s=max(0.0, request.started - request.enqueued - request.tokenize_s),
-            tokenize_s=request.tokenize_s,
+            queue_s=max(0.0, request.started - request.enqueued - request.preprocess_s),
+            preprocess_s=request.preprocess_s,
             backbone_s=request.backbone_s,
             head_s=request.head_s,
         )
@@ -178,27 +177,26 @@ class Batcher:
         p = self.policy
         if len(self._pending) >= p.max_batch_items:
             return True
-        # Enough tokens waiting to fill a batch (padding aside): no reason to wait longer.
-        return sum(item.length for item in self._pending) >= p.max_batch_tokens
+        # Enough work waiting to fill a batch (padding aside): no reason to wait longer.
+        return sum(item.prepared.cost for item in self._pending) >= p.max_batch_cost
 
     def _take(self) -> list[_Item]:
         self._drop_cancelled()
         if not self._pending:
             return []
-        oldest = self._pending[0]
-        # Candidates nearest the oldest item's length first; ties keep arrival order.
-        order = sorted(range(len(self._pending)), key=lambda i: abs(self._pending[i].length - oldest.length))
+        key = self._pending[0].prepared.group_key
+        # Candidates nearest the oldest item's key first; ties keep arrival order.
+        order = sorted(
+            range(len(self._pending)), key=lambda i: abs(self._pending[i].prepared.group_key - key)
+        )
         chosen: list[int] = []
-        longest = 0
+        largest = 0
         for i in order:
-            length = max(longest, self._pending[i].length)
-            if chosen and (
-                len(chosen) + 1 > self.policy.max_batch_items
-                or length * (len(chosen) + 1) > self.policy.max_batch_tokens
-            ):
+            cost = max(largest, self._pending[i].prepared.cost)
+            if chosen and cost * (len(chosen) + 1) > self.policy.max_batch_cost:
                 continue
             chosen.append(i)
-            longest = length
+            largest = cost
             if len(chosen) >= self.policy.max_batch_items:
                 break
         taken = set(chosen)
@@ -214,12 +212,12 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            # Wait for a free slot first: while the backbone is busy, more items join the next batch.
+            # Wait for a free slot first: while the encoder is busy, more items join the next batch.
             await self._slots.acquire()
             idle = self._in_flight == 0
-            deadline = self._pending[0].request.enqueued + self._pending[0].request.tokenize_s
-            deadline += self.policy.max_wait_s
-            # An idle backbone starts at once: waiting for company only pays while another batch runs.
+            oldest = self._pending[0].request
+            deadline = oldest.enqueued + oldest.preprocess_s + self.policy.max_wait_s
+            # An idle encoder starts at once: waiting for company only pays while another batch runs.
             while not idle and not self._full():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
@@ -252,27 +250,27 @@ class Batcher:
             # Stamped here, in the backbone thread: time waiting behind the previous batch is queue time.
             if not batch[i].request.started:
                 batch[i].request.started = t0
-        embeddings = self.backbone.run_ids([batch[i].ids for i in live])
+        items = [batch[i] for i in live]
+        embeddings = self.encoder.run(self.preprocessor.collate([item.prepared for item in items]))
         t1 = time.perf_counter()
         for i, row in zip(live, embeddings, strict=True):
             rows[i] = row
-        batch = [batch[i] for i in live]
-        with_head = [i for i, item in enumerate(batch) if item.request.slot is not None]
+        with_head = [i for i, item in enumerate(items) if item.request.slot is not None]
         if with_head:
             if self.heads is None:
                 raise RuntimeError("a Classify item reached a batcher without heads")
-            slots = [int(batch[i].request.slot) for i in with_head]  # type: ignore[arg-type]
+            slots = [int(items[i].request.slot) for i in with_head]  # type: ignore[arg-type]
             for i, probs in zip(with_head, self.heads.apply(embeddings[with_head], slots), strict=True):
                 rows[live[i]] = probs
         t2 = time.perf_counter()
         if self.on_batch is not None:
-            longest = max(item.length for item in batch)
+            costs = [item.prepared.cost for item in items]
             self.on_batch(
                 BatchStats(
-                    items=len(batch),
-                    requests=len({id(item.request) for item in batch}),
-                    padded_tokens=longest * len(batch),
-                    real_tokens=sum(item.length for item in batch),
+                    items=len(items),
+                    requests=len({id(item.request) for item in items}),
+                    padded_cost=max(costs) * len(items),
+                    real_cost=sum(costs),
                     run_s=t1 - t0,
                 )
             )

@@ -1,12 +1,11 @@
-"""Where heads, versions, active pointers, labelled examples and cached embeddings live.
+"""The local store: everything under one directory, no server needed (one replica per directory).
 
-`HeadStore` is the interface; `LocalStore` (the default) keeps everything under one directory and needs no
-server. Every write is atomic: a temporary file, fsync, rename, fsync of the directory. A version becomes
-visible only when the tenant's `state.json` names it, so a process killed mid-training leaves the previous
-state intact; version directories that no state names are swept at start-up.
+Every write is atomic: a temporary file, fsync, rename, fsync of the directory. A version becomes visible
+only when the tenant's `state.json` names it, so a process killed mid-training leaves the previous state
+intact; version directories that no state names are swept at start-up.
 
-Layout of a LocalStore:
-    tenants/<tenant>/state.json                     {"active_version", "versions": [...]}
+Layout:
+    tenants/<tenant>/state.json                     {"active_version", "versions": [...], "seq"}
     tenants/<tenant>/versions/<N>/head.json         manifest (labels, fingerprint, config, metrics)
     tenants/<tenant>/versions/<N>/weights.safetensors
     tenants/<tenant>/examples.json                  the labelled examples, in order
@@ -15,86 +14,29 @@ Layout of a LocalStore:
 
 from __future__ import annotations
 
-import abc
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from headswap.server.domain import Deletion, Example
 from headswap.server.errors import NotFound
-
-
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: str
-
-
-@dataclass(frozen=True)
-class StoredVersion:
-    version: int
-    manifest: dict[str, Any]
-    weights: bytes
-
-
-@dataclass(frozen=True)
-class TenantState:
-    tenant: str
-    active_version: int  # 0 when no version is active
-    versions: tuple[int, ...]
-
-
-class HeadStore(abc.ABC):
-    """What the service needs from a store. Implementations must make each method atomic."""
-
-    @abc.abstractmethod
-    def tenants(self) -> list[str]: ...
-
-    @abc.abstractmethod
-    def state(self, tenant: str) -> TenantState:
-        """Raises NotFound for an unknown tenant."""
-
-    @abc.abstractmethod
-    def manifest(self, tenant: str, version: int) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def load_version(self, tenant: str, version: int) -> StoredVersion: ...
-
-    @abc.abstractmethod
-    def examples(self, tenant: str) -> list[Example]:
-        """The tenant's stored examples; empty for an unknown tenant."""
-
-    @abc.abstractmethod
-    def commit_version(
-        self,
-        tenant: str,
-        manifest: dict[str, Any],
-        weights: bytes,
-        examples: list[Example],
-        activate: bool,
-    ) -> TenantState:
-        """Store a new version (numbered by the store) with the examples it was trained on, and move the
-        active pointer to it when `activate`. All or nothing."""
-
-    @abc.abstractmethod
-    def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
-        """Point the tenant at an existing version; returns the new state and the previous active one."""
-
-    @abc.abstractmethod
-    def delete(self, tenant: str) -> tuple[int, int]:
-        """Remove everything of the tenant; returns (versions deleted, examples deleted)."""
-
-    @abc.abstractmethod
-    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]: ...
-
-    @abc.abstractmethod
-    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None: ...
+from headswap.server.store.base import (
+    Change,
+    HeadStore,
+    NewVersion,
+    StoredVersion,
+    TenantState,
+    example_from_json,
+    example_to_json,
+    no_head,
+)
+from headswap.server.validation import check_tenant
 
 
 def _fsync_dir(path: Path) -> None:
@@ -125,8 +67,14 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
+def next_seq(previous: int) -> int:
+    """Sequence numbers from the clock, so that they keep growing across a delete and a restart."""
+    return max(time.time_ns(), previous + 1)
+
+
 class LocalStore(HeadStore):
     def __init__(self, root: Path) -> None:
+        super().__init__()
         self.root = root
         self.tenants_dir = root / "tenants"
         self.tenants_dir.mkdir(parents=True, exist_ok=True)
@@ -134,8 +82,6 @@ class LocalStore(HeadStore):
 
     # -- paths; tenant names are checked at the edge, and again here because they become paths.
     def _tenant_dir(self, tenant: str) -> Path:
-        from headswap.server.validation import check_tenant
-
         return self.tenants_dir / check_tenant(tenant)
 
     def _version_dir(self, tenant: str, version: int) -> Path:
@@ -167,11 +113,16 @@ class LocalStore(HeadStore):
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"tenant {tenant!r} has no head: train one with AdaptHead first") from None
-        return TenantState(tenant, int(raw["active_version"]), tuple(int(v) for v in raw["versions"]))
+            raise no_head(tenant) from None
+        return TenantState(
+            tenant,
+            int(raw["active_version"]),
+            tuple(int(v) for v in raw["versions"]),
+            int(raw.get("seq", 0)),
+        )
 
     def manifest(self, tenant: str, version: int) -> dict[str, Any]:
-        self._require_version(tenant, version)
+        self.state(tenant).require(version)
         data: dict[str, Any] = json.loads((self._version_dir(tenant, version) / "head.json").read_text())
         return data
 
@@ -180,28 +131,13 @@ class LocalStore(HeadStore):
         weights = (self._version_dir(tenant, version) / "weights.safetensors").read_bytes()
         return StoredVersion(version, manifest, weights)
 
-    def _require_version(self, tenant: str, version: int) -> TenantState:
-        state = self.state(tenant)
-        if version not in state.versions:
-            raise NotFound(
-                f"tenant {tenant!r} has no version {version}; its versions are {list(state.versions)}"
-            )
-        return state
-
     def examples(self, tenant: str) -> list[Example]:
         path = self._tenant_dir(tenant) / "examples.json"
         if not path.exists():
             return []
-        return [Example(e["text"], e["label"]) for e in json.loads(path.read_text())["examples"]]
+        return [example_from_json(e) for e in json.loads(path.read_text())["examples"]]
 
-    def commit_version(
-        self,
-        tenant: str,
-        manifest: dict[str, Any],
-        weights: bytes,
-        examples: list[Example],
-        activate: bool,
-    ) -> TenantState:
+    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
         tenant_dir = self._tenant_dir(tenant)
         try:
             state = self.state(tenant)
@@ -211,11 +147,11 @@ class LocalStore(HeadStore):
         versions_dir.mkdir(parents=True, exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         version = max([*state.versions, *existing, 0]) + 1
-        manifest = {**manifest, "version": version}
+        manifest = {**new.manifest, "version": version}
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:
-            for name, data in (("head.json", _json_bytes(manifest)), ("weights.safetensors", weights)):
+            for name, data in (("head.json", _json_bytes(manifest)), ("weights.safetensors", new.weights)):
                 with (staging / name).open("wb") as handle:
                     handle.write(data)
                     handle.flush()
@@ -228,11 +164,14 @@ class LocalStore(HeadStore):
         _fsync_dir(versions_dir)
         atomic_write(
             tenant_dir / "examples.json",
-            _json_bytes({"examples": [{"text": e.text, "label": e.label} for e in examples]}),
+            _json_bytes({"examples": [example_to_json(e) for e in new.examples]}),
         )
         # The commit point: until state.json names the version, a restart sweeps it away.
         new_state = TenantState(
-            tenant, version if activate else state.active_version, (*state.versions, version)
+            tenant,
+            version if new.activate else state.active_version,
+            (*state.versions, version),
+            next_seq(state.seq),
         )
         self._write_state(new_state)
         return new_state
@@ -244,18 +183,21 @@ class LocalStore(HeadStore):
                 {
                     "active_version": state.active_version,
                     "versions": list(state.versions),
+                    "seq": state.seq,
                     "updated_at": time.time(),
                 }
             ),
         )
+        self.feed.publish(Change(state.tenant, state.active_version, state.seq))
 
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
-        state = self._require_version(tenant, version)
-        new_state = TenantState(tenant, version, state.versions)
+        state = self.state(tenant)
+        state.require(version)
+        new_state = TenantState(tenant, version, state.versions, next_seq(state.seq))
         self._write_state(new_state)
         return new_state, state.active_version
 
-    def delete(self, tenant: str) -> tuple[int, int]:
+    def delete(self, tenant: str) -> tuple[Deletion, Change]:
         state = self.state(tenant)
         examples = len(self.examples(tenant))
         tenant_dir = self._tenant_dir(tenant)
@@ -264,7 +206,9 @@ class LocalStore(HeadStore):
         os.rename(tenant_dir, trash)
         _fsync_dir(self.tenants_dir)
         shutil.rmtree(trash, ignore_errors=True)
-        return len(state.versions), examples
+        change = Change(tenant, 0, next_seq(state.seq), deleted=True)
+        self.feed.publish(change)
+        return Deletion(tenant, len(state.versions), examples), change
 
     def _embeddings_path(self, tenant: str, fingerprint: str) -> Path:
         if not fingerprint.isalnum():

@@ -1,0 +1,1 @@
+"""Turning inputs into embeddings: preprocessing, the encoder (ONNX Runtime) and the batcher between them."""

@@ -1,0 +1,120 @@
+"""The encoder on ONNX Runtime: one long-lived session, CUDA where a GPU is present, CPU otherwise.
+
+`run` is blocking and thread-safe (ONNX Runtime's `run` may be called from several threads); the batcher
+calls it from its backbone thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headswap.server.inference.protocols import Backbone
+from headswap.server.manifest import BackboneManifest
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class OnnxEncoder:
+    def __init__(
+        self,
+        model: Path,
+        output_name: str,
+        dim: int,
+        *,
+        providers: list[str],
+        precision: str,
+        intra_op_threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(str(model), sess_options=options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if providers[0] == CUDA and self.provider != CUDA:
+            log.warning("CUDA provider requested but unavailable (CUDA or cuDNN missing); running on CPU")
+        self.output_name = output_name
+        self.dim = dim
+        self.precision = precision
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self.provider == CUDA:
+            # I/O binding: inputs go to the device once, the output is written on the device and copied back
+            # in one transfer, with no intermediate host buffers from run().
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(binding)
+            return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+        (out,) = self.session.run([self.output_name], dict(feeds))
+        return np.asarray(out, dtype=np.float32)
+
+
+def load_backbone(
+    directory: Path, *, device: str = "auto", precision: str = "auto", intra_op_threads: int = 0
+) -> Backbone:
+    """An exported backbone directory, ready to serve (not yet warmed up)."""
+    import onnxruntime as ort
+
+    from headswap.server.inference.text import TextPreprocessor
+
+    manifest = BackboneManifest.load(directory)
+    if manifest.input_kind != "text":
+        raise ValueError(f"backbone input kind {manifest.input_kind!r} is not supported yet")
+    preprocessor = TextPreprocessor(directory / manifest.tokenizer, manifest.max_length, manifest.input_names)
+    providers = _providers(device, ort.get_available_providers())
+    # fp16 pays on a GPU; on a CPU ONNX Runtime runs fp16 kernels slower than fp32 ones.
+    use_fp16 = precision == "fp16" or (precision == "auto" and providers[0] == CUDA)
+    model = directory / (manifest.model_fp16 if use_fp16 else manifest.model_fp32)
+    encoder = OnnxEncoder(
+        model,
+        manifest.output_name,
+        manifest.embedding_dim,
+        providers=providers,
+        precision="fp16" if use_fp16 else "fp32",
+        intra_op_threads=intra_op_threads,
+    )
+    log.info(
+        "backbone %s loaded: provider=%s precision=%s fingerprint=%s",
+        manifest.name,
+        encoder.provider,
+        encoder.precision,
+        manifest.fingerprint[:12],
+    )
+    return Backbone(manifest, preprocessor, encoder)
+
+
+def _providers(device: str, available: list[str]) -> list[Any]:
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        return [CUDA, CPU]
+    if device != "auto":
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    return [CUDA, CPU] if CUDA in available and _cuda_device_present() else [CPU]
+
+
+def _cuda_device_present() -> bool:
+    """onnxruntime-gpu lists its CUDA provider even on machines with no GPU; ask the driver instead."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0:
+            return count.value > 0
+    return False

@@ -1,0 +1,83 @@
+"""The seams of inference: a `Preprocessor` turns inputs into prepared items, an `Encoder` runs a batch.
+
+A prepared item carries its own cost and grouping key, so the batcher needs to know nothing about tokens or
+pixels: it budgets batches by cost and puts items with near keys together. A new input kind is a new
+preprocessor; a new runtime is a new encoder; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from headswap.server.domain import BackboneDescription, Input
+from headswap.server.manifest import BackboneManifest
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    payload: Any  # what the preprocessor's collate() takes: token ids, pixels
+    cost: int  # work this item brings to a batch (tokens, or a fixed cost per image)
+    group_key: int  # items with near keys batch with little padding (a text's token length)
+    truncated: bool = False
+
+
+class Preprocessor(Protocol):
+    input_kind: str
+
+    def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
+        """Blocking and thread-safe; runs in the preprocessing pool, never on the event loop."""
+        ...
+
+    def collate(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
+        """The encoder's feeds for one batch."""
+        ...
+
+    def warm_up_batches(self, items: int) -> list[list[Input]]:
+        """Inputs whose batches have the shapes serving sees first (warm-up runs them through the batcher)."""
+        ...
+
+
+class Encoder(Protocol):
+    dim: int
+    provider: str
+    precision: str
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Blocking: one forward pass; float32 (n, dim)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A loaded backbone: what it is, how its inputs are prepared, and what runs it."""
+
+    manifest: BackboneManifest
+    preprocessor: Preprocessor
+    encoder: Encoder
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.encoder.provider == "CUDAExecutionProvider"
+
+    def describe(self) -> BackboneDescription:
+        m = self.manifest
+        return BackboneDescription(
+            name=m.name,
+            fingerprint=m.fingerprint,
+            embedding_dim=m.embedding_dim,
+            input_kind=m.input_kind,
+            max_length=m.max_length,
+            provider=self.encoder.provider,
+        )

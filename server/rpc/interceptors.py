@@ -1,0 +1,164 @@
+"""The one interceptor: the caller, the status table, the access log and the metrics of every call.
+
+Unary and server-streaming handlers are wrapped by the same `_scope`, so both get exactly the same
+treatment: domain errors become their status from `STATUS` (the only place that mapping exists), anything
+unexpected becomes INTERNAL with a logged traceback, and every call is counted, timed and logged once with
+its request id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from headswap.server import errors
+from headswap.server.domain import ANONYMOUS, Caller
+from headswap.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+access = logging.getLogger("headswap.access")
+
+REQUEST_ID = "x-request-id"
+OUR_SERVICE = "/headswap.v1.HeadswapService/"
+
+STATUS: dict[type[errors.HeadswapError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("headswap_caller", default=ANONYMOUS)
+
+
+def current_caller() -> Caller:
+    """The caller of the call being handled, as the interceptor established it."""
+    return _caller.get()
+
+
+def status_of(exc: errors.HeadswapError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return grpc.StatusCode.UNKNOWN
+
+
+def _rpc_name(method: str) -> str:
+    return method.removeprefix(OUR_SERVICE) if method.startswith(OUR_SERVICE) else method.lstrip("/")
+
+
+def _request_id(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+class CallInterceptor(aio.ServerInterceptor):
+    """Until `open` is set (the server is warmed up), our service answers UNAVAILABLE; health and reflection
+    always answer."""
+
+    def __init__(self, metrics: Metrics, open: bool = False) -> None:
+        self.metrics = metrics
+        self.open = open
+
+    def _done(self, rpc: str, request_id: str, code: grpc.StatusCode, started: float, message: str) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.requests.labels(rpc, code.name).inc()
+        self.metrics.request_duration.labels(rpc).observe(seconds)
+        level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) else logging.WARNING
+        if code == grpc.StatusCode.INTERNAL:
+            level = logging.ERROR
+        if access.isEnabledFor(level):
+            access.log(
+                level,
+                "%s %s %.1fms%s",
+                rpc,
+                code.name,
+                seconds * 1000,
+                f": {message}" if message else "",
+                extra={
+                    "request_id": request_id,
+                    "rpc": rpc,
+                    "code": code.name,
+                    "duration_ms": round(seconds * 1000, 3),
+                },
+            )
+
+    @asynccontextmanager
+    async def _scope(self, rpc: str, ours: bool, context: aio.ServicerContext) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        request_id = _request_id(context)
+        context.set_trailing_metadata(((REQUEST_ID, request_id),))
+        code, message = grpc.StatusCode.OK, ""
+        # Each call runs in its own task, so its own copy of the context: nothing to reset afterwards (and a
+        # stream closed early is finalised in another context, where a reset would fail).
+        _caller.set(ANONYMOUS)
+        try:
+            if ours and not self.open:
+                raise errors.Unavailable(
+                    "the server is still loading and warming up its backbone; retry shortly"
+                )
+            yield
+        except aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except errors.HeadswapError as exc:
+            code, message = status_of(exc), exc.message
+            await context.abort(code, message)
+        except Exception as exc:
+            log.error("unexpected error in %s (request %s)", rpc, request_id, exc_info=exc)
+            code, message = grpc.StatusCode.INTERNAL, type(exc).__name__
+            await context.abort(code, f"internal error in {rpc} (request id {request_id}): {message}")
+        except BaseException:  # cancelled: the caller went away or its deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._done(rpc, request_id, code, started, message)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        rpc, ours = _rpc_name(method), method.startswith(OUR_SERVICE)
+        scope = self._scope
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                async with scope(rpc, ours, context):
+                    return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                async with scope(rpc, ours, context):
+                    async for item in inner_stream(request, context):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,83 @@
+"""The gRPC server: its port, the headswap service, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from headswap.server.rpc.interceptors import CallInterceptor
+from headswap.server.rpc.servicer import HeadswapServicer
+from headswap.v1 import headswap_pb2 as pb
+from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HeadswapService"].full_name
+
+
+class GrpcServer:
+    """Built up front; the aio server and the health servicer bind to the running loop, so `start` makes them."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        servicer: HeadswapServicer,
+        interceptor: CallInterceptor,
+    ) -> None:
+        self.address = f"{host}:{port}"
+        self.max_message_bytes = max_message_bytes
+        self.servicer = servicer
+        self.interceptor = interceptor
+        self._server: aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+
+    async def start(self) -> int:
+        """Listen (health says NOT_SERVING); returns the bound port."""
+        server = aio.server(
+            interceptors=[self.interceptor],
+            options=[
+                # Explicit limits: past them gRPC answers RESOURCE_EXHAUSTED before any work is done.
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            ],
+        )
+        pb_grpc.add_HeadswapServiceServicer_to_server(self.servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = server.add_insecure_port(self.address)
+        if port == 0:
+            raise OSError(f"could not listen on {self.address}")
+        await server.start()
+        self._server = server
+        return port
+
+    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        if self._health is not None:
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, status)
+
+    async def serving(self) -> None:
+        """Take calls: open the interceptor's gate and say SERVING."""
+        self.interceptor.open = True
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING, refuse new calls, let calls in flight finish within `grace` seconds."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)

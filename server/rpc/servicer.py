@@ -1,0 +1,64 @@
+"""The gRPC servicer: per method, convert the request, call a service, convert the result. No logic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from headswap.server.rpc import codec
+from headswap.server.rpc.interceptors import current_caller
+from headswap.server.services.embedding import EmbeddingService
+from headswap.server.services.heads import HeadService
+from headswap.server.services.training import TrainingService
+from headswap.v1 import headswap_pb2 as pb
+from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+
+class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
+    def __init__(self, embedding: EmbeddingService, heads: HeadService, training: TrainingService) -> None:
+        self.embedding = embedding
+        self.heads = heads
+        self.training = training
+
+    async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
+        started = time.perf_counter()
+        result = await self.embedding.embed(codec.embed_from_pb(request, current_caller()))
+        return codec.embedded_to_pb(result, time.perf_counter() - started)
+
+    async def AdaptHead(
+        self, request: pb.AdaptHeadRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.AdaptHeadResponse]:
+        async for event in self.training.adapt(codec.adapt_from_pb(request, current_caller())):
+            yield codec.adapt_event_to_pb(event)
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        started = time.perf_counter()
+        result = await self.heads.classify(codec.classify_from_pb(request, current_caller()))
+        return codec.classified_to_pb(result, time.perf_counter() - started)
+
+    async def ListHeads(
+        self, request: pb.ListHeadsRequest, context: aio.ServicerContext
+    ) -> pb.ListHeadsResponse:
+        return codec.summaries_to_pb(
+            await self.heads.list_heads(codec.list_from_pb(request, current_caller()))
+        )
+
+    async def GetHead(self, request: pb.GetHeadRequest, context: aio.ServicerContext) -> pb.GetHeadResponse:
+        return codec.overview_to_pb(
+            await self.heads.get_head(codec.tenant_from_pb(request, current_caller()))
+        )
+
+    async def ActivateHeadVersion(
+        self, request: pb.ActivateHeadVersionRequest, context: aio.ServicerContext
+    ) -> pb.ActivateHeadVersionResponse:
+        result = await self.heads.activate(codec.activate_from_pb(request, current_caller()))
+        return codec.activation_to_pb(result)
+
+    async def DeleteHead(
+        self, request: pb.DeleteHeadRequest, context: aio.ServicerContext
+    ) -> pb.DeleteHeadResponse:
+        return codec.deletion_to_pb(await self.heads.delete(codec.tenant_from_pb(request, current_caller())))

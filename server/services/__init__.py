@@ -1,0 +1,1 @@
+"""The use cases behind the RPCs: plain dataclasses in and out, no protocol types."""

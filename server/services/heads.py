@@ -1,0 +1,158 @@
+"""Classify and head management: the head bank, the store and the swaps that keep them in step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar, TypeVarTuple
+
+import numpy as np
+
+from headswap.adapters import metrics_from_manifest, top_k
+from headswap.server.cache import EmbeddingCache
+from headswap.server.domain import (
+    ActivateRequest,
+    Activation,
+    Classified,
+    ClassifyRequest,
+    Deletion,
+    HeadOverview,
+    HeadSummary,
+    ListRequest,
+    TenantRequest,
+    VersionInfo,
+)
+from headswap.server.errors import InvalidArgument
+from headswap.server.headbank import HeadBank
+from headswap.server.services.embedding import EmbeddingService, timings
+from headswap.server.services.locks import TenantLocks
+from headswap.server.store import Change, HeadStore, StoredVersion
+from headswap.server.validation import check_tenant
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+def version_info(manifest: dict[str, Any]) -> VersionInfo:
+    return VersionInfo(
+        version=int(manifest["version"]),
+        kind=str(manifest["spec"]["kind"]),
+        labels=tuple(manifest["labels"]),
+        metrics=metrics_from_manifest(manifest),
+        created_at=float(manifest["created_at"]),
+        fingerprint=str(manifest["backbone_fingerprint"]),
+        example_count=int(manifest["example_count"]),
+    )
+
+
+@dataclass(eq=False)
+class HeadService:
+    embedding: EmbeddingService
+    bank: HeadBank
+    store: HeadStore
+    cache: EmbeddingCache
+    locks: TenantLocks
+    io: Executor  # store reads and writes, head loading
+
+    async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """`fn(*args)` on the store's threads (blocking I/O never runs on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
+    # -- swaps: every one, local or from the store's feed, takes this path -----------------------------------
+
+    async def apply(self, change: Change, stored: StoredVersion | None = None) -> None:
+        await self.run_io(self.bank.reconcile, change, stored)
+        if change.deleted:
+            self.cache.evict_tenant(change.tenant)
+
+    async def follow(self) -> None:
+        """Apply every change the store publishes, until cancelled."""
+        async for change in self.store.changes():
+            try:
+                await self.apply(change)
+            except Exception:
+                log.exception("could not apply a change of tenant %s", change.tenant)
+
+    # -- Classify --------------------------------------------------------------------------------------------
+
+    async def classify(self, request: ClassifyRequest) -> Classified:
+        check_tenant(request.tenant)
+        self.embedding.check(request.inputs)
+        if request.top_k < 0:
+            raise InvalidArgument(f"top_k must be 0 (meaning 1) or more, not {request.top_k}")
+        if request.version < 0:
+            raise InvalidArgument(
+                f"version must be 0 (the active one) or a version number, not {request.version}"
+            )
+        tenant, version = request.tenant, request.version
+        # Resident heads are taken on the loop; only a head that must be loaded from the store costs a hop.
+        head = self.bank.peek(tenant, version)
+        if head is None:
+            head = await self.run_io(self.bank.get, tenant, version)
+        # The head rides with the inputs through the batcher: the backbone and every tenant's head run on
+        # the whole mixed batch, and this request keeps `head` (its version) from start to end.
+        result = await self.embedding.batcher.submit(request.inputs, slot=head.slot)
+        k = max(1, request.top_k)
+        labels = []
+        for probs in result.rows:
+            indices, scores = top_k(np.asarray(probs), k)
+            labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
+        t = timings(result)
+        self.embedding.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
+        return Classified(labels, result.truncated, head.version, t, self.embedding.backbone.describe())
+
+    # -- management ------------------------------------------------------------------------------------------
+
+    async def list_heads(self, request: ListRequest) -> list[HeadSummary]:
+        def work() -> list[HeadSummary]:
+            rows = []
+            for tenant in self.store.tenants():
+                state = self.store.state(tenant)
+                shown = state.active_version or state.versions[-1]
+                m = self.store.manifest(tenant, shown)
+                rows.append(
+                    HeadSummary(
+                        tenant,
+                        state.active_version,
+                        len(state.versions),
+                        tuple(m["labels"]),
+                        m["backbone_fingerprint"],
+                    )
+                )
+            return rows
+
+        return await self.run_io(work)
+
+    async def get_head(self, request: TenantRequest) -> HeadOverview:
+        tenant = check_tenant(request.tenant)
+
+        def work() -> HeadOverview:
+            state = self.store.state(tenant)
+            versions = tuple(version_info(self.store.manifest(tenant, v)) for v in state.versions)
+            return HeadOverview(tenant, state.active_version, versions, len(self.store.examples(tenant)))
+
+        return await self.run_io(work)
+
+    async def activate(self, request: ActivateRequest) -> Activation:
+        tenant, version = check_tenant(request.tenant), request.version
+        if version <= 0:
+            raise InvalidArgument(f"version must be a positive version number, not {version}")
+        async with self.locks(tenant):
+            stored = await self.run_io(self.store.load_version, tenant, version)  # NOT_FOUND if unknown
+            self.bank.check(
+                await self.run_io(self.bank.load, tenant, version, stored)
+            )  # before anything moves
+            state, previous = await self.run_io(self.store.activate, tenant, version)
+            await self.apply(Change(tenant, state.active_version, state.seq), stored)
+        return Activation(tenant, state.active_version, previous)
+
+    async def delete(self, request: TenantRequest) -> Deletion:
+        tenant = check_tenant(request.tenant)
+        async with self.locks(tenant):
+            deletion, change = await self.run_io(self.store.delete, tenant)  # NOT_FOUND if unknown
+            await self.apply(change)
+        return deletion

@@ -1,0 +1,160 @@
+"""The store interface, with a change feed.
+
+A store keeps, per tenant: immutable head versions (manifest + safetensors weights), the active pointer,
+the labelled examples and cached embeddings. Every method is atomic. Every change of a tenant's active
+pointer (a commit, an activation, a deletion) is published on the store's change feed with a sequence
+number that grows with each change, so that every head bank — in this process or, with a shared store,
+in another replica — reaches the same state through the same `reconcile` path.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from headswap.server.domain import Deletion, Example, Input
+from headswap.server.errors import NotFound
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    version: int
+    manifest: dict[str, Any]
+    weights: bytes
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A trained head about to be committed, with the examples it was trained on."""
+
+    manifest: dict[str, Any]
+    weights: bytes
+    examples: Sequence[Example]
+    activate: bool
+
+
+@dataclass(frozen=True)
+class TenantState:
+    tenant: str
+    active_version: int  # 0 when no version is active
+    versions: tuple[int, ...]
+    seq: int = 0  # grows with every change of this state
+
+    def require(self, version: int) -> None:
+        if version not in self.versions:
+            raise NotFound(
+                f"tenant {self.tenant!r} has no version {version}; its versions are {list(self.versions)}"
+            )
+
+
+@dataclass(frozen=True)
+class Change:
+    """A tenant's active version changed (0: none active), or the tenant was deleted."""
+
+    tenant: str
+    active_version: int
+    seq: int
+    deleted: bool = False
+
+
+def no_head(tenant: str) -> NotFound:
+    return NotFound(f"tenant {tenant!r} has no head: train one with AdaptHead first")
+
+
+class ChangeFeed:
+    """Fan-out of changes to async subscribers; `publish` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, change: Change) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for loop, queue in subscribers:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, change)
+            except RuntimeError:  # that loop is closed: its subscriber is gone
+                continue
+
+    async def subscribe(self) -> AsyncIterator[Change]:
+        entry = (asyncio.get_running_loop(), asyncio.Queue[Change]())
+        with self._lock:
+            self._subscribers.append(entry)
+        try:
+            while True:
+                yield await entry[1].get()
+        finally:
+            with self._lock:
+                self._subscribers.remove(entry)
+
+
+class HeadStore(abc.ABC):
+    """What the services need from a store. Implementations make each method atomic and publish every
+    change of an active pointer on `feed`."""
+
+    def __init__(self) -> None:
+        self.feed = ChangeFeed()
+
+    def changes(self) -> AsyncIterator[Change]:
+        """Every change from now on, in order."""
+        return self.feed.subscribe()
+
+    @abc.abstractmethod
+    def tenants(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def state(self, tenant: str) -> TenantState:
+        """Raises NotFound for an unknown tenant."""
+
+    @abc.abstractmethod
+    def manifest(self, tenant: str, version: int) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_version(self, tenant: str, version: int) -> StoredVersion: ...
+
+    @abc.abstractmethod
+    def examples(self, tenant: str) -> list[Example]:
+        """The tenant's stored examples; empty for an unknown tenant."""
+
+    @abc.abstractmethod
+    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
+        """Store a new version (numbered by the store) with the examples it was trained on, and move the
+        active pointer to it when `new.activate`. All or nothing."""
+
+    @abc.abstractmethod
+    def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
+        """Point the tenant at an existing version; returns the new state and the previous active one."""
+
+    @abc.abstractmethod
+    def delete(self, tenant: str) -> tuple[Deletion, Change]:
+        """Remove everything of the tenant; returns what went and the change it published."""
+
+    @abc.abstractmethod
+    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - stores with connections override it
+        """Release connections and files."""
+
+
+def example_to_json(example: Example) -> dict[str, str]:
+    item = example.input
+    if item.text is not None:
+        return {"text": item.text, "label": example.label}
+    return {"image": base64.b64encode(item.image or b"").decode(), "label": example.label}
+
+
+def example_from_json(raw: dict[str, str]) -> Example:
+    if "image" in raw:
+        return Example(Input(image=base64.b64decode(raw["image"])), raw["label"])
+    return Example(Input(text=raw["text"]), raw["label"])

@@ -1,0 +1,113 @@
+"""A store in memory, for fast tests: the same contract as the others, nothing on disk."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import numpy as np
+
+from headswap.server.domain import Deletion, Example
+from headswap.server.store.base import (
+    Change,
+    HeadStore,
+    NewVersion,
+    StoredVersion,
+    TenantState,
+    no_head,
+)
+from headswap.server.validation import check_tenant
+
+
+class MemoryStore(HeadStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self._states: dict[str, TenantState] = {}
+        self._versions: dict[tuple[str, int], StoredVersion] = {}
+        self._examples: dict[str, list[Example]] = {}
+        self._embeddings: dict[tuple[str, str], dict[bytes, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def tenants(self) -> list[str]:
+        with self._lock:
+            return sorted(self._states)
+
+    def state(self, tenant: str) -> TenantState:
+        with self._lock:
+            state = self._states.get(check_tenant(tenant))
+        if state is None:
+            raise no_head(tenant)
+        return state
+
+    def manifest(self, tenant: str, version: int) -> dict[str, Any]:
+        return self.load_version(tenant, version).manifest
+
+    def load_version(self, tenant: str, version: int) -> StoredVersion:
+        self.state(tenant).require(version)
+        stored = self._versions[(tenant, version)]
+        return StoredVersion(stored.version, copy.deepcopy(stored.manifest), stored.weights)
+
+    def examples(self, tenant: str) -> list[Example]:
+        with self._lock:
+            return list(self._examples.get(check_tenant(tenant), []))
+
+    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
+        check_tenant(tenant)
+        with self._lock:
+            state = self._states.get(tenant, TenantState(tenant, 0, ()))
+            version = max(state.versions, default=0) + 1
+            stored = StoredVersion(
+                version, copy.deepcopy({**new.manifest, "version": version}), bytes(new.weights)
+            )
+            updated = TenantState(
+                tenant,
+                version if new.activate else state.active_version,
+                (*state.versions, version),
+                self._next_seq(),
+            )
+            self._versions[(tenant, version)] = stored
+            self._examples[tenant] = list(new.examples)
+            self._states[tenant] = updated
+        self.feed.publish(Change(tenant, updated.active_version, updated.seq))
+        return updated
+
+    def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
+        with self._lock:
+            state = self._states.get(check_tenant(tenant))
+            if state is None:
+                raise no_head(tenant)
+            state.require(version)
+            updated = TenantState(tenant, version, state.versions, self._next_seq())
+            self._states[tenant] = updated
+        self.feed.publish(Change(tenant, version, updated.seq))
+        return updated, state.active_version
+
+    def delete(self, tenant: str) -> tuple[Deletion, Change]:
+        with self._lock:
+            state = self._states.pop(check_tenant(tenant), None)
+            if state is None:
+                raise no_head(tenant)
+            for v in state.versions:
+                self._versions.pop((tenant, v), None)
+            examples = len(self._examples.pop(tenant, []))
+            for key in [k for k in self._embeddings if k[0] == tenant]:
+                del self._embeddings[key]
+            seq = self._next_seq()
+        change = Change(tenant, 0, seq, deleted=True)
+        self.feed.publish(change)
+        return Deletion(tenant, len(state.versions), examples), change
+
+    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
+        with self._lock:
+            return dict(self._embeddings.get((check_tenant(tenant), fingerprint), {}))
+
+    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
+        if entries:
+            with self._lock:
+                self._embeddings[(check_tenant(tenant), fingerprint)] = dict(entries)

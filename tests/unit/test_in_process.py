@@ -1,0 +1,240 @@
+"""The servicer, services and batcher end to end in process: real gRPC on loopback, the fake encoder and the
+memory store, so each test takes milliseconds. The integration tests repeat the essentials on the real
+backbone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from headswap.client import AsyncClient, FailedPrecondition, HeadswapError, InvalidArgument, NotFound
+from headswap.server.config import LimitsConfig, ServerConfig
+from headswap.server.inference.fake import FakeEncoder, fake_backbone
+from headswap.server.store.memory import MemoryStore
+from headswap.server.testing import InProcess, in_process
+from headswap.v1 import headswap_pb2 as pb
+from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+)
+
+
+def labelled(n_per: int, labels: tuple[str, ...] = ("red", "green", "blue")) -> tuple[list[str], list[str]]:
+    texts, ys = [], []
+    for i, label in enumerate(labels):
+        for j in range(n_per):
+            texts.append(f"{label} {WORDS[j % len(WORDS)]} {WORDS[(i + j) % len(WORDS)]} {j}")
+            ys.append(label)
+    return texts, ys
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[InProcess]:
+    config = ServerConfig(
+        warmup_rounds=0, home=tmp_path, limits=LimitsConfig(max_batch_inputs=8, max_examples=200)
+    )
+    async with in_process(config, backbone=fake_backbone(), store=MemoryStore()) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: InProcess) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(server.target, retries=0, timeout=10) as c:
+        yield c
+
+
+async def code_of(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(HeadswapError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code, info.value.details
+
+
+async def test_embed_rows_are_per_input_in_order(client: AsyncClient) -> None:
+    texts = ["one two", "three", "one two", "four five six"]
+    together = await client.embed(texts)
+    alone = np.stack([(await client.embed([t]))[0] for t in texts])
+    assert together.shape == (4, 16) and together.dtype == np.float32
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(together[0], together[2])
+    half = await client.embed(texts, dtype="float16")
+    assert half.dtype == np.float16 and np.allclose(half, together, atol=1e-3)
+
+
+async def test_bad_embed_input_gets_invalid_argument(client: AsyncClient) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert await code_of(client.embed([])) == (invalid, "inputs is empty: send at least one input")
+    code, details = await code_of(client.embed(["fine", "  "]))
+    assert code == invalid and "inputs[1]" in details
+    code, details = await code_of(client.embed(["x"] * 9))
+    assert code == invalid and "maximum of 8" in details
+
+
+async def test_malformed_inputs_on_the_wire(server: InProcess) -> None:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.HeadswapServiceStub(channel)
+        cases = [
+            (
+                pb.EmbedRequest(inputs=[pb.Input(text="a"), pb.Input(image=b"\xff\xd8")]),
+                "inputs[1] is an image",
+            ),
+            (pb.EmbedRequest(inputs=[pb.Input()]), "inputs[0] has no content"),
+            (pb.EmbedRequest(inputs=[pb.Input(text="a")], dtype=9), "unknown element type"),  # type: ignore[arg-type]
+        ]
+        for request, message in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Embed(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (
+                info.value.details() or ""
+            )
+            assert info.value.trailing_metadata() is not None
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.AdaptHead(pb.AdaptHeadRequest(tenant="t", mode=5)).read()  # type: ignore[arg-type]
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_reply_too_large_is_refused_before_work(tmp_path: Path) -> None:
+    backbone = fake_backbone(dim=64 * 1024)
+    config = ServerConfig(warmup_rounds=0, home=tmp_path, limits=LimitsConfig(max_message_bytes=1024 * 1024))
+    async with in_process(config, backbone=backbone, store=MemoryStore()) as running:
+        async with AsyncClient(running.target, retries=0) as c:
+            code, details = await code_of(c.embed(["x"] * 8))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "float16" in details
+        assert isinstance(backbone.encoder, FakeEncoder) and backbone.encoder.batches == []
+
+
+async def test_adapt_classify_and_manage(client: AsyncClient) -> None:
+    texts, labels = labelled(6)
+    progress: list[object] = []
+    result = await client.adapt_head("acme", texts, labels, on_progress=progress.append)
+    assert result.activated and result.version == 1 and result.embedded == len(texts)
+    assert {p.stage for p in progress} == {"embedding", "training"}  # type: ignore[attr-defined]
+    predictions = await client.classify("acme", texts[:8], top_k=5)
+    assert [p.label for p in predictions] == labels[:8]
+    assert all(len(p.labels) == 3 and p.version == 1 for p in predictions)
+    again = await client.adapt_head("acme", [], [], validation_fraction=0)
+    assert (again.version, again.cache_hits, again.embedded) == (2, len(texts), 0)
+    details = await client.get_head("acme")
+    assert details.active_version == 2 and [v.version for v in details.versions] == [1, 2]
+    assert details.example_count == len(texts)
+    assert [(h.tenant, h.active_version) for h in await client.list_heads()] == [("acme", 2)]
+    rollback = await client.activate_head_version("acme", 1)
+    assert (rollback.active_version, rollback.previous_version) == (1, 2)
+    assert (await client.classify("acme", ["red"]))[0].version == 1
+    assert (await client.classify("acme", ["red"], version=2))[0].version == 2
+    deleted = await client.delete_head("acme")
+    assert (deleted.versions_deleted, deleted.examples_deleted) == (2, len(texts))
+    with pytest.raises(NotFound):
+        await client.classify("acme", ["red"])
+
+
+async def test_bad_head_requests(client: AsyncClient) -> None:
+    texts, labels = labelled(3)
+    await client.adapt_head("t1", texts, labels, validation_fraction=0)
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    cases = [
+        (client.classify("nobody", ["x"]), missing),
+        (client.classify("t1", ["x"], version=9), missing),
+        (client.classify("t1", ["x"], top_k=-1), invalid),
+        (client.classify("a/b", ["x"]), invalid),
+        (client.get_head("nobody"), missing),
+        (client.activate_head_version("t1", 0), invalid),
+        (client.activate_head_version("t1", 4), missing),
+        (client.delete_head(".."), invalid),
+        (client.adapt_head("t2", texts, ["same"] * len(texts)), invalid),
+        (client.adapt_head("t2", texts, labels, max_epochs=10**6), invalid),
+        (client.adapt_head("t2", [], []), invalid),
+    ]
+    for call, code in cases:
+        assert (await code_of(call))[0] == code
+    with pytest.raises(InvalidArgument, match="at least two labels"):
+        await client.adapt_head("t2", texts, ["same"] * len(texts))
+    with pytest.raises(NotFound):
+        await client.get_head("t2")  # a refused training stores nothing
+
+
+async def test_negative_transfer_is_not_activated(client: AsyncClient) -> None:
+    texts = [f"{WORDS[i % 18]} {i}" for i in range(30)]
+    labels = ["common"] * 26 + ["rare"] * 4
+    result = await client.adapt_head("noise", texts, labels, seed=1)
+    assert result.metrics.negative_transfer and not result.activated
+    with pytest.raises(FailedPrecondition, match="no active version"):
+        await client.classify("noise", ["alpha"])
+
+
+async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, client: AsyncClient) -> None:
+    """A pointer moved behind the server's back (as another replica would) is applied through the feed."""
+    texts, labels = labelled(4)
+    await client.adapt_head("feed", texts, labels, validation_fraction=0)
+    await client.adapt_head("feed", texts, labels, validation_fraction=0)
+    assert (await client.classify("feed", ["red"]))[0].version == 2
+    store = server.server.store
+    await asyncio.get_running_loop().run_in_executor(None, store.activate, "feed", 1)
+    for _ in range(100):
+        if (await client.classify("feed", ["red"]))[0].version == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.classify("feed", ["red"]))[0].version == 1
+    await asyncio.get_running_loop().run_in_executor(None, store.delete, "feed")
+    for _ in range(100):
+        try:
+            await client.classify("feed", ["red"])
+        except NotFound:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(NotFound):
+        await client.classify("feed", ["red"])
+
+
+async def test_an_expired_call_costs_no_encoder_work(server: InProcess) -> None:
+    encoder = server.server.backbone.encoder
+    assert isinstance(encoder, FakeEncoder)
+    encoder.gate.clear()
+    try:
+        async with AsyncClient(server.target, retries=0, timeout=5) as slow:
+            first = asyncio.create_task(slow.embed(["first"]))
+            await asyncio.sleep(0.1)  # the encoder holds "first"
+            async with AsyncClient(server.target, retries=0, timeout=0.2) as hasty:
+                with pytest.raises(HeadswapError) as info:
+                    await hasty.embed(["doomed", "doomed too"])
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.1)
+            encoder.gate.set()
+            assert (await first).shape == (1, 16)
+            assert (await slow.embed(["after"])).shape == (1, 16)
+    finally:
+        encoder.gate.set()
+    assert encoder.batches == [1, 1], "the expired call's inputs reached the encoder"
+
+
+async def test_unexpected_error_is_internal_with_a_request_id(
+    server: InProcess, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(request: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.server.heads, "list_heads", broken)
+    code, details = await code_of(client.list_heads())
+    assert code == grpc.StatusCode.INTERNAL and "request id" in details and "RuntimeError" in details
+    assert (await client.embed(["still serving"])).shape == (1, 16)
+
+
+async def test_not_serving_until_warmed_up(tmp_path: Path) -> None:
+    from headswap.server.app import build
+
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, warmup_rounds=0, home=tmp_path)
+    server = build(replace(config), backbone=fake_backbone(), store=MemoryStore())
+    port = await server.rpc.start()  # listening, not yet open
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}", retries=0) as c:
+            code, details = await code_of(c.embed(["early"]))
+            assert code == grpc.StatusCode.UNAVAILABLE and "warming up" in details
+    finally:
+        await server.rpc.stop(0)
+        server.pools.shutdown()

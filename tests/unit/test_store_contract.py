@@ -1,0 +1,101 @@
+"""The contract every HeadStore keeps, run against each implementation (the PostgreSQL store joins in its
+own module, where a real server is started)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headswap.server.domain import Example, Input
+from headswap.server.errors import InvalidArgument, NotFound
+from headswap.server.store import Change, HeadStore, NewVersion
+from headswap.server.store.local import LocalStore
+from headswap.server.store.memory import MemoryStore
+
+MANIFEST = {"labels": ["a", "b"], "backbone_fingerprint": "f" * 64}
+EXAMPLES = [Example(Input(text="one"), "a"), Example(Input(image=b"\x89PNG bytes"), "b")]
+
+STORES: dict[str, Callable[[Path], HeadStore]] = {"local": LocalStore, "memory": lambda _: MemoryStore()}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> HeadStore:
+    return STORES[request.param](tmp_path)
+
+
+def test_versions_pointer_and_examples(store: HeadStore) -> None:
+    s1 = store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, activate=True))
+    s2 = store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES[:1], activate=False))
+    assert (s1.versions, s1.active_version, s2.versions, s2.active_version) == ((1,), 1, (1, 2), 1)
+    assert s2.seq > s1.seq
+    assert store.load_version("t", 2).weights == b"w2" and store.manifest("t", 2)["version"] == 2
+    assert store.examples("t") == EXAMPLES[:1]
+    state, previous = store.activate("t", 2)
+    assert (state.active_version, previous) == (2, 1) and state.seq > s2.seq
+    assert store.tenants() == ["t"] and store.state("t") == state
+    with pytest.raises(NotFound):
+        store.activate("t", 3)
+    with pytest.raises(NotFound):
+        store.load_version("t", 3)
+    with pytest.raises(NotFound):
+        store.state("nobody")
+    assert store.examples("nobody") == []
+
+
+def test_examples_keep_text_and_images(store: HeadStore) -> None:
+    store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+    assert store.examples("t") == EXAMPLES
+
+
+def test_delete_and_embeddings(store: HeadStore) -> None:
+    store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+    key = Input(text="one").content_key()
+    store.save_embeddings("t", "f" * 64, {key: np.ones(4, np.float32)})
+    assert set(store.cached_embeddings("t", "f" * 64)) == {key}
+    deleted, change = store.delete("t")
+    assert (deleted.versions_deleted, deleted.examples_deleted) == (1, 2) and change.deleted
+    assert (
+        store.tenants() == [] and store.examples("t") == [] and store.cached_embeddings("t", "f" * 64) == {}
+    )
+    with pytest.raises(NotFound):
+        store.delete("t")
+    again = store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+    assert again.versions == (1,) and again.seq > change.seq, "a new tenant's changes must outrank the old"
+
+
+def test_bad_names_are_refused(store: HeadStore) -> None:
+    for name in ("../x", "", "a/b"):
+        with pytest.raises(InvalidArgument):
+            store.commit_version(name, NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+
+
+async def test_every_pointer_change_is_published_in_order(store: HeadStore) -> None:
+    seen: list[Change] = []
+
+    async def listen() -> None:
+        async for change in store.changes():
+            seen.append(change)
+
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.commit_version, "t", NewVersion(MANIFEST, b"w", EXAMPLES, True))
+    await loop.run_in_executor(None, store.commit_version, "t", NewVersion(MANIFEST, b"w", EXAMPLES, False))
+    await loop.run_in_executor(None, store.activate, "t", 2)
+    await loop.run_in_executor(None, store.delete, "t")
+    for _ in range(100):
+        if len(seen) == 4:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert [(c.tenant, c.active_version, c.deleted) for c in seen] == [
+        ("t", 1, False),
+        ("t", 1, False),
+        ("t", 2, False),
+        ("t", 0, True),
+    ]
+    assert [c.seq for c in seen] == sorted({c.seq for c in seen})
