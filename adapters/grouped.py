@@ -1,14 +1,15 @@
-"""Many tenants' heads applied to one mixed batch in one grouped operation.
+"""Many tenants' heads applied to one mixed batch in one grouped operation per bucket.
 
-`HeadStack` keeps the weights of every resident head on one device. Linear heads (the default kind) live in
-one slab tensor, `weight[slot]` of shape (classes, dim), padded to the largest class count with zero weights
-and a bias of -inf, so a padded class gets probability 0. Scoring a batch gathers the slabs of the heads it
-needs and runs one batched matrix multiply over "rows grouped by head"; a batch of one tenant is a single
-GEMM, a batch of a thousand tenants is one bmm. MLP heads are stacked per batch the same way (they are rare
-and larger, so they are not kept in a slab).
+`HeadStack` keeps the weights of every resident head on one device. Linear heads (the default kind) live
+in slabs by class-count bucket (2, 4, 8, ... classes): `weight[slot]` of shape (bucket, dim), padded up to
+the bucket with zero weights and a bias of -inf, so a padded class gets probability 0. A head therefore
+costs at most twice its own size, whatever other tenants' heads look like (one slab for every class count
+would pad a thousand 4-class heads to the widest). Scoring a batch gathers the slabs of the heads it needs
+and runs one batched matrix multiply per bucket over "rows grouped by head". MLP heads are stacked per
+batch the same way (they are rare and larger, so they are not kept in a slab).
 
-Slots are copy-on-write: a new head version gets a new slot, and a slot is reused only after `release`, which
-the owner calls once nothing can use the old version any more. So a request that took a version keeps
+Slots are copy-on-write: a new head version gets a new slot, and a slot is reused only after `release`,
+which the owner calls once nothing can use the old version any more. So a request that took a version keeps
 reading exactly that version's weights while newer versions are added beside it.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +25,12 @@ import torch
 from .heads import HeadSpec, expected_state_shapes
 
 NEG_INF = float("-inf")
+_SLOT_BITS = 32  # a linear slot id is bucket << 32 | row in that bucket's slab
+
+
+def bucket_of(classes: int) -> int:
+    """The slab a head of `classes` classes lives in: the next power of two."""
+    return max(2, 1 << (classes - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -34,14 +41,20 @@ class _MLPWeights:
     b2: torch.Tensor  # (classes,)
 
 
+@dataclass
+class _Slab:
+    weight: torch.Tensor  # (slots, bucket, dim)
+    bias: torch.Tensor  # (slots, bucket)
+    free: list[int] = field(default_factory=list)
+
+
 class HeadStack:
-    def __init__(self, input_dim: int, device: str = "cpu", initial_slots: int = 16) -> None:
+    def __init__(self, input_dim: int, device: str = "cpu", initial_slots: int = 4) -> None:
         self.input_dim = input_dim
         self.device = torch.device(device)
+        self.initial_slots = initial_slots
         self._lock = threading.Lock()
-        self._weight = torch.zeros((initial_slots, 2, input_dim), device=self.device)
-        self._bias = torch.full((initial_slots, 2), NEG_INF, device=self.device)
-        self._free = list(range(initial_slots - 1, -1, -1))
+        self._slabs: dict[int, _Slab] = {}
         self._classes: dict[int, int] = {}  # slot -> number of classes
         self._mlp: dict[int, _MLPWeights] = {}
         self._next_mlp = -1  # MLP heads get negative ids: they have no slab row
@@ -49,15 +62,24 @@ class HeadStack:
     def __len__(self) -> int:
         return len(self._classes)
 
-    def _grow(self, slots: int, classes: int) -> None:
-        """Replace the slab with a larger copy; readers holding the old tensors keep valid data."""
-        old_slots, old_classes, dim = self._weight.shape
-        weight = torch.zeros((slots, classes, dim), device=self.device)
-        bias = torch.full((slots, classes), NEG_INF, device=self.device)
-        weight[:old_slots, :old_classes] = self._weight
-        bias[:old_slots, :old_classes] = self._bias
-        self._free = list(range(slots - 1, old_slots - 1, -1)) + self._free
-        self._weight, self._bias = weight, bias
+    def _slab(self, bucket: int) -> _Slab:
+        slab = self._slabs.get(bucket)
+        if slab is None:
+            n = self.initial_slots
+            slab = _Slab(
+                torch.zeros((n, bucket, self.input_dim), device=self.device),
+                torch.full((n, bucket), NEG_INF, device=self.device),
+                list(range(n - 1, -1, -1)),
+            )
+            self._slabs[bucket] = slab
+        elif not slab.free:
+            # A larger copy; readers holding the old tensors keep valid data.
+            old = slab.weight.shape[0]
+            weight = torch.zeros((old * 2, bucket, self.input_dim), device=self.device)
+            bias = torch.full((old * 2, bucket), NEG_INF, device=self.device)
+            weight[:old], bias[:old] = slab.weight, slab.bias
+            slab.weight, slab.bias, slab.free = weight, bias, list(range(old * 2 - 1, old - 1, -1))
+        return slab
 
     def add(self, spec: HeadSpec, state: Mapping[str, np.ndarray]) -> int:
         """Place a head's weights; returns its slot id."""
@@ -83,17 +105,14 @@ class HeadStack:
                 )
                 self._classes[slot] = spec.num_classes
                 return slot
-            slots, classes, _ = self._weight.shape
-            if not self._free or spec.num_classes > classes:
-                self._grow(
-                    slots * 2 if not self._free else slots,
-                    max(classes, spec.num_classes),
-                )
-            slot = self._free.pop()
-            self._weight[slot].zero_()
-            self._bias[slot].fill_(NEG_INF)
-            self._weight[slot, : spec.num_classes] = tensor("weight")
-            self._bias[slot, : spec.num_classes] = tensor("bias")
+            bucket = bucket_of(spec.num_classes)
+            slab = self._slab(bucket)
+            row = slab.free.pop()
+            slab.weight[row].zero_()
+            slab.bias[row].fill_(NEG_INF)
+            slab.weight[row, : spec.num_classes] = tensor("weight")
+            slab.bias[row, : spec.num_classes] = tensor("bias")
+            slot = bucket << _SLOT_BITS | row
             self._classes[slot] = spec.num_classes
             return slot
 
@@ -104,7 +123,7 @@ class HeadStack:
             if slot < 0:
                 del self._mlp[slot]
             else:
-                self._free.append(slot)
+                self._slabs[slot >> _SLOT_BITS].free.append(slot & ((1 << _SLOT_BITS) - 1))
 
     def num_classes(self, slot: int) -> int:
         return self._classes[slot]
@@ -113,29 +132,36 @@ class HeadStack:
         if slot < 0:
             m = self._mlp[slot]
             return sum(t.numel() * t.element_size() for t in (m.w1, m.b1, m.w2, m.b2))
-        return (self._weight.shape[1] * (self.input_dim + 1)) * self._weight.element_size()
+        return (slot >> _SLOT_BITS) * (self.input_dim + 1) * 4
+
+    def allocated_bytes(self) -> int:
+        """Everything the stack holds on its device, free slab rows included."""
+        with self._lock:
+            slabs = sum(s.weight.numel() * 4 + s.bias.numel() * 4 for s in self._slabs.values())
+            mlps = sum(self.nbytes(slot) for slot in self._mlp)
+        return slabs + mlps
 
     @torch.inference_mode()
     def apply(self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]) -> list[np.ndarray]:
         """Probabilities for each row under the head in `slots[row]`: one array (classes of that head,)
-        per row. One grouped operation for the linear heads, one for the MLP heads."""
+        per row. One grouped operation per bucket of linear heads, one for the MLP heads."""
         x = torch.as_tensor(embeddings, dtype=torch.float32).to(self.device)
         if x.ndim != 2 or x.shape[1] != self.input_dim or x.shape[0] != len(slots):
             raise ValueError(f"expected embeddings ({len(slots)}, {self.input_dim}), got {tuple(x.shape)}")
         slot_arr = np.asarray(slots, dtype=np.int64)
         out: list[np.ndarray] = [np.empty(0, np.float32)] * len(slots)
         with self._lock:
-            weight, bias = self._weight, self._bias
+            slabs = {b: (s.weight, s.bias) for b, s in self._slabs.items()}
             classes = dict(self._classes)
             mlps = {s: self._mlp[s] for s in set(slot_arr[slot_arr < 0].tolist())}
-        for linear in (True, False):
-            rows = np.flatnonzero(slot_arr >= 0) if linear else np.flatnonzero(slot_arr < 0)
-            if rows.size == 0:
-                continue
+        groups = np.where(slot_arr < 0, 0, slot_arr >> _SLOT_BITS)  # 0: the MLP group; else the bucket
+        for group in np.unique(groups).tolist():
+            rows = np.flatnonzero(groups == group)
             uniq, inverse = np.unique(slot_arr[rows], return_inverse=True)
             grouped, rank = _group_rows(x[torch.as_tensor(rows, device=self.device)], inverse, len(uniq))
-            if linear:
-                index = torch.as_tensor(uniq, device=self.device)
+            if group:
+                weight, bias = slabs[group]
+                index = torch.as_tensor(uniq & ((1 << _SLOT_BITS) - 1), device=self.device)
                 w, b = weight.index_select(0, index), bias.index_select(0, index)
                 logits = torch.baddbmm(b.unsqueeze(1), grouped, w.transpose(1, 2))
             else:

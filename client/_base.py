@@ -4,6 +4,8 @@ retry rule. The two clients only send."""
 from __future__ import annotations
 
 import abc
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar
@@ -20,6 +22,8 @@ T = TypeVar("T")
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_BACKOFF = 2.0  # seconds between two attempts at most
+MAX_RETRIES = 50  # when retries=None and there is no deadline
 
 
 class AdaptOptions(TypedDict, total=False):
@@ -54,8 +58,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 class BaseClient(abc.ABC):
-    """`target` is host:port; `timeout` the deadline of each call (seconds, None for none); a call the server
-    answered UNAVAILABLE is tried again up to `retries` times, `backoff` seconds apart and doubling;
+    """`target` is host:port; `timeout` the deadline of each call, retries included (seconds, None for none);
+    a call the server answered UNAVAILABLE is tried again, `backoff` seconds apart and doubling (up to 2 s,
+    with jitter), until the deadline or `retries` more attempts (None: as many as the deadline allows);
     `credentials` makes a TLS channel."""
 
     def __init__(
@@ -63,13 +68,13 @@ class BaseClient(abc.ABC):
         target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = 30.0,
-        retries: int = 3,
+        retries: int | None = None,
         backoff: float = 0.1,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
+        if retries is not None and retries < 0:
+            raise ValueError("retries must be >= 0 (or None: as many as the deadline allows)")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -83,12 +88,26 @@ class BaseClient(abc.ABC):
     ) -> Any:
         """The channel: blocking or asyncio, by subclass."""
 
-    def _retry_delay(self, call: Call[Any], exc: grpc.RpcError, attempt: int) -> float | None:
-        """Seconds to wait before trying `call` again, or None to give up. Only UNAVAILABLE is retried:
-        the server is starting or draining, or the connection broke before the call reached it."""
-        if call.retry and exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-            return float(min(self.backoff * (2**attempt), 5.0))
-        return None
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _retry_delay(
+        self, call: Call[Any], exc: grpc.RpcError, attempt: int, deadline: float | None
+    ) -> float | None:
+        """Seconds to wait before trying `call` again, or None to give up. Only UNAVAILABLE is retried (the
+        server is starting or draining, or the connection broke before the call reached it), with
+        exponential backoff and jitter, for as long as the call's deadline allows (a restart takes seconds)."""
+        limit = self.retries if self.retries is not None else MAX_RETRIES
+        if not call.retry or exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= limit:
+            return None
+        delay = min(self.backoff * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
 
     # -- the calls ------------------------------------------------------------------------------------------
 
@@ -108,6 +127,10 @@ class BaseClient(abc.ABC):
 
     def _activate(self, tenant: str, version: int) -> Call[r.Activation]:
         return Call("ActivateHeadVersion", _codec.activate_request(tenant, version), _codec.activation)
+
+    def _delete_version(self, tenant: str, version: int) -> Call[r.HeadDetails]:
+        call = _codec.delete_version_request(tenant, version)
+        return Call("DeleteHeadVersion", call, _codec.version_deleted, retry=False)
 
     def _delete(self, tenant: str) -> Call[r.Deletion]:
         return Call("DeleteHead", _codec.delete_request(tenant), _codec.deletion)
@@ -133,5 +156,5 @@ class BaseClient(abc.ABC):
         return None
 
     @staticmethod
-    def _no_result() -> HeadswapError:
-        return HeadswapError(grpc.StatusCode.UNKNOWN, "AdaptHead ended without a result")
+    def _no_result() -> r.AdaptResult:
+        raise HeadswapError(grpc.StatusCode.UNKNOWN, "AdaptHead ended without a result")

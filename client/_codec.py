@@ -175,9 +175,19 @@ def predictions(reply: pb.ClassifyResponse) -> list[r.Prediction]:
 
 def head_summaries(reply: pb.ListHeadsResponse) -> list[r.HeadSummary]:
     return [
-        r.HeadSummary(h.tenant, h.active_version, h.version_count, tuple(h.labels), h.backbone_fingerprint)
+        r.HeadSummary(
+            h.tenant, h.active_version, h.version_count, tuple(h.labels), h.backbone_fingerprint, h.problem
+        )
         for h in reply.heads
     ]
+
+
+def delete_version_request(tenant: str, version: int) -> pb.DeleteHeadVersionRequest:
+    return pb.DeleteHeadVersionRequest(tenant=tenant, version=version)
+
+
+def version_deleted(reply: pb.DeleteHeadVersionResponse) -> r.HeadDetails:
+    return head_details(reply.head)
 
 
 def head_details(reply: pb.GetHeadResponse) -> r.HeadDetails:

@@ -58,12 +58,13 @@ class Client(BaseClient):
         self._channel.close()
 
     def _send(self, call: Call[T]) -> T:
-        attempt = 0
+        attempt, deadline = 0, self._deadline()
         while True:
             try:
-                return call.parse(getattr(self._stub, call.method)(call.request, timeout=self.timeout))
+                reply = getattr(self._stub, call.method)(call.request, timeout=self._remaining(deadline))
+                return call.parse(reply)
             except grpc.RpcError as exc:
-                delay = self._retry_delay(call, exc, attempt)
+                delay = self._retry_delay(call, exc, attempt, deadline)
                 if delay is None:
                     raise from_rpc_error(exc) from exc
                 time.sleep(delay)
@@ -88,13 +89,13 @@ class Client(BaseClient):
         hidden_dim, dropout. Not retried: a training is not idempotent.
         """
         request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
+        result = None
         try:
-            for reply in self._stub.AdaptHead(request, timeout=timeout):
-                if (result := self._adapt_event(reply, on_progress)) is not None:
-                    return result
+            for reply in self._stub.AdaptHead(request, timeout=timeout):  # to its end: the call ends OK
+                result = self._adapt_event(reply, on_progress) or result
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
-        raise self._no_result()
+        return result or self._no_result()
 
     def classify(
         self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
@@ -114,6 +115,10 @@ class Client(BaseClient):
 
     def delete_head(self, tenant: str) -> Deletion:
         return self._send(self._delete(tenant))
+
+    def delete_head_version(self, tenant: str, version: int) -> HeadDetails:
+        """Remove one version that is not the active one; returns the head as it is then."""
+        return self._send(self._delete_version(tenant, version))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the server's health service says SERVING."""
@@ -147,12 +152,15 @@ class AsyncClient(BaseClient):
         await self._channel.close()
 
     async def _send(self, call: Call[T]) -> T:
-        attempt = 0
+        attempt, deadline = 0, self._deadline()
         while True:
             try:
-                return call.parse(await getattr(self._stub, call.method)(call.request, timeout=self.timeout))
+                reply = await getattr(self._stub, call.method)(
+                    call.request, timeout=self._remaining(deadline)
+                )
+                return call.parse(reply)
             except grpc.RpcError as exc:
-                delay = self._retry_delay(call, exc, attempt)
+                delay = self._retry_delay(call, exc, attempt, deadline)
                 if delay is None:
                     raise from_rpc_error(exc) from exc
                 await asyncio.sleep(delay)
@@ -168,13 +176,13 @@ class AsyncClient(BaseClient):
         self, tenant: str, texts: Sequence[str], labels: Sequence[str], **options: Unpack[AdaptOptions]
     ) -> AdaptResult:
         request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
+        result = None
         try:
             async for reply in self._stub.AdaptHead(request, timeout=timeout):
-                if (result := self._adapt_event(reply, on_progress)) is not None:
-                    return result
+                result = self._adapt_event(reply, on_progress) or result
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
-        raise self._no_result()
+        return result or self._no_result()
 
     async def classify(
         self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
@@ -192,3 +200,6 @@ class AsyncClient(BaseClient):
 
     async def delete_head(self, tenant: str) -> Deletion:
         return await self._send(self._delete(tenant))
+
+    async def delete_head_version(self, tenant: str, version: int) -> HeadDetails:
+        return await self._send(self._delete_version(tenant, version))

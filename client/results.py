@@ -123,6 +123,7 @@ class HeadSummary:
     version_count: int
     labels: tuple[str, ...]
     backbone_fingerprint: str
+    problem: str = ""  # set when the tenant's stored data is damaged (its calls answer DATA_LOSS)
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def build(
             intra_op_threads=config.intra_op_threads,
         )
     if store is None:
-        store = open_store(config.store_url)
+        store = open_store(config.store_url, max_versions=config.limits.max_versions)
     torch.set_num_threads(config.train_threads)
     if config.warmup_rounds:
         _warm_up_training(backbone.dim)
@@ -164,10 +164,10 @@ def build(
         preprocess=ThreadPoolExecutor(config.worker_threads, thread_name_prefix="headswap-preprocess"),
         backbone=ThreadPoolExecutor(1, thread_name_prefix="headswap-backbone"),
         io=ThreadPoolExecutor(2, thread_name_prefix="headswap-io"),
-        train=ThreadPoolExecutor(1, thread_name_prefix="headswap-train"),
+        train=ThreadPoolExecutor(config.limits.train_workers, thread_name_prefix="headswap-train"),
     )
     stack = HeadStack(backbone.dim, device=head_device)
-    bank = HeadBank(store, backbone.fingerprint, stack)
+    bank = HeadBank(store, backbone.fingerprint, stack, config.limits.max_resident_head_bytes)
     items, cost = config.batching.limits(backbone.on_gpu)
     log.info("batches of at most %d inputs and %d padded tokens", items, cost)
     policy = BatchPolicy(
@@ -175,6 +175,7 @@ def build(
         max_batch_items=items,
         max_wait_s=config.batching.max_wait_ms / 1000.0,
         max_queue_items=config.batching.max_queue_items,
+        max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,
     )
     batcher = Batcher(backbone, policy, pools.preprocess, pools.backbone, stack, metrics.observe_batch)
     cache = EmbeddingCache(config.store.cache_capacity)
@@ -200,6 +201,7 @@ def _watch(server: Server) -> None:
     m.watch(m.heads_resident, lambda: bank.resident()[0])
     m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
     m.watch(m.tenants, lambda: len(store.tenants()))
+    m.watch(m.tenants_quarantined, lambda: len(store.damaged))
     bank.on_swap = m.swaps.inc
 
 

@@ -1,4 +1,4 @@
-"""Server-side commands: `headswap serve` and `headswap export` (need the `server` extra)."""
+"""Server-side commands: `headswap serve`, `headswap export` and `headswap store` (need the `server` extra)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     export.add_argument("--out", type=Path, default=None, help="target directory (default: the server's)")
     export.add_argument("--force", action="store_true", help="replace an existing backbone there")
     export.set_defaults(func=run_export)
+
+    store = sub.add_parser("store", help="work on a store offline (no server needs to run)")
+    actions = store.add_subparsers(dest="action", required=True)
+    check = actions.add_parser("check", help="verify every tenant; with --repair, mend what can be mended")
+    check.add_argument("--store", default=None, help="the store (default: the server's) [HEADSWAP_STORE]")
+    check.add_argument("--repair", action="store_true", help="drop damaged versions and example sets")
+    check.set_defaults(func=run_store_check)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -48,3 +55,17 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"  fused operators {dict(m.fused_operators)}")
     print(f"  parity vs PyTorch: min cosine fp32 {m.parity_min_cosine_fp32}, fp16 {m.parity_min_cosine_fp16}")
     return 0
+
+
+def run_store_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every tenant is intact (or was repaired), 1 when damage remains."""
+    logs.configure("WARNING", "text")
+    from headswap.server.store.check import check_store
+
+    url = args.store or ServerConfig.from_sources().store_url
+    findings = check_store(Path(url).expanduser(), repair=args.repair)
+    for f in findings:
+        verb = "repaired" if args.repair else "to repair"
+        print(f"{f.tenant}: {f.problem} ({verb}: {f.repair})")
+    print(f"{len(findings)} problem(s) found" + (", repaired" if args.repair and findings else ""))
+    return 0 if args.repair or not findings else 1

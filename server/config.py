@@ -31,6 +31,7 @@ class BatchingConfig:
     max_cost: int = 0  # padded tokens (text) per forward pass
     max_wait_ms: float = 2.0
     max_queue_items: int = 8192
+    max_queue_wait_ms: float = 1000.0  # expected wait past which calls are refused at once
 
     def limits(self, on_gpu: bool) -> tuple[int, int]:
         """(items, padded cost) per forward pass. On a CPU small batches win (they stay in cache: measured
@@ -44,8 +45,13 @@ class LimitsConfig:
 
     max_batch_inputs: int = 1024
     max_message_bytes: int = 32 * 1024 * 1024
+    max_request_bytes: int = 8 * 1024 * 1024  # of inputs (text or image bytes) in one call
     max_examples: int = 50_000
     max_classes: int = 1000
+    max_versions: int = 50  # kept per tenant, besides the active one and its predecessor
+    max_resident_head_bytes: int = 512 * 1024 * 1024
+    max_train_seconds: float = 300.0
+    train_workers: int = 2  # trainings that run at once (each on train_threads threads)
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,42 @@ OPTIONS: tuple[Option, ...] = (
         integer(0),
         "times the warm-up batches run before the server reports SERVING",
     ),
+    Option(
+        "max_request_bytes",
+        "limits",
+        "max_request_bytes",
+        integer(1024),
+        "most bytes of inputs (text or images) in one call; longer texts are cut before tokenizing anyway",
+    ),
+    Option(
+        "max_queue_wait_ms",
+        "batching",
+        "max_queue_wait_ms",
+        number(0),
+        "calls that would wait longer than this for the backbone get RESOURCE_EXHAUSTED at once",
+    ),
+    Option(
+        "max_versions",
+        "limits",
+        "max_versions",
+        integer(1),
+        "head versions kept per tenant (the newest; the active one and its predecessor are always kept)",
+    ),
+    Option(
+        "max_resident_head_bytes",
+        "limits",
+        "max_resident_head_bytes",
+        integer(1024),
+        "head weights kept in memory; past it the least recently used heads are unloaded",
+    ),
+    Option(
+        "max_train_seconds",
+        "limits",
+        "max_train_seconds",
+        number(1),
+        "longest one training may run; longer ones stop with RESOURCE_EXHAUSTED",
+    ),
+    Option("train_workers", "limits", "train_workers", integer(1), "trainings that may run at once"),
     Option("max_examples", "limits", "max_examples", integer(2), "most labelled examples stored per tenant"),
     Option("max_classes", "limits", "max_classes", integer(2), "most labels one head may have"),
     Option(

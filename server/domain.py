@@ -6,7 +6,9 @@ request and returns a frozen result. `Caller` says who is calling, as establishe
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +29,15 @@ class Input:
     @property
     def kind(self) -> InputKind:
         return "text" if self.text is not None else "image"
+
+    @property
+    def nbytes(self) -> int:
+        """Size as sent (UTF-8 bytes of a text)."""
+        return (
+            len(self.text.encode("utf-8", "surrogatepass"))
+            if self.text is not None
+            else len(self.image or b"")
+        )
 
     def content_key(self) -> bytes:
         """sha256 of the content: the embedding cache's key (with the backbone's fingerprint)."""
@@ -50,6 +61,17 @@ class Caller:
 
 
 ANONYMOUS = Caller()
+
+# The deadline (time.monotonic()) of the call being served, set by the edge from the transport's deadline:
+# work that cannot finish before it is refused at once rather than started.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "headswap_deadline", default=None
+)
+
+
+def seconds_left() -> float | None:
+    deadline = call_deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -184,6 +206,7 @@ class HeadSummary:
     version_count: int
     labels: tuple[str, ...]
     fingerprint: str
+    problem: str = ""  # set when the tenant is quarantined: what is damaged
 
 
 @dataclass(frozen=True)
@@ -206,6 +229,15 @@ class Activation:
     tenant: str
     active_version: int
     previous_version: int
+
+
+@dataclass(frozen=True)
+class VersionRequest:
+    """DeleteHeadVersion: one version of one tenant."""
+
+    tenant: str
+    version: int
+    caller: Caller = ANONYMOUS
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ becomes INTERNAL with a logged traceback.
      ├── NotFound             unknown tenant or version
      ├── FailedPrecondition   valid, but not in this state (a head from another backbone, none active)
      ├── ResourceExhausted    over a configured bound (queue, batch, reply size)
-     └── Unavailable          not now: starting up, draining; safe to retry
+     ├── Unavailable          not now: starting up, draining; safe to retry
+     └── DataLoss             stored data is damaged (a quarantined tenant); the message says how to repair
 """
 
 from __future__ import annotations
@@ -41,3 +42,7 @@ class ResourceExhausted(HeadswapError):
 
 class Unavailable(HeadswapError):
     """Not now (starting up, draining, a dependency down); safe to retry."""
+
+
+class DataLoss(HeadswapError):
+    """Stored data is damaged: the tenant is quarantined until repaired or deleted."""

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from headswap.adapters import head_from_bytes
+from headswap.adapters import HeadFormatError, head_from_bytes
 from headswap.adapters.grouped import HeadStack
 from headswap.server.errors import FailedPrecondition
 from headswap.server.store import Change, HeadStore, StoredVersion
+from headswap.server.store.base import damaged
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LiveHead:
     fingerprint: str
     slot: int
     stack: HeadStack
+    max_label_bytes: int  # to size a reply before it is built
 
     def predict(self, embeddings: np.ndarray) -> list[np.ndarray]:
         return self.stack.apply(embeddings, [self.slot] * len(embeddings))
@@ -59,25 +61,38 @@ def live_head(
         fingerprint=str(manifest["backbone_fingerprint"]),
         slot=slot,
         stack=stack,
+        max_label_bytes=max(len(str(label).encode()) for label in manifest["labels"]),
     )
     weakref.finalize(head, stack.release, slot)
     return head
 
 
 class HeadBank:
+    """Active heads in least-recently-used order within a byte budget: past it, the heads used least
+    recently leave memory (their next request loads them again), so resident memory stays bounded
+    whatever the number of tenants."""
+
     def __init__(
-        self, store: HeadStore, fingerprint: str, stack: HeadStack, pinned_capacity: int = 64
+        self,
+        store: HeadStore,
+        fingerprint: str,
+        stack: HeadStack,
+        max_resident_bytes: int = 512 * 1024 * 1024,
+        pinned_capacity: int = 64,
     ) -> None:
         self.store = store
         self.fingerprint = fingerprint
         self.stack = stack
-        self._active: dict[str, LiveHead] = {}
+        self.max_resident_bytes = max_resident_bytes
+        self._active: OrderedDict[str, LiveHead] = OrderedDict()
         # Versions asked for by number (pins and rollbacks in flight): a few, least recently used first out.
         self._pinned: OrderedDict[tuple[str, int], LiveHead] = OrderedDict()
         self._pinned_capacity = pinned_capacity
+        self._bytes = 0  # of the heads in _active and _pinned
         self._seen: dict[str, int] = {}  # newest change sequence seen per tenant
         self._lock = threading.Lock()
         self.on_swap: Callable[[], None] | None = None
+        self.evictions = 0
 
     def check(self, head: LiveHead) -> LiveHead:
         """FAILED_PRECONDITION for a head trained on another backbone."""
@@ -92,40 +107,83 @@ class HeadBank:
         """A version in memory (blocking: reads the store unless `stored` is given); not yet swapped in."""
         if stored is None:
             stored = self.store.load_version(tenant, version)
-        return live_head(tenant, version, stored.manifest, stored.weights, self.stack)
+        try:
+            return live_head(tenant, version, stored.manifest, stored.weights, self.stack)
+        except (HeadFormatError, KeyError, TypeError, ValueError) as exc:
+            raise damaged(tenant, f"version {version} does not load as a head ({exc})") from None
+
+    # -- the resident set (callers hold the lock) ---------------------------------------------------------
+
+    def _put_active(self, head: LiveHead) -> None:
+        old = self._active.pop(head.tenant, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+        self._active[head.tenant] = head
+        self._bytes += head.nbytes
+        self._evict(keep=head)
+
+    def _drop_active(self, tenant: str) -> None:
+        old = self._active.pop(tenant, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+
+    def _drop_pinned(self, key: tuple[str, int]) -> None:
+        old = self._pinned.pop(key, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+
+    def _evict(self, keep: LiveHead) -> None:
+        """Least recently used first: pinned versions, then active heads; never the one just placed."""
+        while self._bytes > self.max_resident_bytes or len(self._pinned) > self._pinned_capacity:
+            if self._pinned and next(iter(self._pinned.values())) is not keep:
+                _, head = self._pinned.popitem(last=False)
+            elif self._active and next(iter(self._active.values())) is not keep:
+                _, head = self._active.popitem(last=False)
+            else:
+                return
+            self._bytes -= head.nbytes
+            self.evictions += 1
+
+    # -- serving ------------------------------------------------------------------------------------------
 
     def peek(self, tenant: str, version: int = 0) -> LiveHead | None:
         """The head if it is already in memory (no I/O, safe on the event loop), else None."""
-        head = self._active.get(tenant)
-        if head is not None and version in (0, head.version):
-            return self.check(head)
-        return None
+        with self._lock:
+            head = self._active.get(tenant)
+            if head is None or version not in (0, head.version):
+                return None
+            self._active.move_to_end(tenant)
+        return self.check(head)
 
     def get(self, tenant: str, version: int = 0) -> LiveHead:
         """The head to use for one request: the active version, or `version` when pinned. Blocking."""
         if version == 0:
             return self.check(self._active_head(tenant))
-        active = self._active.get(tenant)
-        if active is not None and active.version == version:
-            return self.check(active)
         with self._lock:
+            active = self._active.get(tenant)
             pinned = self._pinned.get((tenant, version))
             if pinned is not None:
                 self._pinned.move_to_end((tenant, version))
-                return self.check(pinned)
+        if active is not None and active.version == version:
+            return self.check(active)
+        if pinned is not None:
+            return self.check(pinned)
         head = self.load(tenant, version)  # NotFound for an unknown tenant or version
         with self._lock:
+            self._drop_pinned((tenant, version))
             self._pinned[(tenant, version)] = head
-            while len(self._pinned) > self._pinned_capacity:
-                self._pinned.popitem(last=False)
+            self._bytes += head.nbytes
+            self._evict(keep=head)
         return self.check(head)
 
     def _active_head(self, tenant: str) -> LiveHead:
         retries = 2  # a change newer than the state read came in while loading: read again, twice at most
         while True:
-            head = self._active.get(tenant)
-            if head is not None:
-                return head
+            with self._lock:
+                head = self._active.get(tenant)
+                if head is not None:
+                    self._active.move_to_end(tenant)
+                    return head
             state = self.store.state(tenant)  # NotFound for an unknown tenant
             if state.active_version == 0:
                 raise FailedPrecondition(
@@ -138,25 +196,37 @@ class HeadBank:
                     retries -= 1
                     continue
                 self._seen[tenant] = max(state.seq, self._seen.get(tenant, -1))
-                return self._active.setdefault(tenant, loaded)
+                current = self._active.get(tenant)
+                if current is not None:
+                    return current  # another request loaded it meanwhile
+                self._put_active(loaded)
+                return loaded
+
+    # -- swaps ------------------------------------------------------------------------------------------
 
     def reconcile(self, change: Change, stored: StoredVersion | None = None) -> None:
         """Bring the tenant to `change` (blocking). Loads first, then swaps; stale changes are ignored.
         A tenant not in memory is only marked (its next request loads the state it finds then), unless the
         new version's bytes are at hand in `stored` (a training that just finished here)."""
         tenant = change.tenant
+        # A change seen already is news only when its bytes come with it (the feed may deliver a local
+        # commit's notice before the commit's own call applies it).
+        newer = change.seq.__gt__ if stored is None else change.seq.__ge__
         with self._lock:
-            if change.seq <= self._seen.get(tenant, -1):
+            if not newer(self._seen.get(tenant, -1)):
                 return
             current = self._active.get(tenant)
-            gone = change.deleted or change.active_version == 0
-            if gone or (current is None and stored is None):
+            if change.deleted:
+                # Forget the tenant entirely: nothing per tenant outlives it.
+                self._drop_active(tenant)
+                for key in [k for k in self._pinned if k[0] == tenant]:
+                    self._drop_pinned(key)
+                self._seen.pop(tenant, None)
+                return
+            if change.active_version == 0 or (current is None and stored is None):
                 self._seen[tenant] = change.seq
-                if gone:
-                    self._active.pop(tenant, None)
-                if change.deleted:
-                    for key in [k for k in self._pinned if k[0] == tenant]:
-                        del self._pinned[key]
+                if change.active_version == 0:
+                    self._drop_active(tenant)
                 return
             if current is not None and current.version == change.active_version:
                 self._seen[tenant] = change.seq
@@ -167,19 +237,27 @@ class HeadBank:
             with self._lock:  # never keep serving the old version: the next request meets the error itself
                 if change.seq > self._seen.get(tenant, -1):
                     self._seen[tenant] = change.seq
-                    self._active.pop(tenant, None)
+                    self._drop_active(tenant)
             raise
         with self._lock:
-            if change.seq <= self._seen.get(tenant, -1):
+            if not newer(self._seen.get(tenant, -1)):
                 return  # a newer change won the race while this one loaded
             self._seen[tenant] = change.seq
-            self._active[tenant] = head
-            self._pinned.pop((tenant, head.version), None)
+            self._drop_pinned((tenant, head.version))
+            self._put_active(head)
         if self.on_swap is not None:
             self.on_swap()
+
+    def forget_version(self, tenant: str, version: int) -> None:
+        with self._lock:
+            self._drop_pinned((tenant, version))
 
     def resident(self) -> tuple[int, int]:
         """(heads in memory, their bytes)."""
         with self._lock:
-            heads = list(self._active.values()) + list(self._pinned.values())
-        return len(heads), sum(h.nbytes for h in heads)
+            return len(self._active) + len(self._pinned), self._bytes
+
+    def tracked_tenants(self) -> int:
+        """Tenants this bank holds any state for (resident or seen): bounded by the tenants that exist."""
+        with self._lock:
+            return len(set(self._seen) | set(self._active))

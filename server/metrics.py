@@ -87,6 +87,16 @@ class Metrics:
             "headswap_heads_resident_bytes", "bytes of head weights held in memory", registry=r
         )
         self.tenants = Gauge("headswap_tenants", "tenants with at least one stored head", registry=r)
+        self.tenants_quarantined = Gauge(
+            "headswap_tenants_quarantined",
+            "tenants whose stored data is damaged (answering DATA_LOSS until repaired or deleted)",
+            registry=r,
+        )
+        self.cache_write_errors = Counter(
+            "headswap_embedding_cache_write_errors_total",
+            "embedding cache saves that failed (the training went on without them)",
+            registry=r,
+        )
         self.backbone_info = Gauge(
             "headswap_backbone_info",
             "the backbone being served (value 1)",

@@ -6,20 +6,27 @@ import re
 from collections.abc import Sequence
 
 from headswap.server.domain import Input
-from headswap.server.errors import InvalidArgument
+from headswap.server.errors import InvalidArgument, ResourceExhausted
 
 _ARTICLE = {"text": "a", "image": "an"}
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def check_inputs(inputs: Sequence[Input], max_inputs: int, input_kind: str, what: str = "inputs") -> None:
-    """A non-empty batch within the limit, every input of the backbone's kind and not blank."""
+def check_inputs(
+    inputs: Sequence[Input], max_inputs: int, input_kind: str, what: str = "inputs", max_bytes: int = 0
+) -> None:
+    """A non-empty batch within the limits, every input of the backbone's kind and not blank."""
     if not inputs:
         raise InvalidArgument(f"{what} is empty: send at least one input")
     if len(inputs) > max_inputs:
         raise InvalidArgument(
             f"{what} has {len(inputs)} items, more than this server's maximum of {max_inputs} per call: "
             "split the batch"
+        )
+    if max_bytes and (size := sum(item.nbytes for item in inputs)) > max_bytes:
+        raise ResourceExhausted(
+            f"{what} carry {size} bytes, more than this server's limit of {max_bytes} per call: send fewer or "
+            "smaller inputs per call"
         )
     for i, item in enumerate(inputs):
         check_kind(item, input_kind, f"{what}[{i}]")

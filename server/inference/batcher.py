@@ -1,6 +1,7 @@
 """One dynamic batcher in front of a backbone, for every RPC and every tenant.
 
-A request is prepared on arrival (off the event loop, in the preprocessing pool) into items, one per input,
+A call is admitted only if it can be served in time (`admission.py`: the queue's bound is an expected
+wait). A request is prepared on arrival (off the event loop, in the preprocessing pool) into items, one per input,
 each with a cost and a grouping key; they wait in one bounded queue. A batch costs its largest item's cost
 times its size (everything is padded to the largest); it closes when that would pass the cost budget, when
 it holds the most items allowed, or when its oldest item has waited the longest allowed. A batch is built
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from headswap.server.domain import Input
-from headswap.server.errors import ResourceExhausted
+from headswap.server.inference.admission import Admission
 from headswap.server.inference.protocols import Backbone, Prepared
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class BatchPolicy:
     max_batch_items: int = 256
     max_wait_s: float = 0.002  # how long the oldest item may wait for company
     max_queue_items: int = 8192  # past this, new calls get RESOURCE_EXHAUSTED at once
+    max_queue_wait_s: float = 1.0  # past this much expected wait, new calls get RESOURCE_EXHAUSTED at once
     max_in_flight: int = 2
 
 
@@ -107,6 +109,7 @@ class Batcher:
         self.on_batch = on_batch
         self._pending: list[_Item] = []
         self._reserved = 0  # items admitted but still being prepared
+        self.admission = Admission(policy.max_queue_items, policy.max_queue_wait_s)
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._task: asyncio.Task[None] | None = None
@@ -125,13 +128,12 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def submit(self, inputs: Sequence[Input], slot: int | None = None) -> BatchResult:
-        """Embed `inputs` (and apply the head in `slot`, if given) as part of whatever batches form."""
-        if self.queue_depth + len(inputs) > self.policy.max_queue_items:
-            raise ResourceExhausted(
-                f"the server's queue is full ({self.queue_depth} inputs waiting, limit "
-                f"{self.policy.max_queue_items}): retry later, with backoff, or on another replica"
-            )
+    async def submit(
+        self, inputs: Sequence[Input], slot: int | None = None, deadline: float | None = None
+    ) -> BatchResult:
+        """Embed `inputs` (and apply the head in `slot`, if given) as part of whatever batches form.
+        `deadline` (time.monotonic()) lets the batcher refuse at once a call it cannot serve in time."""
+        estimate = self.admission.admit(len(inputs), self.queue_depth, deadline)
         loop = asyncio.get_running_loop()
         enqueued = time.perf_counter()
         self._reserved += len(inputs)
@@ -139,8 +141,12 @@ class Batcher:
             prepared = await loop.run_in_executor(
                 self.preprocess_executor, self.preprocessor.prepare, list(inputs)
             )
+        except BaseException:
+            self.admission.release(estimate)
+            raise
         finally:
             self._reserved -= len(inputs)
+        self.admission.prepared(estimate, float(sum(p.cost for p in prepared)), len(prepared))
         request = _Request(
             future=loop.create_future(),
             slot=slot,
@@ -171,7 +177,11 @@ class Batcher:
 
     def _drop_cancelled(self) -> None:
         if any(item.request.cancelled for item in self._pending):
-            self._pending = [item for item in self._pending if not item.request.cancelled]
+            kept = [item for item in self._pending if not item.request.cancelled]
+            self.admission.release(
+                sum(i.prepared.cost for i in self._pending) - sum(i.prepared.cost for i in kept)
+            )
+            self._pending = kept
 
     def _full(self) -> bool:
         p = self.policy
@@ -277,6 +287,7 @@ class Batcher:
         return rows, t1 - t0, t2 - t1
 
     def _finish(self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]]) -> None:
+        self.admission.release(sum(item.prepared.cost for item in batch))
         self._slots.release()
         self._in_flight -= 1
         self.batches_run += 1
@@ -288,6 +299,9 @@ class Batcher:
                     item.request.future.set_exception(error)
             return
         rows, run_s, head_s = future.result()
+        self.admission.ran(
+            sum(i.prepared.cost for i, row in zip(batch, rows, strict=True) if row is not None), run_s
+        )
         seen: set[int] = set()
         for item, row in zip(batch, rows, strict=True):
             request = item.request

@@ -26,6 +26,9 @@ class FakePreprocessor:
     def __init__(self, max_length: int = 32) -> None:
         self.max_length = max_length
 
+    def clip(self, item: Input) -> Input:
+        return item
+
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         out = []
         for item in inputs:

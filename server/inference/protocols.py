@@ -28,6 +28,10 @@ class Prepared:
 class Preprocessor(Protocol):
     input_kind: str
 
+    def clip(self, item: Input) -> Input:
+        """The input as the backbone will see it (a text cut to a bounded length), for storing examples."""
+        ...
+
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         """Blocking and thread-safe; runs in the preprocessing pool, never on the event loop."""
         ...

@@ -10,6 +10,10 @@ import numpy as np
 from headswap.server.domain import Input
 from headswap.server.inference.protocols import Prepared
 
+# Real text runs 3 to 6 characters per token: cutting at 64 per token of max_length (16,384 characters for
+# 256 tokens) cuts nothing the backbone would see, and bounds the tokenizer's work on a huge text.
+CHARS_PER_TOKEN_BOUND = 64
+
 
 class TextPreprocessor:
     input_kind = "text"
@@ -18,22 +22,30 @@ class TextPreprocessor:
         from tokenizers import Tokenizer
 
         self.max_length = max_length
+        self.max_chars = max_length * CHARS_PER_TOKEN_BOUND
         self.input_names = tuple(input_names)
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=max_length)
         self.tokenizer.no_padding()
 
+    def clip(self, item: Input) -> Input:
+        """The part of a text the backbone can see: cut by characters before tokenizing, so a huge text
+        costs no more than a long one (and is stored no larger as a training example)."""
+        text = item.text or ""
+        return item if len(text) <= self.max_chars else Input(text=text[: self.max_chars])
+
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
+        clipped = [self.clip(item) for item in inputs]
         # The Rust batch API releases the GIL and tokenizes on its own threads.
-        encodings = self.tokenizer.encode_batch([item.text or "" for item in inputs])
+        encodings = self.tokenizer.encode_batch([item.text or "" for item in clipped])
         return [
             Prepared(
                 payload=ids,
                 cost=len(ids),
                 group_key=len(ids),
-                truncated=len(e.overflowing) > 0,
+                truncated=len(e.overflowing) > 0 or short is not item,
             )
-            for e in encodings
+            for e, item, short in zip(encodings, inputs, clipped, strict=True)
             for ids in (np.asarray(e.ids, dtype=np.int64),)
         ]
 

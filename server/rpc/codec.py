@@ -224,6 +224,7 @@ def summaries_to_pb(rows: Sequence[d.HeadSummary]) -> pb.ListHeadsResponse:
                 version_count=h.version_count,
                 labels=list(h.labels),
                 backbone_fingerprint=h.fingerprint,
+                problem=h.problem,
             )
             for h in rows
         ]
@@ -257,3 +258,11 @@ def deletion_to_pb(x: d.Deletion) -> pb.DeleteHeadResponse:
     return pb.DeleteHeadResponse(
         tenant=x.tenant, versions_deleted=x.versions_deleted, examples_deleted=x.examples_deleted
     )
+
+
+def version_from_pb(request: pb.DeleteHeadVersionRequest, caller: d.Caller) -> d.VersionRequest:
+    return d.VersionRequest(request.tenant, request.version, caller)
+
+
+def version_deleted_to_pb(o: d.HeadOverview) -> pb.DeleteHeadVersionResponse:
+    return pb.DeleteHeadVersionResponse(head=overview_to_pb(o))

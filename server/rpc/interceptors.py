@@ -17,10 +17,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from headswap.server import errors
-from headswap.server.domain import ANONYMOUS, Caller
+from headswap.server.domain import ANONYMOUS, Caller, call_deadline
 from headswap.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ STATUS: dict[type[errors.HeadswapError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("headswap_caller", default=ANONYMOUS)
@@ -103,6 +105,8 @@ class CallInterceptor(aio.ServerInterceptor):
         # Each call runs in its own task, so its own copy of the context: nothing to reset afterwards (and a
         # stream closed early is finalised in another context, where a reset would fail).
         _caller.set(ANONYMOUS)
+        remaining = context.time_remaining()
+        call_deadline.set(None if remaining is None else time.monotonic() + remaining)
         try:
             if ours and not self.open:
                 raise errors.Unavailable(
@@ -136,29 +140,45 @@ class CallInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         rpc, ours = _rpc_name(method), method.startswith(OUR_SERVICE)
         scope = self._scope
+        decode = handler.request_deserializer or (lambda raw: raw)
+        # Requests arrive as raw bytes and are decoded inside the scope, so that malformed protobuf becomes
+        # INVALID_ARGUMENT (gRPC would answer UNKNOWN), and are read as a stream of one, so that a client
+        # that half-closes without sending its message gets an answer at once instead of a hang.
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
-            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            async def unary(requests: AsyncIterator[bytes], context: aio.ServicerContext) -> Any:
                 async with scope(rpc, ours, context):
-                    return await inner(request, context)
+                    return await inner(await _one(requests, decode), context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+            return grpc.stream_unary_rpc_method_handler(
+                unary, request_deserializer=None, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
-            async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(
+                requests: AsyncIterator[bytes], context: aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 async with scope(rpc, ours, context):
-                    async for item in inner_stream(request, context):
+                    async for item in inner_stream(await _one(requests, decode), context):
                         yield item
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+            return grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler
+
+
+async def _one(requests: AsyncIterator[bytes], decode: Callable[[bytes], Any]) -> Any:
+    """The one request message of a unary call, decoded."""
+    try:
+        raw = await anext(aiter(requests))
+    except StopAsyncIteration:
+        raise errors.InvalidArgument("the call carried no request message: send exactly one") from None
+    try:
+        return decode(raw)
+    except DecodeError as exc:
+        raise errors.InvalidArgument(
+            f"the request is not a valid protobuf message of its method: {exc}"
+        ) from None

@@ -62,3 +62,9 @@ class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
         self, request: pb.DeleteHeadRequest, context: aio.ServicerContext
     ) -> pb.DeleteHeadResponse:
         return codec.deletion_to_pb(await self.heads.delete(codec.tenant_from_pb(request, current_caller())))
+
+    async def DeleteHeadVersion(
+        self, request: pb.DeleteHeadVersionRequest, context: aio.ServicerContext
+    ) -> pb.DeleteHeadVersionResponse:
+        result = await self.heads.delete_version(codec.version_from_pb(request, current_caller()))
+        return codec.version_deleted_to_pb(result)

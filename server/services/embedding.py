@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from headswap.server.config import LimitsConfig
-from headswap.server.domain import Embedded, EmbedRequest, Input, Timings
+from headswap.server.domain import Embedded, EmbedRequest, Input, Timings, call_deadline
 from headswap.server.errors import InvalidArgument, ResourceExhausted
 from headswap.server.inference.batcher import Batcher, BatchResult
 from headswap.server.inference.protocols import Backbone
@@ -31,7 +33,8 @@ class EmbeddingService:
     metrics: Metrics
 
     def check(self, inputs: tuple[Input, ...], what: str = "inputs") -> None:
-        check_inputs(inputs, self.limits.max_batch_inputs, self.backbone.manifest.input_kind, what)
+        kind, limits = self.backbone.manifest.input_kind, self.limits
+        check_inputs(inputs, limits.max_batch_inputs, kind, what, limits.max_request_bytes)
 
     def check_reply_size(self, payload_bytes: int, hint: str) -> None:
         """Refuse before the backbone runs: the transport would only find out when sending the reply."""
@@ -51,13 +54,22 @@ class EmbeddingService:
             len(request.inputs) * self.backbone.dim * dtype.itemsize,
             "send fewer inputs per call or ask for float16",
         )
-        result = await self.batcher.submit(request.inputs)
+        result = await self.batcher.submit(request.inputs, deadline=call_deadline.get())
         t = timings(result)
         self.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, None)
         embeddings = np.stack(result.rows).astype(dtype, copy=False)
         return Embedded(embeddings, result.truncated, t, self.backbone.describe())
 
-    async def vectors(self, inputs: list[Input]) -> np.ndarray:
-        """float32 (n, dim) for inputs already checked (training examples)."""
-        result = await self.batcher.submit(inputs)
-        return np.stack(result.rows).astype(np.float32, copy=False)
+    async def vectors(self, inputs: list[Input], deadline: float) -> np.ndarray:
+        """float32 (n, dim) for inputs already checked (training examples). A training is no call waiting
+        on its answer: when the queue is full it waits for room (with backoff) until `deadline`."""
+        delay = 0.05
+        while True:
+            try:
+                result = await self.batcher.submit(inputs)
+                return np.stack(result.rows).astype(np.float32, copy=False)
+            except ResourceExhausted:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)

@@ -24,8 +24,10 @@ from headswap.server.domain import (
     ListRequest,
     TenantRequest,
     VersionInfo,
+    VersionRequest,
+    call_deadline,
 )
-from headswap.server.errors import InvalidArgument
+from headswap.server.errors import DataLoss, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
 from headswap.server.services.embedding import EmbeddingService, timings
 from headswap.server.services.locks import TenantLocks
@@ -93,10 +95,17 @@ class HeadService:
         head = self.bank.peek(tenant, version)
         if head is None:
             head = await self.run_io(self.bank.get, tenant, version)
+        k = min(max(1, request.top_k), len(head.labels))
+        # Sized before any work: every label score costs its label's bytes and a few more on the wire.
+        self.embedding.check_reply_size(
+            len(request.inputs) * k * (head.max_label_bytes + 12),
+            "send fewer inputs per call or ask for a smaller top_k",
+        )
         # The head rides with the inputs through the batcher: the backbone and every tenant's head run on
         # the whole mixed batch, and this request keeps `head` (its version) from start to end.
-        result = await self.embedding.batcher.submit(request.inputs, slot=head.slot)
-        k = max(1, request.top_k)
+        result = await self.embedding.batcher.submit(
+            request.inputs, slot=head.slot, deadline=call_deadline.get()
+        )
         labels = []
         for probs in result.rows:
             indices, scores = top_k(np.asarray(probs), k)
@@ -108,22 +117,27 @@ class HeadService:
     # -- management ------------------------------------------------------------------------------------------
 
     async def list_heads(self, request: ListRequest) -> list[HeadSummary]:
-        def work() -> list[HeadSummary]:
-            rows = []
-            for tenant in self.store.tenants():
+        def summary(tenant: str) -> HeadSummary | None:
+            try:
                 state = self.store.state(tenant)
-                shown = state.active_version or state.versions[-1]
+                shown = state.active_version or (state.versions[-1] if state.versions else 0)
+                if not shown:
+                    return HeadSummary(tenant, 0, 0, (), "")
                 m = self.store.manifest(tenant, shown)
-                rows.append(
-                    HeadSummary(
-                        tenant,
-                        state.active_version,
-                        len(state.versions),
-                        tuple(m["labels"]),
-                        m["backbone_fingerprint"],
-                    )
+                return HeadSummary(
+                    tenant,
+                    state.active_version,
+                    len(state.versions),
+                    tuple(m["labels"]),
+                    m["backbone_fingerprint"],
                 )
-            return rows
+            except NotFound:
+                return None  # deleted while listing
+            except DataLoss:
+                return HeadSummary(tenant, 0, 0, (), "", problem=self.store.damaged.get(tenant, "damaged"))
+
+        def work() -> list[HeadSummary]:
+            return [row for tenant in self.store.tenants() if (row := summary(tenant)) is not None]
 
         return await self.run_io(work)
 
@@ -149,6 +163,15 @@ class HeadService:
             state, previous = await self.run_io(self.store.activate, tenant, version)
             await self.apply(Change(tenant, state.active_version, state.seq), stored)
         return Activation(tenant, state.active_version, previous)
+
+    async def delete_version(self, request: VersionRequest) -> HeadOverview:
+        tenant, version = check_tenant(request.tenant), request.version
+        if version <= 0:
+            raise InvalidArgument(f"version must be a positive version number, not {version}")
+        async with self.locks(tenant):
+            await self.run_io(self.store.delete_version, tenant, version)  # NOT_FOUND, FAILED_PRECONDITION
+            self.bank.forget_version(tenant, version)
+        return await self.get_head(TenantRequest(tenant, request.caller))
 
     async def delete(self, request: TenantRequest) -> Deletion:
         tenant = check_tenant(request.tenant)

@@ -16,55 +16,27 @@ import numpy as np
 from headswap.adapters import (
     TrainConfig,
     TrainedHead,
+    TrainingCancelled,
     TrainingDivergedError,
     TrainingInputError,
     TrainProgress,
     head_to_bytes,
-    min_examples_per_class,
     train_head,
 )
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import LimitsConfig
-from headswap.server.domain import AdaptOutcome, AdaptRequest, Example, Input, Progress, TrainingOptions
-from headswap.server.errors import FailedPrecondition, InvalidArgument
+from headswap.server.domain import AdaptOutcome, AdaptRequest, Example, Input, Progress
+from headswap.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
+from headswap.server.services.training_input import check_examples, train_config
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
-from headswap.server.validation import check_kind, check_tenant
+from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
 
-MAX_LABEL_CHARS = 200
-MAX_EPOCHS = 10_000
-MAX_HIDDEN_DIM = 8192
 EMBED_CHUNK = 256
-
-
-def train_config(options: TrainingOptions, device: str) -> TrainConfig:
-    """Zero values mean the defaults; anything out of range is INVALID_ARGUMENT with the reason."""
-    defaults = TrainConfig()
-    # Bounds that keep one training from taking the server's memory or hours of its time.
-    if not 0 <= options.max_epochs <= MAX_EPOCHS:
-        raise InvalidArgument(f"max_epochs must be between 1 and {MAX_EPOCHS}, not {options.max_epochs}")
-    if not 0 <= options.hidden_dim <= MAX_HIDDEN_DIM:
-        raise InvalidArgument(f"hidden_dim must be between 1 and {MAX_HIDDEN_DIM}, not {options.hidden_dim}")
-    if options.no_validation and options.validation_fraction:
-        raise InvalidArgument("set validation_fraction or no_validation, not both")
-    fraction = 0.0 if options.no_validation else (options.validation_fraction or defaults.validation_fraction)
-    try:
-        return TrainConfig(
-            kind=options.kind,
-            validation_fraction=fraction,
-            seed=int(options.seed),
-            l2=options.l2 or defaults.l2,
-            max_epochs=options.max_epochs or defaults.max_epochs,
-            hidden_dim=options.hidden_dim or defaults.hidden_dim,
-            dropout=options.dropout or defaults.dropout,
-            device=device,
-        )
-    except ValueError as exc:
-        raise InvalidArgument(f"bad training options: {exc}") from None
 
 
 @dataclass(eq=False)
@@ -82,47 +54,10 @@ class TrainingService:
         return self.heads.store
 
     def _check_examples(self, examples: list[Example], config: TrainConfig) -> tuple[list[str], np.ndarray]:
-        if not examples:
-            raise InvalidArgument("no examples: send labelled examples (the tenant has none stored)")
-        if len(examples) > self.limits.max_examples:
-            raise InvalidArgument(
-                f"{len(examples)} examples in all, more than this server's limit of {self.limits.max_examples} "
-                "per tenant: send fewer, or replace instead of adding"
-            )
-        kind = self.embedding.backbone.manifest.input_kind
-        for i, e in enumerate(examples):
-            check_kind(e.input, kind, f"examples[{i}]")
-            if e.input.text is not None and not e.input.text.strip():
-                raise InvalidArgument(f"examples[{i}] has empty text")
-            if not e.label.strip():
-                raise InvalidArgument(f"examples[{i}] has an empty label")
-            if len(e.label) > MAX_LABEL_CHARS:
-                raise InvalidArgument(f"examples[{i}] has a label longer than {MAX_LABEL_CHARS} characters")
-        labels = sorted({e.label for e in examples})
-        if len(labels) < 2:
-            raise InvalidArgument(
-                f"only one class ({labels[0]!r}): a classifier needs examples of at least two labels"
-            )
-        if len(labels) > self.limits.max_classes:
-            raise InvalidArgument(
-                f"{len(labels)} labels, more than this server's limit of {self.limits.max_classes} per head"
-            )
-        index = {label: i for i, label in enumerate(labels)}
-        y = np.array([index[e.label] for e in examples], dtype=np.int64)
-        need = min_examples_per_class(config.validation_fraction)
-        counts = np.bincount(y, minlength=len(labels))
-        short = [labels[i] for i in np.flatnonzero(counts < need)]
-        if short:
-            shown = ", ".join(repr(s) for s in short[:5]) + (" ..." if len(short) > 5 else "")
-            raise InvalidArgument(
-                f"{len(short)} label(s) have fewer than {need} examples, which a validation fraction of "
-                f"{config.validation_fraction} needs (one to train on, one to validate): {shown}; add examples "
-                "or train without validation"
-            )
-        return labels, y
+        return check_examples(examples, config, self.limits, self.embedding.backbone.manifest.input_kind)
 
     async def _embed_examples(
-        self, tenant: str, inputs: list[Input], report: Callable[[Progress], None]
+        self, tenant: str, inputs: list[Input], report: Callable[[Progress], None], deadline: float
     ) -> tuple[np.ndarray, int, int]:
         """Vectors for `inputs`, from the cache where possible; returns (vectors, embedded, hits)."""
         fingerprint = self.embedding.backbone.fingerprint
@@ -137,12 +72,18 @@ class TrainingService:
                 missing[key] = item
         hits = len(inputs) - sum(1 for k in keys if k in missing)
         todo = list(missing.items())
-        chunk = min(self.limits.max_batch_inputs, EMBED_CHUNK)
+        # Chunks the queue can always admit, however small it is configured.
+        chunk = max(
+            1,
+            min(
+                self.limits.max_batch_inputs, EMBED_CHUNK, self.embedding.batcher.policy.max_queue_items // 2
+            ),
+        )
         report(Progress("embedding", 0, len(todo)))
         fresh: dict[bytes, np.ndarray] = {}
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            vectors = await self.embedding.vectors([item for _, item in part])
+            vectors = await self.embedding.vectors([item for _, item in part], deadline)
             fresh.update({k: vectors[i] for i, (k, _) in enumerate(part)})
             report(Progress("embedding", min(start + chunk, len(todo)), len(todo)))
         self.cache.count(hits, len(todo))
@@ -152,7 +93,11 @@ class TrainingService:
         found.update(fresh)
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
         per_example = dict(zip(keys, vectors, strict=True))
-        await self.heads.run_io(self.store.save_embeddings, tenant, fingerprint, per_example)
+        try:
+            await self.heads.run_io(self.store.save_embeddings, tenant, fingerprint, per_example)
+        except Exception as exc:  # a cache: failing to keep it costs time later, never this training
+            self.metrics.cache_write_errors.inc()
+            log.warning("tenant %s: embedding cache not saved (%s); the training goes on", tenant, exc)
         return vectors, len(todo), hits
 
     async def adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
@@ -183,18 +128,28 @@ class TrainingService:
     async def _adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
         tenant = check_tenant(request.tenant)
         config = train_config(request.options, self.device)
+        size = sum(e.input.nbytes + len(e.label.encode()) for e in request.examples)
+        if size > self.limits.max_request_bytes:
+            raise ResourceExhausted(
+                f"the examples carry {size} bytes, more than this server's limit of {self.limits.max_request_bytes} "
+                "per call: send them in several AdaptHead calls (new examples are added to the stored ones)"
+            )
+        # Stored as the backbone sees them: a huge text is kept no larger than what it is embedded from.
+        clip = self.embedding.backbone.preprocessor.clip
+        new = [Example(clip(e.input), e.label) for e in request.examples]
         lock = self.heads.locks(tenant)
         if lock.locked():
             log.info("AdaptHead for %s waits for the tenant's previous training", tenant)
         async with lock:
+            deadline = time.monotonic() + self.limits.max_train_seconds
             stored = [] if request.replace else await self.heads.run_io(self.store.examples, tenant)
-            examples = [*stored, *request.examples]
+            examples = [*stored, *new]
             labels, y = self._check_examples(examples, config)
 
             events: asyncio.Queue[Progress] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             vectors_task = asyncio.ensure_future(
-                self._embed_examples(tenant, [e.input for e in examples], events.put_nowait)
+                self._embed_examples(tenant, [e.input for e in examples], events.put_nowait, deadline)
             )
             try:
                 async for event in _drain(events, vectors_task):
@@ -204,6 +159,12 @@ class TrainingService:
                 vectors_task.cancel()
 
             stop = threading.Event()
+            out_of_time = False
+
+            def should_stop() -> bool:
+                nonlocal out_of_time
+                out_of_time = time.monotonic() > deadline
+                return stop.is_set() or out_of_time
 
             def on_progress(p: TrainProgress) -> None:
                 event = Progress("training", p.epoch, p.max_epochs, p.train_loss, p.val_loss, p.val_accuracy)
@@ -216,7 +177,7 @@ class TrainingService:
                     len(labels),
                     config,
                     progress=on_progress,
-                    should_stop=stop.is_set,
+                    should_stop=should_stop,
                     label_names=labels,
                 )
 
@@ -228,6 +189,13 @@ class TrainingService:
                 async for event in _drain(events, training):
                     yield event
                 head = training.result()
+            except TrainingCancelled:
+                if not out_of_time:
+                    raise
+                raise ResourceExhausted(
+                    f"the training ran past this server's budget of {self.limits.max_train_seconds:.0f} s and "
+                    "was stopped: use fewer epochs, a smaller hidden_dim or a linear head"
+                ) from None
             except TrainingInputError as exc:
                 raise InvalidArgument(str(exc)) from exc
             except TrainingDivergedError as exc:
@@ -250,8 +218,8 @@ class TrainingService:
                     "tenant": tenant,
                 },
             )
-            new = NewVersion(manifest, weights, examples, activate)
-            state = await self.heads.run_io(self.store.commit_version, tenant, new)
+            committed = NewVersion(manifest, weights, examples, activate)
+            state = await self.heads.run_io(self.store.commit_version, tenant, committed)
             version = state.versions[-1]
             manifest["version"] = version
             if activate:

@@ -5,10 +5,10 @@ from headswap.server.store.base import Change, HeadStore, NewVersion, StoredVers
 __all__ = ["Change", "HeadStore", "NewVersion", "StoredVersion", "TenantState", "open_store"]
 
 
-def open_store(url: str) -> HeadStore:
+def open_store(url: str, max_versions: int = 50) -> HeadStore:
     """The store a `--store` setting names: a directory path (the local store)."""
     from pathlib import Path
 
     from headswap.server.store.local import LocalStore
 
-    return LocalStore(Path(url).expanduser())
+    return LocalStore(Path(url).expanduser(), max_versions=max_versions)

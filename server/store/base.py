@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import hashlib
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from headswap.server.domain import Deletion, Example, Input
-from headswap.server.errors import NotFound
+from headswap.server.errors import DataLoss, NotFound
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TenantState:
     active_version: int  # 0 when no version is active
     versions: tuple[int, ...]
     seq: int = 0  # grows with every change of this state
+    previous_version: int = 0  # the version active before the active one (kept for a rollback)
 
     def require(self, version: int) -> None:
         if version not in self.versions:
@@ -66,6 +68,30 @@ class Change:
 
 def no_head(tenant: str) -> NotFound:
     return NotFound(f"tenant {tenant!r} has no head: train one with AdaptHead first")
+
+
+def damaged(tenant: str, what: str) -> DataLoss:
+    return DataLoss(
+        f"tenant {tenant!r} is quarantined: {what}; run `headswap store check --repair` on the store, or "
+        "delete the tenant with DeleteHead"
+    )
+
+
+def weights_digest(weights: bytes) -> str:
+    return hashlib.sha256(weights).hexdigest()
+
+
+def verify_weights(tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> None:
+    """Weights must be the bytes committed: their sha256 was recorded in the manifest at commit."""
+    recorded = manifest.get("weights_sha256")
+    if recorded is not None and recorded != weights_digest(weights):
+        raise damaged(tenant, f"version {version}'s weights do not match the sha256 recorded at commit")
+
+
+def retained(state: TenantState, keep_newest: int) -> tuple[int, ...]:
+    """The versions a retention limit keeps: the newest `keep_newest`, the active one and its predecessor."""
+    keep = set(state.versions[-keep_newest:]) | ({state.active_version, state.previous_version} - {0})
+    return tuple(v for v in state.versions if v in keep)
 
 
 class ChangeFeed:
@@ -97,11 +123,15 @@ class ChangeFeed:
 
 
 class HeadStore(abc.ABC):
-    """What the services need from a store. Implementations make each method atomic and publish every
-    change of an active pointer on `feed`."""
+    """What the services need from a store. Implementations make each method atomic, publish every change
+    of an active pointer on `feed`, keep at most `max_versions` versions per tenant (plus the active one
+    and its predecessor), and raise DataLoss for a tenant whose stored data cannot be read, recording it
+    in `damaged` (tenant -> what is wrong) so that one tenant's damage never reaches another."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_versions: int = 50) -> None:
         self.feed = ChangeFeed()
+        self.max_versions = max_versions
+        self.damaged: dict[str, str] = {}
 
     def changes(self) -> AsyncIterator[Change]:
         """Every change from now on, in order."""
@@ -132,6 +162,10 @@ class HeadStore(abc.ABC):
     @abc.abstractmethod
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         """Point the tenant at an existing version; returns the new state and the previous active one."""
+
+    @abc.abstractmethod
+    def delete_version(self, tenant: str, version: int) -> TenantState:
+        """Remove one version that is not the active one."""
 
     @abc.abstractmethod
     def delete(self, tenant: str) -> tuple[Deletion, Change]:

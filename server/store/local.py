@@ -1,21 +1,28 @@
 """The local store: everything under one directory, no server needed (one replica per directory).
 
-Every write is atomic: a temporary file, fsync, rename, fsync of the directory. A version becomes visible
-only when the tenant's `state.json` names it, so a process killed mid-training leaves the previous state
-intact; version directories that no state names are swept at start-up.
+Every write is atomic: a temporary file, fsync, rename, fsync of the directory. `state.json` is a tenant's
+one commit point: it names the versions, the active one and the file of the current examples, so that a
+training's examples, version and pointer become visible together or not at all. Files no state names
+(versions or example sets of a training that did not commit, temporary files) are swept at start-up.
+A tenant whose files cannot be read is quarantined (DataLoss for that tenant alone); `check` finds and
+`check(repair=True)` mends what it can.
 
 Layout:
-    tenants/<tenant>/state.json                     {"active_version", "versions": [...], "seq"}
-    tenants/<tenant>/versions/<N>/head.json         manifest (labels, fingerprint, config, metrics)
+    tenants/<tenant>/state.json                         {"active_version", "previous_version",
+                                                         "versions": [...], "examples": "<sha256>", "seq"}
+    tenants/<tenant>/versions/<N>/head.json             manifest (labels, fingerprint, metrics, weights_sha256)
     tenants/<tenant>/versions/<N>/weights.safetensors
-    tenants/<tenant>/examples.json                  the labelled examples, in order
+    tenants/<tenant>/examples/<sha256>.json             labelled example sets, content-addressed
     tenants/<tenant>/embeddings/<fingerprint>.safetensors   cached embeddings of those examples
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -25,18 +32,25 @@ from typing import Any
 import numpy as np
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import NotFound
+from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.store.base import (
     Change,
     HeadStore,
     NewVersion,
     StoredVersion,
     TenantState,
+    damaged,
     example_from_json,
     example_to_json,
     no_head,
+    retained,
+    verify_weights,
+    weights_digest,
 )
+from headswap.server.store.faults import crash_point
 from headswap.server.validation import check_tenant
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,87 +81,150 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
+_EXAMPLES_REF = re.compile(r"(|[0-9a-f]{64})")
+
+
 def next_seq(previous: int) -> int:
     """Sequence numbers from the clock, so that they keep growing across a delete and a restart."""
     return max(time.time_ns(), previous + 1)
 
 
 class LocalStore(HeadStore):
-    def __init__(self, root: Path) -> None:
-        super().__init__()
+    def __init__(self, root: Path, max_versions: int = 50) -> None:
+        super().__init__(max_versions)
         self.root = root
         self.tenants_dir = root / "tenants"
         self.tenants_dir.mkdir(parents=True, exist_ok=True)
         self._sweep()
 
     # -- paths; tenant names are checked at the edge, and again here because they become paths.
-    def _tenant_dir(self, tenant: str) -> Path:
+    def tenant_dir(self, tenant: str) -> Path:
         return self.tenants_dir / check_tenant(tenant)
 
-    def _version_dir(self, tenant: str, version: int) -> Path:
-        return self._tenant_dir(tenant) / "versions" / str(int(version))
+    def version_dir(self, tenant: str, version: int) -> Path:
+        return self.tenant_dir(tenant) / "versions" / str(int(version))
 
-    def _sweep(self) -> None:
-        """Remove what a crash may have left: temporary files and versions no state names."""
-        for tenant_dir in self.tenants_dir.iterdir():
-            if tenant_dir.name.startswith("."):
-                shutil.rmtree(tenant_dir, ignore_errors=True)  # a delete that did not finish
-                continue
-            for tmp in tenant_dir.rglob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-            state_path = tenant_dir / "state.json"
-            known = set(json.loads(state_path.read_text())["versions"]) if state_path.exists() else set()
-            versions = tenant_dir / "versions"
-            if versions.is_dir():
-                for entry in versions.iterdir():
-                    if not entry.name.isdigit() or int(entry.name) not in known:
-                        shutil.rmtree(entry, ignore_errors=True)
-            if not known and not (tenant_dir / "examples.json").exists():
-                shutil.rmtree(tenant_dir, ignore_errors=True)
+    def _read(self, tenant: str, path: Path, what: str) -> bytes:
+        """A file of the tenant: NotFound when the tenant is gone, DataLoss (quarantine) when it is damaged."""
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if not self.tenant_dir(tenant).is_dir():
+                raise no_head(tenant) from None
+            raise self._quarantine(tenant, f"{what} is missing") from None
+        except OSError as exc:
+            raise self._quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
+
+    def _read_json(self, tenant: str, path: Path, what: str) -> Any:
+        raw = self._read(tenant, path, what)
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise self._quarantine(tenant, f"{what} is not valid JSON") from None
+
+    def _quarantine(self, tenant: str, what: str) -> DataLoss:
+        if self.damaged.get(tenant) != what:
+            log.warning("tenant %s quarantined: %s", tenant, what)
+        self.damaged[tenant] = what
+        return damaged(tenant, what)
+
+    # -- reading -----------------------------------------------------------------------------------------
 
     def tenants(self) -> list[str]:
-        return sorted(p.name for p in self.tenants_dir.iterdir() if (p / "state.json").exists())
+        # A name starting with "." is a delete in progress or a temporary directory, never a tenant.
+        return sorted(
+            p.name
+            for p in self.tenants_dir.iterdir()
+            if not p.name.startswith(".") and (p / "state.json").exists()
+        )
+
+    def _raw_state(self, tenant: str) -> dict[str, Any]:
+        path = self.tenant_dir(tenant) / "state.json"
+        if not path.exists():
+            raise no_head(tenant)
+        raw = self._read_json(tenant, path, "state.json")
+        try:
+            if not isinstance(raw, dict) or not _EXAMPLES_REF.fullmatch(str(raw.get("examples", ""))):
+                raise TypeError  # the examples name becomes a path: only a sha256 (or nothing) is one
+            versions = [int(v) for v in raw["versions"]]
+            for key in ("active_version", "previous_version", "seq"):
+                int(raw.get(key, 0))
+            if sorted(set(versions)) != versions:
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise self._quarantine(tenant, "state.json does not describe a state") from None
+        return dict(raw)
 
     def state(self, tenant: str) -> TenantState:
-        path = self._tenant_dir(tenant) / "state.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise no_head(tenant) from None
+        raw = self._raw_state(tenant)
         return TenantState(
             tenant,
             int(raw["active_version"]),
             tuple(int(v) for v in raw["versions"]),
             int(raw.get("seq", 0)),
+            int(raw.get("previous_version", 0)),
         )
 
     def manifest(self, tenant: str, version: int) -> dict[str, Any]:
         self.state(tenant).require(version)
-        data: dict[str, Any] = json.loads((self._version_dir(tenant, version) / "head.json").read_text())
+        data = self._read_json(
+            tenant, self.version_dir(tenant, version) / "head.json", f"version {version}'s head.json"
+        )
+        if not isinstance(data, dict):
+            raise self._quarantine(tenant, f"version {version}'s head.json is not a manifest")
         return data
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         manifest = self.manifest(tenant, version)
-        weights = (self._version_dir(tenant, version) / "weights.safetensors").read_bytes()
+        path = self.version_dir(tenant, version) / "weights.safetensors"
+        weights = self._read(tenant, path, f"version {version}'s weights")
+        try:
+            verify_weights(tenant, version, manifest, weights)
+        except DataLoss:
+            raise self._quarantine(
+                tenant, f"version {version}'s weights do not match their recorded sha256"
+            ) from None
         return StoredVersion(version, manifest, weights)
 
+    def _examples_path(self, tenant: str, raw_state: dict[str, Any]) -> Path | None:
+        ref = raw_state.get("examples")
+        if ref is None:  # written before example sets were content-addressed
+            legacy = self.tenant_dir(tenant) / "examples.json"
+            return legacy if legacy.exists() else None
+        return self.tenant_dir(tenant) / "examples" / f"{ref}.json" if ref else None
+
+    def examples_ref(self, tenant: str) -> str:
+        """The name of the tenant's current example set ("" for none)."""
+        return str(self._raw_state(tenant).get("examples") or "")
+
     def examples(self, tenant: str) -> list[Example]:
-        path = self._tenant_dir(tenant) / "examples.json"
-        if not path.exists():
+        try:
+            raw_state = self._raw_state(tenant)
+        except NotFound:
             return []
-        return [example_from_json(e) for e in json.loads(path.read_text())["examples"]]
+        path = self._examples_path(tenant, raw_state)
+        if path is None:
+            return []
+        raw = self._read_json(tenant, path, "the examples file")
+        try:
+            return [example_from_json(e) for e in raw["examples"]]
+        except (TypeError, KeyError, ValueError):
+            raise self._quarantine(tenant, "the examples file does not hold examples") from None
+
+    # -- writing -----------------------------------------------------------------------------------------
 
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
-        tenant_dir = self._tenant_dir(tenant)
+        tenant_dir = self.tenant_dir(tenant)
         try:
+            raw_state: dict[str, Any] = self._raw_state(tenant)
             state = self.state(tenant)
         except NotFound:
-            state = TenantState(tenant, 0, ())
+            raw_state, state = {}, TenantState(tenant, 0, ())
         versions_dir = tenant_dir / "versions"
         versions_dir.mkdir(parents=True, exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         version = max([*state.versions, *existing, 0]) + 1
-        manifest = {**new.manifest, "version": version}
+        manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:
@@ -162,71 +239,120 @@ class LocalStore(HeadStore):
             shutil.rmtree(staging, ignore_errors=True)
             raise
         _fsync_dir(versions_dir)
+        crash_point("version-written")
+        examples = _json_bytes({"examples": [example_to_json(e) for e in new.examples]})
+        ref = hashlib.sha256(examples).hexdigest()
         atomic_write(
-            tenant_dir / "examples.json",
-            _json_bytes({"examples": [example_to_json(e) for e in new.examples]}),
-        )
-        # The commit point: until state.json names the version, a restart sweeps it away.
-        new_state = TenantState(
-            tenant,
-            version if new.activate else state.active_version,
-            (*state.versions, version),
-            next_seq(state.seq),
-        )
-        self._write_state(new_state)
-        return new_state
+            tenant_dir / "examples" / f"{ref}.json", examples
+        )  # rewritten: a damaged copy may be there
+        crash_point("examples-written")
+        active = version if new.activate else state.active_version
+        previous = state.active_version if new.activate and state.active_version else state.previous_version
+        updated = TenantState(tenant, active, (*state.versions, version), next_seq(state.seq), previous)
+        # The commit point: until state.json names the version and the examples, a restart sweeps them away.
+        self.write_state(updated, ref)
+        crash_point("state-written")
+        self._prune(updated, ref, raw_state.get("examples"))
+        self.damaged.pop(tenant, None)
+        self.feed.publish(Change(tenant, updated.active_version, updated.seq))
+        return self.state(tenant)
 
-    def _write_state(self, state: TenantState) -> None:
+    def write_state(self, state: TenantState, examples: str) -> None:
         atomic_write(
-            self._tenant_dir(state.tenant) / "state.json",
+            self.tenant_dir(state.tenant) / "state.json",
             _json_bytes(
                 {
                     "active_version": state.active_version,
+                    "previous_version": state.previous_version,
                     "versions": list(state.versions),
+                    "examples": examples,
                     "seq": state.seq,
                     "updated_at": time.time(),
                 }
             ),
         )
-        self.feed.publish(Change(state.tenant, state.active_version, state.seq))
+
+    def _prune(self, state: TenantState, examples: str, old_examples: str | None) -> None:
+        """Retention: drop versions past the limit (the state first, then their files) and the old
+        example set."""
+        keep = retained(state, self.max_versions)
+        if keep != state.versions:
+            self.write_state(
+                TenantState(state.tenant, state.active_version, keep, state.seq, state.previous_version),
+                examples,
+            )
+            for version in set(state.versions) - set(keep):
+                shutil.rmtree(self.version_dir(state.tenant, version), ignore_errors=True)
+        tenant_dir = self.tenant_dir(state.tenant)
+        if old_examples and old_examples != examples:
+            (tenant_dir / "examples" / f"{old_examples}.json").unlink(missing_ok=True)
+        (tenant_dir / "examples.json").unlink(missing_ok=True)  # the layout before content-addressing
 
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         state = self.state(tenant)
         state.require(version)
-        new_state = TenantState(tenant, version, state.versions, next_seq(state.seq))
-        self._write_state(new_state)
-        return new_state, state.active_version
+        self.load_version(tenant, version)  # DataLoss before the pointer moves to damaged weights
+        previous = state.active_version if state.active_version != version else state.previous_version
+        updated = TenantState(tenant, version, state.versions, next_seq(state.seq), previous)
+        self.write_state(updated, self.examples_ref(tenant))
+        self.feed.publish(Change(tenant, version, updated.seq))
+        return updated, state.active_version
+
+    def delete_version(self, tenant: str, version: int) -> TenantState:
+        state = self.state(tenant)
+        state.require(version)
+        if version == state.active_version:
+            raise FailedPrecondition(
+                f"version {version} is tenant {tenant!r}'s active version: activate another one first"
+            )
+        previous = 0 if version == state.previous_version else state.previous_version
+        versions = tuple(v for v in state.versions if v != version)
+        updated = TenantState(tenant, state.active_version, versions, next_seq(state.seq), previous)
+        self.write_state(updated, self.examples_ref(tenant))
+        shutil.rmtree(self.version_dir(tenant, version), ignore_errors=True)
+        return updated
 
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
-        state = self.state(tenant)
-        examples = len(self.examples(tenant))
-        tenant_dir = self._tenant_dir(tenant)
+        """Works on a quarantined tenant too: whatever can be counted is, and everything goes."""
+        tenant_dir = self.tenant_dir(tenant)
+        if not (tenant_dir / "state.json").exists():
+            raise no_head(tenant)
+        try:
+            state = self.state(tenant)
+            versions, seq = len(state.versions), state.seq
+        except DataLoss:
+            versions, seq = sum(1 for p in (tenant_dir / "versions").glob("*") if p.name.isdigit()), 0
+        try:
+            examples = len(self.examples(tenant))
+        except DataLoss:
+            examples = 0
         # Rename first: the tenant disappears at once and atomically; a crash mid-delete is swept later.
         trash = self.tenants_dir / f".{tenant}.deleted-{time.time_ns()}"
         os.rename(tenant_dir, trash)
         _fsync_dir(self.tenants_dir)
         shutil.rmtree(trash, ignore_errors=True)
-        change = Change(tenant, 0, next_seq(state.seq), deleted=True)
+        self.damaged.pop(tenant, None)
+        change = Change(tenant, 0, next_seq(seq), deleted=True)
         self.feed.publish(change)
-        return Deletion(tenant, len(state.versions), examples), change
+        return Deletion(tenant, versions, examples), change
+
+    # -- the embedding cache -----------------------------------------------------------------------------
 
     def _embeddings_path(self, tenant: str, fingerprint: str) -> Path:
         if not fingerprint.isalnum():
             raise ValueError("fingerprint must be alphanumeric")
-        return self._tenant_dir(tenant) / "embeddings" / f"{fingerprint}.safetensors"
+        return self.tenant_dir(tenant) / "embeddings" / f"{fingerprint}.safetensors"
 
     def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
         from safetensors.numpy import load
 
         path = self._embeddings_path(tenant, fingerprint)
-        if not path.exists():
-            return {}
         try:
             tensors = load(path.read_bytes())
-        except Exception:
-            return {}  # a cache: a damaged file costs time, never correctness
-        keys, vectors = tensors["keys"], tensors["vectors"]
-        return {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
+            keys, vectors = tensors["keys"], tensors["vectors"]
+            return {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
+        except Exception:  # missing or damaged: a cache costs time, never correctness
+            return {}
 
     def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
         from safetensors.numpy import save
@@ -236,3 +362,37 @@ class LocalStore(HeadStore):
         keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
         vectors = np.stack(list(entries.values())).astype(np.float32)
         atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
+
+    # -- start-up ----------------------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Remove what a crash may have left (temporary files, deletes that did not finish, versions and
+        example sets no state names); quarantine, and leave untouched, tenants whose state is damaged."""
+        for tenant_dir in self.tenants_dir.iterdir():
+            if tenant_dir.name.startswith("."):
+                shutil.rmtree(tenant_dir, ignore_errors=True)
+                continue
+            tenant = tenant_dir.name
+            for tmp in tenant_dir.rglob(".*.tmp"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+            if not (tenant_dir / "state.json").exists():
+                shutil.rmtree(tenant_dir, ignore_errors=True)  # a first training that never committed
+                continue
+            try:
+                raw = self._raw_state(tenant)
+            except (DataLoss, NotFound, ValueError):
+                continue  # quarantined and logged: a repair decides, not the sweep
+            known = {int(v) for v in raw["versions"]}
+            versions = tenant_dir / "versions"
+            if versions.is_dir():
+                for entry in versions.iterdir():
+                    if not entry.name.isdigit() or int(entry.name) not in known:
+                        shutil.rmtree(entry, ignore_errors=True)
+            current = raw.get("examples")
+            if current is not None and (tenant_dir / "examples").is_dir():
+                for entry in (tenant_dir / "examples").iterdir():
+                    if entry.name != f"{current}.json":
+                        entry.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from headswap.server.domain import Deletion, Example
+from headswap.server.errors import FailedPrecondition
 from headswap.server.store.base import (
     Change,
     HeadStore,
@@ -16,13 +17,16 @@ from headswap.server.store.base import (
     StoredVersion,
     TenantState,
     no_head,
+    retained,
+    verify_weights,
+    weights_digest,
 )
 from headswap.server.validation import check_tenant
 
 
 class MemoryStore(HeadStore):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_versions: int = 50) -> None:
+        super().__init__(max_versions)
         self._states: dict[str, TenantState] = {}
         self._versions: dict[tuple[str, int], StoredVersion] = {}
         self._examples: dict[str, list[Example]] = {}
@@ -34,23 +38,28 @@ class MemoryStore(HeadStore):
         self._seq += 1
         return self._seq
 
+    def _state(self, tenant: str) -> TenantState:
+        state = self._states.get(check_tenant(tenant))
+        if state is None:
+            raise no_head(tenant)
+        return state
+
     def tenants(self) -> list[str]:
         with self._lock:
             return sorted(self._states)
 
     def state(self, tenant: str) -> TenantState:
         with self._lock:
-            state = self._states.get(check_tenant(tenant))
-        if state is None:
-            raise no_head(tenant)
-        return state
+            return self._state(tenant)
 
     def manifest(self, tenant: str, version: int) -> dict[str, Any]:
         return self.load_version(tenant, version).manifest
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
-        self.state(tenant).require(version)
-        stored = self._versions[(tenant, version)]
+        with self._lock:
+            self._state(tenant).require(version)
+            stored = self._versions[(tenant, version)]
+        verify_weights(tenant, version, stored.manifest, stored.weights)
         return StoredVersion(stored.version, copy.deepcopy(stored.manifest), stored.weights)
 
     def examples(self, tenant: str) -> list[Example]:
@@ -62,16 +71,24 @@ class MemoryStore(HeadStore):
         with self._lock:
             state = self._states.get(tenant, TenantState(tenant, 0, ()))
             version = max(state.versions, default=0) + 1
-            stored = StoredVersion(
-                version, copy.deepcopy({**new.manifest, "version": version}), bytes(new.weights)
+            manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+            self._versions[(tenant, version)] = StoredVersion(
+                version, copy.deepcopy(manifest), bytes(new.weights)
+            )
+            previous = (
+                state.active_version if new.activate and state.active_version else state.previous_version
             )
             updated = TenantState(
                 tenant,
                 version if new.activate else state.active_version,
                 (*state.versions, version),
                 self._next_seq(),
+                previous,
             )
-            self._versions[(tenant, version)] = stored
+            keep = retained(updated, self.max_versions)
+            for old in set(updated.versions) - set(keep):
+                del self._versions[(tenant, old)]
+            updated = TenantState(tenant, updated.active_version, keep, updated.seq, previous)
             self._examples[tenant] = list(new.examples)
             self._states[tenant] = updated
         self.feed.publish(Change(tenant, updated.active_version, updated.seq))
@@ -79,27 +96,39 @@ class MemoryStore(HeadStore):
 
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         with self._lock:
-            state = self._states.get(check_tenant(tenant))
-            if state is None:
-                raise no_head(tenant)
+            state = self._state(tenant)
             state.require(version)
-            updated = TenantState(tenant, version, state.versions, self._next_seq())
+            previous = state.active_version if state.active_version != version else state.previous_version
+            updated = TenantState(tenant, version, state.versions, self._next_seq(), previous)
             self._states[tenant] = updated
         self.feed.publish(Change(tenant, version, updated.seq))
         return updated, state.active_version
 
+    def delete_version(self, tenant: str, version: int) -> TenantState:
+        with self._lock:
+            state = self._state(tenant)
+            state.require(version)
+            if version == state.active_version:
+                raise FailedPrecondition(
+                    f"version {version} is tenant {tenant!r}'s active version: activate another one first"
+                )
+            previous = 0 if version == state.previous_version else state.previous_version
+            versions = tuple(v for v in state.versions if v != version)
+            updated = TenantState(tenant, state.active_version, versions, self._next_seq(), previous)
+            del self._versions[(tenant, version)]
+            self._states[tenant] = updated
+        return updated
+
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         with self._lock:
-            state = self._states.pop(check_tenant(tenant), None)
-            if state is None:
-                raise no_head(tenant)
+            state = self._state(tenant)
+            del self._states[tenant]
             for v in state.versions:
                 self._versions.pop((tenant, v), None)
             examples = len(self._examples.pop(tenant, []))
             for key in [k for k in self._embeddings if k[0] == tenant]:
                 del self._embeddings[key]
-            seq = self._next_seq()
-        change = Change(tenant, 0, seq, deleted=True)
+            change = Change(tenant, 0, self._next_seq(), deleted=True)
         self.feed.publish(change)
         return Deletion(tenant, len(state.versions), examples), change
 

@@ -78,7 +78,7 @@ def test_sigkill_mid_training_keeps_previous_version(
 
         def slow_training() -> None:
             # A wide MLP over many examples: seconds of training, killed after its first epoch.
-            texts, labels = data(banking77, 40)
+            texts, labels = data(banking77, 100)
             with Client(proc.target, retries=0) as client:
                 try:
                     outcome.append(
@@ -88,8 +88,8 @@ def test_sigkill_mid_training_keeps_previous_version(
                             labels,
                             replace=True,
                             kind="mlp",
-                            hidden_dim=8192,
-                            max_epochs=2000,
+                            hidden_dim=2048,
+                            max_epochs=1000,
                             on_progress=on_progress,
                         )
                     )

@@ -54,10 +54,10 @@ def test_release_reuses_slot_without_touching_others() -> None:
     x = np.random.default_rng(3).standard_normal((1, DIM)).astype(np.float32)
     before_b = stack.apply(x, [b])[0]
     stack.release(a)
-    c = stack.add(*make_head(2, 2))
+    c = stack.add(*make_head(2, 3))  # a's class-count bucket: a's slot is reused
     assert c == a and len(stack) == 2
     np.testing.assert_array_equal(stack.apply(x, [b])[0], before_b)
-    assert stack.apply(x, [c])[0].shape == (2,)
+    assert stack.apply(x, [c])[0].shape == (3,)
 
 
 def test_bad_shapes_are_refused() -> None:
@@ -69,3 +69,23 @@ def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="input dim"):
         HeadStack(DIM + 1).add(spec, state)
     assert torch.isfinite(torch.as_tensor(stack.apply(np.zeros((1, DIM), np.float32), [slot])[0])).all()
+
+
+def test_a_wide_head_does_not_widen_every_other_one() -> None:
+    """Slabs by class-count bucket: 400 four-class heads and one 1000-class head cost about what they
+    weigh, not 401 heads padded to 1000 classes (what one slab for all cost before)."""
+    stack = HeadStack(DIM)
+    small = make_head(0, 4)
+    slots = [stack.add(*small) for _ in range(400)]
+    narrow = stack.allocated_bytes()
+    rng = np.random.default_rng(5)
+    wide = HeadSpec("linear", DIM, 1000)
+    stack.add(
+        wide,
+        {"weight": rng.standard_normal((1000, DIM)).astype(np.float32), "bias": np.zeros(1000, np.float32)},
+    )
+    grown = stack.allocated_bytes() - narrow
+    assert grown <= 4 * 1024 * (DIM + 1) * 4, grown  # the wide head's own slab, nothing else
+    assert narrow <= 2 * 512 * 4 * (DIM + 1) * 4
+    x = rng.standard_normal((2, DIM)).astype(np.float32)
+    assert [p.shape for p in stack.apply(x, [slots[0], slots[-1]])] == [(4,), (4,)]

@@ -99,3 +99,16 @@ async def test_every_pointer_change_is_published_in_order(store: HeadStore) -> N
         ("t", 0, True),
     ]
     assert [c.seq for c in seen] == sorted({c.seq for c in seen})
+
+
+def test_retention_keeps_the_newest_the_active_and_its_predecessor(tmp_path: Path) -> None:
+    for store in (LocalStore(tmp_path / "local", max_versions=3), MemoryStore(max_versions=3)):
+        store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+        for _ in range(5):
+            store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False))
+        assert store.state("t").versions == (1, 4, 5, 6)  # the newest 3 and the active one
+        store.activate("t", 5)
+        state = store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False))
+        assert (state.versions, state.active_version, state.previous_version) == ((1, 5, 6, 7), 5, 1)
+        with pytest.raises(NotFound):
+            store.load_version("t", 4)

@@ -283,18 +283,20 @@ class ListHeadsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HeadSummary(_message.Message):
-    __slots__ = ("tenant", "active_version", "version_count", "labels", "backbone_fingerprint")
+    __slots__ = ("tenant", "active_version", "version_count", "labels", "backbone_fingerprint", "problem")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_COUNT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     active_version: int
     version_count: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     backbone_fingerprint: str
-    def __init__(self, tenant: _Optional[str] = ..., active_version: _Optional[int] = ..., version_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., backbone_fingerprint: _Optional[str] = ...) -> None: ...
+    problem: str
+    def __init__(self, tenant: _Optional[str] = ..., active_version: _Optional[int] = ..., version_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., backbone_fingerprint: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class ListHeadsResponse(_message.Message):
     __slots__ = ("heads",)
@@ -353,3 +355,17 @@ class DeleteHeadResponse(_message.Message):
     versions_deleted: int
     examples_deleted: int
     def __init__(self, tenant: _Optional[str] = ..., versions_deleted: _Optional[int] = ..., examples_deleted: _Optional[int] = ...) -> None: ...
+
+class DeleteHeadVersionRequest(_message.Message):
+    __slots__ = ("tenant", "version")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    version: int
+    def __init__(self, tenant: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeleteHeadVersionResponse(_message.Message):
+    __slots__ = ("head",)
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    head: GetHeadResponse
+    def __init__(self, head: _Optional[_Union[GetHeadResponse, _Mapping]] = ...) -> None: ...

@@ -70,6 +70,11 @@ class HeadswapServiceStub:
                 request_serializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadRequest.SerializeToString,
                 response_deserializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadResponse.FromString,
                 _registered_method=True)
+        self.DeleteHeadVersion = channel.unary_unary(
+                '/headswap.v1.HeadswapService/DeleteHeadVersion',
+                request_serializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionRequest.SerializeToString,
+                response_deserializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionResponse.FromString,
+                _registered_method=True)
 
 
 class HeadswapServiceServicer:
@@ -130,6 +135,14 @@ class HeadswapServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteHeadVersion(self, request, context):
+        """DeleteHeadVersion removes one version that is not the active one (the server also keeps only the newest
+        versions, besides the active one and its predecessor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeadswapServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +180,11 @@ def add_HeadswapServiceServicer_to_server(servicer, server):
                     servicer.DeleteHead,
                     request_deserializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadRequest.FromString,
                     response_serializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadResponse.SerializeToString,
+            ),
+            'DeleteHeadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteHeadVersion,
+                    request_deserializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionRequest.FromString,
+                    response_serializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +377,33 @@ class HeadswapService:
             '/headswap.v1.HeadswapService/DeleteHead',
             headswap_dot_v1_dot_headswap__pb2.DeleteHeadRequest.SerializeToString,
             headswap_dot_v1_dot_headswap__pb2.DeleteHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteHeadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headswap.v1.HeadswapService/DeleteHeadVersion',
+            headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionRequest.SerializeToString,
+            headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

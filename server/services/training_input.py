@@ -1,0 +1,85 @@
+"""What a training may be asked: the caller's options as a TrainConfig, and the examples checked."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from headswap.adapters import TrainConfig, min_examples_per_class
+from headswap.server.config import LimitsConfig
+from headswap.server.domain import Example, TrainingOptions
+from headswap.server.errors import InvalidArgument
+from headswap.server.validation import check_kind
+
+MAX_LABEL_CHARS = 200
+# Caps that keep one training's size sane whatever the time budget (it is enforced while training too).
+MAX_EPOCHS = 1000
+MAX_HIDDEN_DIM = 2048
+
+
+def train_config(options: TrainingOptions, device: str) -> TrainConfig:
+    """Zero values mean the defaults; anything out of range is INVALID_ARGUMENT with the reason."""
+    defaults = TrainConfig()
+    # Bounds that keep one training from taking the server's memory or hours of its time.
+    if not 0 <= options.max_epochs <= MAX_EPOCHS:
+        raise InvalidArgument(f"max_epochs must be between 1 and {MAX_EPOCHS}, not {options.max_epochs}")
+    if not 0 <= options.hidden_dim <= MAX_HIDDEN_DIM:
+        raise InvalidArgument(f"hidden_dim must be between 1 and {MAX_HIDDEN_DIM}, not {options.hidden_dim}")
+    if options.no_validation and options.validation_fraction:
+        raise InvalidArgument("set validation_fraction or no_validation, not both")
+    fraction = 0.0 if options.no_validation else (options.validation_fraction or defaults.validation_fraction)
+    try:
+        return TrainConfig(
+            kind=options.kind,
+            validation_fraction=fraction,
+            seed=int(options.seed),
+            l2=options.l2 or defaults.l2,
+            max_epochs=options.max_epochs or defaults.max_epochs,
+            hidden_dim=options.hidden_dim or defaults.hidden_dim,
+            dropout=options.dropout or defaults.dropout,
+            device=device,
+        )
+    except ValueError as exc:
+        raise InvalidArgument(f"bad training options: {exc}") from None
+
+
+def check_examples(
+    examples: list[Example], config: TrainConfig, limits: LimitsConfig, input_kind: str
+) -> tuple[list[str], np.ndarray]:
+    """Label names (sorted) and label indices, or INVALID_ARGUMENT saying what is wrong with the examples."""
+    if not examples:
+        raise InvalidArgument("no examples: send labelled examples (the tenant has none stored)")
+    if len(examples) > limits.max_examples:
+        raise InvalidArgument(
+            f"{len(examples)} examples in all, more than this server's limit of {limits.max_examples} "
+            "per tenant: send fewer, or replace instead of adding"
+        )
+    for i, e in enumerate(examples):
+        check_kind(e.input, input_kind, f"examples[{i}]")
+        if e.input.text is not None and not e.input.text.strip():
+            raise InvalidArgument(f"examples[{i}] has empty text")
+        if not e.label.strip():
+            raise InvalidArgument(f"examples[{i}] has an empty label")
+        if len(e.label) > MAX_LABEL_CHARS:
+            raise InvalidArgument(f"examples[{i}] has a label longer than {MAX_LABEL_CHARS} characters")
+    labels = sorted({e.label for e in examples})
+    if len(labels) < 2:
+        raise InvalidArgument(
+            f"only one class ({labels[0]!r}): a classifier needs examples of at least two labels"
+        )
+    if len(labels) > limits.max_classes:
+        raise InvalidArgument(
+            f"{len(labels)} labels, more than this server's limit of {limits.max_classes} per head"
+        )
+    index = {label: i for i, label in enumerate(labels)}
+    y = np.array([index[e.label] for e in examples], dtype=np.int64)
+    need = min_examples_per_class(config.validation_fraction)
+    counts = np.bincount(y, minlength=len(labels))
+    short = [labels[i] for i in np.flatnonzero(counts < need)]
+    if short:
+        shown = ", ".join(repr(s) for s in short[:5]) + (" ..." if len(short) > 5 else "")
+        raise InvalidArgument(
+            f"{len(short)} label(s) have fewer than {need} examples, which a validation fraction of "
+            f"{config.validation_fraction} needs (one to train on, one to validate): {shown}; add examples "
+            "or train without validation"
+        )
+    return labels, y
