@@ -1,0 +1,220 @@
+"""Overload: open-loop Classify at 3x the server's capacity, with admission control and without it.
+
+    python -m bench.overload [--quick] [--write-docs] [--factor 3] [--seconds 20]
+
+For each configuration (the defaults, and the same server with `--max-queue-wait-ms` so large that only
+the item bound is left, as before admission control) one server is started, one tenant trained, then:
+1. capacity: 32 callers send single-text Classify calls back to back for a while; calls per second;
+2. overload: calls are started on a fixed schedule at `--factor` x that capacity, each with a 5 s deadline,
+   whatever the replies do. Goodput (OK calls per second) is compared with capacity, and every refusal's
+   latency (from its scheduled start) is recorded: a refusal must come in milliseconds, not at the deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    DEFAULT_BACKBONE,
+    LatencySummary,
+    data_root,
+    load_average,
+    local_server,
+    machine,
+    markdown_table,
+    read_banking77,
+    write_section,
+)
+
+HEADING = "## Overload: admission control"
+DEADLINE_S = 5.0
+ADMISSION_OFF = ("--max-queue-wait-ms", "100000000")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    config: str
+    capacity: float  # calls/s, closed loop
+    rate: float  # offered, calls/s
+    seconds: float
+    codes: dict[str, int]
+    ok_latency: LatencySummary | None
+    refused_latency: LatencySummary | None
+    max_send_lag_ms: float
+
+    @property
+    def goodput(self) -> float:
+        return self.codes.get("OK", 0) / self.seconds
+
+    def row(self) -> list[str]:
+        sent = sum(self.codes.values())
+
+        def share(code: str) -> str:
+            return f"{100 * self.codes.get(code, 0) / sent:.1f} %"
+
+        def p(lat: LatencySummary | None, q: str) -> str:
+            return f"{getattr(lat, q):.1f}" if lat else "-"
+
+        return [
+            self.config,
+            f"{self.capacity:.0f}",
+            f"{self.rate:.0f}",
+            f"{self.goodput:.0f}",
+            f"{self.goodput / self.capacity:.2f}",
+            share("RESOURCE_EXHAUSTED"),
+            share("DEADLINE_EXCEEDED"),
+            p(self.refused_latency, "p50_ms") + " / " + p(self.refused_latency, "p99_ms"),
+            p(self.ok_latency, "p50_ms") + " / " + p(self.ok_latency, "p99_ms"),
+            f"{self.max_send_lag_ms:.0f}",
+        ]
+
+
+async def capacity(
+    target: str, tenant: str, texts: Sequence[str], seconds: float, callers: int = 32
+) -> float:
+    from headswap.client import AsyncClient
+
+    done = 0
+    end = time.perf_counter() + seconds
+    async with AsyncClient(target, retries=0, timeout=30) as client:
+
+        async def caller(i: int) -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await client.classify(tenant, [texts[(i * 7919 + done) % len(texts)]])
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(callers)))
+        return done / (time.perf_counter() - started)
+
+
+async def overload(
+    target: str, tenant: str, texts: Sequence[str], rate: float, seconds: float
+) -> tuple[Counter[str], list[float], list[float], float]:
+    import grpc
+    from grpc import aio
+
+    from headswap.v1 import headswap_pb2 as pb
+    from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+    codes: Counter[str] = Counter()
+    ok_ms: list[float] = []
+    refused_ms: list[float] = []
+    lag = 0.0
+    async with aio.insecure_channel(target) as channel:
+        stub = pb_grpc.HeadswapServiceStub(channel)
+
+        async def call(i: int, due: float) -> None:
+            request = pb.ClassifyRequest(tenant=tenant, inputs=[pb.Input(text=texts[i % len(texts)])])
+            try:
+                await stub.Classify(request, timeout=DEADLINE_S)
+                codes["OK"] += 1
+                ok_ms.append((time.perf_counter() - due) * 1000)
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused_ms.append((time.perf_counter() - due) * 1000)
+
+        tasks = []
+        start = time.perf_counter() + 0.05
+        for i in range(int(rate * seconds)):
+            due = start + i / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            lag = max(lag, time.perf_counter() - due)
+            tasks.append(asyncio.create_task(call(i, due)))
+        await asyncio.gather(*tasks)
+    return codes, ok_ms, refused_ms, lag * 1000
+
+
+async def measure(
+    config: str, flags: Sequence[str], args: argparse.Namespace, texts: Sequence[str], tmp: Path
+) -> Outcome:
+    from headswap.client import AsyncClient
+
+    log = tmp / f"server-{config.replace(' ', '-')}.log"
+    with local_server(args.backbone, tmp / f"store-{len(flags)}", flags, log_path=log) as server:
+        async with AsyncClient(server.target, timeout=120) as client:
+            intents = sorted({y for _, y in read_banking77(data_root(), "train")})[:10]
+            pairs = [(t, y) for t, y in read_banking77(data_root(), "train") if y in intents]
+            await client.adapt_head("load", [t for t, _ in pairs[:200]], [y for _, y in pairs[:200]])
+        cap = await capacity(server.target, "load", texts, args.capacity_seconds)
+        rate = cap * args.factor
+        codes, ok_ms, refused_ms, lag = await overload(server.target, "load", texts, rate, args.seconds)
+    return Outcome(
+        config,
+        cap,
+        rate,
+        args.seconds,
+        dict(codes),
+        LatencySummary.of(ok_ms) if ok_ms else None,
+        LatencySummary.of(refused_ms) if refused_ms else None,
+        lag,
+    )
+
+
+def render(outcomes: Sequence[Outcome], command: str) -> str:
+    headers = [
+        "server",
+        "capacity (calls/s)",
+        "offered",
+        "goodput",
+        "goodput / capacity",
+        "refused",
+        "deadline exceeded",
+        "refusal p50 / p99 (ms)",
+        "OK p50 / p99 (ms)",
+        "client send lag, max (ms)",
+    ]
+    table = markdown_table(headers, [o.row() for o in outcomes], [False] + [True] * 9)
+    return "\n".join(
+        [
+            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
+            "",
+            f"Single-text Classify to one tenant, open loop at {outcomes[0].rate / outcomes[0].capacity:.0f}x the "
+            f"capacity measured just before (32 callers, closed loop), each call with a {DEADLINE_S:.0f} s "
+            "deadline. 'admission off' is the same server with `--max-queue-wait-ms 100000000`: only the item "
+            "bound of the queue is left, as before admission control.",
+            "",
+            table,
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser.add_argument("--factor", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true", help="short runs, to check the script")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.capacity_seconds = 3.0, 2.0
+    texts = [t for t, _ in read_banking77(data_root(), "test")][:500]
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="headswap-overload-") as tmp:
+        for config, flags in (("admission on (defaults)", ()), ("admission off", ADMISSION_OFF)):
+            outcome = asyncio.run(measure(config, flags, args, texts, Path(tmp)))
+            print(config, outcome.row(), flush=True)
+            outcomes.append(outcome)
+    body = render(outcomes, "python -m bench.overload" + (" --quick" if args.quick else ""))
+    print(body)
+    if args.write_docs:
+        write_section(HEADING, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

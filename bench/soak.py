@@ -1,0 +1,217 @@
+"""Soak: minutes of mixed Embed, Classify, AdaptHead and DeleteHead across 1,000 tenants; is memory flat?
+
+    python -m bench.soak [--seconds 600] [--tenants 1000] [--write-docs] [--quick]
+
+One server (its own process, local store, defaults). First every tenant gets a small head (2 to 4
+Banking77 intents, 3 examples each). Then 16 workers send, for `--seconds`, a mix: 60 % single-text
+Classify (a random tenant), 20 % Embed (1 to 8 texts), 12 % AdaptHead (2 new examples added to a random
+tenant), 5 % DeleteHead followed by a retraining under the same name, 3 % calls for unknown tenants (which
+must not leave anything behind). Every 5 s the server's RSS, open file descriptors and threads are sampled;
+the slope of each over the second half of the run (after the caches have filled) is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    DEFAULT_BACKBONE,
+    data_root,
+    load_average,
+    local_server,
+    machine,
+    markdown_table,
+    read_banking77,
+    write_section,
+)
+
+HEADING = "## Soak: mixed load across 1,000 tenants"
+MIX = (("classify", 60), ("embed", 20), ("adapt", 12), ("delete", 5), ("unknown", 3))
+
+
+def slope(times: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of values over times (units per second)."""
+    n = len(times)
+    if n < 2:
+        return 0.0
+    mt, mv = sum(times) / n, sum(values) / n
+    den = sum((t - mt) ** 2 for t in times)
+    return sum((t - mt) * (v - mv) for t, v in zip(times, values, strict=True)) / den if den else 0.0
+
+
+def process_sample(pid: int) -> tuple[float, int, int]:
+    """(RSS MiB, open file descriptors, threads) of a process, from /proc."""
+    rss = threads = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    return rss / 1024, len(list(Path(f"/proc/{pid}/fd").iterdir())), threads
+
+
+@dataclass(frozen=True)
+class Samples:
+    t: list[float]
+    rss_mib: list[float]
+    fds: list[int]
+    threads: list[int]
+
+    def second_half(self) -> Samples:
+        k = len(self.t) // 2
+        return Samples(self.t[k:], self.rss_mib[k:], self.fds[k:], self.threads[k:])
+
+    def slopes_per_10min(self) -> tuple[float, float, float]:
+        return tuple(600 * slope(self.t, v) for v in (self.rss_mib, self.fds, self.threads))  # type: ignore[return-value]
+
+
+async def run(
+    target: str, pid: int, tenants: int, seconds: float, seed: int = 0
+) -> tuple[Counter[str], Samples, float]:
+    from headswap.client import AsyncClient, HeadswapError
+
+    by_intent: dict[str, list[str]] = {}
+    for text, intent in read_banking77(data_root(), "train"):
+        by_intent.setdefault(intent, []).append(text)
+    intents = sorted(by_intent)
+    names = [f"soak-{i:04d}" for i in range(tenants)]
+
+    def examples(r: random.Random, per: int = 3) -> tuple[list[str], list[str]]:
+        chosen = r.sample(intents, r.randint(2, 4))
+        pairs = [(t, y) for y in chosen for t in r.sample(by_intent[y], per)]
+        return [t for t, _ in pairs], [y for _, y in pairs]
+
+    outcomes: Counter[str] = Counter()
+    samples = Samples([], [], [], [])
+    async with AsyncClient(target, timeout=60) as client:
+        setup = time.perf_counter()
+        gate = asyncio.Semaphore(8)
+
+        async def create(name: str) -> None:
+            async with gate:
+                await client.adapt_head(
+                    name, *examples(random.Random(name)), validation_fraction=0, force_activate=True
+                )
+
+        await asyncio.gather(*(create(n) for n in names))
+        setup_s = time.perf_counter() - setup
+        ops = [op for op, weight in MIX for _ in range(weight)]
+        end = time.perf_counter() + seconds
+
+        async def one(op: str, r: random.Random) -> None:
+            name = r.choice(names)
+            if op == "classify":
+                await client.classify(name, [r.choice(by_intent[r.choice(intents)])])
+            elif op == "embed":
+                await client.embed([r.choice(by_intent[r.choice(intents)]) for _ in range(r.randint(1, 8))])
+            elif op == "adapt":
+                texts, labels = examples(r, 1)
+                await client.adapt_head(
+                    name, texts[:2], labels[:2], validation_fraction=0, force_activate=True
+                )
+            elif op == "delete":
+                await client.delete_head(name)
+                await client.adapt_head(name, *examples(r), validation_fraction=0, force_activate=True)
+            else:
+                ghost = f"ghost-{r.getrandbits(48):012x}"
+                for call in (
+                    client.classify(ghost, ["x"]),
+                    client.delete_head(ghost),
+                    client.activate_head_version(ghost, 1),
+                ):
+                    try:
+                        await call
+                    except HeadswapError as exc:
+                        outcomes[f"unknown {exc.code.name}"] += 1
+
+        async def worker(i: int) -> None:
+            r = random.Random(seed * 1000 + i)
+            while time.perf_counter() < end:
+                op = r.choice(ops)
+                try:
+                    await one(op, r)
+                    if op != "unknown":  # those count their own refusals
+                        outcomes[f"{op} OK"] += 1
+                except HeadswapError as exc:
+                    outcomes[f"{op} {exc.code.name}"] += 1
+
+        async def sampler() -> None:
+            start = time.perf_counter()
+            while time.perf_counter() < end:
+                rss, fds, threads = process_sample(pid)
+                samples.t.append(time.perf_counter() - start)
+                samples.rss_mib.append(rss)
+                samples.fds.append(fds)
+                samples.threads.append(threads)
+                await asyncio.sleep(5)
+
+        await asyncio.gather(sampler(), *(worker(i) for i in range(16)))
+    return outcomes, samples, setup_s
+
+
+def render(
+    outcomes: Counter[str], samples: Samples, seconds: float, tenants: int, setup_s: float, command: str
+) -> str:
+    late = samples.second_half()
+    rss, fds, threads = late.slopes_per_10min()
+    rows = [[k, str(v), f"{v / seconds:.1f}"] for k, v in sorted(outcomes.items())]
+    first, last = samples.rss_mib[0], samples.rss_mib[-1]
+    return "\n".join(
+        [
+            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
+            "",
+            f"{tenants} tenants created in {setup_s:.0f} s, then {seconds:.0f} s of mixed load from 16 workers "
+            "(60 % Classify, 20 % Embed, 12 % AdaptHead, 5 % DeleteHead + retrain, 3 % calls for unknown tenants).",
+            "",
+            markdown_table(["call and outcome", "calls", "per second"], rows, [False, True, True]),
+            "",
+            f"Server RSS {first:.0f} MiB at the start of the load, {max(samples.rss_mib):.0f} MiB at most, "
+            f"{last:.0f} MiB at the end; over the second half ({len(late.t)} samples, 5 s apart) RSS moved "
+            f"{rss:+.1f} MiB, open file descriptors {fds:+.1f} and threads {threads:+.1f} per 10 minutes. "
+            f"File descriptors {min(samples.fds)} to {max(samples.fds)}; threads {min(samples.threads)} to "
+            f"{max(samples.threads)}.",
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--tenants", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="30 s and 50 tenants, to check the script")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.tenants = 30.0, 50
+    with tempfile.TemporaryDirectory(prefix="headswap-soak-") as tmp:
+        with local_server(
+            args.backbone, Path(tmp) / "store", (), log_path=Path(tmp) / "server.log"
+        ) as server:
+            outcomes, samples, setup_s = asyncio.run(
+                run(server.target, server.pid, args.tenants, args.seconds)
+            )
+            log = server.log()
+    command = "python -m bench.soak" + (" --quick" if args.quick else "")
+    body = render(outcomes, samples, args.seconds, args.tenants, setup_s, command)
+    print(body)
+    internal = [k for k in outcomes if "INTERNAL" in k or "UNKNOWN" in k]
+    if internal or "Traceback" in log:
+        print(f"FAILED: {internal}\n{log[-3000:]}")
+        return 1
+    if args.write_docs:
+        write_section(HEADING, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
