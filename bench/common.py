@@ -283,7 +283,7 @@ def wait_for_quiet(
 @contextmanager
 def local_server(
     backbone: Path,
-    store: Path,
+    store: Path | str,
     flags: Sequence[str] = (),
     *,
     log_path: Path,

@@ -152,12 +152,15 @@ def build(
             intra_op_threads=config.intra_op_threads,
         )
     if store is None:
-        store = open_store(config.store_url, max_versions=config.limits.max_versions)
+        store = open_store(
+            config.store_url, max_versions=config.limits.max_versions, migrate=config.store.migrate
+        )
     torch.set_num_threads(config.train_threads)
     if config.warmup_rounds:
         _warm_up_training(backbone.dim)
     head_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-    log.info("store at %s: %d tenants; heads on %s", config.store_url, len(store.tenants()), head_device)
+    where = config.store.redacted if config.store.url else config.store_url
+    log.info("store at %s: %d tenants; heads on %s", where, len(store.tenants()), head_device)
 
     metrics = Metrics()
     pools = Pools(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from headswap.server import logs
@@ -26,6 +27,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     check.add_argument("--store", default=None, help="the store (default: the server's) [HEADSWAP_STORE]")
     check.add_argument("--repair", action="store_true", help="drop damaged versions and example sets")
     check.set_defaults(func=run_store_check)
+    migrate = actions.add_parser("migrate", help="create or migrate a PostgreSQL store's schema")
+    migrate.add_argument(
+        "--store", default=None, help="postgresql:// URL (default: the server's) [HEADSWAP_STORE]"
+    )
+    migrate.set_defaults(func=run_store_migrate)
+    copy = actions.add_parser(
+        "copy", help="copy a local store into a PostgreSQL store (idempotent, verified)"
+    )
+    copy.add_argument("--from", dest="source", required=True, help="the local store directory")
+    copy.add_argument("--to", dest="target", required=True, help="the postgresql:// URL")
+    copy.set_defaults(func=run_store_copy)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -69,3 +81,46 @@ def run_store_check(args: argparse.Namespace) -> int:
         print(f"{f.tenant}: {f.problem} ({verb}: {f.repair})")
     print(f"{len(findings)} problem(s) found" + (", repaired" if args.repair and findings else ""))
     return 0 if args.repair or not findings else 1
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    return str(args.store or ServerConfig.from_sources().store_url)
+
+
+def run_store_migrate(args: argparse.Namespace) -> int:
+    logs.configure("INFO", "text")
+    from headswap.server.store import is_postgres
+    from headswap.server.store.postgres_schema import redact
+
+    url = _store_url(args)
+    if not is_postgres(url):
+        print(f"headswap store migrate: {url} is a local store: it needs no migration", file=sys.stderr)
+        return 2
+    import psycopg
+
+    from headswap.server.store.postgres_schema import migrate
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            before, after = migrate(conn)
+    except psycopg.Error as exc:
+        print(f"headswap store migrate: {redact(url)}: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema of {redact(url)}: version {before} -> {after}")
+    return 0
+
+
+def run_store_copy(args: argparse.Namespace) -> int:
+    logs.configure("WARNING", "text")
+    from headswap.server.store import is_postgres
+    from headswap.server.store.copy import copy_store
+
+    if not is_postgres(args.target):
+        print("headswap store copy: --to must be a postgresql:// URL", file=sys.stderr)
+        return 2
+    results = copy_store(Path(args.source).expanduser(), args.target)
+    for r in results:
+        print(f"{r.tenant}: {r.outcome}" + (f" ({r.detail})" if r.detail else ""))
+    bad = [r for r in results if r.outcome in ("conflict", "damaged")]
+    print(f"{len(results)} tenant(s): {len(results) - len(bad)} copied or already there, {len(bad)} not")
+    return 1 if bad else 0

@@ -56,8 +56,19 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    url: str | None = None  # a directory; None: <home>/store
+    # A directory, or a postgresql:// URL shared by replicas; None: <home>/store. Never in repr: it may
+    # hold a password.
+    url: str | None = field(default=None, repr=False)
     cache_capacity: int = 200_000  # embeddings kept in memory (LRU)
+    migrate: bool = False  # create or migrate a PostgreSQL store's schema at start
+
+    @property
+    def redacted(self) -> str:
+        if self.url is None or "://" not in self.url:
+            return str(self.url)
+        from headswap.server.store.postgres_schema import redact
+
+        return redact(self.url)
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,15 @@ def choice(*allowed: str, upper: bool = False) -> Parser:
     return parse
 
 
+def boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise _bad(f"{name} must be true or false, not {raw!r}")
+
+
 def path(name: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -205,7 +225,20 @@ OPTIONS: tuple[Option, ...] = (
         path,
         "exported backbone directory; unset means the default all-MiniLM-L6-v2, exported on first start",
     ),
-    Option("store", "store", "url", text, "local store directory for heads and examples"),
+    Option(
+        "store",
+        "store",
+        "url",
+        text,
+        "where heads and examples live: a directory (one replica) or a postgresql:// URL shared by replicas",
+    ),
+    Option(
+        "store_migrate",
+        "store",
+        "migrate",
+        boolean,
+        "create or migrate a PostgreSQL store's schema at start (or run `headswap store migrate`)",
+    ),
     Option(
         "device", None, "device", choice("auto", "cpu", "cuda"), "auto, cpu or cuda: where the backbone runs"
     ),

@@ -40,6 +40,7 @@ class LiveHead:
     slot: int
     stack: HeadStack
     max_label_bytes: int  # to size a reply before it is built
+    weights_sha256: str  # with the version, the head's identity
 
     def predict(self, embeddings: np.ndarray) -> list[np.ndarray]:
         return self.stack.apply(embeddings, [self.slot] * len(embeddings))
@@ -62,6 +63,7 @@ def live_head(
         slot=slot,
         stack=stack,
         max_label_bytes=max(len(str(label).encode()) for label in manifest["labels"]),
+        weights_sha256=str(manifest.get("weights_sha256", "")),
     )
     weakref.finalize(head, stack.release, slot)
     return head
@@ -228,7 +230,12 @@ class HeadBank:
                 if change.active_version == 0:
                     self._drop_active(tenant)
                 return
-            if current is not None and current.version == change.active_version:
+            same_sha = (
+                not change.weights_sha256
+                or current is None
+                or current.weights_sha256 == change.weights_sha256
+            )
+            if current is not None and current.version == change.active_version and same_sha:
                 self._seen[tenant] = change.seq
                 return
         try:

@@ -51,7 +51,7 @@ class ServerProcess:
     def __init__(
         self,
         *args: str,
-        store: Path | None = None,
+        store: Path | str | None = None,
         log_path: Path | None = None,
         metrics_port: int = 0,
         env: Mapping[str, str] | None = None,

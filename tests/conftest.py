@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from headswap.server.testing_postgres import PostgresServer
 from tests.helpers import DATA, REPO, ServerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,3 +63,25 @@ def server(backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         rc = proc.terminate()
     assert rc == 0, f"server exited with {rc} on SIGTERM:\n{proc.log()}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (Debian's postgresql, scripts/install-postgresql)."""
+    from headswap.server.testing_postgres import postgres
+
+    with postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A fresh database for one test."""
+    import re
+
+    name = (
+        "t_"
+        + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+        + f"_{os.getpid()}_{id(request) % 10_000}"
+    )
+    return postgres_server.create_database(name)

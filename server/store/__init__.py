@@ -2,11 +2,19 @@
 
 from headswap.server.store.base import Change, HeadStore, NewVersion, StoredVersion, TenantState
 
-__all__ = ["Change", "HeadStore", "NewVersion", "StoredVersion", "TenantState", "open_store"]
+__all__ = ["Change", "HeadStore", "NewVersion", "StoredVersion", "TenantState", "is_postgres", "open_store"]
 
 
-def open_store(url: str, max_versions: int = 50) -> HeadStore:
-    """The store a `--store` setting names: a directory path (the local store)."""
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(url: str, max_versions: int = 50, migrate: bool = False) -> HeadStore:
+    """The store a `--store` setting names: a postgresql:// URL (shared by replicas) or a directory."""
+    if is_postgres(url):
+        from headswap.server.store.postgres import open_postgres
+
+        return open_postgres(url, max_versions, migrate)
     from pathlib import Path
 
     from headswap.server.store.local import LocalStore

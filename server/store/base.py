@@ -64,6 +64,7 @@ class Change:
     active_version: int
     seq: int
     deleted: bool = False
+    weights_sha256: str = ""  # of the active version: a version's identity is its number and its bytes
 
 
 def no_head(tenant: str) -> NotFound:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from headswap.server.errors import DataLoss, NotFound
 from headswap.server.store.base import TenantState
-from headswap.server.store.local import LocalStore, next_seq
+from headswap.server.store.files import next_seq
+from headswap.server.store.local import LocalStore
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -48,45 +47,11 @@ from headswap.server.store.base import (
     weights_digest,
 )
 from headswap.server.store.faults import crash_point
+from headswap.server.store.files import EXAMPLES_REF, atomic_write, fsync_dir, json_bytes, next_seq
+from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader (or a crash) sees the old bytes or the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return (json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-_EXAMPLES_REF = re.compile(r"(|[0-9a-f]{64})")
-
-
-def next_seq(previous: int) -> int:
-    """Sequence numbers from the clock, so that they keep growing across a delete and a restart."""
-    return max(time.time_ns(), previous + 1)
 
 
 class LocalStore(HeadStore):
@@ -95,7 +60,7 @@ class LocalStore(HeadStore):
         self.root = root
         self.tenants_dir = root / "tenants"
         self.tenants_dir.mkdir(parents=True, exist_ok=True)
-        self._sweep()
+        sweep(self)
 
     # -- paths; tenant names are checked at the edge, and again here because they become paths.
     def tenant_dir(self, tenant: str) -> Path:
@@ -138,13 +103,13 @@ class LocalStore(HeadStore):
             if not p.name.startswith(".") and (p / "state.json").exists()
         )
 
-    def _raw_state(self, tenant: str) -> dict[str, Any]:
+    def raw_state(self, tenant: str) -> dict[str, Any]:
         path = self.tenant_dir(tenant) / "state.json"
         if not path.exists():
             raise no_head(tenant)
         raw = self._read_json(tenant, path, "state.json")
         try:
-            if not isinstance(raw, dict) or not _EXAMPLES_REF.fullmatch(str(raw.get("examples", ""))):
+            if not isinstance(raw, dict) or not EXAMPLES_REF.fullmatch(str(raw.get("examples", ""))):
                 raise TypeError  # the examples name becomes a path: only a sha256 (or nothing) is one
             versions = [int(v) for v in raw["versions"]]
             for key in ("active_version", "previous_version", "seq"):
@@ -156,7 +121,7 @@ class LocalStore(HeadStore):
         return dict(raw)
 
     def state(self, tenant: str) -> TenantState:
-        raw = self._raw_state(tenant)
+        raw = self.raw_state(tenant)
         return TenantState(
             tenant,
             int(raw["active_version"]),
@@ -195,11 +160,11 @@ class LocalStore(HeadStore):
 
     def examples_ref(self, tenant: str) -> str:
         """The name of the tenant's current example set ("" for none)."""
-        return str(self._raw_state(tenant).get("examples") or "")
+        return str(self.raw_state(tenant).get("examples") or "")
 
     def examples(self, tenant: str) -> list[Example]:
         try:
-            raw_state = self._raw_state(tenant)
+            raw_state = self.raw_state(tenant)
         except NotFound:
             return []
         path = self._examples_path(tenant, raw_state)
@@ -216,7 +181,7 @@ class LocalStore(HeadStore):
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
         tenant_dir = self.tenant_dir(tenant)
         try:
-            raw_state: dict[str, Any] = self._raw_state(tenant)
+            raw_state: dict[str, Any] = self.raw_state(tenant)
             state = self.state(tenant)
         except NotFound:
             raw_state, state = {}, TenantState(tenant, 0, ())
@@ -228,19 +193,19 @@ class LocalStore(HeadStore):
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:
-            for name, data in (("head.json", _json_bytes(manifest)), ("weights.safetensors", new.weights)):
+            for name, data in (("head.json", json_bytes(manifest)), ("weights.safetensors", new.weights)):
                 with (staging / name).open("wb") as handle:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-            _fsync_dir(staging)
+            fsync_dir(staging)
             os.rename(staging, versions_dir / str(version))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(versions_dir)
+        fsync_dir(versions_dir)
         crash_point("version-written")
-        examples = _json_bytes({"examples": [example_to_json(e) for e in new.examples]})
+        examples = json_bytes({"examples": [example_to_json(e) for e in new.examples]})
         ref = hashlib.sha256(examples).hexdigest()
         atomic_write(
             tenant_dir / "examples" / f"{ref}.json", examples
@@ -254,13 +219,14 @@ class LocalStore(HeadStore):
         crash_point("state-written")
         self._prune(updated, ref, raw_state.get("examples"))
         self.damaged.pop(tenant, None)
-        self.feed.publish(Change(tenant, updated.active_version, updated.seq))
+        sha = manifest["weights_sha256"] if updated.active_version == version else ""
+        self.feed.publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
         return self.state(tenant)
 
     def write_state(self, state: TenantState, examples: str) -> None:
         atomic_write(
             self.tenant_dir(state.tenant) / "state.json",
-            _json_bytes(
+            json_bytes(
                 {
                     "active_version": state.active_version,
                     "previous_version": state.previous_version,
@@ -291,11 +257,13 @@ class LocalStore(HeadStore):
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         state = self.state(tenant)
         state.require(version)
-        self.load_version(tenant, version)  # DataLoss before the pointer moves to damaged weights
+        stored = self.load_version(tenant, version)  # DataLoss before the pointer moves to damaged weights
         previous = state.active_version if state.active_version != version else state.previous_version
         updated = TenantState(tenant, version, state.versions, next_seq(state.seq), previous)
         self.write_state(updated, self.examples_ref(tenant))
-        self.feed.publish(Change(tenant, version, updated.seq))
+        self.feed.publish(
+            Change(tenant, version, updated.seq, weights_sha256=stored.manifest.get("weights_sha256", ""))
+        )
         return updated, state.active_version
 
     def delete_version(self, tenant: str, version: int) -> TenantState:
@@ -329,7 +297,7 @@ class LocalStore(HeadStore):
         # Rename first: the tenant disappears at once and atomically; a crash mid-delete is swept later.
         trash = self.tenants_dir / f".{tenant}.deleted-{time.time_ns()}"
         os.rename(tenant_dir, trash)
-        _fsync_dir(self.tenants_dir)
+        fsync_dir(self.tenants_dir)
         shutil.rmtree(trash, ignore_errors=True)
         self.damaged.pop(tenant, None)
         change = Change(tenant, 0, next_seq(seq), deleted=True)
@@ -342,6 +310,11 @@ class LocalStore(HeadStore):
         if not fingerprint.isalnum():
             raise ValueError("fingerprint must be alphanumeric")
         return self.tenant_dir(tenant) / "embeddings" / f"{fingerprint}.safetensors"
+
+    def fingerprints(self, tenant: str) -> list[str]:
+        """The backbones the tenant has cached embeddings for."""
+        directory = self.tenant_dir(tenant) / "embeddings"
+        return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
 
     def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
         from safetensors.numpy import load
@@ -362,37 +335,3 @@ class LocalStore(HeadStore):
         keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
         vectors = np.stack(list(entries.values())).astype(np.float32)
         atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
-
-    # -- start-up ----------------------------------------------------------------------------------------
-
-    def _sweep(self) -> None:
-        """Remove what a crash may have left (temporary files, deletes that did not finish, versions and
-        example sets no state names); quarantine, and leave untouched, tenants whose state is damaged."""
-        for tenant_dir in self.tenants_dir.iterdir():
-            if tenant_dir.name.startswith("."):
-                shutil.rmtree(tenant_dir, ignore_errors=True)
-                continue
-            tenant = tenant_dir.name
-            for tmp in tenant_dir.rglob(".*.tmp"):
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    tmp.unlink(missing_ok=True)
-            if not (tenant_dir / "state.json").exists():
-                shutil.rmtree(tenant_dir, ignore_errors=True)  # a first training that never committed
-                continue
-            try:
-                raw = self._raw_state(tenant)
-            except (DataLoss, NotFound, ValueError):
-                continue  # quarantined and logged: a repair decides, not the sweep
-            known = {int(v) for v in raw["versions"]}
-            versions = tenant_dir / "versions"
-            if versions.is_dir():
-                for entry in versions.iterdir():
-                    if not entry.name.isdigit() or int(entry.name) not in known:
-                        shutil.rmtree(entry, ignore_errors=True)
-            current = raw.get("examples")
-            if current is not None and (tenant_dir / "examples").is_dir():
-                for entry in (tenant_dir / "examples").iterdir():
-                    if entry.name != f"{current}.json":
-                        entry.unlink(missing_ok=True)

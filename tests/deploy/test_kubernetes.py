@@ -15,6 +15,7 @@ from tests.deploy import (
     METRIC_NAMES,
     OVERLAYS,
     REPO,
+    SHARED_STORE_OVERLAYS,
     container,
     kustomize,
     metric_base,
@@ -31,7 +32,6 @@ CRD_KINDS = {"PodMonitor"}
 EXPECTED_KINDS = {
     "ServiceAccount",
     "ConfigMap",
-    "PersistentVolumeClaim",
     "Deployment",
     "Service",
     "HorizontalPodAutoscaler",
@@ -118,8 +118,9 @@ def prestop_seconds(deployment: dict[str, Any]) -> float:
 # --- rendering and schemas -------------------------------------------------------------------------------
 
 
-def test_overlay_renders_every_object(docs: list[dict[str, Any]]) -> None:
-    assert {d["kind"] for d in docs} == EXPECTED_KINDS
+def test_overlay_renders_every_object(overlay: str, docs: list[dict[str, Any]]) -> None:
+    local = {"PersistentVolumeClaim"} if overlay == "local-store" else set()
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS | local
     namespaces = {d["metadata"].get("namespace") for d in docs}
     assert len(namespaces) == 1 and None not in namespaces, f"one namespace for all objects, not {namespaces}"
 
@@ -238,9 +239,13 @@ def test_store_and_tmp_are_the_only_writable_paths(
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container(deployment)["volumeMounts"]}
-    assert set(mounts) == {str(config.store_url), "/tmp"}
-    claim = mounts[str(config.store_url)]["persistentVolumeClaim"]["claimName"]
-    the(docs, "PersistentVolumeClaim", claim)
+    if any(d["kind"] == "PersistentVolumeClaim" for d in docs):  # the local store
+        store = container_env(deployment)["HEADSWAP_STORE"]["value"]
+        assert set(mounts) == {store, "/tmp"}
+        claim = mounts[store]["persistentVolumeClaim"]["claimName"]
+        the(docs, "PersistentVolumeClaim", claim)
+    else:  # PostgreSQL: nothing written but /tmp
+        assert set(mounts) == {"/tmp"}
     assert "emptyDir" in mounts["/tmp"]
     # The backbone is the one exported into the image.
     image_env = parse_dockerfile()[-1].env()
@@ -281,13 +286,43 @@ def test_resources_are_requested_and_limited(deployment: dict[str, Any]) -> None
 
 def test_single_writer_store(docs: list[dict[str, Any]], deployment: dict[str, Any]) -> None:
     """The local store belongs to one process: on a ReadWriteOnce volume, one pod at any time."""
-    claim = the(docs, "PersistentVolumeClaim")
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    if not claims:
+        return  # the PostgreSQL store: test_shared_store_scales_out
+    (claim,) = claims
     if set(claim["spec"]["accessModes"]) & {"ReadWriteOnce", "ReadWriteOncePod"}:
         assert deployment["spec"]["replicas"] == 1
         assert deployment["spec"]["strategy"]["type"] == "Recreate", (
             "a rolling update would start a 2nd writer"
         )
         assert the(docs, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 1
+
+
+def container_env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(deployment).get("env", [])}
+
+
+def test_shared_store_scales_out(
+    overlay: str, docs: list[dict[str, Any]], deployment: dict[str, Any], settings: dict[str, str]
+) -> None:
+    """The PostgreSQL store lets replicas share heads: several pods, rolling updates without a gap, an HPA
+    that can scale, a PDB that keeps one serving, and the store's URL (a password) from a Secret."""
+    if overlay not in SHARED_STORE_OVERLAYS:
+        return
+    assert deployment["spec"]["replicas"] >= 2
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    hpa = the(docs, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert the(docs, "PodDisruptionBudget")["spec"] == {
+        "minAvailable": 1,
+        "selector": the(docs, "PodDisruptionBudget")["spec"]["selector"],
+    }
+    store = container_env(deployment)["HEADSWAP_STORE"]
+    assert store["valueFrom"]["secretKeyRef"] == {"name": "headswap-store", "key": "url"}
+    assert "HEADSWAP_STORE" not in settings, "a URL with a password belongs in a Secret, not a ConfigMap"
+    assert settings["HEADSWAP_STORE_MIGRATE"] == "true"
+    assert not any(d["kind"] == "PersistentVolumeClaim" for d in docs)
 
 
 def test_pdb_selects_the_pods(docs: list[dict[str, Any]], deployment: dict[str, Any]) -> None:
@@ -299,6 +334,8 @@ def test_pdb_selects_the_pods(docs: list[dict[str, Any]], deployment: dict[str, 
 
 
 def test_overlay_device(overlay: str, deployment: dict[str, Any], config: ServerConfig) -> None:
+    if overlay not in ("gpu", "cpu"):
+        return  # local-store picks its device like the base (auto)
     resources = container(deployment)["resources"]
     pod = deployment["spec"]["template"]["spec"]
     if overlay == "gpu":

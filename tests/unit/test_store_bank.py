@@ -18,7 +18,8 @@ from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
 from headswap.server.store import Change, NewVersion, StoredVersion
-from headswap.server.store.local import LocalStore, atomic_write
+from headswap.server.store.files import atomic_write
+from headswap.server.store.local import LocalStore
 
 FP = "a" * 64
 

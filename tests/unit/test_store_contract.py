@@ -4,7 +4,7 @@ own module, where a real server is started)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,16 @@ EXAMPLES = [Example(Input(text="one"), "a"), Example(Input(image=b"\x89PNG bytes
 STORES: dict[str, Callable[[Path], HeadStore]] = {"local": LocalStore, "memory": lambda _: MemoryStore()}
 
 
-@pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> HeadStore:
-    return STORES[request.param](tmp_path)
+@pytest.fixture(params=[*sorted(STORES), "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HeadStore]:
+    if request.param == "postgres":  # a real PostgreSQL server, a fresh database
+        from headswap.server.store.postgres import PostgresStore
+
+        made: HeadStore = PostgresStore(request.getfixturevalue("postgres_dsn"), migrate_schema=True)
+    else:
+        made = STORES[request.param](tmp_path)
+    yield made
+    made.close()
 
 
 def test_versions_pointer_and_examples(store: HeadStore) -> None:
@@ -101,14 +108,14 @@ async def test_every_pointer_change_is_published_in_order(store: HeadStore) -> N
     assert [c.seq for c in seen] == sorted({c.seq for c in seen})
 
 
-def test_retention_keeps_the_newest_the_active_and_its_predecessor(tmp_path: Path) -> None:
-    for store in (LocalStore(tmp_path / "local", max_versions=3), MemoryStore(max_versions=3)):
-        store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
-        for _ in range(5):
-            store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False))
-        assert store.state("t").versions == (1, 4, 5, 6)  # the newest 3 and the active one
-        store.activate("t", 5)
-        state = store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False))
-        assert (state.versions, state.active_version, state.previous_version) == ((1, 5, 6, 7), 5, 1)
-        with pytest.raises(NotFound):
-            store.load_version("t", 4)
+def test_retention_keeps_the_newest_the_active_and_its_predecessor(store: HeadStore) -> None:
+    store.max_versions = 3
+    store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+    for _ in range(5):
+        store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False))
+    assert store.state("t").versions == (1, 4, 5, 6)  # the newest 3 and the active one
+    store.activate("t", 5)
+    state = store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False))
+    assert (state.versions, state.active_version, state.previous_version) == ((1, 5, 6, 7), 5, 1)
+    with pytest.raises(NotFound):
+        store.load_version("t", 4)

@@ -1,0 +1,348 @@
+"""The PostgreSQL store: one database shared by every replica (psycopg 3, a connection pool, bytea in
+binary mode).
+
+A commit locks the tenant's row (`SELECT ... FOR UPDATE`), so two replicas training one tenant get distinct
+version numbers; then it takes the next change sequence number, moves the pointer, records the change and
+NOTIFYs, all in one transaction. Each replica keeps one listening connection (`postgres_listener.py`) that
+reads every change after the last it applied and publishes it on the store's feed, so every head bank
+reconciles through the same path as local swaps, within a second, and catches up after a reconnect. When
+PostgreSQL cannot be reached, calls that need it answer UNAVAILABLE; heads already in memory keep serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from headswap.server.domain import Deletion, Example
+from headswap.server.errors import FailedPrecondition, Unavailable
+from headswap.server.store.base import (
+    Change,
+    HeadStore,
+    NewVersion,
+    StoredVersion,
+    TenantState,
+    example_from_json,
+    example_to_json,
+    no_head,
+    retained,
+    verify_weights,
+    weights_digest,
+)
+from headswap.server.store.postgres_schema import MIGRATIONS, current_version, jsonb, migrate, one, redact
+from headswap.server.validation import check_tenant
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "headswap_changes"
+
+
+class PostgresStore(HeadStore):
+    def __init__(
+        self, url: str, max_versions: int = 50, migrate_schema: bool = False, listen: bool = True
+    ) -> None:
+        import psycopg_pool
+
+        super().__init__(max_versions)
+        self.url = url
+        self.where = redact(url)
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=8,
+            timeout=3.0,  # waiting for a connection: past it, UNAVAILABLE
+            kwargs={"autocommit": True},
+            open=False,
+            name="headswap-store",
+            # A connection is checked when it is handed out, so one that died with a PostgreSQL restart is
+            # replaced instead of failing a call (the pool's own check, an empty query, let dead ones through).
+            check=_alive,
+        )
+        with self._reachable("open the store"):
+            self._pool.open(wait=True, timeout=10.0)
+            with self._pool.connection() as conn:
+                if migrate_schema:
+                    migrate(conn)
+                found = current_version(conn)
+                last = one(conn, "SELECT coalesce(max(seq), 0) FROM headswap_changes") if found else 0
+        if found != len(MIGRATIONS):
+            self._pool.close()
+            raise RuntimeError(
+                f"the store at {self.where} has schema version {found}, this server needs {len(MIGRATIONS)}: run "
+                "`headswap store migrate --store URL` or start the server with --store-migrate"
+            )
+        self.listener = None
+        if listen:
+            from headswap.server.store.postgres_listener import Listener
+
+            self.listener = Listener(url, self.where, self.feed, int(last))
+            self.listener.start()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        self._pool.close()
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reachable(self, what: str) -> Iterator[None]:
+        import psycopg
+        import psycopg_pool
+
+        try:
+            yield
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Unavailable(
+                f"could not {what}: the head store at {self.where} is unreachable ({first}); retry shortly"
+            ) from None
+
+    @contextlib.contextmanager
+    def transaction(self, what: str) -> Iterator[Any]:
+        """A connection in one transaction."""
+        with self._reachable(what), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def tick(self, conn: Any) -> int:
+        """The next change sequence number; the clock row stays locked until commit, ordering the changes."""
+        return int(conn.execute("UPDATE headswap_clock SET seq = seq + 1 RETURNING seq").fetchone()[0])
+
+    def record_change(self, conn: Any, change: Change) -> None:
+        conn.execute(
+            "INSERT INTO headswap_changes (seq, tenant, active_version, weights_sha256, deleted) VALUES (%s, %s, %s, %s, %s)",
+            (change.seq, change.tenant, change.active_version, change.weights_sha256, change.deleted),
+        )
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(change.seq)))
+
+    def _state(self, conn: Any, tenant: str, lock: bool = False) -> tuple[TenantState, int | None]:
+        row = conn.execute(
+            "SELECT active_version, previous_version, seq, examples_id FROM headswap_tenants WHERE tenant = %s"
+            + (" FOR UPDATE" if lock else ""),
+            (check_tenant(tenant),),
+        ).fetchone()
+        if row is None:
+            raise no_head(tenant)
+        versions = tuple(
+            int(v)
+            for (v,) in conn.execute(
+                "SELECT version FROM headswap_versions WHERE tenant = %s ORDER BY version", (tenant,)
+            )
+        )
+        return TenantState(tenant, int(row[0]), versions, int(row[2]), int(row[1])), row[3]
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    def tenants(self) -> list[str]:
+        with self.transaction("list tenants") as conn:
+            return [t for (t,) in conn.execute("SELECT tenant FROM headswap_tenants ORDER BY tenant")]
+
+    def state(self, tenant: str) -> TenantState:
+        with self.transaction("read a tenant") as conn:
+            return self._state(conn, tenant)[0]
+
+    def manifest(self, tenant: str, version: int) -> dict[str, Any]:
+        with self.transaction("read a head") as conn:
+            row = conn.execute(
+                "SELECT manifest FROM headswap_versions WHERE tenant = %s AND version = %s",
+                (check_tenant(tenant), version),
+            ).fetchone()
+            if row is None:
+                self._state(conn, tenant)[0].require(version)
+            return dict(row[0])
+
+    def load_version(self, tenant: str, version: int) -> StoredVersion:
+        with self.transaction("read a head") as conn:
+            row = conn.execute(
+                "SELECT manifest, weights FROM headswap_versions WHERE tenant = %s AND version = %s",
+                (check_tenant(tenant), version),
+                binary=True,
+            ).fetchone()
+            if row is None:
+                self._state(conn, tenant)[0].require(version)
+        manifest, weights = dict(row[0]), bytes(row[1])
+        try:
+            verify_weights(tenant, version, manifest, weights)
+        except Exception:
+            self.damaged[tenant] = f"version {version}'s weights do not match their recorded sha256"
+            raise
+        return StoredVersion(version, manifest, weights)
+
+    def examples(self, tenant: str) -> list[Example]:
+        with self.transaction("read examples") as conn:
+            row = conn.execute(
+                "SELECT e.examples FROM headswap_tenants t JOIN headswap_example_sets e ON e.id = t.examples_id "
+                "WHERE t.tenant = %s",
+                (check_tenant(tenant),),
+            ).fetchone()
+        return [example_from_json(e) for e in row[0]] if row else []
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
+        check_tenant(tenant)
+        sha = weights_digest(new.weights)
+        examples = [example_to_json(e) for e in new.examples]
+        examples_sha = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
+        with self.transaction("store a new head version") as conn:
+            conn.execute(
+                "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
+            )
+            row = conn.execute(
+                "SELECT t.active_version, t.previous_version, t.next_version, t.examples_id, e.examples "
+                "FROM headswap_tenants t LEFT JOIN headswap_example_sets e ON e.id = t.examples_id "
+                "WHERE t.tenant = %s FOR UPDATE OF t",
+                (tenant,),
+            ).fetchone()
+            active, previous, version, examples_id, current_examples = row
+            manifest = {**new.manifest, "version": version, "weights_sha256": sha}
+            conn.execute(
+                "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
+                (tenant, version, jsonb(manifest), new.weights, sha),
+            )
+            if (
+                current_examples is None
+                or hashlib.sha256(json.dumps(current_examples, sort_keys=True).encode()).hexdigest()
+                != examples_sha
+            ):
+                examples_id = conn.execute(
+                    "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
+                    (tenant, jsonb(examples)),
+                ).fetchone()[0]
+                conn.execute(
+                    "DELETE FROM headswap_example_sets WHERE tenant = %s AND id <> %s", (tenant, examples_id)
+                )
+            if new.activate:
+                previous, active = (active or previous), version
+            seq = self.tick(conn)
+            conn.execute(
+                "UPDATE headswap_tenants SET active_version = %s, previous_version = %s, next_version = %s, "
+                "examples_id = %s, seq = %s, updated_at = now() WHERE tenant = %s",
+                (active, previous, version + 1, examples_id, seq, tenant),
+            )
+            state, _ = self._state(conn, tenant)
+            keep = retained(state, self.max_versions)
+            if keep != state.versions:
+                conn.execute(
+                    "DELETE FROM headswap_versions WHERE tenant = %s AND NOT (version = ANY(%s))",
+                    (tenant, list(keep)),
+                )
+                state = TenantState(tenant, active, keep, seq, previous)
+            active_sha = sha if active == version else self._sha(conn, tenant, active)
+            self.record_change(conn, Change(tenant, active, seq, weights_sha256=active_sha))
+        self.damaged.pop(tenant, None)
+        return state
+
+    def _sha(self, conn: Any, tenant: str, version: int) -> str:
+        row = conn.execute(
+            "SELECT weights_sha256 FROM headswap_versions WHERE tenant = %s AND version = %s",
+            (tenant, version),
+        ).fetchone()
+        return str(row[0]) if row else ""
+
+    def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
+        with self.transaction("activate a head version") as conn:
+            state, _ = self._state(conn, tenant, lock=True)
+            state.require(version)
+            row = conn.execute(
+                "SELECT manifest, weights FROM headswap_versions WHERE tenant = %s AND version = %s",
+                (tenant, version),
+                binary=True,
+            ).fetchone()
+            verify_weights(tenant, version, dict(row[0]), bytes(row[1]))  # never point at damaged weights
+            previous = state.active_version if state.active_version != version else state.previous_version
+            seq = self.tick(conn)
+            conn.execute(
+                "UPDATE headswap_tenants SET active_version = %s, previous_version = %s, seq = %s, updated_at = now() "
+                "WHERE tenant = %s",
+                (version, previous, seq, tenant),
+            )
+            self.record_change(
+                conn, Change(tenant, version, seq, weights_sha256=weights_digest(bytes(row[1])))
+            )
+        return TenantState(tenant, version, state.versions, seq, previous), state.active_version
+
+    def delete_version(self, tenant: str, version: int) -> TenantState:
+        with self.transaction("delete a head version") as conn:
+            state, _ = self._state(conn, tenant, lock=True)
+            state.require(version)
+            if version == state.active_version:
+                raise FailedPrecondition(
+                    f"version {version} is tenant {tenant!r}'s active version: activate another one first"
+                )
+            previous = 0 if version == state.previous_version else state.previous_version
+            conn.execute(
+                "DELETE FROM headswap_versions WHERE tenant = %s AND version = %s", (tenant, version)
+            )
+            conn.execute(
+                "UPDATE headswap_tenants SET previous_version = %s WHERE tenant = %s", (previous, tenant)
+            )
+            versions = tuple(v for v in state.versions if v != version)
+        return TenantState(tenant, state.active_version, versions, state.seq, previous)
+
+    def delete(self, tenant: str) -> tuple[Deletion, Change]:
+        with self.transaction("delete a tenant") as conn:
+            state, _ = self._state(conn, tenant, lock=True)
+            examples = len(self._examples_in(conn, tenant))
+            conn.execute("DELETE FROM headswap_tenants WHERE tenant = %s", (tenant,))
+            conn.execute("DELETE FROM headswap_embeddings WHERE tenant = %s", (tenant,))
+            change = Change(tenant, 0, self.tick(conn), deleted=True)
+            self.record_change(conn, change)
+        self.damaged.pop(tenant, None)
+        return Deletion(tenant, len(state.versions), examples), change
+
+    def _examples_in(self, conn: Any, tenant: str) -> Sequence[Any]:
+        row = conn.execute(
+            "SELECT e.examples FROM headswap_tenants t JOIN headswap_example_sets e ON e.id = t.examples_id WHERE t.tenant = %s",
+            (tenant,),
+        ).fetchone()
+        return row[0] if row else []
+
+    # -- the embedding cache -----------------------------------------------------------------------------
+
+    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
+        with self.transaction("read cached embeddings") as conn:
+            row = conn.execute(
+                "SELECT dim, keys, vectors FROM headswap_embeddings WHERE tenant = %s AND fingerprint = %s",
+                (check_tenant(tenant), fingerprint),
+                binary=True,
+            ).fetchone()
+        if row is None:
+            return {}
+        dim, keys, vectors = int(row[0]), bytes(row[1]), np.frombuffer(bytes(row[2]), dtype="<f4")
+        n = len(keys) // 32
+        if n * 32 != len(keys) or vectors.size != n * dim:
+            return {}  # a cache: a damaged entry costs time, never correctness
+        matrix = vectors.reshape(n, dim)
+        return {keys[i * 32 : (i + 1) * 32]: matrix[i] for i in range(n)}
+
+    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
+        if not entries:
+            return
+        vectors = np.stack(list(entries.values())).astype("<f4")
+        with self.transaction("save cached embeddings") as conn:
+            conn.execute(
+                "INSERT INTO headswap_embeddings (tenant, fingerprint, dim, keys, vectors) VALUES (%s, %s, %s, %b, %b) "
+                "ON CONFLICT (tenant, fingerprint) DO UPDATE SET dim = EXCLUDED.dim, keys = EXCLUDED.keys, "
+                "vectors = EXCLUDED.vectors",
+                (check_tenant(tenant), fingerprint, vectors.shape[1], b"".join(entries), vectors.tobytes()),
+            )
+
+
+def open_postgres(url: str, max_versions: int, migrate_schema: bool) -> PostgresStore:
+    store = PostgresStore(url, max_versions=max_versions, migrate_schema=migrate_schema)
+    log.info("store: PostgreSQL at %s", store.where)
+    return store
+
+
+def _alive(conn: Any) -> None:
+    conn.execute("SELECT 1").fetchone()
+
+
+__all__ = ["PostgresStore", "open_postgres"]
