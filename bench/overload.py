@@ -77,13 +77,18 @@ class Outcome:
 
 
 async def capacity(
-    target: str, tenant: str, texts: Sequence[str], seconds: float, callers: int = 32
+    target: str,
+    tenant: str,
+    texts: Sequence[str],
+    seconds: float,
+    callers: int = 32,
+    api_key: str | None = None,
 ) -> float:
     from headswap.client import AsyncClient
 
     done = 0
     end = time.perf_counter() + seconds
-    async with AsyncClient(target, retries=0, timeout=30) as client:
+    async with AsyncClient(target, retries=0, timeout=30, api_key=api_key) as client:
 
         async def caller(i: int) -> None:
             nonlocal done

@@ -4,6 +4,7 @@ retry rule. The two clients only send."""
 from __future__ import annotations
 
 import abc
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -60,8 +61,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 class BaseClient(abc.ABC):
     """`target` is host:port; `timeout` the deadline of each call, retries included (seconds, None for none);
     a call the server answered UNAVAILABLE is tried again, `backoff` seconds apart and doubling (up to 2 s,
-    with jitter), until the deadline or `retries` more attempts (None: as many as the deadline allows);
-    `credentials` makes a TLS channel."""
+    with jitter), until the deadline or `retries` more attempts (None: as many as the deadline allows).
+
+    `api_key` (default: the HEADSWAP_API_KEY environment variable) is sent as `authorization: Bearer ...`
+    with every call. TLS: `root_certificates` (PEM bytes of the CA that signed the server's certificate;
+    None: the system's roots) and, for mutual TLS, `certificate_chain` and `private_key`; `tls=True` with
+    none of them uses the system's roots; `credentials` passes ready-made gRPC channel credentials instead."""
 
     def __init__(
         self,
@@ -70,6 +75,11 @@ class BaseClient(abc.ABC):
         timeout: float | None = 30.0,
         retries: int | None = None,
         backoff: float = 0.1,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
@@ -78,6 +88,10 @@ class BaseClient(abc.ABC):
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        key = api_key if api_key is not None else os.environ.get("HEADSWAP_API_KEY")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        if credentials is None and (tls or root_certificates or certificate_chain or private_key):
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         self._channel = self._connect(target, credentials, channel_options(max_message_bytes))
         self._stub = pb_grpc.HeadswapServiceStub(self._channel)
 
@@ -131,6 +145,22 @@ class BaseClient(abc.ABC):
     def _delete_version(self, tenant: str, version: int) -> Call[r.HeadDetails]:
         call = _codec.delete_version_request(tenant, version)
         return Call("DeleteHeadVersion", call, _codec.version_deleted, retry=False)
+
+    def _create_key(
+        self, role: str, tenant: str | None, name: str, ttl: float | None
+    ) -> Call[r.CreatedApiKey]:
+        return Call(
+            "CreateApiKey",
+            _codec.create_key_request(role, tenant, name, ttl),
+            _codec.created_key,
+            retry=False,
+        )
+
+    def _list_keys(self) -> Call[list[r.ApiKeyInfo]]:
+        return Call("ListApiKeys", _codec.list_keys_request(), _codec.key_infos)
+
+    def _revoke_key(self, key_id: str) -> Call[r.ApiKeyInfo]:
+        return Call("RevokeApiKey", _codec.revoke_key_request(key_id), _codec.revoked_key)
 
     def _delete(self, tenant: str) -> Call[r.Deletion]:
         return Call("DeleteHead", _codec.delete_request(tenant), _codec.deletion)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -221,3 +222,58 @@ def delete_request(tenant: str) -> pb.DeleteHeadRequest:
 
 def deletion(reply: pb.DeleteHeadResponse) -> r.Deletion:
     return r.Deletion(reply.tenant, reply.versions_deleted, reply.examples_deleted)
+
+
+# -- API keys --------------------------------------------------------------------------------------------
+
+_ROLE_CODES = {"tenant": pb.API_KEY_ROLE_TENANT, "admin": pb.API_KEY_ROLE_ADMIN}
+_ROLES = {v: k for k, v in _ROLE_CODES.items()}
+
+
+def create_key_request(role: str, tenant: str | None, name: str, ttl: float | None) -> pb.CreateApiKeyRequest:
+    if role not in _ROLE_CODES:
+        raise ValueError(f"role must be 'tenant' or 'admin', not {role!r}")
+    request = pb.CreateApiKeyRequest(role=_ROLE_CODES[role], tenant=tenant or "", name=name)
+    if ttl is not None:
+        request.ttl.FromTimedelta(dt.timedelta(seconds=ttl))
+    return request
+
+
+def _time(message: pb.ApiKeyInfo, name: str) -> dt.datetime | None:
+    if not message.HasField(name):
+        return None
+    return getattr(message, name).ToDatetime(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+
+
+def key_info(k: pb.ApiKeyInfo) -> r.ApiKeyInfo:
+    created = _time(k, "created_at")
+    assert created is not None, "the server always sets created_at"
+    return r.ApiKeyInfo(
+        k.id,
+        _ROLES.get(k.role, "unknown"),
+        k.tenant or None,
+        k.name,
+        created,
+        _time(k, "expires_at"),
+        _time(k, "revoked_at"),
+    )
+
+
+def created_key(reply: pb.CreateApiKeyResponse) -> r.CreatedApiKey:
+    return r.CreatedApiKey(reply.key, key_info(reply.info))
+
+
+def list_keys_request() -> pb.ListApiKeysRequest:
+    return pb.ListApiKeysRequest()
+
+
+def key_infos(reply: pb.ListApiKeysResponse) -> list[r.ApiKeyInfo]:
+    return [key_info(k) for k in reply.keys]
+
+
+def revoke_key_request(key_id: str) -> pb.RevokeApiKeyRequest:
+    return pb.RevokeApiKeyRequest(id=key_id)
+
+
+def revoked_key(reply: pb.RevokeApiKeyResponse) -> r.ApiKeyInfo:
+    return key_info(reply.info)

@@ -17,7 +17,7 @@ import numpy as np
 
 from headswap.client.client import DEFAULT_TARGET, Client
 from headswap.client.errors import HeadswapError
-from headswap.client.results import AdaptProgress
+from headswap.client.results import AdaptProgress, ApiKeyInfo
 
 
 def _target(value: str | None) -> str:
@@ -29,10 +29,38 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
         "--target", default=None, help=f"server address [HEADSWAP_TARGET, default {DEFAULT_TARGET}]"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    parser.add_argument("--api-key", default=None, help="API key, hsk_... [HEADSWAP_API_KEY]")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    parser.add_argument(
+        "--tls-ca", default=None, help="PEM file of the CA that signed the server [HEADSWAP_TLS_CA]"
+    )
+    parser.add_argument(
+        "--tls-cert", default=None, help="PEM client certificate, for mutual TLS [HEADSWAP_TLS_CERT]"
+    )
+    parser.add_argument("--tls-key", default=None, help="PEM key of --tls-cert [HEADSWAP_TLS_KEY]")
+
+
+def _read(path: str | None) -> bytes | None:
+    return open(path, "rb").read() if path else None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    def pick(flag: str | None, env: str) -> str | None:
+        return flag or os.environ.get(env) or None
+
+    return Client(
+        _target(args.target),
+        timeout=args.timeout,
+        api_key=args.api_key,
+        tls=args.tls,
+        root_certificates=_read(pick(args.tls_ca, "HEADSWAP_TLS_CA")),
+        certificate_chain=_read(pick(args.tls_cert, "HEADSWAP_TLS_CERT")),
+        private_key=_read(pick(args.tls_key, "HEADSWAP_TLS_KEY")),
+    )
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    with Client(_target(args.target), timeout=args.timeout) as client:
+    with _client(args) as client:
         result = client.embed_full(args.texts)
     if args.output:
         np.save(args.output, result.embeddings)
@@ -69,7 +97,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  {p.stage}: {p.done}/{p.total}", file=sys.stderr)
 
-    with Client(_target(args.target), timeout=args.timeout) as client:
+    with _client(args) as client:
         result = client.adapt_head(
             args.tenant,
             [t for t, _ in rows],
@@ -104,7 +132,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    with Client(_target(args.target), timeout=args.timeout) as client:
+    with _client(args) as client:
         predictions = client.classify(args.tenant, args.texts, top_k=args.top_k, version=args.version)
     for text, p in zip(args.texts, predictions, strict=True):
         labels = [{"label": s.label, "probability": round(s.probability, 4)} for s in p.labels]
@@ -113,7 +141,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_heads(args: argparse.Namespace) -> int:
-    with Client(_target(args.target), timeout=args.timeout) as client:
+    with _client(args) as client:
         if args.tenant:
             d = client.get_head(args.tenant)
             versions = [
@@ -155,13 +183,54 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     from headswap.client import _health
 
-    with Client(_target(args.target), timeout=args.timeout) as client:
+    with _client(args) as client:
         try:
             status = _health.check(client._channel, args.service, timeout=args.timeout)
         except grpc.RpcError as exc:
             status = f"{exc.code().name}: {exc.details()}"
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _key_row(info: ApiKeyInfo) -> dict[str, object]:
+    return {
+        "id": info.id,
+        "role": info.role,
+        "tenant": info.tenant,
+        "name": info.name,
+        "created_at": info.created_at.isoformat(),
+        "expires_at": info.expires_at.isoformat() if info.expires_at else None,
+        "revoked_at": info.revoked_at.isoformat() if info.revoked_at else None,
+    }
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    ttl = args.ttl_days * 86400 if getattr(args, "ttl_days", None) else None
+    if args.store:
+        try:
+            from headswap.server.cli import offline_keys
+        except ImportError as exc:
+            print(f"headswap keys --store: needs the server extra (pip install 'headswap[server]'): {exc}")
+            return 2
+        rows, key = offline_keys(args.store, args.action, args, ttl)
+    else:
+        with _client(args) as client:
+            key = None
+            if args.action == "create":
+                created = client.create_api_key(
+                    "admin" if args.admin else "tenant", args.tenant, name=args.name, ttl=ttl
+                )
+                rows, key = [_key_row(created.info)], created.key
+            elif args.action == "list":
+                rows = [_key_row(k) for k in client.list_api_keys()]
+            else:
+                rows = [_key_row(client.revoke_api_key(args.id))]
+    for row in rows:
+        print(json.dumps(row))
+    if key:
+        print(f"key (shown once, keep it secret): {key}", file=sys.stderr)
+        print(key)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(health)
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     health.set_defaults(func=_cmd_health)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke (admin key, or --store offline)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; prints it once")
+    role = create.add_mutually_exclusive_group(required=True)
+    role.add_argument("--tenant", default=None, help="a tenant key, for this tenant")
+    role.add_argument("--admin", action="store_true", help="an admin key")
+    create.add_argument("--name", default="", help="what the key is for")
+    create.add_argument(
+        "--ttl-days", type=float, default=None, help="expire after this many days (default: never)"
+    )
+    listing = actions.add_parser("list", help="list the keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id", help="the key's id (hsk_<id>_...)")
+    for action in (create, listing, revoke):
+        _add_client_args(action)
+        action.add_argument(
+            "--store",
+            default=None,
+            help="work on this store directly, offline (the first admin key) [needs the server extra]",
+        )
+        action.set_defaults(func=_cmd_keys)
 
     try:
         from headswap.server.cli import add_commands

@@ -21,6 +21,8 @@ from headswap.client.errors import from_rpc_error
 from headswap.client.results import (
     Activation,
     AdaptResult,
+    ApiKeyInfo,
+    CreatedApiKey,
     Deletion,
     EmbedResult,
     HeadDetails,
@@ -61,7 +63,9 @@ class Client(BaseClient):
         attempt, deadline = 0, self._deadline()
         while True:
             try:
-                reply = getattr(self._stub, call.method)(call.request, timeout=self._remaining(deadline))
+                reply = getattr(self._stub, call.method)(
+                    call.request, timeout=self._remaining(deadline), metadata=self._metadata
+                )
                 return call.parse(reply)
             except grpc.RpcError as exc:
                 delay = self._retry_delay(call, exc, attempt, deadline)
@@ -91,7 +95,9 @@ class Client(BaseClient):
         request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
         result = None
         try:
-            for reply in self._stub.AdaptHead(request, timeout=timeout):  # to its end: the call ends OK
+            for reply in self._stub.AdaptHead(
+                request, timeout=timeout, metadata=self._metadata
+            ):  # to its end: the call ends OK
                 result = self._adapt_event(reply, on_progress) or result
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -119,6 +125,19 @@ class Client(BaseClient):
     def delete_head_version(self, tenant: str, version: int) -> HeadDetails:
         """Remove one version that is not the active one; returns the head as it is then."""
         return self._send(self._delete_version(tenant, version))
+
+    def create_api_key(
+        self, role: str = "tenant", tenant: str | None = None, *, name: str = "", ttl: float | None = None
+    ) -> CreatedApiKey:
+        """A new key (admin only): `role` "tenant" (for `tenant`) or "admin"; `ttl` seconds, None: no expiry.
+        The secret is in the result and nowhere else."""
+        return self._send(self._create_key(role, tenant, name, ttl))
+
+    def list_api_keys(self) -> list[ApiKeyInfo]:
+        return self._send(self._list_keys())
+
+    def revoke_api_key(self, key_id: str) -> ApiKeyInfo:
+        return self._send(self._revoke_key(key_id))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the server's health service says SERVING."""
@@ -156,7 +175,7 @@ class AsyncClient(BaseClient):
         while True:
             try:
                 reply = await getattr(self._stub, call.method)(
-                    call.request, timeout=self._remaining(deadline)
+                    call.request, timeout=self._remaining(deadline), metadata=self._metadata
                 )
                 return call.parse(reply)
             except grpc.RpcError as exc:
@@ -178,7 +197,7 @@ class AsyncClient(BaseClient):
         request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
         result = None
         try:
-            async for reply in self._stub.AdaptHead(request, timeout=timeout):
+            async for reply in self._stub.AdaptHead(request, timeout=timeout, metadata=self._metadata):
                 result = self._adapt_event(reply, on_progress) or result
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -203,3 +222,14 @@ class AsyncClient(BaseClient):
 
     async def delete_head_version(self, tenant: str, version: int) -> HeadDetails:
         return await self._send(self._delete_version(tenant, version))
+
+    async def create_api_key(
+        self, role: str = "tenant", tenant: str | None = None, *, name: str = "", ttl: float | None = None
+    ) -> CreatedApiKey:
+        return await self._send(self._create_key(role, tenant, name, ttl))
+
+    async def list_api_keys(self) -> list[ApiKeyInfo]:
+        return await self._send(self._list_keys())
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyInfo:
+        return await self._send(self._revoke_key(key_id))

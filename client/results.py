@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,3 +147,22 @@ class Deletion:
     tenant: str
     versions_deleted: int
     examples_deleted: int
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """An API key as the server lists it: never its secret."""
+
+    id: str
+    role: str  # "tenant" or "admin"
+    tenant: str | None
+    name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class CreatedApiKey:
+    key: str  # hsk_<id>_<secret>: shown once, keep it in a secret store
+    info: ApiKeyInfo

@@ -20,13 +20,16 @@ def proto_files() -> list[Path]:
 
 
 def generate(out: Path) -> None:
+    import grpc_tools
     from grpc_tools import protoc  # dev-only dependency
 
     out.mkdir(parents=True, exist_ok=True)
     files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
+from headswap.server.errors import HeadswapError
 from headswap.server.headbank import HeadBank
 from headswap.server.inference.batcher import Batcher, BatchPolicy
 from headswap.server.inference.protocols import Backbone
@@ -26,11 +27,14 @@ from headswap.server.rpc.server import SERVICE_NAME, GrpcServer
 from headswap.server.rpc.servicer import HeadswapServicer
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService
+from headswap.server.services.keys import KeyService
 from headswap.server.services.locks import TenantLocks
 from headswap.server.services.training import TrainingService
 from headswap.server.store import HeadStore, open_store
 
 log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Server:
     batcher: Batcher
     bank: HeadBank
     heads: HeadService
+    keys: KeyService
     rpc: GrpcServer
     port: int = 0  # set by start()
     metrics_port: int = 0
@@ -71,7 +76,7 @@ class Server:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         self.batcher.start()
         await self._warm_up()
-        self._follow = asyncio.get_running_loop().create_task(self.heads.follow(), name="headswap-follow")
+        self._follow = asyncio.get_running_loop().create_task(self._follow_store(), name="headswap-follow")
         await self.rpc.serving()
         log.info("SERVING on port %d (backbone on %s)", self.port, self.backbone.encoder.provider)
         return self.port
@@ -84,6 +89,17 @@ class Server:
             for inputs in self.backbone.preprocessor.warm_up_batches(items):
                 await self.batcher.submit(inputs)
         log.info("backbone warm-up done in %.2fs", time.perf_counter() - started)
+
+    async def _follow_store(self) -> None:
+        """Apply every change the store publishes (here or, with a shared store, on another replica)."""
+        async for change in self.store.changes():
+            try:
+                if change.key_id:
+                    self.keys.forget(change.key_id)
+                else:
+                    await self.heads.apply(change)
+            except Exception:
+                log.exception("could not apply a change of the store (seq %d)", change.seq)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -187,10 +203,25 @@ def build(
     training = TrainingService(
         embedding, heads, cache, pools.train, config.limits, metrics, device=head_device
     )
-    servicer = HeadswapServicer(embedding, heads, training)
-    interceptor = CallInterceptor(metrics)
-    rpc = GrpcServer(config.host, config.port, config.limits.max_message_bytes, servicer, interceptor)
-    server = Server(config, backbone, store, metrics, pools, batcher, bank, heads, rpc)
+    keys = KeyService(store, config.auth.load_pepper(), pools.io, metrics)
+    if not keys.enabled and config.host not in LOOPBACK:
+        log.warning(
+            "--auth none on %s: anyone who reaches this port can read, retrain and delete every tenant's heads; "
+            "use --auth keys (README: API keys) unless a proxy in front authenticates callers",
+            config.host,
+        )
+    servicer = HeadswapServicer(embedding, heads, training, keys)
+    interceptor = CallInterceptor(metrics, keys.authenticate if keys.enabled else None)
+    rpc = GrpcServer(
+        config.host,
+        config.port,
+        config.limits.max_message_bytes,
+        servicer,
+        interceptor,
+        config.tls,
+        config.health_port,
+    )
+    server = Server(config, backbone, store, metrics, pools, batcher, bank, heads, keys, rpc)
     _watch(server)
     return server
 
@@ -223,7 +254,12 @@ def _warm_up_training(dim: int) -> None:
 
 def serve(config: ServerConfig) -> int:
     async def main() -> int:
-        return await build(config).run()
+        try:
+            server = build(config)
+        except (HeadswapError, OSError, RuntimeError, ValueError) as exc:  # a bad setting, an unreachable store
+            log.error("start-up failed: %s", exc.message if isinstance(exc, HeadswapError) else exc)
+            return 1
+        return await server.run()
 
     return asyncio.run(main())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from headswap.server import logs
@@ -124,3 +125,48 @@ def run_store_copy(args: argparse.Namespace) -> int:
     bad = [r for r in results if r.outcome in ("conflict", "damaged")]
     print(f"{len(results)} tenant(s): {len(results) - len(bad)} copied or already there, {len(bad)} not")
     return 1 if bad else 0
+
+
+def offline_keys(
+    url: str, action: str, args: argparse.Namespace, ttl: float | None
+) -> tuple[list[dict[str, object]], str | None]:
+    """`headswap keys ... --store URL`: the same actions against the store itself, with no server running (how
+    the first admin key is made). The pepper comes from HEADSWAP_AUTH_PEPPER or HEADSWAP_AUTH_PEPPER_FILE,
+    as the server reads it."""
+    import datetime as dt
+    import time
+
+    from headswap.server import keys
+    from headswap.server.store import open_store
+
+    config = ServerConfig.from_sources()
+    pepper = replace(config.auth, mode="keys").load_pepper()
+    assert pepper is not None
+    store = open_store(url, migrate=True)
+
+    def when(t: float | None) -> str | None:
+        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat() if t is not None else None
+
+    def row(k: keys.ApiKey) -> dict[str, object]:
+        return {
+            "id": k.id,
+            "role": k.role,
+            "tenant": k.tenant,
+            "name": k.name,
+            "created_at": when(k.created_at),
+            "expires_at": when(k.expires_at),
+            "revoked_at": when(k.revoked_at),
+        }
+
+    try:
+        if action == "create":
+            role, tenant = ("admin", None) if args.admin else ("tenant", args.tenant)
+            expires = time.time() + ttl if ttl is not None else None
+            key, record = keys.new_key(pepper, role, tenant, expires, args.name)
+            store.put_key(record)
+            return [row(record)], key
+        if action == "list":
+            return [row(k) for k in store.list_keys()], None
+        return [row(store.revoke_key(args.id, time.time()))], None
+    finally:
+        store.close()

@@ -72,6 +72,43 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    mode: str = "none"  # "none": every caller may do everything; "keys": API keys (headswap.server.keys)
+    pepper: str | None = field(default=None, repr=False)  # the HMAC key of the stored key digests
+    pepper_file: Path | None = None
+
+    def load_pepper(self) -> bytes | None:
+        """The pepper's bytes when keys are on (from the file, else the value); None when auth is off."""
+        if self.mode == "none":
+            return None
+        if self.pepper_file is not None:
+            raw = self.pepper_file.read_bytes().strip()
+        elif self.pepper:
+            raw = self.pepper.encode()
+        else:
+            raise ValueError(
+                "bad configuration: --auth keys needs a pepper: --auth-pepper-file FILE or HEADSWAP_AUTH_PEPPER "
+                "(32 random bytes or more, e.g. `openssl rand -hex 32`)"
+            )
+        if len(raw) < 16:
+            raise ValueError("bad configuration: the auth pepper must be at least 16 bytes")
+        return raw
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Files re-read when they change (a renewed certificate serves new connections without a restart)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None  # set: mutual TLS, every client must present a certificate it signed
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "[::]"
     port: int = 50051
@@ -90,6 +127,15 @@ class ServerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    health_port: int = 0  # a plaintext port serving grpc.health.v1 only (probes of a TLS server); 0: none
+
+    def __post_init__(self) -> None:
+        if (self.tls.cert is None) != (self.tls.key is None):
+            raise ValueError("bad configuration: --tls-cert and --tls-key go together")
+        if self.tls.client_ca is not None and self.tls.cert is None:
+            raise ValueError("bad configuration: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
     @property
     def backbone_dir(self) -> Path:
@@ -380,6 +426,43 @@ OPTIONS: tuple[Option, ...] = (
         "DEBUG, INFO, WARNING or ERROR",
     ),
     Option("home", None, "home", path, "data directory for the default backbone and store"),
+    Option(
+        "auth",
+        "auth",
+        "mode",
+        choice("none", "keys"),
+        "none (every caller may do everything) or keys (API keys)",
+    ),
+    Option(
+        "auth_pepper",
+        "auth",
+        "pepper",
+        text,
+        "the secret the stored key digests are keyed with (prefer the file)",
+    ),
+    Option("auth_pepper_file", "auth", "pepper_file", path, "a file holding the auth pepper"),
+    Option(
+        "tls_cert",
+        "tls",
+        "cert",
+        path,
+        "PEM certificate chain: serve gRPC over TLS (re-read when it changes)",
+    ),
+    Option("tls_key", "tls", "key", path, "PEM private key of --tls-cert"),
+    Option(
+        "tls_client_ca",
+        "tls",
+        "client_ca",
+        path,
+        "PEM CA bundle: require client certificates it signed (mTLS)",
+    ),
+    Option(
+        "health_port",
+        None,
+        "health_port",
+        PORT,
+        "a plaintext port with only grpc.health.v1 on it, for probes that cannot speak TLS; 0 turns it off",
+    ),
 )
 
 

@@ -53,11 +53,32 @@ class Example:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling. Without authentication every caller is `ANONYMOUS`, which may do everything."""
+    """Who is calling, from the call's credentials. Without authentication every caller is `ANONYMOUS`,
+    which may do everything; a tenant key's caller acts for its one tenant; an admin key's for any."""
 
-    name: str = "anonymous"
-    tenant: str | None = None  # the one tenant a tenant caller may act for; None for admin/anonymous
+    name: str = "anonymous"  # the key's id, for logs (never the secret)
+    tenant: str | None = None  # the one tenant a tenant key may act for; None for admin/anonymous
     admin: bool = True
+
+    def tenant_for(self, requested: str) -> str:
+        """The tenant a request acts for: a tenant key's own (the request may leave it empty, or must
+        repeat it); any valid name for an admin. PERMISSION_DENIED whether or not another tenant exists."""
+        from headswap.server.errors import PermissionDenied
+        from headswap.server.validation import check_tenant
+
+        if self.tenant is None:
+            return check_tenant(requested)
+        if requested not in ("", self.tenant):
+            raise PermissionDenied(
+                "this API key acts only for its own tenant: leave `tenant` empty or name yours"
+            )
+        return self.tenant
+
+    def require_admin(self, what: str) -> None:
+        from headswap.server.errors import PermissionDenied
+
+        if not self.admin:
+            raise PermissionDenied(f"{what} needs an admin API key")
 
 
 ANONYMOUS = Caller()
@@ -245,3 +266,12 @@ class Deletion:
     tenant: str
     versions_deleted: int
     examples_deleted: int
+
+
+@dataclass(frozen=True)
+class CreateKeyRequest:
+    role: str  # "tenant" or "admin"
+    tenant: str | None
+    name: str = ""
+    ttl_s: float | None = None  # None: no expiry
+    caller: Caller = ANONYMOUS

@@ -10,6 +10,8 @@ becomes INTERNAL with a logged traceback.
      ├── FailedPrecondition   valid, but not in this state (a head from another backbone, none active)
      ├── ResourceExhausted    over a configured bound (queue, batch, reply size)
      ├── Unavailable          not now: starting up, draining; safe to retry
+     ├── Unauthenticated      no API key, or one the server does not accept (unknown, revoked, expired)
+     ├── PermissionDenied     a valid key that may not do this (another tenant, an admin-only call)
      └── DataLoss             stored data is damaged (a quarantined tenant); the message says how to repair
 """
 
@@ -46,3 +48,11 @@ class Unavailable(HeadswapError):
 
 class DataLoss(HeadswapError):
     """Stored data is damaged: the tenant is quarantined until repaired or deleted."""
+
+
+class Unauthenticated(HeadswapError):
+    """The call carries no valid credentials."""
+
+
+class PermissionDenied(HeadswapError):
+    """Valid credentials that do not allow this call."""

@@ -24,6 +24,7 @@ RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TRAINING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STAGES = ("queue", "tokenize", "backbone", "head")
 TRAINING_OUTCOMES = ("activated", "negative_transfer", "failed", "cancelled")
+AUTH_FAILURES = ("missing", "malformed", "unknown", "revoked", "expired")
 
 
 class Metrics:
@@ -92,6 +93,12 @@ class Metrics:
             "tenants whose stored data is damaged (answering DATA_LOSS until repaired or deleted)",
             registry=r,
         )
+        self.auth_failures = Counter(
+            "headswap_auth_failures_total",
+            "calls refused for their credentials, by reason (never the key or its id)",
+            ["reason"],
+            registry=r,
+        )
         self.cache_write_errors = Counter(
             "headswap_embedding_cache_write_errors_total",
             "embedding cache saves that failed (the training went on without them)",
@@ -108,6 +115,8 @@ class Metrics:
             self.stage_duration.labels(stage)
         for outcome in TRAINING_OUTCOMES:
             self.training_runs.labels(outcome)
+        for reason in AUTH_FAILURES:
+            self.auth_failures.labels(reason)
         self._http: Any = None
 
     def observe_batch(self, stats: BatchStats) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from headswap.adapters import HeadMetrics
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
+from headswap.server.keys import ApiKey
 from headswap.v1 import headswap_pb2 as pb
 
 # -- inputs and tensors ----------------------------------------------------------------------------------
@@ -266,3 +268,48 @@ def version_from_pb(request: pb.DeleteHeadVersionRequest, caller: d.Caller) -> d
 
 def version_deleted_to_pb(o: d.HeadOverview) -> pb.DeleteHeadVersionResponse:
     return pb.DeleteHeadVersionResponse(head=overview_to_pb(o))
+
+
+# -- API keys --------------------------------------------------------------------------------------------
+
+_ROLES = {pb.API_KEY_ROLE_TENANT: "tenant", pb.API_KEY_ROLE_ADMIN: "admin"}
+_ROLE_CODES = {v: k for k, v in _ROLES.items()}
+
+
+def create_key_from_pb(request: pb.CreateApiKeyRequest, caller: d.Caller) -> d.CreateKeyRequest:
+    if request.role not in _ROLES:
+        raise InvalidArgument(f"role must be API_KEY_ROLE_TENANT or API_KEY_ROLE_ADMIN, not {request.role}")
+    ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
+    return d.CreateKeyRequest(_ROLES[request.role], request.tenant or None, request.name, ttl, caller)
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def key_info_to_pb(key: ApiKey) -> pb.ApiKeyInfo:
+    return pb.ApiKeyInfo(
+        id=key.id,
+        role=_ROLE_CODES[key.role],
+        tenant=key.tenant or "",
+        name=key.name,
+        created_at=_timestamp(key.created_at),
+        expires_at=_timestamp(key.expires_at),
+        revoked_at=_timestamp(key.revoked_at),
+    )
+
+
+def created_key_to_pb(key: str, record: ApiKey) -> pb.CreateApiKeyResponse:
+    return pb.CreateApiKeyResponse(key=key, info=key_info_to_pb(record))
+
+
+def keys_to_pb(keys: Sequence[ApiKey]) -> pb.ListApiKeysResponse:
+    return pb.ListApiKeysResponse(keys=[key_info_to_pb(k) for k in keys])
+
+
+def revoked_to_pb(key: ApiKey) -> pb.RevokeApiKeyResponse:
+    return pb.RevokeApiKeyResponse(info=key_info_to_pb(key))

@@ -37,6 +37,8 @@ STATUS: dict[type[errors.HeadswapError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("headswap_caller", default=ANONYMOUS)
@@ -58,6 +60,13 @@ def _rpc_name(method: str) -> str:
     return method.removeprefix(OUR_SERVICE) if method.startswith(OUR_SERVICE) else method.lstrip("/")
 
 
+def _metadata(context: aio.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name and isinstance(value, str):
+            return value
+    return None
+
+
 def _request_id(context: aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
@@ -67,10 +76,17 @@ def _request_id(context: aio.ServicerContext) -> str:
 
 class CallInterceptor(aio.ServerInterceptor):
     """Until `open` is set (the server is warmed up), our service answers UNAVAILABLE; health and reflection
-    always answer."""
+    always answer, with no credentials (probes call them). Every call of our service is authenticated by
+    `authenticate` (the `authorization` metadata to a Caller, or UNAUTHENTICATED)."""
 
-    def __init__(self, metrics: Metrics, open: bool = False) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        authenticate: Callable[[str | None], Awaitable[Caller]] | None = None,
+        open: bool = False,
+    ) -> None:
         self.metrics = metrics
+        self.authenticate = authenticate
         self.open = open
 
     def _done(self, rpc: str, request_id: str, code: grpc.StatusCode, started: float, message: str) -> None:
@@ -112,6 +128,8 @@ class CallInterceptor(aio.ServerInterceptor):
                 raise errors.Unavailable(
                     "the server is still loading and warming up its backbone; retry shortly"
                 )
+            if ours and self.authenticate is not None:
+                _caller.set(await self.authenticate(_metadata(context, "authorization")))
             yield
         except aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN

@@ -1,4 +1,4 @@
-"""The gRPC server: its port, the headswap service, health and reflection."""
+"""The gRPC server: its port (plaintext or TLS), the headswap service, health and reflection."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from headswap.server.config import TlsConfig
 from headswap.server.rpc.interceptors import CallInterceptor
 from headswap.server.rpc.servicer import HeadswapServicer
+from headswap.server.rpc.tls import CertificateFiles
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
 
@@ -19,7 +21,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HeadswapService"].full_name
 
 
 class GrpcServer:
-    """Built up front; the aio server and the health servicer bind to the running loop, so `start` makes them."""
+    """Built up front; the aio server and the health servicer bind to the running loop, so `start` makes them.
+    With TLS, `health_port` (when set) serves grpc.health.v1 alone in plaintext: Kubernetes' gRPC probes and
+    Docker's HEALTHCHECK cannot speak TLS, and a health status is no secret."""
 
     def __init__(
         self,
@@ -28,12 +32,18 @@ class GrpcServer:
         max_message_bytes: int,
         servicer: HeadswapServicer,
         interceptor: CallInterceptor,
+        tls: TlsConfig | None = None,
+        health_port: int = 0,
     ) -> None:
+        self.host = host
         self.address = f"{host}:{port}"
         self.max_message_bytes = max_message_bytes
         self.servicer = servicer
         self.interceptor = interceptor
+        self.tls = tls if tls is not None and tls.enabled else None
+        self.health_port = health_port
         self._server: aio.Server | None = None
+        self._health_server: aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
 
     async def start(self) -> int:
@@ -58,11 +68,22 @@ class GrpcServer:
             server,
         )
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        port = server.add_insecure_port(self.address)
+        if self.tls is not None:
+            port = server.add_secure_port(self.address, CertificateFiles(self.tls).credentials())
+        else:
+            port = server.add_insecure_port(self.address)
         if port == 0:
             raise OSError(f"could not listen on {self.address}")
         await server.start()
         self._server = server
+        if self.health_port:
+            health_only = aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, health_only)
+            if health_only.add_insecure_port(f"{self.host}:{self.health_port}") == 0:
+                raise OSError(f"could not listen on {self.host}:{self.health_port} (health)")
+            await health_only.start()
+            self._health_server = health_only
+            log.info("grpc.health.v1 alone, in plaintext, on port %d", self.health_port)
         return port
 
     async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
@@ -81,3 +102,5 @@ class GrpcServer:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)

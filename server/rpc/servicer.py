@@ -11,16 +11,20 @@ from headswap.server.rpc import codec
 from headswap.server.rpc.interceptors import current_caller
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService
+from headswap.server.services.keys import KeyService
 from headswap.server.services.training import TrainingService
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
 
 
 class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
-    def __init__(self, embedding: EmbeddingService, heads: HeadService, training: TrainingService) -> None:
+    def __init__(
+        self, embedding: EmbeddingService, heads: HeadService, training: TrainingService, keys: KeyService
+    ) -> None:
         self.embedding = embedding
         self.heads = heads
         self.training = training
+        self.keys = keys
 
     async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
         started = time.perf_counter()
@@ -68,3 +72,20 @@ class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
     ) -> pb.DeleteHeadVersionResponse:
         result = await self.heads.delete_version(codec.version_from_pb(request, current_caller()))
         return codec.version_deleted_to_pb(result)
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: aio.ServicerContext
+    ) -> pb.CreateApiKeyResponse:
+        return codec.created_key_to_pb(
+            *await self.keys.create(codec.create_key_from_pb(request, current_caller()))
+        )
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context: aio.ServicerContext
+    ) -> pb.ListApiKeysResponse:
+        return codec.keys_to_pb(await self.keys.list(current_caller()))
+
+    async def RevokeApiKey(
+        self, request: pb.RevokeApiKeyRequest, context: aio.ServicerContext
+    ) -> pb.RevokeApiKeyResponse:
+        return codec.revoked_to_pb(await self.keys.revoke(request.id, current_caller()))

@@ -32,7 +32,6 @@ from headswap.server.headbank import HeadBank
 from headswap.server.services.embedding import EmbeddingService, timings
 from headswap.server.services.locks import TenantLocks
 from headswap.server.store import Change, HeadStore, StoredVersion
-from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,18 +70,10 @@ class HeadService:
         if change.deleted:
             self.cache.evict_tenant(change.tenant)
 
-    async def follow(self) -> None:
-        """Apply every change the store publishes, until cancelled."""
-        async for change in self.store.changes():
-            try:
-                await self.apply(change)
-            except Exception:
-                log.exception("could not apply a change of tenant %s", change.tenant)
-
     # -- Classify --------------------------------------------------------------------------------------------
 
     async def classify(self, request: ClassifyRequest) -> Classified:
-        check_tenant(request.tenant)
+        tenant = request.caller.tenant_for(request.tenant)
         self.embedding.check(request.inputs)
         if request.top_k < 0:
             raise InvalidArgument(f"top_k must be 0 (meaning 1) or more, not {request.top_k}")
@@ -90,7 +81,7 @@ class HeadService:
             raise InvalidArgument(
                 f"version must be 0 (the active one) or a version number, not {request.version}"
             )
-        tenant, version = request.tenant, request.version
+        version = request.version
         # Resident heads are taken on the loop; only a head that must be loaded from the store costs a hop.
         head = self.bank.peek(tenant, version)
         if head is None:
@@ -137,12 +128,15 @@ class HeadService:
                 return HeadSummary(tenant, 0, 0, (), "", problem=self.store.damaged.get(tenant, "damaged"))
 
         def work() -> list[HeadSummary]:
-            return [row for tenant in self.store.tenants() if (row := summary(tenant)) is not None]
+            # A tenant key sees its own tenant only (whether or not others exist is not its business).
+            mine = request.caller.tenant
+            tenants = self.store.tenants() if mine is None else [mine]
+            return [row for tenant in tenants if (row := summary(tenant)) is not None]
 
         return await self.run_io(work)
 
     async def get_head(self, request: TenantRequest) -> HeadOverview:
-        tenant = check_tenant(request.tenant)
+        tenant = request.caller.tenant_for(request.tenant)
 
         def work() -> HeadOverview:
             state = self.store.state(tenant)
@@ -152,7 +146,7 @@ class HeadService:
         return await self.run_io(work)
 
     async def activate(self, request: ActivateRequest) -> Activation:
-        tenant, version = check_tenant(request.tenant), request.version
+        tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
         async with self.locks(tenant):
@@ -165,7 +159,7 @@ class HeadService:
         return Activation(tenant, state.active_version, previous)
 
     async def delete_version(self, request: VersionRequest) -> HeadOverview:
-        tenant, version = check_tenant(request.tenant), request.version
+        tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
         async with self.locks(tenant):
@@ -174,7 +168,7 @@ class HeadService:
         return await self.get_head(TenantRequest(tenant, request.caller))
 
     async def delete(self, request: TenantRequest) -> Deletion:
-        tenant = check_tenant(request.tenant)
+        tenant = request.caller.tenant_for(request.tenant)
         async with self.locks(tenant):
             deletion, change = await self.run_io(self.store.delete, tenant)  # NOT_FOUND if unknown
             await self.apply(change)

@@ -32,7 +32,6 @@ from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
 from headswap.server.services.training_input import check_examples, train_config
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
-from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class TrainingService:
         self.metrics.training_duration.observe(time.perf_counter() - started)
 
     async def _adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
-        tenant = check_tenant(request.tenant)
+        tenant = request.caller.tenant_for(request.tenant)
         config = train_config(request.options, self.device)
         size = sum(e.input.nbytes + len(e.label.encode()) for e in request.examples)
         if size > self.limits.max_request_bytes:

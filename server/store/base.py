@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 
 from headswap.server.domain import Deletion, Example, Input
 from headswap.server.errors import DataLoss, NotFound
+from headswap.server.keys import ApiKey
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Change:
     seq: int
     deleted: bool = False
     weights_sha256: str = ""  # of the active version: a version's identity is its number and its bytes
+    key_id: str = ""  # set instead (tenant "") when an API key changed: caches of it must be dropped
 
 
 def no_head(tenant: str) -> NotFound:
@@ -178,6 +181,21 @@ class HeadStore(abc.ABC):
     @abc.abstractmethod
     def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None: ...
 
+    # -- API keys (only their HMACs: see headswap.server.keys) ----------------------------------------------
+
+    @abc.abstractmethod
+    def put_key(self, key: ApiKey) -> None: ...
+
+    @abc.abstractmethod
+    def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    @abc.abstractmethod
+    def list_keys(self) -> list[ApiKey]: ...
+
+    @abc.abstractmethod
+    def revoke_key(self, key_id: str, at: float) -> ApiKey:
+        """Mark the key revoked (NotFound for an unknown id) and publish a change naming it."""
+
     def close(self) -> None:  # noqa: B027 - stores with connections override it
         """Release connections and files."""
 
@@ -193,3 +211,16 @@ def example_from_json(raw: dict[str, str]) -> Example:
     if "image" in raw:
         return Example(Input(image=base64.b64decode(raw["image"])), raw["label"])
     return Example(Input(text=raw["text"]), raw["label"])
+
+
+def key_to_json(key: ApiKey) -> dict[str, Any]:
+    return dataclasses.asdict(key)
+
+
+def key_from_json(raw: dict[str, Any]) -> ApiKey:
+    fields: dict[str, Any] = {f.name: raw[f.name] for f in dataclasses.fields(ApiKey) if f.name in raw}
+    return ApiKey(**fields)
+
+
+def no_key(key_id: str) -> NotFound:
+    return NotFound(f"no API key with id {key_id!r}")

@@ -18,10 +18,12 @@ Layout:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +34,7 @@ import numpy as np
 
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
+from headswap.server.keys import ApiKey
 from headswap.server.store.base import (
     Change,
     HeadStore,
@@ -41,7 +44,10 @@ from headswap.server.store.base import (
     damaged,
     example_from_json,
     example_to_json,
+    key_from_json,
+    key_to_json,
     no_head,
+    no_key,
     retained,
     verify_weights,
     weights_digest,
@@ -52,6 +58,7 @@ from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
+KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class LocalStore(HeadStore):
@@ -335,3 +342,37 @@ class LocalStore(HeadStore):
         keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
         vectors = np.stack(list(entries.values())).astype(np.float32)
         atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
+
+    # -- API keys: keys/<id>.json, written atomically ----------------------------------------------------
+
+    def _key_path(self, key_id: str) -> Path:
+        if not KEY_ID.fullmatch(key_id):
+            raise no_key(key_id)
+        return self.root / "keys" / f"{key_id}.json"
+
+    def put_key(self, key: ApiKey) -> None:
+        atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        try:
+            return key_from_json(json.loads(self._key_path(key_id).read_text()))
+        except (FileNotFoundError, NotFound):
+            return None
+
+    def list_keys(self) -> list[ApiKey]:
+        directory = self.root / "keys"
+        keys = (
+            [key_from_json(json.loads(p.read_text())) for p in directory.glob("*.json")]
+            if directory.is_dir()
+            else []
+        )
+        return sorted(keys, key=lambda k: k.created_at)
+
+    def revoke_key(self, key_id: str, at: float) -> ApiKey:
+        key = self.get_key(key_id)
+        if key is None:
+            raise no_key(key_id)
+        key = dataclasses.replace(key, revoked_at=key.revoked_at or at)
+        self.put_key(key)
+        self.feed.publish(Change("", 0, next_seq(0), key_id=key_id))
+        return key

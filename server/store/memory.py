@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import FailedPrecondition
+from headswap.server.keys import ApiKey
 from headswap.server.store.base import (
     Change,
     HeadStore,
@@ -17,6 +19,7 @@ from headswap.server.store.base import (
     StoredVersion,
     TenantState,
     no_head,
+    no_key,
     retained,
     verify_weights,
     weights_digest,
@@ -31,6 +34,7 @@ class MemoryStore(HeadStore):
         self._versions: dict[tuple[str, int], StoredVersion] = {}
         self._examples: dict[str, list[Example]] = {}
         self._embeddings: dict[tuple[str, str], dict[bytes, np.ndarray]] = {}
+        self._keys: dict[str, ApiKey] = {}
         self._lock = threading.Lock()
         self._seq = 0
 
@@ -140,3 +144,26 @@ class MemoryStore(HeadStore):
         if entries:
             with self._lock:
                 self._embeddings[(check_tenant(tenant), fingerprint)] = dict(entries)
+
+    def put_key(self, key: ApiKey) -> None:
+        with self._lock:
+            self._keys[key.id] = key
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self._lock:
+            return self._keys.get(key_id)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._lock:
+            return sorted(self._keys.values(), key=lambda k: k.created_at)
+
+    def revoke_key(self, key_id: str, at: float) -> ApiKey:
+        with self._lock:
+            key = self._keys.get(key_id)
+            if key is None:
+                raise no_key(key_id)
+            key = dataclasses.replace(key, revoked_at=key.revoked_at or at)
+            self._keys[key_id] = key
+            seq = self._next_seq()
+        self.feed.publish(Change("", 0, seq, key_id=key_id))
+        return key

@@ -18,8 +18,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import FailedPrecondition, Unavailable
 from headswap.server.store.base import (
@@ -35,6 +33,7 @@ from headswap.server.store.base import (
     verify_weights,
     weights_digest,
 )
+from headswap.server.store.postgres_extras import PostgresExtras
 from headswap.server.store.postgres_schema import MIGRATIONS, current_version, jsonb, migrate, one, redact
 from headswap.server.validation import check_tenant
 
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "headswap_changes"
 
 
-class PostgresStore(HeadStore):
+class PostgresStore(PostgresExtras, HeadStore):
     def __init__(
         self, url: str, max_versions: int = 50, migrate_schema: bool = False, listen: bool = True
     ) -> None:
@@ -116,8 +115,16 @@ class PostgresStore(HeadStore):
 
     def record_change(self, conn: Any, change: Change) -> None:
         conn.execute(
-            "INSERT INTO headswap_changes (seq, tenant, active_version, weights_sha256, deleted) VALUES (%s, %s, %s, %s, %s)",
-            (change.seq, change.tenant, change.active_version, change.weights_sha256, change.deleted),
+            "INSERT INTO headswap_changes (seq, tenant, active_version, weights_sha256, deleted, key_id) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (
+                change.seq,
+                change.tenant,
+                change.active_version,
+                change.weights_sha256,
+                change.deleted,
+                change.key_id,
+            ),
         )
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(change.seq)))
 
@@ -303,36 +310,6 @@ class PostgresStore(HeadStore):
             (tenant,),
         ).fetchone()
         return row[0] if row else []
-
-    # -- the embedding cache -----------------------------------------------------------------------------
-
-    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
-        with self.transaction("read cached embeddings") as conn:
-            row = conn.execute(
-                "SELECT dim, keys, vectors FROM headswap_embeddings WHERE tenant = %s AND fingerprint = %s",
-                (check_tenant(tenant), fingerprint),
-                binary=True,
-            ).fetchone()
-        if row is None:
-            return {}
-        dim, keys, vectors = int(row[0]), bytes(row[1]), np.frombuffer(bytes(row[2]), dtype="<f4")
-        n = len(keys) // 32
-        if n * 32 != len(keys) or vectors.size != n * dim:
-            return {}  # a cache: a damaged entry costs time, never correctness
-        matrix = vectors.reshape(n, dim)
-        return {keys[i * 32 : (i + 1) * 32]: matrix[i] for i in range(n)}
-
-    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
-        if not entries:
-            return
-        vectors = np.stack(list(entries.values())).astype("<f4")
-        with self.transaction("save cached embeddings") as conn:
-            conn.execute(
-                "INSERT INTO headswap_embeddings (tenant, fingerprint, dim, keys, vectors) VALUES (%s, %s, %s, %b, %b) "
-                "ON CONFLICT (tenant, fingerprint) DO UPDATE SET dim = EXCLUDED.dim, keys = EXCLUDED.keys, "
-                "vectors = EXCLUDED.vectors",
-                (check_tenant(tenant), fingerprint, vectors.shape[1], b"".join(entries), vectors.tobytes()),
-            )
 
 
 def open_postgres(url: str, max_versions: int, migrate_schema: bool) -> PostgresStore:

@@ -38,12 +38,12 @@ class Listener:
 
     def _catch_up(self, conn: object) -> None:
         rows = conn.execute(  # type: ignore[attr-defined]
-            "SELECT seq, tenant, active_version, deleted, weights_sha256 FROM headswap_changes WHERE seq > %s "
-            "ORDER BY seq",
+            "SELECT seq, tenant, active_version, deleted, weights_sha256, key_id FROM headswap_changes "
+            "WHERE seq > %s ORDER BY seq",
             (self.last,),
         ).fetchall()
-        for seq, tenant, active, deleted, sha in rows:
-            self.feed.publish(Change(tenant, int(active), int(seq), bool(deleted), str(sha)))
+        for seq, tenant, active, deleted, sha, key_id in rows:
+            self.feed.publish(Change(tenant, int(active), int(seq), bool(deleted), str(sha), str(key_id)))
             self.last = int(seq)
 
     def _run(self) -> None:

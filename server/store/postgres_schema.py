@@ -62,6 +62,20 @@ MIGRATIONS: tuple[str, ...] = (
         at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 2: API keys (their HMACs only), and key changes in the change log so revocations reach every replica.
+    """
+    CREATE TABLE headswap_api_keys (
+        id text PRIMARY KEY,
+        role text NOT NULL CHECK (role IN ('tenant', 'admin')),
+        tenant text,
+        digest text NOT NULL,
+        name text NOT NULL DEFAULT '',
+        created_at double precision NOT NULL,
+        expires_at double precision,
+        revoked_at double precision
+    );
+    ALTER TABLE headswap_changes ADD COLUMN key_id text NOT NULL DEFAULT '';
+    """,
 )
 
 

@@ -28,8 +28,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DOCKERFILE = REPO / "Dockerfile"
-OVERLAYS = ("gpu", "cpu", "local-store")
-SHARED_STORE_OVERLAYS = ("gpu", "cpu")  # PostgreSQL, several replicas; local-store: one replica, a volume
+OVERLAYS = ("gpu", "cpu", "local-store", "gpu-tls")
+SHARED_STORE_OVERLAYS = (
+    "gpu",
+    "cpu",
+    "gpu-tls",
+)  # PostgreSQL, several replicas; local-store: one replica, a volume
 
 # The server's Prometheus metrics (all prefixed headswap_): the contract the dashboard and the autoscaling
 # rule are written against. Histograms are named without their _bucket/_sum/_count suffixes.

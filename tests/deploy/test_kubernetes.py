@@ -200,9 +200,18 @@ def test_ports_match_the_server(
 ) -> None:
     ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
     expected = {"grpc": DEFAULTS.port, "metrics": DEFAULTS.metrics_port}
-    assert ports == expected == {"grpc": config.port, "metrics": config.metrics_port}
+    if config.health_port:  # TLS on the gRPC port: the probes ask the plaintext health-only port
+        expected["health"] = config.health_port
+        assert config.tls.enabled, "a health-only port is for servers whose gRPC port speaks TLS"
+    assert ports == expected
+    assert {"grpc": config.port, "metrics": config.metrics_port} == {
+        "grpc": DEFAULTS.port,
+        "metrics": DEFAULTS.metrics_port,
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container(deployment)[probe]["grpc"]["port"] == config.port, f"{probe} asks the wrong port"
+        assert container(deployment)[probe]["grpc"]["port"] == (config.health_port or config.port), (
+            f"{probe} asks the wrong port"
+        )
     services = [d for d in docs if d["kind"] == "Service"]
     for service in services:
         for port in service["spec"]["ports"]:
@@ -244,8 +253,15 @@ def test_store_and_tmp_are_the_only_writable_paths(
         assert set(mounts) == {store, "/tmp"}
         claim = mounts[store]["persistentVolumeClaim"]["claimName"]
         the(docs, "PersistentVolumeClaim", claim)
-    else:  # PostgreSQL: nothing written but /tmp
-        assert set(mounts) == {"/tmp"}
+    else:  # PostgreSQL: nothing written but /tmp (TLS certificates are mounted read-only)
+        writable = {
+            p
+            for p in mounts
+            if not any(
+                m["mountPath"] == p and m.get("readOnly") for m in container(deployment)["volumeMounts"]
+            )
+        }
+        assert writable == {"/tmp"}
     assert "emptyDir" in mounts["/tmp"]
     # The backbone is the one exported into the image.
     image_env = parse_dockerfile()[-1].env()
@@ -322,6 +338,10 @@ def test_shared_store_scales_out(
     assert store["valueFrom"]["secretKeyRef"] == {"name": "headswap-store", "key": "url"}
     assert "HEADSWAP_STORE" not in settings, "a URL with a password belongs in a Secret, not a ConfigMap"
     assert settings["HEADSWAP_STORE_MIGRATE"] == "true"
+    assert settings["HEADSWAP_AUTH"] == "keys", "every call but health needs an API key"
+    pepper = container_env(deployment)["HEADSWAP_AUTH_PEPPER"]
+    assert pepper["valueFrom"]["secretKeyRef"] == {"name": "headswap-auth", "key": "pepper"}
+    assert "HEADSWAP_AUTH_PEPPER" not in settings
     assert not any(d["kind"] == "PersistentVolumeClaim" for d in docs)
 
 
@@ -334,11 +354,11 @@ def test_pdb_selects_the_pods(docs: list[dict[str, Any]], deployment: dict[str, 
 
 
 def test_overlay_device(overlay: str, deployment: dict[str, Any], config: ServerConfig) -> None:
-    if overlay not in ("gpu", "cpu"):
+    if overlay not in ("gpu", "cpu", "gpu-tls"):
         return  # local-store picks its device like the base (auto)
     resources = container(deployment)["resources"]
     pod = deployment["spec"]["template"]["spec"]
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):
         assert str(resources["limits"].get("nvidia.com/gpu")) == "1", "the gpu overlay must ask for one GPU"
         assert config.device == "cuda"
         assert pod.get("nodeSelector") or pod.get("tolerations"), "steer the pod to GPU nodes"

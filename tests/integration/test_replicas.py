@@ -217,8 +217,16 @@ def test_postgres_restart_costs_resident_heads_nothing(
     finally:
         postgres_server.start()
     try:
+        # Writes succeed again once the store is back (its pool's reconnection attempts back off: a few s).
+        deadline = time.monotonic() + 20
         with Client(a.target) as client:
-            newer = client.adapt_head("steady", *examples(banking77, 2, offset=20)).version
+            while True:
+                try:
+                    newer = client.adapt_head("steady", *examples(banking77, 2, offset=20)).version
+                    break
+                except HeadswapError as exc:
+                    assert exc.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+                    time.sleep(0.2)
         for s in (b, c):
             wait_for_version(s.target, "steady", newer, timeout=10.0)
     finally:

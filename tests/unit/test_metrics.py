@@ -34,7 +34,18 @@ def test_label_sets_are_fixed_and_bounded() -> None:
     m.observe_batch(BatchStats(items=4, requests=2, padded_cost=40, real_cost=30, run_s=0.01))
     m.observe_stages(0.001, 0.002, 0.003, 0.0001)
     labels = exposed(m)
-    allowed = {"rpc", "code", "stage", "outcome", "le", "name", "fingerprint", "provider", "precision"}
+    allowed = {
+        "rpc",
+        "code",
+        "stage",
+        "outcome",
+        "reason",
+        "le",
+        "name",
+        "fingerprint",
+        "provider",
+        "precision",
+    }
     for name, keys in labels.items():
         assert keys <= allowed, (name, keys)
         assert "tenant" not in keys

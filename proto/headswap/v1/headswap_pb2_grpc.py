@@ -75,6 +75,21 @@ class HeadswapServiceStub:
                 request_serializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionRequest.SerializeToString,
                 response_deserializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/headswap.v1.HeadswapService/CreateApiKey',
+                request_serializer=headswap_dot_v1_dot_headswap__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=headswap_dot_v1_dot_headswap__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/headswap.v1.HeadswapService/ListApiKeys',
+                request_serializer=headswap_dot_v1_dot_headswap__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=headswap_dot_v1_dot_headswap__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/headswap.v1.HeadswapService/RevokeApiKey',
+                request_serializer=headswap_dot_v1_dot_headswap__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=headswap_dot_v1_dot_headswap__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class HeadswapServiceServicer:
@@ -143,6 +158,28 @@ class HeadswapServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """CreateApiKey makes an API key (admin only). The secret is in this reply and nowhere else: the server keeps
+        only its HMAC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """ListApiKeys lists the keys: ids, roles, tenants and times, never secrets (admin only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """RevokeApiKey stops a key from authenticating, on every replica within a second (admin only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeadswapServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +222,21 @@ def add_HeadswapServiceServicer_to_server(servicer, server):
                     servicer.DeleteHeadVersion,
                     request_deserializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionRequest.FromString,
                     response_serializer=headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=headswap_dot_v1_dot_headswap__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=headswap_dot_v1_dot_headswap__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=headswap_dot_v1_dot_headswap__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=headswap_dot_v1_dot_headswap__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=headswap_dot_v1_dot_headswap__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=headswap_dot_v1_dot_headswap__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +456,87 @@ class HeadswapService:
             '/headswap.v1.HeadswapService/DeleteHeadVersion',
             headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionRequest.SerializeToString,
             headswap_dot_v1_dot_headswap__pb2.DeleteHeadVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headswap.v1.HeadswapService/CreateApiKey',
+            headswap_dot_v1_dot_headswap__pb2.CreateApiKeyRequest.SerializeToString,
+            headswap_dot_v1_dot_headswap__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headswap.v1.HeadswapService/ListApiKeys',
+            headswap_dot_v1_dot_headswap__pb2.ListApiKeysRequest.SerializeToString,
+            headswap_dot_v1_dot_headswap__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headswap.v1.HeadswapService/RevokeApiKey',
+            headswap_dot_v1_dot_headswap__pb2.RevokeApiKeyRequest.SerializeToString,
+            headswap_dot_v1_dot_headswap__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

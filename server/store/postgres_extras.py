@@ -1,0 +1,105 @@
+"""The PostgreSQL store's embedding cache and API keys, as a mixin of `PostgresStore` (which provides
+`transaction`, `tick` and `record_change`)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import numpy as np
+
+from headswap.server.keys import ApiKey
+from headswap.server.store.base import Change, no_key
+from headswap.server.validation import check_tenant
+
+
+class _Store(Protocol):
+    """What the mixin's methods use of PostgresStore."""
+
+    _KEY_COLUMNS: str
+
+    def transaction(self, what: str) -> contextlib.AbstractContextManager[Any]: ...
+
+    def tick(self, conn: Any) -> int: ...
+
+    def record_change(self, conn: Any, change: Change) -> None: ...
+
+
+class PostgresExtras:
+    # -- the embedding cache -----------------------------------------------------------------------------
+
+    def cached_embeddings(self: _Store, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
+        with self.transaction("read cached embeddings") as conn:
+            row = conn.execute(
+                "SELECT dim, keys, vectors FROM headswap_embeddings WHERE tenant = %s AND fingerprint = %s",
+                (check_tenant(tenant), fingerprint),
+                binary=True,
+            ).fetchone()
+        if row is None:
+            return {}
+        dim, keys, vectors = int(row[0]), bytes(row[1]), np.frombuffer(bytes(row[2]), dtype="<f4")
+        n = len(keys) // 32
+        if n * 32 != len(keys) or vectors.size != n * dim:
+            return {}  # a cache: a damaged entry costs time, never correctness
+        matrix = vectors.reshape(n, dim)
+        return {keys[i * 32 : (i + 1) * 32]: matrix[i] for i in range(n)}
+
+    def save_embeddings(
+        self: _Store, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]
+    ) -> None:
+        if not entries:
+            return
+        vectors = np.stack(list(entries.values())).astype("<f4")
+        with self.transaction("save cached embeddings") as conn:
+            conn.execute(
+                "INSERT INTO headswap_embeddings (tenant, fingerprint, dim, keys, vectors) VALUES (%s, %s, %s, %b, %b) "
+                "ON CONFLICT (tenant, fingerprint) DO UPDATE SET dim = EXCLUDED.dim, keys = EXCLUDED.keys, "
+                "vectors = EXCLUDED.vectors",
+                (check_tenant(tenant), fingerprint, vectors.shape[1], b"".join(entries), vectors.tobytes()),
+            )
+
+    # -- API keys ----------------------------------------------------------------------------------------
+
+    _KEY_COLUMNS = "id, role, tenant, digest, created_at, expires_at, revoked_at, name"
+
+    def put_key(self: _Store, key: ApiKey) -> None:
+        with self.transaction("store an API key") as conn:
+            conn.execute(
+                f"INSERT INTO headswap_api_keys ({self._KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    key.id,
+                    key.role,
+                    key.tenant,
+                    key.digest,
+                    key.created_at,
+                    key.expires_at,
+                    key.revoked_at,
+                    key.name,
+                ),
+            )
+
+    def get_key(self: _Store, key_id: str) -> ApiKey | None:
+        with self.transaction("read an API key") as conn:
+            row = conn.execute(
+                f"SELECT {self._KEY_COLUMNS} FROM headswap_api_keys WHERE id = %s", (key_id,)
+            ).fetchone()
+        return ApiKey(*row) if row else None
+
+    def list_keys(self: _Store) -> list[ApiKey]:
+        with self.transaction("list API keys") as conn:
+            rows = conn.execute(
+                f"SELECT {self._KEY_COLUMNS} FROM headswap_api_keys ORDER BY created_at"
+            ).fetchall()
+        return [ApiKey(*row) for row in rows]
+
+    def revoke_key(self: _Store, key_id: str, at: float) -> ApiKey:
+        with self.transaction("revoke an API key") as conn:
+            row = conn.execute(
+                f"UPDATE headswap_api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s "
+                f"RETURNING {self._KEY_COLUMNS}",
+                (at, key_id),
+            ).fetchone()
+            if row is None:
+                raise no_key(key_id)
+            self.record_change(conn, Change("", 0, self.tick(conn), key_id=key_id))
+        return ApiKey(*row)
