@@ -3,6 +3,9 @@ collide, a lost listener or a PostgreSQL restart costs resident heads nothing, a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -234,3 +237,52 @@ def test_postgres_restart_costs_resident_heads_nothing(
         for t in threads:
             t.join(30)
     assert failures == []
+
+
+def test_a_revocation_reaches_every_replica_within_a_second(
+    backbone_dir: Path, postgres_server: PostgresServer, banking77: Data, tmp_path: Path
+) -> None:
+    from headswap.client import Unauthenticated
+
+    dsn = postgres_server.create_database("revocation")
+    env = {"HEADSWAP_AUTH_PEPPER": "pepper for the revocation test, long enough"}
+    args = (
+        "--backbone",
+        str(backbone_dir),
+        "--store",
+        dsn,
+        "--store-migrate",
+        "true",
+        "--warmup-rounds",
+        "0",
+        "--auth",
+        "keys",
+    )
+    a = ServerProcess(*args, log_path=tmp_path / "a.log", env=env)
+    b = ServerProcess(*args, log_path=tmp_path / "b.log", env=env)
+    try:
+        a.wait_serving()
+        b.wait_serving()
+        made = subprocess.run(
+            [sys.executable, "-m", "headswap.client.cli", "keys", "create", "--admin", "--store", dsn],
+            capture_output=True, text=True, env={**os.environ, **env}, check=True,
+        )  # fmt: skip
+        admin = made.stdout.strip().splitlines()[-1]
+        with Client(a.target, api_key=admin) as on_a:
+            on_a.adapt_head("revoked-tenant", *examples(banking77, 4))
+            key = on_a.create_api_key("tenant", "revoked-tenant")
+        with Client(b.target, api_key=key.key, retries=0) as on_b:
+            assert on_b.classify("", ["card?"])[0].version == 1  # cached on b now
+            with Client(a.target, api_key=admin) as on_a:
+                on_a.revoke_api_key(key.info.id)
+            started = time.monotonic()
+            while True:
+                try:
+                    on_b.classify("", ["card?"])
+                except Unauthenticated:
+                    break
+                assert time.monotonic() - started < 1.0, "b still accepts a key revoked on a"
+                time.sleep(0.02)
+    finally:
+        a.terminate()
+        b.terminate()
