@@ -17,9 +17,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     ServerConfig.add_arguments(serve)
     serve.set_defaults(func=run_serve)
 
-    export = sub.add_parser("export", help="export the default backbone (all-MiniLM-L6-v2) to ONNX")
+    export = sub.add_parser(
+        "export", help="export a backbone to ONNX: the default text one (all-MiniLM-L6-v2), or an image one"
+    )
     export.add_argument("--out", type=Path, default=None, help="target directory (default: the server's)")
     export.add_argument("--force", action="store_true", help="replace an existing backbone there")
+    kind = export.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--image", choices=["mobilenet_v2"], default=None, help="an ImageNet CNN, cut before its classifier"
+    )
+    kind.add_argument(
+        "--onnx-image", type=Path, default=None, help="your ONNX image classifier, cut at --feature-output"
+    )
+    export.add_argument(
+        "--weights", type=Path, default=None, help="mobilenet_v2-b0353104.pth (default: fetched, verified)"
+    )
+    export.add_argument(
+        "--feature-output", default=None, help="the tensor of --onnx-image to cut at (N,C,H,W or N,C)"
+    )
+    export.add_argument("--size", type=int, default=224, help="--onnx-image: the square input side")
+    export.add_argument(
+        "--resize", type=int, default=256, help="--onnx-image: shorter side before the centre crop"
+    )
+    export.add_argument(
+        "--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406], help="--onnx-image: per RGB channel"
+    )
+    export.add_argument(
+        "--std", type=float, nargs=3, default=[0.229, 0.224, 0.225], help="--onnx-image: per RGB channel"
+    )
+    export.add_argument(
+        "--check-images", type=Path, default=None, help="photos to check parity on (default: bundled ones)"
+    )
     export.set_defaults(func=run_export)
 
     store = sub.add_parser("store", help="work on a store offline (no server needs to run)")
@@ -53,20 +81,55 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    logs.configure("INFO", "text")
+    """A short summary on success (what, where, fingerprint, checks, seconds); the reason on failure."""
+    logs.configure("WARNING", "text")
+    from headswap.server.export.fetch import FetchError
     from headswap.server.export.text import ExportError, export_backbone
 
-    out = args.out if args.out is not None else ServerConfig.from_sources().backbone_dir
+    config = ServerConfig.from_sources()
+    cache = config.home / "cache"
+    photos = (
+        sorted(p for p in args.check_images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if args.check_images
+        else []
+    )
     try:
-        report = export_backbone(out, force=args.force)
-    except ExportError as exc:
+        if args.image or args.onnx_image:
+            from headswap.server.export.image import export_mobilenet, export_onnx_image
+
+            out = args.out or config.home / "backbones" / (args.image or args.onnx_image.stem)
+            if args.image:
+                report = export_mobilenet(
+                    out, weights=args.weights, cache=cache, check_images=photos, force=args.force
+                )
+            else:
+                if not args.feature_output:
+                    print(
+                        "headswap export --onnx-image: name the tensor to cut at with --feature-output",
+                        file=sys.stderr,
+                    )
+                    return 2
+                report = export_onnx_image(
+                    args.onnx_image, args.feature_output, out, size=args.size, resize=args.resize,
+                    mean=args.mean, std=args.std, cache=cache, check_images=photos, force=args.force,
+                )  # fmt: skip
+        else:
+            report = export_backbone(
+                args.out if args.out is not None else config.backbone_dir, force=args.force
+            )
+    except (ExportError, FetchError) as exc:
         logging.getLogger("headswap").error("export failed, nothing written: %s", exc)
         return 1
     m = report.manifest
-    print(f"exported {m.name} to {report.out} in {report.seconds:.1f}s")
+    print(
+        f"exported {m.name} ({m.input_kind}, {m.embedding_dim} dimensions) to {report.out} in {report.seconds:.1f}s"
+    )
     print(f"  fingerprint {m.fingerprint}")
-    print(f"  fused operators {dict(m.fused_operators)}")
-    print(f"  parity vs PyTorch: min cosine fp32 {m.parity_min_cosine_fp32}, fp16 {m.parity_min_cosine_fp16}")
+    if m.fused_operators:
+        print(f"  fused operators {dict(m.fused_operators)}")
+    print(
+        f"  parity with its source: min cosine fp32 {m.parity_min_cosine_fp32}, fp16 {m.parity_min_cosine_fp16}"
+    )
     return 0
 
 

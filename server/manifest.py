@@ -35,6 +35,12 @@ class BackboneManifest:
     fused_operators: tuple[tuple[str, int], ...] = ()
     parity_min_cosine_fp32: float = 0.0
     parity_min_cosine_fp16: float = 0.0
+    # Image backbones: resize the shorter side to `resize`, centre-crop `image_size` square, scale to 0..1,
+    # then (x - mean) / std per RGB channel; the model takes float32 NCHW `pixels`.
+    image_size: int = 0
+    resize: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> str:
@@ -50,6 +56,8 @@ class BackboneManifest:
             )
         fields = dict(data)
         fields["input_names"] = tuple(fields.get("input_names", ()))
+        fields["mean"] = tuple(fields.get("mean", ()))
+        fields["std"] = tuple(fields.get("std", ()))
         fields["fused_operators"] = tuple(sorted((fields.get("fused_operators") or {}).items()))
         return cls(**fields)
 

@@ -257,7 +257,12 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move a finished directory into place; an old one is only removed once the new one is there."""
+    """Move a finished directory into place; an old one is only removed once the new one is there. Readable
+    by everyone (a temporary directory is made private): the server may run as another user than the export,
+    as in the container image."""
+    new.chmod(0o755)
+    for path in new.iterdir():
+        path.chmod(0o644)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{int(time.time() * 1000)}")

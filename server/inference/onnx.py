@@ -62,17 +62,31 @@ class OnnxEncoder:
 
 
 def load_backbone(
-    directory: Path, *, device: str = "auto", precision: str = "auto", intra_op_threads: int = 0
+    directory: Path,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    intra_op_threads: int = 0,
+    max_image_bytes: int = 20 * 1024 * 1024,
+    max_image_pixels: int = 40_000_000,
 ) -> Backbone:
     """An exported backbone directory, ready to serve (not yet warmed up)."""
     import onnxruntime as ort
 
+    from headswap.server.inference.image import ImagePreprocessor
+    from headswap.server.inference.protocols import Preprocessor
     from headswap.server.inference.text import TextPreprocessor
 
     manifest = BackboneManifest.load(directory)
-    if manifest.input_kind != "text":
-        raise ValueError(f"backbone input kind {manifest.input_kind!r} is not supported yet")
-    preprocessor = TextPreprocessor(directory / manifest.tokenizer, manifest.max_length, manifest.input_names)
+    preprocessor: Preprocessor
+    if manifest.input_kind == "text":
+        preprocessor = TextPreprocessor(
+            directory / manifest.tokenizer, manifest.max_length, manifest.input_names
+        )
+    elif manifest.input_kind == "image":
+        preprocessor = ImagePreprocessor(manifest, max_image_bytes, max_image_pixels)
+    else:
+        raise ValueError(f"backbone input kind {manifest.input_kind!r} is neither text nor image")
     providers = _providers(device, ort.get_available_providers())
     # fp16 pays on a GPU; on a CPU ONNX Runtime runs fp16 kernels slower than fp32 ones.
     use_fp16 = precision == "fp16" or (precision == "auto" and providers[0] == CUDA)
