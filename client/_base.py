@@ -4,6 +4,7 @@ retry rule. The two clients only send."""
 from __future__ import annotations
 
 import abc
+import dataclasses
 import os
 import random
 import time
@@ -32,6 +33,8 @@ class AdaptOptions(TypedDict, total=False):
 
     replace: bool  # drop the tenant's stored examples first (by default new examples are added to them)
     force_activate: bool  # promote the new version even when it is no better than the majority baseline
+    backbone: str  # the served backbone to train on (its served_as name); "": the one for the inputs' kind
+    chunk_bytes: int  # examples per call at most (default 4 MiB): a larger set goes in several calls
     on_progress: Callable[[r.AdaptProgress], None]  # called with each progress message
     timeout: float | None  # deadline of the whole training, seconds (default 600)
     kind: str  # "linear" (default) or "mlp"
@@ -125,13 +128,22 @@ class BaseClient(abc.ABC):
 
     # -- the calls ------------------------------------------------------------------------------------------
 
-    def _embed(self, texts: Sequence[str], dtype: str) -> Call[r.EmbedResult]:
-        return Call("Embed", _codec.embed_request(texts, dtype), _codec.embed_result)
+    def _embed(
+        self, texts: Sequence[str] | None, images: Sequence[r.ImageLike] | None, dtype: str, backbone: str
+    ) -> Call[r.EmbedResult]:
+        request = _codec.embed_request(texts, images, dtype, backbone)
+        return Call("Embed", request, _codec.embed_result)
 
     def _classify(
-        self, tenant: str, texts: Sequence[str], top_k: int, version: int
+        self,
+        tenant: str,
+        texts: Sequence[str] | None,
+        images: Sequence[r.ImageLike] | None,
+        top_k: int,
+        version: int,
     ) -> Call[list[r.Prediction]]:
-        return Call("Classify", _codec.classify_request(tenant, texts, top_k, version), _codec.predictions)
+        request = _codec.classify_request(tenant, texts, images, top_k, version)
+        return Call("Classify", request, _codec.predictions)
 
     def _list_heads(self) -> Call[list[r.HeadSummary]]:
         return Call("ListHeads", _codec.list_heads_request(), _codec.head_summaries)
@@ -167,12 +179,39 @@ class BaseClient(abc.ABC):
 
     @staticmethod
     def _adapt(
-        tenant: str, texts: Sequence[str], labels: Sequence[str], options: AdaptOptions
-    ) -> tuple[pb.AdaptHeadRequest, Callable[[r.AdaptProgress], None] | None, float | None]:
-        """The request, the progress callback and the deadline of an AdaptHead call."""
-        rest = {k: v for k, v in options.items() if k not in ("on_progress", "timeout")}
-        request = _codec.adapt_request(tenant, texts, labels, rest)
-        return request, options.get("on_progress"), options.get("timeout", 600.0)
+        tenant: str,
+        texts: Sequence[str] | None,
+        images: Sequence[r.ImageLike] | None,
+        labels: Sequence[str] | None,
+        options: AdaptOptions,
+    ) -> tuple[list[pb.AdaptHeadRequest], Callable[[r.AdaptProgress], None] | None, float | None]:
+        """The requests (one, or several for a large set), the progress callback and the deadline (seconds
+        from now, for all of them) of an AdaptHead."""
+        rest = {k: v for k, v in options.items() if k not in ("on_progress", "timeout", "chunk_bytes")}
+        request = _codec.adapt_request(tenant, texts, images, labels, rest)
+        requests = _codec.split_adapt(request, options.get("chunk_bytes", _codec.CHUNK_BYTES))
+        return requests, options.get("on_progress"), options.get("timeout", 600.0)
+
+    @staticmethod
+    def _chunk_progress(
+        on_progress: Callable[[r.AdaptProgress], None] | None,
+        requests: Sequence[pb.AdaptHeadRequest],
+        index: int,
+    ) -> Callable[[r.AdaptProgress], None] | None:
+        """Progress of one call of several as progress of the whole: "embedding" counts every example sent
+        so far out of all of them, whatever call carried it."""
+        if on_progress is None or len(requests) == 1:
+            return on_progress
+        offset = sum(len(q.examples) for q in requests[:index])
+        size, total = len(requests[index].examples), sum(len(q.examples) for q in requests)
+
+        def report(p: r.AdaptProgress) -> None:
+            if p.stage == "embedding":
+                done = offset + (size if p.total == 0 else round(size * p.done / p.total))
+                p = dataclasses.replace(p, done=done, total=total)
+            on_progress(p)
+
+        return report
 
     @staticmethod
     def _adapt_event(

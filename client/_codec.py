@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,32 @@ def tensor(t: pb.Tensor) -> np.ndarray:
 
 
 def backbone(b: pb.BackboneInfo) -> r.BackboneInfo:
-    return r.BackboneInfo(b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider)
+    return r.BackboneInfo(
+        b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider, b.served_as
+    )
+
+
+def image_bytes(item: r.ImageLike) -> bytes:
+    """An image's encoded bytes: given as bytes, or read from a path."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    if isinstance(item, str | os.PathLike):
+        return Path(item).read_bytes()
+    raise TypeError(f"an image is its encoded bytes or a path to its file, not {type(item).__name__}")
+
+
+def inputs(texts: Sequence[str] | None, images: Sequence[r.ImageLike] | None, call: str) -> list[pb.Input]:
+    """The inputs of a call: texts, or images (bytes or paths), never both."""
+    if (texts is None) == (images is None):
+        raise TypeError(f"{call}() takes texts or images=..., one of the two")
+    if texts is not None:
+        if isinstance(texts, str):
+            raise TypeError(f"{call}() takes a sequence of texts, not a single string: wrap it in a list")
+        return [pb.Input(text=t) for t in texts]
+    assert images is not None
+    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike):
+        raise TypeError(f"{call}() takes a sequence of images, not a single one: wrap it in a list")
+    return [pb.Input(image=image_bytes(item)) for item in images]
 
 
 def timings(t: pb.Timings) -> r.Timings:
@@ -46,10 +73,12 @@ def timings(t: pb.Timings) -> r.Timings:
     )
 
 
-def embed_request(texts: Sequence[str], dtype: str) -> pb.EmbedRequest:
-    if isinstance(texts, str):
-        raise TypeError("embed() takes a sequence of texts, not a single string: wrap it in a list")
-    return pb.EmbedRequest(inputs=[pb.Input(text=t) for t in texts], dtype=element_type(dtype))
+def embed_request(
+    texts: Sequence[str] | None, images: Sequence[r.ImageLike] | None, dtype: str, backbone: str
+) -> pb.EmbedRequest:
+    return pb.EmbedRequest(
+        inputs=inputs(texts, images, "embed"), dtype=element_type(dtype), backbone=backbone
+    )
 
 
 def embed_result(reply: pb.EmbedResponse) -> r.EmbedResult:
@@ -66,19 +95,55 @@ def embed_result(reply: pb.EmbedResponse) -> r.EmbedResult:
 _KINDS = {pb.HEAD_KIND_LINEAR: "linear", pb.HEAD_KIND_MLP: "mlp"}
 _KIND_CODES = {"linear": pb.HEAD_KIND_LINEAR, "mlp": pb.HEAD_KIND_MLP}
 _OPTION_NAMES = {"kind", "validation_fraction", "seed", "l2", "max_epochs", "hidden_dim", "dropout"}
-_REQUEST_OPTIONS = {"replace", "force_activate"}
+_REQUEST_OPTIONS = {"replace", "force_activate", "backbone"}
+CHUNK_BYTES = 4 * 1024 * 1024  # examples per AdaptHead call: half a server's default limit of 8 MiB
+
+
+def split_adapt(request: pb.AdaptHeadRequest, chunk_bytes: int = CHUNK_BYTES) -> list[pb.AdaptHeadRequest]:
+    """One request, or several of at most `chunk_bytes` of examples each (an example larger than that goes
+    alone): all but the last store their examples only (the first replacing, if asked), the last trains on
+    everything stored."""
+    chunks: list[list[pb.LabelledExample]] = [[]]
+    size = 0
+    for example in request.examples:
+        n = example.ByteSize()
+        if chunks[-1] and size + n > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(example)
+        size += n
+    if len(chunks) == 1:
+        return [request]
+    parts = []
+    for i, examples in enumerate(chunks):
+        part = pb.AdaptHeadRequest()
+        part.CopyFrom(request)
+        del part.examples[:]
+        part.examples.extend(examples)
+        if i > 0:
+            part.mode = pb.EXAMPLE_MODE_ADD
+        part.store_only = i < len(chunks) - 1
+        parts.append(part)
+    return parts
 
 
 def adapt_request(
-    tenant: str, texts: Sequence[str], labels: Sequence[str], options: Mapping[str, Any]
+    tenant: str,
+    texts: Sequence[str] | None,
+    images: Sequence[r.ImageLike] | None,
+    labels: Sequence[str] | None,
+    options: Mapping[str, Any],
 ) -> pb.AdaptHeadRequest:
-    """`options`: the training options, `replace` and `force_activate`."""
+    """`options`: the training options, `replace`, `force_activate` and `backbone`."""
     replace, force_activate = bool(options.get("replace")), bool(options.get("force_activate"))
+    backbone = str(options.get("backbone", ""))
     options = {k: v for k, v in options.items() if k not in _REQUEST_OPTIONS}
-    if isinstance(texts, str) or isinstance(labels, str):
-        raise TypeError("texts and labels must be sequences of strings")
-    if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels: give one label per text")
+    if labels is None or isinstance(labels, str):
+        raise TypeError("labels must be a sequence of strings, one per example")
+    examples = inputs(texts, images, "adapt_head")
+    if len(examples) != len(labels):
+        what = "texts" if texts is not None else "images"
+        raise ValueError(f"{len(examples)} {what} but {len(labels)} labels: give one label per example")
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown training options {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
@@ -101,12 +166,11 @@ def adapt_request(
             setattr(opts, name, float(options[name]))
     return pb.AdaptHeadRequest(
         tenant=tenant,
-        examples=[
-            pb.LabelledExample(input=pb.Input(text=t), label=y) for t, y in zip(texts, labels, strict=True)
-        ],
+        examples=[pb.LabelledExample(input=x, label=y) for x, y in zip(examples, labels, strict=True)],
         options=opts,
         mode=pb.EXAMPLE_MODE_REPLACE if replace else pb.EXAMPLE_MODE_ADD,
         force_activate=force_activate,
+        backbone=backbone,
     )
 
 
@@ -134,10 +198,17 @@ def head_version(v: pb.HeadVersion) -> r.HeadVersion:
         kind=_KINDS.get(v.kind, "unknown"),
         labels=tuple(v.labels),
         metrics=head_metrics(v.metrics),
-        created_at=v.created_at,
+        created_at=_created(v),
         backbone_fingerprint=v.backbone_fingerprint,
         example_count=v.example_count,
     )
+
+
+def _created(v: pb.HeadVersion) -> dt.datetime:
+    """When a version was made, in UTC; from the deprecated seconds field when an older server sent it."""
+    if v.HasField("created_at"):
+        return v.created_at.ToDatetime(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+    return dt.datetime.fromtimestamp(v.created_at_unix, dt.UTC)
 
 
 def adapt_progress(p: pb.AdaptHeadProgress) -> r.AdaptProgress:
@@ -152,16 +223,17 @@ def adapt_progress(p: pb.AdaptHeadProgress) -> r.AdaptProgress:
 
 
 def adapt_result(a: pb.AdaptHeadResult) -> r.AdaptResult:
+    head = head_version(a.head) if a.HasField("head") else None
     return r.AdaptResult(
-        a.tenant, head_version(a.head), a.activated, a.active_version, a.embedded, a.cache_hits
+        a.tenant, head, a.activated, a.active_version, a.embedded, a.cache_hits, a.stored_examples
     )
 
 
-def classify_request(tenant: str, texts: Sequence[str], top_k: int, version: int) -> pb.ClassifyRequest:
-    if isinstance(texts, str):
-        raise TypeError("classify() takes a sequence of texts, not a single string: wrap it in a list")
+def classify_request(
+    tenant: str, texts: Sequence[str] | None, images: Sequence[r.ImageLike] | None, top_k: int, version: int
+) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(
-        tenant=tenant, inputs=[pb.Input(text=t) for t in texts], top_k=top_k, version=version
+        tenant=tenant, inputs=inputs(texts, images, "classify"), top_k=top_k, version=version
     )
 
 

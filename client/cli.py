@@ -1,147 +1,24 @@
 """The `headswap` command.
 
-Client commands (`embed`, `health`) need only the base install; `serve` and `export` need the `server`
-extra and are loaded from `headswap.server` only when asked for.
+Client commands (`embed`, `adapt`, `classify`, `heads`, `health`, `keys`) need only the base install; `serve`
+and `export` need the `server` extra and are loaded from `headswap.server` only when asked for.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
-
-from headswap.client.client import DEFAULT_TARGET, Client
+from headswap.client._cli_common import add_client_args, add_input_args, client_from_args
+from headswap.client._cli_data import _cmd_adapt, _cmd_classify, _cmd_embed
 from headswap.client.errors import HeadswapError
-from headswap.client.results import AdaptProgress, ApiKeyInfo
-
-
-def _target(value: str | None) -> str:
-    return value or os.environ.get("HEADSWAP_TARGET", DEFAULT_TARGET)
-
-
-def _add_client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--target", default=None, help=f"server address [HEADSWAP_TARGET, default {DEFAULT_TARGET}]"
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
-    parser.add_argument("--api-key", default=None, help="API key, hsk_... [HEADSWAP_API_KEY]")
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    parser.add_argument(
-        "--tls-ca", default=None, help="PEM file of the CA that signed the server [HEADSWAP_TLS_CA]"
-    )
-    parser.add_argument(
-        "--tls-cert", default=None, help="PEM client certificate, for mutual TLS [HEADSWAP_TLS_CERT]"
-    )
-    parser.add_argument("--tls-key", default=None, help="PEM key of --tls-cert [HEADSWAP_TLS_KEY]")
-
-
-def _read(path: str | None) -> bytes | None:
-    return open(path, "rb").read() if path else None
-
-
-def _client(args: argparse.Namespace) -> Client:
-    def pick(flag: str | None, env: str) -> str | None:
-        return flag or os.environ.get(env) or None
-
-    return Client(
-        _target(args.target),
-        timeout=args.timeout,
-        api_key=args.api_key,
-        tls=args.tls,
-        root_certificates=_read(pick(args.tls_ca, "HEADSWAP_TLS_CA")),
-        certificate_chain=_read(pick(args.tls_cert, "HEADSWAP_TLS_CERT")),
-        private_key=_read(pick(args.tls_key, "HEADSWAP_TLS_KEY")),
-    )
-
-
-def _cmd_embed(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        result = client.embed_full(args.texts)
-    if args.output:
-        np.save(args.output, result.embeddings)
-        print(f"wrote {result.embeddings.shape} {result.embeddings.dtype} to {args.output}", file=sys.stderr)
-        return 0
-    for text, vector, truncated in zip(args.texts, result.embeddings, result.truncated, strict=True):
-        row = {"text": text, "truncated": truncated, "embedding": [round(float(v), 6) for v in vector]}
-        print(json.dumps(row))
-    return 0
-
-
-def _cmd_adapt(args: argparse.Namespace) -> int:
-    import csv
-
-    with open(args.csv, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"text", "label"} - set(reader.fieldnames or [])
-        if missing:
-            print(
-                f"headswap adapt: {args.csv} needs the columns text,label (missing: {sorted(missing)})",
-                file=sys.stderr,
-            )
-            return 2
-        rows = [(r["text"], r["label"]) for r in reader]
-    options: dict[str, Any] = {"kind": args.kind, "seed": args.seed}
-    if args.validation_fraction is not None:
-        options["validation_fraction"] = args.validation_fraction
-    if args.l2 is not None:
-        options["l2"] = args.l2
-    if args.max_epochs is not None:
-        options["max_epochs"] = args.max_epochs
-
-    def progress(p: AdaptProgress) -> None:
-        if not args.quiet:
-            print(f"  {p.stage}: {p.done}/{p.total}", file=sys.stderr)
-
-    with _client(args) as client:
-        result = client.adapt_head(
-            args.tenant,
-            [t for t, _ in rows],
-            [y for _, y in rows],
-            replace=args.replace,
-            force_activate=args.force,
-            on_progress=progress,
-            **options,
-        )
-    m = result.metrics
-    print(
-        json.dumps(
-            {
-                "tenant": result.tenant,
-                "version": result.version,
-                "activated": result.activated,
-                "active_version": result.active_version,
-                "accuracy": round(m.accuracy, 4),
-                "macro_f1": round(m.macro_f1, 4),
-                "majority_baseline_accuracy": round(m.majority_baseline_accuracy, 4),
-                "negative_transfer": m.negative_transfer,
-                "evaluated_on": m.evaluated_on,
-                "examples": result.head.example_count,
-                "labels": len(result.head.labels),
-                "embedded": result.embedded,
-                "cache_hits": result.cache_hits,
-                "train_seconds": round(m.train_seconds, 3),
-            }
-        )
-    )
-    return 0
-
-
-def _cmd_classify(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        predictions = client.classify(args.tenant, args.texts, top_k=args.top_k, version=args.version)
-    for text, p in zip(args.texts, predictions, strict=True):
-        labels = [{"label": s.label, "probability": round(s.probability, 4)} for s in p.labels]
-        print(json.dumps({"text": text, "version": p.version, "labels": labels}))
-    return 0
+from headswap.client.results import ApiKeyInfo
 
 
 def _cmd_heads(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         if args.tenant:
             d = client.get_head(args.tenant)
             versions = [
@@ -149,7 +26,7 @@ def _cmd_heads(args: argparse.Namespace) -> int:
                     "version": v.version,
                     "kind": v.kind,
                     "accuracy": round(v.metrics.accuracy, 4),
-                    "created_at": v.created_at,
+                    "created_at": v.created_at.isoformat(),
                 }
                 for v in d.versions
             ]
@@ -183,7 +60,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     from headswap.client import _health
 
-    with _client(args) as client:
+    with client_from_args(args) as client:
         try:
             status = _health.check(client._channel, args.service, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -214,7 +91,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             return 2
         rows, key = offline_keys(args.store, args.action, args, ttl)
     else:
-        with _client(args) as client:
+        with client_from_args(args) as client:
             key = None
             if args.action == "create":
                 created = client.create_api_key(
@@ -237,16 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headswap", description="One frozen backbone, many tenant heads.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    embed = sub.add_parser("embed", help="embed texts with the server's backbone; prints JSON lines")
-    _add_client_args(embed)
+    embed = sub.add_parser(
+        "embed", help="embed texts, or image files and folders, with the server's backbone; prints JSON lines"
+    )
+    add_client_args(embed)
+    add_input_args(embed)
     embed.add_argument("--output", help="write the embeddings to this .npy file instead")
-    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed.add_argument("--backbone", default="", help="a served backbone's name (default: by input kind)")
+    embed.add_argument("--quiet", action="store_true", help="no progress")
     embed.set_defaults(func=_cmd_embed)
 
-    adapt = sub.add_parser("adapt", help="train a tenant's head on a CSV file with columns text,label")
-    _add_client_args(adapt)
+    adapt = sub.add_parser(
+        "adapt", help="train a tenant's head on a CSV file (text,label) or a folder of images, one per label"
+    )
+    add_client_args(adapt)
     adapt.add_argument("--tenant", required=True)
-    adapt.add_argument("--csv", required=True, help="CSV with a header row: text,label")
+    source = adapt.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", help="CSV with a header row: text,label")
+    source.add_argument(
+        "--images",
+        metavar="DIR",
+        help="a folder with one folder of images per label (DIR/cat/*.jpg, DIR/dog/...)",
+    )
+    adapt.add_argument(
+        "--backbone", default="", help="the served backbone to train on (default: by input kind)"
+    )
     adapt.add_argument("--kind", choices=["linear", "mlp"], default="linear")
     adapt.add_argument("--validation-fraction", type=float, default=None, help="0 trains on everything")
     adapt.add_argument("--l2", type=float, default=None, help="L2 strength, scikit-learn's 1/C (default 1)")
@@ -257,21 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--quiet", action="store_true", help="no progress lines")
     adapt.set_defaults(func=_cmd_adapt, timeout=600.0)
 
-    classify = sub.add_parser("classify", help="classify texts with a tenant's head; prints JSON lines")
-    _add_client_args(classify)
+    classify = sub.add_parser(
+        "classify", help="classify texts, or image files and folders, with a tenant's head; prints JSON lines"
+    )
+    add_client_args(classify)
+    add_input_args(classify)
     classify.add_argument("--tenant", required=True)
     classify.add_argument("--top-k", type=int, default=1)
     classify.add_argument("--version", type=int, default=0, help="pin a version (default: the active one)")
-    classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(func=_cmd_classify)
 
     heads = sub.add_parser("heads", help="list tenants with heads, or describe one with --tenant")
-    _add_client_args(heads)
+    add_client_args(heads)
     heads.add_argument("--tenant", default=None)
     heads.set_defaults(func=_cmd_heads)
 
     health = sub.add_parser("health", help="ask the server's grpc.health.v1 service; exit 0 when SERVING")
-    _add_client_args(health)
+    add_client_args(health)
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     health.set_defaults(func=_cmd_health)
 
@@ -289,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("id", help="the key's id (hsk_<id>_...)")
     for action in (create, listing, revoke):
-        _add_client_args(action)
+        add_client_args(action)
         action.add_argument(
             "--store",
             default=None,
@@ -322,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HeadswapError as exc:
         print(f"headswap {args.command}: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:  # a file that is not there, a folder of the wrong layout
+        print(f"headswap {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

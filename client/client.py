@@ -27,6 +27,7 @@ from headswap.client.results import (
     EmbedResult,
     HeadDetails,
     HeadSummary,
+    ImageLike,
     Prediction,
 )
 
@@ -74,41 +75,74 @@ class Client(BaseClient):
                 time.sleep(delay)
                 attempt += 1
 
-    def embed(self, texts: Sequence[str], *, dtype: str = "float32") -> np.ndarray:
-        """Embeddings of `texts` as a numpy array of shape (len(texts), dim)."""
-        return self.embed_full(texts, dtype=dtype).embeddings
+    def embed(
+        self,
+        texts: Sequence[str] | None = None,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        dtype: str = "float32",
+        backbone: str = "",
+    ) -> np.ndarray:
+        """Embeddings of `texts`, or of `images` (encoded bytes or file paths), as a numpy array of shape
+        (n, dim). `backbone`: a served backbone's name, when the server serves several of one input kind."""
+        return self.embed_full(texts, images=images, dtype=dtype, backbone=backbone).embeddings
 
-    def embed_full(self, texts: Sequence[str], *, dtype: str = "float32") -> EmbedResult:
+    def embed_full(
+        self,
+        texts: Sequence[str] | None = None,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        dtype: str = "float32",
+        backbone: str = "",
+    ) -> EmbedResult:
         """Embeddings with the truncation flags, the backbone's identity and the server's timings."""
-        return self._send(self._embed(texts, dtype))
+        return self._send(self._embed(texts, images, dtype, backbone))
 
     def adapt_head(
-        self, tenant: str, texts: Sequence[str], labels: Sequence[str], **options: Unpack[AdaptOptions]
+        self,
+        tenant: str,
+        texts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        **options: Unpack[AdaptOptions],
     ) -> AdaptResult:
-        """Train a new head version for `tenant` on these examples (added to the stored ones unless
-        `replace`), and activate it unless it is no better than the majority-class baseline.
+        """Train a new head version for `tenant` on these examples, texts or `images` (encoded bytes or file
+        paths) with one label each (added to the stored ones unless `replace`), and activate it unless it is
+        no better than the majority-class baseline. The head is bound to the backbone that embedded them.
 
-        Options (`AdaptOptions`): replace, force_activate, on_progress, timeout, and the training options
-        kind ("linear" or "mlp"), validation_fraction (0 trains on everything), seed, l2 (1/C), max_epochs,
-        hidden_dim, dropout. Not retried: a training is not idempotent.
+        Options (`AdaptOptions`): replace, force_activate, backbone, on_progress, timeout, and the training
+        options kind ("linear" or "mlp"), validation_fraction (0 trains on everything), seed, l2 (1/C),
+        max_epochs, hidden_dim, dropout. Examples past `chunk_bytes` (4 MiB) go in several calls: all but the
+        last only store theirs. Not retried: a training is not idempotent.
         """
-        request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
+        requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
+        deadline = None if timeout is None else time.monotonic() + timeout
         result = None
         try:
-            for reply in self._stub.AdaptHead(
-                request, timeout=timeout, metadata=self._metadata
-            ):  # to its end: the call ends OK
-                result = self._adapt_event(reply, on_progress) or result
+            for i, request in enumerate(requests):
+                result, report = None, self._chunk_progress(on_progress, requests, i)
+                for reply in self._stub.AdaptHead(
+                    request, timeout=self._remaining(deadline), metadata=self._metadata
+                ):  # to its end: the call ends OK
+                    result = self._adapt_event(reply, report) or result
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return result or self._no_result()
 
     def classify(
-        self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
+        self,
+        tenant: str,
+        texts: Sequence[str] | None = None,
+        top_k: int = 1,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        version: int = 0,
     ) -> list[Prediction]:
-        """Per input, the `top_k` most probable labels of the tenant's head (its active version, or
-        `version`), and the version that answered."""
-        return self._send(self._classify(tenant, texts, top_k, version))
+        """Per input (texts, or `images` as bytes or paths: what the tenant's head was trained on), the
+        `top_k` most probable labels of the tenant's head (its active version, or `version`), and the
+        version that answered."""
+        return self._send(self._classify(tenant, texts, images, top_k, version))
 
     def list_heads(self) -> list[HeadSummary]:
         return self._send(self._list_heads())
@@ -185,28 +219,59 @@ class AsyncClient(BaseClient):
                 await asyncio.sleep(delay)
                 attempt += 1
 
-    async def embed(self, texts: Sequence[str], *, dtype: str = "float32") -> np.ndarray:
-        return (await self.embed_full(texts, dtype=dtype)).embeddings
+    async def embed(
+        self,
+        texts: Sequence[str] | None = None,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        dtype: str = "float32",
+        backbone: str = "",
+    ) -> np.ndarray:
+        return (await self.embed_full(texts, images=images, dtype=dtype, backbone=backbone)).embeddings
 
-    async def embed_full(self, texts: Sequence[str], *, dtype: str = "float32") -> EmbedResult:
-        return await self._send(self._embed(texts, dtype))
+    async def embed_full(
+        self,
+        texts: Sequence[str] | None = None,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        dtype: str = "float32",
+        backbone: str = "",
+    ) -> EmbedResult:
+        return await self._send(self._embed(texts, images, dtype, backbone))
 
     async def adapt_head(
-        self, tenant: str, texts: Sequence[str], labels: Sequence[str], **options: Unpack[AdaptOptions]
+        self,
+        tenant: str,
+        texts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        **options: Unpack[AdaptOptions],
     ) -> AdaptResult:
-        request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
+        requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
+        deadline = None if timeout is None else time.monotonic() + timeout
         result = None
         try:
-            async for reply in self._stub.AdaptHead(request, timeout=timeout, metadata=self._metadata):
-                result = self._adapt_event(reply, on_progress) or result
+            for i, request in enumerate(requests):
+                result, report = None, self._chunk_progress(on_progress, requests, i)
+                async for reply in self._stub.AdaptHead(
+                    request, timeout=self._remaining(deadline), metadata=self._metadata
+                ):
+                    result = self._adapt_event(reply, report) or result
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return result or self._no_result()
 
     async def classify(
-        self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
+        self,
+        tenant: str,
+        texts: Sequence[str] | None = None,
+        top_k: int = 1,
+        *,
+        images: Sequence[ImageLike] | None = None,
+        version: int = 0,
     ) -> list[Prediction]:
-        return await self._send(self._classify(tenant, texts, top_k, version))
+        return await self._send(self._classify(tenant, texts, images, top_k, version))
 
     async def list_heads(self) -> list[HeadSummary]:
         return await self._send(self._list_heads())

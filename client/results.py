@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
+
+# An image for embed/adapt_head/classify: its encoded bytes (JPEG, PNG, ...) or the path of its file.
+ImageLike: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,7 @@ class BackboneInfo:
     input_kind: str
     max_length: int
     provider: str
+    served_as: str = ""  # the server's name for it: what `backbone=` names
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class HeadVersion:
     kind: str  # "linear" or "mlp"
     labels: tuple[str, ...]
     metrics: HeadMetrics
-    created_at: float  # Unix time
+    created_at: dt.datetime  # UTC
     backbone_fingerprint: str
     example_count: int
 
@@ -81,18 +87,22 @@ class AdaptProgress:
 @dataclass(frozen=True)
 class AdaptResult:
     tenant: str
-    head: HeadVersion
+    head: HeadVersion | None  # None only for a call that stored examples and trained nothing (store_only)
     activated: bool
     active_version: int
-    embedded: int
+    embedded: int  # inputs the backbone embedded for this call (the others came from the cache)
     cache_hits: int
+    stored_examples: int = 0  # the tenant's stored examples after the call
 
     @property
     def version(self) -> int:
-        return self.head.version
+        """The new version (0 when nothing was trained)."""
+        return self.head.version if self.head is not None else 0
 
     @property
     def metrics(self) -> HeadMetrics:
+        if self.head is None:
+            raise ValueError("this call stored examples and trained nothing: it has no metrics")
         return self.head.metrics
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from headswap.server.config import ServerConfig
 from headswap.server.errors import HeadswapError
 from headswap.server.headbank import HeadBank
 from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
 from headswap.server.rpc.interceptors import CallInterceptor
@@ -37,28 +39,33 @@ log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Pools:
     """Blocking work never runs on the event loop: each kind has its own threads."""
 
     preprocess: ThreadPoolExecutor  # tokenizing, image decoding
-    backbone: ThreadPoolExecutor  # one thread: the encoder runs one batch at a time
     io: ThreadPoolExecutor  # store reads and writes, head loading
     train: ThreadPoolExecutor  # head training, never on the threads that serve
+    # One thread per backbone: each encoder runs one batch at a time (a text and an image batch run at once).
+    backbones: list[ThreadPoolExecutor] = field(default_factory=list)
+
+    def backbone(self, name: str) -> ThreadPoolExecutor:
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"headswap-backbone-{name}")
+        self.backbones.append(pool)
+        return pool
 
     def shutdown(self) -> None:
-        for pool in (self.preprocess, self.backbone, self.io, self.train):
+        for pool in (self.preprocess, self.io, self.train, *self.backbones):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(eq=False)
 class Server:
     config: ServerConfig
-    backbone: Backbone
+    lanes: Lanes
     store: HeadStore
     metrics: Metrics
     pools: Pools
-    batcher: Batcher
     bank: HeadBank
     heads: HeadService
     keys: KeyService
@@ -68,27 +75,39 @@ class Server:
     _follow: asyncio.Task[None] | None = field(default=None, init=False)
     _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
+    @property
+    def backbone(self) -> Backbone:
+        """The first backbone served (the only one, unless several are configured)."""
+        return self.lanes.default.backbone
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.lanes.default.batcher
+
     async def start(self) -> int:
         """Listen at once (health says NOT_SERVING), warm up, then SERVING. Returns the gRPC port."""
         self.port = await self.rpc.start()
         log.info("gRPC listening on port %d; warming up", self.port)
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        self.batcher.start()
-        await self._warm_up()
+        for lane in self.lanes:
+            lane.batcher.start()
+        for lane in self.lanes:
+            await self._warm_up(lane)
         self._follow = asyncio.get_running_loop().create_task(self._follow_store(), name="headswap-follow")
         await self.rpc.serving()
-        log.info("SERVING on port %d (backbone on %s)", self.port, self.backbone.encoder.provider)
+        served = ", ".join(f"{lane.name} on {lane.backbone.encoder.provider}" for lane in self.lanes)
+        log.info("SERVING on port %d (backbones: %s)", self.port, served)
         return self.port
 
-    async def _warm_up(self) -> None:
+    async def _warm_up(self, lane: Lane) -> None:
         """Run the batch shapes serving sees first through the batcher, so no caller pays for kernel set-up."""
         started = time.perf_counter()
-        items = self.batcher.policy.max_batch_items
+        items = lane.batcher.policy.max_batch_items
         for _ in range(self.config.warmup_rounds):
-            for inputs in self.backbone.preprocessor.warm_up_batches(items):
-                await self.batcher.submit(inputs)
-        log.info("backbone warm-up done in %.2fs", time.perf_counter() - started)
+            for inputs in lane.backbone.preprocessor.warm_up_batches(items):
+                await lane.batcher.submit(inputs)
+        log.info("backbone %s warm-up done in %.2fs", lane.name, time.perf_counter() - started)
 
     async def _follow_store(self) -> None:
         """Apply every change the store publishes (here or, with a shared store, on another replica)."""
@@ -110,7 +129,8 @@ class Server:
         if self._follow is not None:
             self._follow.cancel()
             await asyncio.gather(self._follow, return_exceptions=True)
-        await self.batcher.stop()
+        for lane in self.lanes:
+            await lane.batcher.stop()
         self.pools.shutdown()
         self.metrics.close()
         self.store.close()
@@ -133,47 +153,103 @@ class Server:
         return 0
 
 
-def ensure_backbone(config: ServerConfig) -> Path:
-    """The backbone directory to serve, exporting the default one on first start."""
-    directory = config.backbone_dir
+def ensure_backbone(config: ServerConfig, directory: Path | None = None) -> Path:
+    """A backbone directory, exporting it on first start when it is one of the defaults: the text backbone
+    (no --backbone, or its directory named) or MobileNetV2 at <home>/backbones/mobilenet_v2."""
+    directory = directory or config.default_backbone_dir
     if (directory / "manifest.json").exists():
         return directory
-    if not config.uses_default_backbone:
-        raise FileNotFoundError(
-            f"--backbone {directory} is not an exported backbone (no manifest.json); "
-            "run `headswap export --out DIR` or leave --backbone unset for the default"
-        )
-    from headswap.server.export.text import export_backbone
+    if directory.resolve() == config.default_image_backbone_dir.resolve():
+        from headswap.server.export.image import export_mobilenet
 
-    log.info("default backbone not found at %s: exporting it (once)", directory)
-    report = export_backbone(directory)
-    log.info("exported default backbone in %.1fs", report.seconds)
+        log.info("image backbone not found at %s: exporting MobileNetV2 (once)", directory)
+        report = export_mobilenet(directory, cache=config.home / "cache")
+    elif directory.resolve() == config.default_backbone_dir.resolve():
+        from headswap.server.export.text import export_backbone
+
+        log.info("default backbone not found at %s: exporting it (once)", directory)
+        report = export_backbone(directory)
+    else:
+        return directory
+    log.info("exported %s in %.1fs", report.manifest.name, report.seconds)
     return directory
 
 
+def backbone_dirs(config: ServerConfig) -> list[tuple[str, Path]]:
+    """(name, directory) of every backbone to serve; an empty name is filled in by the input kind."""
+    if not config.backbones:
+        return [("", ensure_backbone(config))]
+    for _, directory in config.backbones:
+        if not (ensure_backbone(config, directory) / "manifest.json").exists():
+            raise FileNotFoundError(
+                f"--backbone {directory} is not an exported backbone (no manifest.json); run `headswap export "
+                "--out DIR` (text) or `headswap export --image mobilenet_v2 --out DIR`, or leave --backbone unset "
+                "for the default"
+            )
+    return list(config.backbones)
+
+
+def load_backbones(config: ServerConfig) -> list[tuple[str, Backbone]]:
+    from headswap.server.inference.onnx import load_backbone
+
+    return [
+        (
+            name,
+            load_backbone(
+                directory,
+                device=config.device,
+                precision=config.precision,
+                intra_op_threads=config.intra_op_threads,
+                max_image_bytes=config.limits.max_image_bytes,
+                max_image_pixels=config.limits.max_image_pixels,
+            ),
+        )
+        for name, directory in backbone_dirs(config)
+    ]
+
+
+def name_lanes(backbones: Sequence[tuple[str, Backbone]]) -> list[tuple[str, Backbone]]:
+    """Unnamed backbones take their input kind's name; names and backbones must be unique."""
+    named = [(name or backbone.manifest.input_kind, backbone) for name, backbone in backbones]
+    names = [name for name, _ in named]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise ValueError(
+                f"bad configuration: two backbones are served as {name!r}: name them with --backbone NAME=DIR"
+            )
+    fingerprints = [backbone.fingerprint for _, backbone in named]
+    if len(set(fingerprints)) < len(fingerprints):
+        raise ValueError("bad configuration: the same backbone is given twice in --backbone")
+    return named
+
+
 def build(
-    config: ServerConfig, *, backbone: Backbone | None = None, store: HeadStore | None = None
+    config: ServerConfig,
+    *,
+    backbone: Backbone | Sequence[tuple[str, Backbone]] | None = None,
+    store: HeadStore | None = None,
 ) -> Server:
-    """Every part of a server, ready to start. `backbone` and `store` replace the configured ones (tests)."""
+    """Every part of a server, ready to start. `backbone` (one, or (name, backbone) pairs) and `store` replace
+    the configured ones (tests)."""
     import torch
 
     from headswap.adapters.grouped import HeadStack
-    from headswap.server.inference.onnx import load_backbone
 
     if backbone is None:
-        backbone = load_backbone(
-            ensure_backbone(config),
-            device=config.device,
-            precision=config.precision,
-            intra_op_threads=config.intra_op_threads,
-        )
+        loaded = load_backbones(config)
+    elif isinstance(backbone, Backbone):
+        loaded = [("", backbone)]
+    else:
+        loaded = list(backbone)
+    named = name_lanes(loaded)
     if store is None:
         store = open_store(
             config.store_url, max_versions=config.limits.max_versions, migrate=config.store.migrate
         )
     torch.set_num_threads(config.train_threads)
     if config.warmup_rounds:
-        _warm_up_training(backbone.dim)
+        for dim in sorted({b.dim for _, b in named}):
+            _warm_up_training(dim)
     head_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     where = config.store.redacted if config.store.url else config.store_url
     log.info("store at %s: %d tenants; heads on %s", where, len(store.tenants()), head_device)
@@ -181,24 +257,33 @@ def build(
     metrics = Metrics()
     pools = Pools(
         preprocess=ThreadPoolExecutor(config.worker_threads, thread_name_prefix="headswap-preprocess"),
-        backbone=ThreadPoolExecutor(1, thread_name_prefix="headswap-backbone"),
         io=ThreadPoolExecutor(2, thread_name_prefix="headswap-io"),
         train=ThreadPoolExecutor(config.limits.train_workers, thread_name_prefix="headswap-train"),
     )
-    stack = HeadStack(backbone.dim, device=head_device)
-    bank = HeadBank(store, backbone.fingerprint, stack, config.limits.max_resident_head_bytes)
-    items, cost = config.batching.limits(backbone.on_gpu)
-    log.info("batches of at most %d inputs and %d padded tokens", items, cost)
-    policy = BatchPolicy(
-        max_batch_cost=cost,
-        max_batch_items=items,
-        max_wait_s=config.batching.max_wait_ms / 1000.0,
-        max_queue_items=config.batching.max_queue_items,
-        max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,
+    lanes = []
+    for name, served in named:
+        stack = HeadStack(served.dim, device=head_device)
+        items, cost = config.batching.limits(served.on_gpu)
+        log.info("%s: batches of at most %d inputs and a cost of %d", name, items, cost)
+        policy = BatchPolicy(
+            max_batch_cost=cost,
+            max_batch_items=items,
+            max_wait_s=config.batching.max_wait_ms / 1000.0,
+            max_queue_items=config.batching.max_queue_items,
+            max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,
+        )
+        batcher = Batcher(
+            served, policy, pools.preprocess, pools.backbone(name), stack, metrics.observe_batch
+        )
+        lanes.append(Lane(name, served, batcher, stack))
+    served_lanes = Lanes(tuple(lanes))
+    bank = HeadBank(
+        store,
+        {lane.backbone.fingerprint: lane.stack for lane in served_lanes},
+        config.limits.max_resident_head_bytes,
     )
-    batcher = Batcher(backbone, policy, pools.preprocess, pools.backbone, stack, metrics.observe_batch)
     cache = EmbeddingCache(config.store.cache_capacity)
-    embedding = EmbeddingService(backbone, batcher, config.limits, metrics)
+    embedding = EmbeddingService(served_lanes, config.limits, metrics)
     heads = HeadService(embedding, bank, store, cache, TenantLocks(), pools.io)
     training = TrainingService(
         embedding, heads, cache, pools.train, config.limits, metrics, device=head_device
@@ -221,17 +306,19 @@ def build(
         config.tls,
         config.health_port,
     )
-    server = Server(config, backbone, store, metrics, pools, batcher, bank, heads, keys, rpc)
+    server = Server(config, served_lanes, store, metrics, pools, bank, heads, keys, rpc)
     _watch(server)
     return server
 
 
 def _watch(server: Server) -> None:
-    m, backbone, bank, store = server.metrics, server.backbone, server.bank, server.store
-    m.backbone_info.labels(
-        backbone.manifest.name, backbone.fingerprint, backbone.encoder.provider, backbone.encoder.precision
-    ).set(1)
-    m.watch(m.queue_depth, lambda: server.batcher.queue_depth)
+    m, bank, store = server.metrics, server.bank, server.store
+    for lane in server.lanes:
+        b = lane.backbone
+        m.backbone_info.labels(
+            lane.name, b.manifest.name, b.fingerprint, b.encoder.provider, b.encoder.precision
+        ).set(1)
+    m.watch(m.queue_depth, lambda: sum(lane.batcher.queue_depth for lane in server.lanes))
     m.watch(m.heads_resident, lambda: bank.resident()[0])
     m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
     m.watch(m.tenants, lambda: len(store.tenants()))

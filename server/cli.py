@@ -7,9 +7,13 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headswap.server import logs
 from headswap.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from headswap.server.export.text import ExportReport
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -81,42 +85,29 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """A short summary on success (what, where, fingerprint, checks, seconds); the reason on failure."""
+    """A progress bar (a line per step when not on a terminal), then a short summary (what, where,
+    fingerprint, fusions, parity, seconds); the reason on failure."""
     logs.configure("WARNING", "text")
+    from headswap.client._progress import ProgressReporter
     from headswap.server.export.fetch import FetchError
-    from headswap.server.export.text import ExportError, export_backbone
+    from headswap.server.export.progress import IMAGE_STEPS, TEXT_STEPS, reporting
+    from headswap.server.export.text import ExportError
 
-    config = ServerConfig.from_sources()
-    cache = config.home / "cache"
-    photos = (
-        sorted(p for p in args.check_images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if args.check_images
-        else []
-    )
+    if args.onnx_image and not args.feature_output:
+        print(
+            "headswap export --onnx-image: name the tensor to cut at with --feature-output", file=sys.stderr
+        )
+        return 2
+    steps = IMAGE_STEPS if args.image or args.onnx_image else TEXT_STEPS
+    bar = ProgressReporter(unit="step")
+
+    def show(name: str) -> None:
+        bar.update(f"export: {name}", steps.index(name) if name in steps else 0, len(steps))
+
     try:
-        if args.image or args.onnx_image:
-            from headswap.server.export.image import export_mobilenet, export_onnx_image
-
-            out = args.out or config.home / "backbones" / (args.image or args.onnx_image.stem)
-            if args.image:
-                report = export_mobilenet(
-                    out, weights=args.weights, cache=cache, check_images=photos, force=args.force
-                )
-            else:
-                if not args.feature_output:
-                    print(
-                        "headswap export --onnx-image: name the tensor to cut at with --feature-output",
-                        file=sys.stderr,
-                    )
-                    return 2
-                report = export_onnx_image(
-                    args.onnx_image, args.feature_output, out, size=args.size, resize=args.resize,
-                    mean=args.mean, std=args.std, cache=cache, check_images=photos, force=args.force,
-                )  # fmt: skip
-        else:
-            report = export_backbone(
-                args.out if args.out is not None else config.backbone_dir, force=args.force
-            )
+        with bar, reporting(show):
+            report = _export(args)
+            bar.update("export: done", len(steps), len(steps))
     except (ExportError, FetchError) as exc:
         logging.getLogger("headswap").error("export failed, nothing written: %s", exc)
         return 1
@@ -131,6 +122,29 @@ def run_export(args: argparse.Namespace) -> int:
         f"  parity with its source: min cosine fp32 {m.parity_min_cosine_fp32}, fp16 {m.parity_min_cosine_fp16}"
     )
     return 0
+
+
+def _export(args: argparse.Namespace) -> ExportReport:
+    from headswap.server.export.text import export_backbone
+
+    config = ServerConfig.from_sources()
+    cache = config.home / "cache"
+    photos = (
+        sorted(p for p in args.check_images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if args.check_images
+        else []
+    )
+    if not (args.image or args.onnx_image):
+        return export_backbone(args.out if args.out is not None else config.backbone_dir, force=args.force)
+    from headswap.server.export.image import export_mobilenet, export_onnx_image
+
+    out = args.out or config.home / "backbones" / (args.image or args.onnx_image.stem)
+    if args.image:
+        return export_mobilenet(out, weights=args.weights, cache=cache, check_images=photos, force=args.force)
+    return export_onnx_image(
+        args.onnx_image, args.feature_output, out, size=args.size, resize=args.resize,
+        mean=args.mean, std=args.std, cache=cache, check_images=photos, force=args.force,
+    )  # fmt: skip
 
 
 def run_store_check(args: argparse.Namespace) -> int:

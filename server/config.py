@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -46,7 +47,10 @@ class LimitsConfig:
     max_batch_inputs: int = 1024
     max_message_bytes: int = 32 * 1024 * 1024
     max_request_bytes: int = 8 * 1024 * 1024  # of inputs (text or image bytes) in one call
+    max_image_bytes: int = 8 * 1024 * 1024  # one encoded image
+    max_image_pixels: int = 40_000_000  # width x height, read from the header before anything is decoded
     max_examples: int = 50_000
+    max_example_bytes: int = 512 * 1024 * 1024  # of a tenant's stored examples (texts and image bytes)
     max_classes: int = 1000
     max_versions: int = 50  # kept per tenant, besides the active one and its predecessor
     max_resident_head_bytes: int = 512 * 1024 * 1024
@@ -113,7 +117,9 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 9090
-    backbone: Path | None = None
+    # (name, directory) per served backbone; empty: the default all-MiniLM-L6-v2, exported on first start.
+    # An empty name means "by its input kind" (text, image).
+    backbones: tuple[tuple[str, Path], ...] = ()
     device: str = "auto"
     precision: str = "auto"
     worker_threads: int = 2
@@ -138,8 +144,21 @@ class ServerConfig:
             raise ValueError("bad configuration: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
     @property
+    def backbone(self) -> Path | None:
+        """The first backbone's directory, if any is configured."""
+        return self.backbones[0][1] if self.backbones else None
+
+    @property
     def backbone_dir(self) -> Path:
-        return self.backbone if self.backbone is not None else self.home / "backbones" / "all-MiniLM-L6-v2"
+        return self.backbone if self.backbone is not None else self.default_backbone_dir
+
+    @property
+    def default_backbone_dir(self) -> Path:
+        return self.home / "backbones" / "all-MiniLM-L6-v2"
+
+    @property
+    def default_image_backbone_dir(self) -> Path:
+        return self.home / "backbones" / "mobilenet_v2"
 
     @property
     def store_url(self) -> str:
@@ -152,7 +171,10 @@ class ServerConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for opt in OPTIONS:
-            parser.add_argument(opt.flag, dest=opt.key, default=None, help=f"{opt.help} [{opt.env}]")
+            action = "append" if opt.repeat else "store"
+            parser.add_argument(
+                opt.flag, dest=opt.key, default=None, action=action, help=f"{opt.help} [{opt.env}]"
+            )
 
     @classmethod
     def from_sources(
@@ -167,7 +189,12 @@ class ServerConfig:
                 raw = environ.get(opt.env)
             if raw is None or raw == "":
                 continue
-            value = opt.parse(opt.key.replace("_", " "), str(raw))
+            name = opt.key.replace("_", " ")
+            if opt.repeat:  # a list from repeated flags, or one comma-separated environment variable
+                parts = raw if isinstance(raw, list) else [p for p in str(raw).split(",") if p.strip()]
+                value: Any = tuple(opt.parse(name, str(p).strip()) for p in parts)
+            else:
+                value = opt.parse(name, str(raw))
             if opt.section is None:
                 top[opt.field] = value
             else:
@@ -234,6 +261,19 @@ def boolean(name: str, raw: str) -> bool:
     raise _bad(f"{name} must be true or false, not {raw!r}")
 
 
+_BACKBONE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def backbone_spec(name: str, raw: str) -> tuple[str, Path]:
+    """`DIR` or `NAME=DIR`."""
+    label, sep, directory = raw.partition("=")
+    if not sep:
+        return "", Path(raw).expanduser()
+    if not _BACKBONE_NAME.fullmatch(label):
+        raise _bad(f"{name} {raw!r}: a backbone's name is 1 to 32 of a-z 0-9 _ - (NAME=DIR)")
+    return label, Path(directory).expanduser()
+
+
 def path(name: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -249,6 +289,7 @@ class Option:
     field: str
     parse: Parser
     help: str
+    repeat: bool = False  # the flag may be given several times; the variable holds a comma-separated list
 
     @property
     def flag(self) -> str:
@@ -267,9 +308,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "backbone",
         None,
-        "backbone",
-        path,
-        "exported backbone directory; unset means the default all-MiniLM-L6-v2, exported on first start",
+        "backbones",
+        backbone_spec,
+        "exported backbone directory, or NAME=DIR; repeat to serve several (one text and one image, say); "
+        "unset means the default all-MiniLM-L6-v2, exported on first start",
+        repeat=True,
     ),
     Option(
         "store",
@@ -364,6 +407,27 @@ OPTIONS: tuple[Option, ...] = (
         "max_request_bytes",
         integer(1024),
         "most bytes of inputs (text or images) in one call; longer texts are cut before tokenizing anyway",
+    ),
+    Option(
+        "max_example_bytes",
+        "limits",
+        "max_example_bytes",
+        integer(1024),
+        "most bytes of one tenant's stored examples (texts and encoded images)",
+    ),
+    Option(
+        "max_image_bytes",
+        "limits",
+        "max_image_bytes",
+        integer(1024),
+        "most bytes of one encoded image (a larger one gets INVALID_ARGUMENT naming it)",
+    ),
+    Option(
+        "max_image_pixels",
+        "limits",
+        "max_image_pixels",
+        integer(1),
+        "most pixels (width x height, read from the header before decoding) of one image",
     ),
     Option(
         "max_queue_wait_ms",

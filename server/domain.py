@@ -97,6 +97,7 @@ def seconds_left() -> float | None:
 
 @dataclass(frozen=True)
 class BackboneDescription:
+    served_as: str  # the name this server serves it under (--backbone NAME=DIR; by default its input kind)
     name: str
     fingerprint: str
     embedding_dim: int
@@ -121,6 +122,7 @@ class EmbedRequest:
     inputs: tuple[Input, ...]
     dtype: str = "float32"  # or "float16": the element type of the reply
     caller: Caller = ANONYMOUS
+    backbone: str = ""  # a served backbone's name; "": the one that takes the inputs' kind
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,8 @@ class AdaptRequest:
     force_activate: bool = False
     options: TrainingOptions = field(default_factory=TrainingOptions)
     caller: Caller = ANONYMOUS
+    backbone: str = ""  # a served backbone's name; "": the one that takes the examples' kind
+    store_only: bool = False  # store (and embed) the examples, train nothing: a large set in several calls
 
 
 @dataclass(frozen=True)
@@ -182,11 +186,12 @@ class VersionInfo:
 @dataclass(frozen=True)
 class AdaptOutcome:
     tenant: str
-    head: VersionInfo
+    head: VersionInfo | None  # None after a store_only call: nothing was trained
     activated: bool
     active_version: int
     embedded: int
     cache_hits: int
+    stored_examples: int = 0
 
 
 @dataclass(frozen=True)

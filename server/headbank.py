@@ -77,14 +77,12 @@ class HeadBank:
     def __init__(
         self,
         store: HeadStore,
-        fingerprint: str,
-        stack: HeadStack,
+        stacks: dict[str, HeadStack],
         max_resident_bytes: int = 512 * 1024 * 1024,
         pinned_capacity: int = 64,
     ) -> None:
         self.store = store
-        self.fingerprint = fingerprint
-        self.stack = stack
+        self.stacks = stacks  # backbone fingerprint -> the stack its tenants' heads are applied from
         self.max_resident_bytes = max_resident_bytes
         self._active: OrderedDict[str, LiveHead] = OrderedDict()
         # Versions asked for by number (pins and rollbacks in flight): a few, least recently used first out.
@@ -97,20 +95,27 @@ class HeadBank:
         self.evictions = 0
 
     def check(self, head: LiveHead) -> LiveHead:
-        """FAILED_PRECONDITION for a head trained on another backbone."""
-        if head.fingerprint != self.fingerprint:
-            raise FailedPrecondition(
-                f"tenant {head.tenant!r} version {head.version} was trained on backbone "
-                f"{head.fingerprint[:12]}, but this server runs {self.fingerprint[:12]}: retrain it with AdaptHead"
-            )
+        """FAILED_PRECONDITION for a head trained on a backbone this server does not serve."""
+        self._stack_for(head.tenant, head.version, head.fingerprint)
         return head
+
+    def _stack_for(self, tenant: str, version: int, fingerprint: str) -> HeadStack:
+        stack = self.stacks.get(fingerprint)
+        if stack is None:
+            served = ", ".join(fp[:12] for fp in self.stacks)
+            raise FailedPrecondition(
+                f"tenant {tenant!r} version {version} was trained on backbone {fingerprint[:12]}, but this server "
+                f"runs {served}: retrain it with AdaptHead"
+            )
+        return stack
 
     def load(self, tenant: str, version: int, stored: StoredVersion | None = None) -> LiveHead:
         """A version in memory (blocking: reads the store unless `stored` is given); not yet swapped in."""
         if stored is None:
             stored = self.store.load_version(tenant, version)
+        stack = self._stack_for(tenant, version, str(stored.manifest.get("backbone_fingerprint", "")))
         try:
-            return live_head(tenant, version, stored.manifest, stored.weights, self.stack)
+            return live_head(tenant, version, stored.manifest, stored.weights, stack)
         except (HeadFormatError, KeyError, TypeError, ValueError) as exc:
             raise damaged(tenant, f"version {version} does not load as a head ({exc})") from None
 

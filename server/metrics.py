@@ -106,8 +106,8 @@ class Metrics:
         )
         self.backbone_info = Gauge(
             "headswap_backbone_info",
-            "the backbone being served (value 1)",
-            ["name", "fingerprint", "provider", "precision"],
+            "a backbone being served (value 1), one series per backbone",
+            ["served_as", "name", "fingerprint", "provider", "precision"],
             registry=r,
         )
         # Label values known in advance are created at 0, so that rates and alerts work before the first event.

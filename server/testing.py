@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -172,9 +172,13 @@ class InProcess:
 
 @asynccontextmanager
 async def in_process(
-    config: ServerConfig | None = None, *, backbone: Backbone | None = None, store: HeadStore | None = None
+    config: ServerConfig | None = None,
+    *,
+    backbone: Backbone | Sequence[tuple[str, Backbone]] | None = None,
+    store: HeadStore | None = None,
 ) -> AsyncIterator[InProcess]:
-    """A server in this event loop on a free loopback port; no metrics port, no warm-up unless configured."""
+    """A server in this event loop on a free loopback port; no metrics port, no warm-up unless configured.
+    `backbone`: one, or (name, backbone) pairs to serve several."""
     with tempfile.TemporaryDirectory(prefix="headswap-server-") as tmp:
         if config is None:
             config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, warmup_rounds=0, home=Path(tmp))

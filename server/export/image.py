@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from headswap.server.export.fetch import MOBILENET_SHA256, check_photos, mobilenet_weights, sha256_file
+from headswap.server.export.progress import step
 from headswap.server.export.text import ExportError, ExportReport, _min_cosine, _replace_dir
 from headswap.server.manifest import MANIFEST_NAME, MODEL_FP16, MODEL_FP32, BackboneManifest, fingerprint
 
@@ -68,6 +69,7 @@ def _fp16(src: Path, dst: Path) -> None:
 
 
 def _write(work: Path, out: Path, manifest: BackboneManifest) -> None:
+    step("writing")
     (work / MANIFEST_NAME).write_text(manifest.to_json())
     _replace_dir(work, out)
 
@@ -105,12 +107,14 @@ def export_mobilenet(
     from headswap.server.export.mobilenet import FeaturesAndLogits, load_imagenet
 
     started = time.perf_counter()
+    step("fetching")
     weights = weights or mobilenet_weights(cache)
     if sha256_file(weights) != MOBILENET_SHA256:
         raise ExportError(f"{weights} is not torchvision's mobilenet_v2-b0353104.pth (sha256 differs)")
     photos = list(check_images) or check_photos(cache)
     out, work = _start(out, force)
     try:
+        step("exporting")
         net = load_imagenet(torch.load(weights, map_location="cpu", weights_only=True))
         wrapper = FeaturesAndLogits(net).eval()
         with torch.inference_mode(), warnings.catch_warnings():
@@ -125,7 +129,9 @@ def export_mobilenet(
                 opset_version=OPSET,
                 dynamo=False,
             )
+        step("fp16")
         _fp16(work / MODEL_FP32, work / MODEL_FP16)
+        step("checking parity")
         pixels = _pixels(photos, 224, 256, IMAGENET_MEAN, IMAGENET_STD)
         with torch.inference_mode():
             reference, logits = (t.numpy() for t in wrapper(torch.from_numpy(pixels)))
@@ -215,9 +221,11 @@ def export_onnx_image(
     started = time.perf_counter()
     if len(mean) != 3 or len(std) != 3:
         raise ExportError("--mean and --std take three values each (R, G, B)")
+    step("fetching")
     photos = list(check_images) or check_photos(cache)
     out, work = _start(out, force)
     try:
+        step("exporting")
         loaded = onnx.load(str(source))
         (input_name,) = [
             i.name for i in loaded.graph.input if i.name not in {t.name for t in loaded.graph.initializer}
@@ -232,7 +240,9 @@ def export_onnx_image(
         for node in model.graph.node:
             node.input[:] = ["pixels" if i == input_name else i for i in node.input]
         onnx.save(model, str(work / MODEL_FP32))
+        step("fp16")
         _fp16(work / MODEL_FP32, work / MODEL_FP16)
+        step("checking parity")
         pixels = _pixels(photos, size, resize, mean, std)
         (features,) = _run(cut, pixels, [feature_output])
         pooled = features.mean(axis=(2, 3)) if features.ndim == 4 else features

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from headswap.server.export.progress import step
 from headswap.server.manifest import (
     MANIFEST_NAME,
     MODEL_FP16,
@@ -208,10 +209,13 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
     try:
         raw = work / "raw.onnx"
         log.info("exporting %s from %s", DEFAULT_NAME, model_dir)
+        step("exporting")
         config = _export_onnx(model_dir, raw)
+        step("fusing")
         optimized, stats = _optimize(raw, config)
         raw.unlink()
         optimized.save_model_to_file(str(work / MODEL_FP32))
+        step("fp16")
         optimized.convert_float_to_float16(keep_io_types=True)
         optimized.save_model_to_file(str(work / MODEL_FP16))
         log.info("fused operators: %s", stats)
@@ -219,6 +223,7 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
         tokenizer = _load_tokenizer(model_dir / TOKENIZER, max_length)
         tokenizer.save(str(work / TOKENIZER))
 
+        step("checking parity")
         batch = _tokenize(tokenizer, PARITY_SENTENCES)
         reference = _reference_embeddings(model_dir, batch)
         cos32 = _min_cosine(reference, _onnx_embeddings(work / MODEL_FP32, batch))
@@ -248,6 +253,7 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
             parity_min_cosine_fp32=round(cos32, 7),
             parity_min_cosine_fp16=round(cos16, 7),
         )
+        step("writing")
         (work / MANIFEST_NAME).write_text(manifest.to_json())
         _replace_dir(work, out)
     except BaseException:

@@ -12,6 +12,8 @@ crop of `image_size`, (x/255 - mean) / std, CHW float32.
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
 from collections.abc import Sequence
 
@@ -44,8 +46,10 @@ class ImagePreprocessor:
     ) -> None:
         self.size = manifest.image_size
         self.resize = manifest.resize
-        self.mean = np.asarray(manifest.mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(manifest.std, dtype=np.float32).reshape(3, 1, 1)
+        mean = np.asarray(manifest.mean, dtype=np.float32)
+        std = np.asarray(manifest.std, dtype=np.float32)
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)  # per channel, on HWC pixels
+        self._offset = (-mean / std).astype(np.float32)
         self.input_name = manifest.input_names[0]
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
@@ -114,7 +118,18 @@ class ImagePreprocessor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
                 image = Image.open(io.BytesIO(data), formats=FORMATS)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+                # Pillow's own guard, from the header alone (past ~89 megapixels): say it in our terms.
+                claimed = re.search(r"\((\d+) pixels\)", str(exc))
+                raise InputError(
+                    index,
+                    f"is {claimed.group(1) if claimed else 'too many'} pixels, more than this server's limit "
+                    f"of {self.max_pixels} per image",
+                ) from None
             except Exception:
+                size = _png_or_gif_size(data)
+                if size is not None and 0 in size:
+                    raise InputError(index, f"has no pixels ({size[0]}x{size[1]})") from None
                 raise InputError(
                     index, f"is not an image of a supported format (JPEG, {', '.join(FORMATS)})"
                 ) from None
@@ -125,16 +140,31 @@ class ImagePreprocessor:
         return _orient(np.asarray(rgb), orientation)
 
     def _normalise(self, rgb: np.ndarray) -> np.ndarray:
+        """Shorter side to `resize`, centre crop of `size`, (x/255 - mean)/std, CHW. Only the crop's region
+        is resampled (Pillow's resize with a source box: the same samples as resizing all and cropping,
+        at the cost of the crop), and the arithmetic is one multiply-add per value."""
         from PIL import Image
 
         height, width = rgb.shape[:2]
         scale = self.resize / min(height, width)
-        size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
-        resized = Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)
-        left, top = (size[0] - self.size) // 2, (size[1] - self.size) // 2
-        crop = np.asarray(resized.crop((left, top, left + self.size, top + self.size)), dtype=np.float32)
-        chw = crop.transpose(2, 0, 1) / 255.0
-        return np.ascontiguousarray((chw - self.mean) / self.std, dtype=np.float32)
+        full = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+        left, top = (full[0] - self.size) // 2, (full[1] - self.size) // 2
+        sx, sy = width / full[0], height / full[1]
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        crop = Image.fromarray(rgb).resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        hwc = np.asarray(crop, dtype=np.float32) * self._scale + self._offset
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+
+
+def _png_or_gif_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR or a GIF's screen descriptor, without decoding anything."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        width, height = struct.unpack("<HH", data[6:10])
+        return int(width), int(height)
+    return None
 
 
 def _jpeg_orientation(data: bytes) -> int:

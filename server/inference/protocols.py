@@ -75,9 +75,10 @@ class Backbone:
     def on_gpu(self) -> bool:
         return self.encoder.provider == "CUDAExecutionProvider"
 
-    def describe(self) -> BackboneDescription:
+    def describe(self, served_as: str = "") -> BackboneDescription:
         m = self.manifest
         return BackboneDescription(
+            served_as=served_as or m.input_kind,
             name=m.name,
             fingerprint=m.fingerprint,
             embedding_dim=m.embedding_dim,

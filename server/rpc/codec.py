@@ -60,6 +60,7 @@ def backbone_to_pb(desc: d.BackboneDescription) -> pb.BackboneInfo:
         input_kind=desc.input_kind,
         max_length=desc.max_length,
         provider=desc.provider,
+        served_as=desc.served_as,
     )
 
 
@@ -78,7 +79,9 @@ def timings_to_pb(t: d.Timings, total_s: float) -> pb.Timings:
 
 
 def embed_from_pb(request: pb.EmbedRequest, caller: d.Caller) -> d.EmbedRequest:
-    return d.EmbedRequest(inputs_from_pb(request.inputs), dtype_from_pb(request.dtype), caller)
+    return d.EmbedRequest(
+        inputs_from_pb(request.inputs), dtype_from_pb(request.dtype), caller, request.backbone
+    )
 
 
 def embedded_to_pb(result: d.Embedded, total_s: float) -> pb.EmbedResponse:
@@ -125,6 +128,8 @@ def adapt_from_pb(request: pb.AdaptHeadRequest, caller: d.Caller) -> d.AdaptRequ
         force_activate=request.force_activate,
         options=options_from_pb(request.options),
         caller=caller,
+        backbone=request.backbone,
+        store_only=request.store_only,
     )
 
 
@@ -157,7 +162,8 @@ def version_to_pb(v: d.VersionInfo) -> pb.HeadVersion:
         kind=_KIND_CODES[v.kind],
         labels=list(v.labels),
         metrics=metrics_to_pb(v.metrics, v.labels),
-        created_at=v.created_at,
+        created_at_unix=v.created_at,
+        created_at=_timestamp(v.created_at),
         backbone_fingerprint=v.fingerprint,
         example_count=v.example_count,
     )
@@ -178,11 +184,12 @@ def adapt_event_to_pb(event: d.Progress | d.AdaptOutcome) -> pb.AdaptHeadRespons
     return pb.AdaptHeadResponse(
         result=pb.AdaptHeadResult(
             tenant=event.tenant,
-            head=version_to_pb(event.head),
+            head=version_to_pb(event.head) if event.head is not None else None,
             activated=event.activated,
             active_version=event.active_version,
             embedded=event.embedded,
             cache_hits=event.cache_hits,
+            stored_examples=event.stored_examples,
         )
     )
 

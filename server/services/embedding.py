@@ -12,8 +12,8 @@ import numpy as np
 from headswap.server.config import LimitsConfig
 from headswap.server.domain import Embedded, EmbedRequest, Input, Timings, call_deadline
 from headswap.server.errors import InvalidArgument, ResourceExhausted
-from headswap.server.inference.batcher import Batcher, BatchResult
-from headswap.server.inference.protocols import Backbone
+from headswap.server.inference.batcher import BatchResult
+from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.metrics import Metrics
 from headswap.server.validation import check_inputs
 
@@ -27,14 +27,16 @@ def timings(result: BatchResult) -> Timings:
 
 @dataclass(eq=False)
 class EmbeddingService:
-    backbone: Backbone
-    batcher: Batcher
+    lanes: Lanes
     limits: LimitsConfig
     metrics: Metrics
 
-    def check(self, inputs: tuple[Input, ...], what: str = "inputs") -> None:
-        kind, limits = self.backbone.manifest.input_kind, self.limits
-        check_inputs(inputs, limits.max_batch_inputs, kind, what, limits.max_request_bytes)
+    def check(self, inputs: tuple[Input, ...], lane: Lane | None, target: str = "") -> None:
+        """Counts and bytes within the limits, no blank input, every input of the lane's kind (if given)."""
+        limits = self.limits
+        kind = lane.kind if lane is not None else None
+        target = target or (f"backbone {lane.name!r}" if lane is not None else "")
+        check_inputs(inputs, limits.max_batch_inputs, kind, "inputs", limits.max_request_bytes, target)
 
     def check_reply_size(self, payload_bytes: int, hint: str) -> None:
         """Refuse before the backbone runs: the transport would only find out when sending the reply."""
@@ -49,24 +51,25 @@ class EmbeddingService:
         dtype = DTYPES.get(request.dtype)
         if dtype is None:
             raise InvalidArgument(f"unknown element type {request.dtype!r}: use float32 or float16")
-        self.check(request.inputs)
+        lane = self.lanes.for_inputs(request.inputs, request.backbone)
+        self.check(request.inputs, lane)
         self.check_reply_size(
-            len(request.inputs) * self.backbone.dim * dtype.itemsize,
+            len(request.inputs) * lane.backbone.dim * dtype.itemsize,
             "send fewer inputs per call or ask for float16",
         )
-        result = await self.batcher.submit(request.inputs, deadline=call_deadline.get())
+        result = await lane.batcher.submit(request.inputs, deadline=call_deadline.get())
         t = timings(result)
         self.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, None)
         embeddings = np.stack(result.rows).astype(dtype, copy=False)
-        return Embedded(embeddings, result.truncated, t, self.backbone.describe())
+        return Embedded(embeddings, result.truncated, t, lane.describe())
 
-    async def vectors(self, inputs: list[Input], deadline: float) -> np.ndarray:
+    async def vectors(self, lane: Lane, inputs: list[Input], deadline: float) -> np.ndarray:
         """float32 (n, dim) for inputs already checked (training examples). A training is no call waiting
         on its answer: when the queue is full it waits for room (with backoff) until `deadline`."""
         delay = 0.05
         while True:
             try:
-                result = await self.batcher.submit(inputs)
+                result = await lane.batcher.submit(inputs)
                 return np.stack(result.rows).astype(np.float32, copy=False)
             except ResourceExhausted:
                 if time.monotonic() + delay > deadline:

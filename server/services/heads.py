@@ -74,7 +74,7 @@ class HeadService:
 
     async def classify(self, request: ClassifyRequest) -> Classified:
         tenant = request.caller.tenant_for(request.tenant)
-        self.embedding.check(request.inputs)
+        self.embedding.check(request.inputs, None)
         if request.top_k < 0:
             raise InvalidArgument(f"top_k must be 0 (meaning 1) or more, not {request.top_k}")
         if request.version < 0:
@@ -86,6 +86,11 @@ class HeadService:
         head = self.bank.peek(tenant, version)
         if head is None:
             head = await self.run_io(self.bank.get, tenant, version)
+        lane = self.embedding.lanes.by_fingerprint(head.fingerprint)
+        assert lane is not None, "the bank holds only heads of the backbones served"
+        self.embedding.check(
+            request.inputs, lane, f"tenant {tenant!r}'s head (trained on backbone {lane.name!r})"
+        )
         k = min(max(1, request.top_k), len(head.labels))
         # Sized before any work: every label score costs its label's bytes and a few more on the wire.
         self.embedding.check_reply_size(
@@ -94,16 +99,14 @@ class HeadService:
         )
         # The head rides with the inputs through the batcher: the backbone and every tenant's head run on
         # the whole mixed batch, and this request keeps `head` (its version) from start to end.
-        result = await self.embedding.batcher.submit(
-            request.inputs, slot=head.slot, deadline=call_deadline.get()
-        )
+        result = await lane.batcher.submit(request.inputs, slot=head.slot, deadline=call_deadline.get())
         labels = []
         for probs in result.rows:
             indices, scores = top_k(np.asarray(probs), k)
             labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
         t = timings(result)
         self.embedding.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
-        return Classified(labels, result.truncated, head.version, t, self.embedding.backbone.describe())
+        return Classified(labels, result.truncated, head.version, t, lane.describe())
 
     # -- management ------------------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from headswap.adapters import (
-    TrainConfig,
     TrainedHead,
     TrainingCancelled,
     TrainingDivergedError,
@@ -27,10 +26,12 @@ from headswap.server.cache import EmbeddingCache
 from headswap.server.config import LimitsConfig
 from headswap.server.domain import AdaptOutcome, AdaptRequest, Example, Input, Progress
 from headswap.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from headswap.server.inference.image import InputError
+from headswap.server.inference.lanes import Lane
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
-from headswap.server.services.training_input import check_examples, train_config
+from headswap.server.services.training_input import check_examples, check_new_examples, train_config
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,19 @@ class TrainingService:
     def store(self) -> HeadStore:
         return self.heads.store
 
-    def _check_examples(self, examples: list[Example], config: TrainConfig) -> tuple[list[str], np.ndarray]:
-        return check_examples(examples, config, self.limits, self.embedding.backbone.manifest.input_kind)
-
     async def _embed_examples(
-        self, tenant: str, inputs: list[Input], report: Callable[[Progress], None], deadline: float
+        self,
+        tenant: str,
+        lane: Lane,
+        inputs: list[Input],
+        report: Callable[[Progress], None],
+        deadline: float,
+        name: Callable[[int], str] = lambda i: f"examples[{i}]",
     ) -> tuple[np.ndarray, int, int]:
         """Vectors for `inputs`, from the cache where possible; returns (vectors, embedded, hits)."""
-        fingerprint = self.embedding.backbone.fingerprint
+        if not inputs:  # a store_only call that only replaces the examples with none
+            return np.zeros((0, lane.backbone.dim), dtype=np.float32), 0, 0
+        fingerprint = lane.backbone.fingerprint
         keys = [item.content_key() for item in inputs]
         found = self.cache.get_many(fingerprint, keys, tenant)
         if len(found) < len(set(keys)):
@@ -74,15 +80,17 @@ class TrainingService:
         # Chunks the queue can always admit, however small it is configured.
         chunk = max(
             1,
-            min(
-                self.limits.max_batch_inputs, EMBED_CHUNK, self.embedding.batcher.policy.max_queue_items // 2
-            ),
+            min(self.limits.max_batch_inputs, EMBED_CHUNK, lane.batcher.policy.max_queue_items // 2),
         )
         report(Progress("embedding", 0, len(todo)))
         fresh: dict[bytes, np.ndarray] = {}
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # an input's first place, for messages
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            vectors = await self.embedding.vectors([item for _, item in part], deadline)
+            try:
+                vectors = await self.embedding.vectors(lane, [item for _, item in part], deadline)
+            except InputError as exc:  # its index is within the chunk: say which example it is
+                raise InvalidArgument(f"{name(first[part[exc.index][0]])} {exc.reason}") from None
             fresh.update({k: vectors[i] for i, (k, _) in enumerate(part)})
             report(Progress("embedding", min(start + chunk, len(todo)), len(todo)))
         self.cache.count(hits, len(todo))
@@ -107,7 +115,8 @@ class TrainingService:
             async for event in self._adapt(request):
                 if isinstance(event, AdaptOutcome):
                     # Counted before the reply leaves: the caller may hang up as soon as it has it.
-                    self._count("activated" if event.activated else "negative_transfer", started)
+                    if event.head is not None:  # a store_only call trained nothing
+                        self._count("activated" if event.activated else "negative_transfer", started)
                     outcome = ""
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
@@ -133,22 +142,33 @@ class TrainingService:
                 f"the examples carry {size} bytes, more than this server's limit of {self.limits.max_request_bytes} "
                 "per call: send them in several AdaptHead calls (new examples are added to the stored ones)"
             )
-        # Stored as the backbone sees them: a huge text is kept no larger than what it is embedded from.
-        clip = self.embedding.backbone.preprocessor.clip
-        new = [Example(clip(e.input), e.label) for e in request.examples]
         lock = self.heads.locks(tenant)
         if lock.locked():
             log.info("AdaptHead for %s waits for the tenant's previous training", tenant)
         async with lock:
             deadline = time.monotonic() + self.limits.max_train_seconds
             stored = [] if request.replace else await self.heads.run_io(self.store.examples, tenant)
+            lane = self.embedding.lanes.for_inputs(
+                [e.input for e in [*request.examples, *stored]], request.backbone
+            )
+            # Stored as the backbone sees them: a huge text is kept no larger than what it is embedded from.
+            clip = lane.backbone.preprocessor.clip
+            new = [Example(clip(e.input), e.label) for e in request.examples]
+            check_new_examples(tenant, new, stored, self.limits, lane.kind)
             examples = [*stored, *new]
-            labels, y = self._check_examples(examples, config)
+            if not request.store_only:
+                labels, y = check_examples(examples, config, self.limits)
+
+            def name(i: int) -> str:  # an example's place, as the caller knows it
+                return f"examples[{i - len(stored)}]" if i >= len(stored) else f"stored example {i}"
 
             events: asyncio.Queue[Progress] = asyncio.Queue()
             loop = asyncio.get_running_loop()
+            embed = new if request.store_only else examples  # store_only: the new ones warm the cache
             vectors_task = asyncio.ensure_future(
-                self._embed_examples(tenant, [e.input for e in examples], events.put_nowait, deadline)
+                self._embed_examples(
+                    tenant, lane, [e.input for e in embed], events.put_nowait, deadline, name
+                )
             )
             try:
                 async for event in _drain(events, vectors_task):
@@ -156,6 +176,15 @@ class TrainingService:
                 vectors, embedded, hits = vectors_task.result()
             finally:
                 vectors_task.cancel()
+            if request.store_only:
+                state = await self.heads.run_io(self.store.put_examples, tenant, examples)
+                log.info(
+                    "tenant %s: %d examples stored (%d new), no training", tenant, len(examples), len(new)
+                )
+                yield AdaptOutcome(
+                    tenant, None, False, state.active_version, embedded, hits, stored_examples=len(examples)
+                )
+                return
 
             stop = threading.Event()
             out_of_time = False
@@ -206,7 +235,7 @@ class TrainingService:
                 stop.set()
 
             activate = request.force_activate or not head.metrics.negative_transfer
-            fingerprint = self.embedding.backbone.fingerprint
+            fingerprint = lane.backbone.fingerprint
             weights, manifest = head_to_bytes(
                 head,
                 extra_manifest={
@@ -241,6 +270,7 @@ class TrainingService:
                 active_version=state.active_version,
                 embedded=embedded,
                 cache_hits=hits,
+                stored_examples=len(examples),
             )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from headswap.adapters import TrainConfig, min_examples_per_class
 from headswap.server.config import LimitsConfig
 from headswap.server.domain import Example, TrainingOptions
-from headswap.server.errors import InvalidArgument
+from headswap.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from headswap.server.validation import check_kind
 
 MAX_LABEL_CHARS = 200
@@ -42,25 +44,43 @@ def train_config(options: TrainingOptions, device: str) -> TrainConfig:
         raise InvalidArgument(f"bad training options: {exc}") from None
 
 
-def check_examples(
-    examples: list[Example], config: TrainConfig, limits: LimitsConfig, input_kind: str
-) -> tuple[list[str], np.ndarray]:
-    """Label names (sorted) and label indices, or INVALID_ARGUMENT saying what is wrong with the examples."""
-    if not examples:
-        raise InvalidArgument("no examples: send labelled examples (the tenant has none stored)")
-    if len(examples) > limits.max_examples:
-        raise InvalidArgument(
-            f"{len(examples)} examples in all, more than this server's limit of {limits.max_examples} "
-            "per tenant: send fewer, or replace instead of adding"
-        )
-    for i, e in enumerate(examples):
-        check_kind(e.input, input_kind, f"examples[{i}]")
+def check_new_examples(
+    tenant: str, new: Sequence[Example], stored: Sequence[Example], limits: LimitsConfig, input_kind: str
+) -> None:
+    """The examples of a call (indexed as sent) and what they add up to with the stored ones."""
+    for i, e in enumerate(new):
+        check_kind(e.input, input_kind, f"examples[{i}]", "the backbone they go to")
         if e.input.text is not None and not e.input.text.strip():
             raise InvalidArgument(f"examples[{i}] has empty text")
         if not e.label.strip():
             raise InvalidArgument(f"examples[{i}] has an empty label")
         if len(e.label) > MAX_LABEL_CHARS:
             raise InvalidArgument(f"examples[{i}] has a label longer than {MAX_LABEL_CHARS} characters")
+    if stored and stored[0].input.kind != input_kind:
+        raise FailedPrecondition(
+            f"tenant {tenant!r} has {stored[0].input.kind} examples stored and these are {input_kind}s: "
+            "send them with mode EXAMPLE_MODE_REPLACE to start over on the other backbone"
+        )
+    count = len(stored) + len(new)
+    if count > limits.max_examples:
+        raise InvalidArgument(
+            f"{count} examples in all, more than this server's limit of {limits.max_examples} "
+            "per tenant: send fewer, or replace instead of adding"
+        )
+    size = sum(e.input.nbytes + len(e.label) for e in [*stored, *new])
+    if size > limits.max_example_bytes:
+        raise ResourceExhausted(
+            f"the tenant's examples would take {size} bytes, more than this server's limit of "
+            f"{limits.max_example_bytes} per tenant: send fewer or smaller examples, or replace instead of adding"
+        )
+
+
+def check_examples(
+    examples: list[Example], config: TrainConfig, limits: LimitsConfig
+) -> tuple[list[str], np.ndarray]:
+    """Label names (sorted) and label indices, or INVALID_ARGUMENT saying what is wrong with the examples."""
+    if not examples:
+        raise InvalidArgument("no examples: send labelled examples (the tenant has none stored)")
     labels = sorted({e.label for e in examples})
     if len(labels) < 2:
         raise InvalidArgument(

@@ -164,6 +164,11 @@ class HeadStore(abc.ABC):
         active pointer to it when `new.activate`. All or nothing."""
 
     @abc.abstractmethod
+    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+        """Make `examples` the tenant's stored examples (creating the tenant if need be), leaving its versions
+        and active pointer as they are: nothing is published. All or nothing."""
+
+    @abc.abstractmethod
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         """Point the tenant at an existing version; returns the new state and the previous active one."""
 

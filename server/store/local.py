@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,11 +213,7 @@ class LocalStore(HeadStore):
             raise
         fsync_dir(versions_dir)
         crash_point("version-written")
-        examples = json_bytes({"examples": [example_to_json(e) for e in new.examples]})
-        ref = hashlib.sha256(examples).hexdigest()
-        atomic_write(
-            tenant_dir / "examples" / f"{ref}.json", examples
-        )  # rewritten: a damaged copy may be there
+        ref = self._write_examples(tenant, new.examples)
         crash_point("examples-written")
         active = version if new.activate else state.active_version
         previous = state.active_version if new.activate and state.active_version else state.previous_version
@@ -229,6 +226,24 @@ class LocalStore(HeadStore):
         sha = manifest["weights_sha256"] if updated.active_version == version else ""
         self.feed.publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
         return self.state(tenant)
+
+    def _write_examples(self, tenant: str, examples: Sequence[Example]) -> str:
+        """Write an example set under its sha256 (rewritten: a damaged copy may be there); returns the sha256."""
+        data = json_bytes({"examples": [example_to_json(e) for e in examples]})
+        ref = hashlib.sha256(data).hexdigest()
+        atomic_write(self.tenant_dir(tenant) / "examples" / f"{ref}.json", data)
+        return ref
+
+    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+        try:
+            raw_state: dict[str, Any] = self.raw_state(tenant)
+            state = self.state(tenant)
+        except NotFound:
+            raw_state, state = {}, TenantState(tenant, 0, ())
+        ref = self._write_examples(tenant, examples)
+        self.write_state(state, ref)  # the commit point
+        self._prune(state, ref, raw_state.get("examples"))
+        return state
 
     def write_state(self, state: TenantState, examples: str) -> None:
         atomic_write(

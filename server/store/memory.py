@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,13 @@ class MemoryStore(HeadStore):
             self._states[tenant] = updated
         self.feed.publish(Change(tenant, updated.active_version, updated.seq))
         return updated
+
+    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+        check_tenant(tenant)
+        with self._lock:
+            state = self._states.setdefault(tenant, TenantState(tenant, 0, ()))
+            self._examples[tenant] = list(examples)
+        return state
 
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         with self._lock:

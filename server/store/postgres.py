@@ -246,6 +246,27 @@ class PostgresStore(PostgresExtras, HeadStore):
         self.damaged.pop(tenant, None)
         return state
 
+    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+        check_tenant(tenant)
+        rows = [example_to_json(e) for e in examples]
+        with self.transaction("store examples") as conn:
+            conn.execute(
+                "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
+            )
+            conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
+            examples_id = conn.execute(
+                "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
+                (tenant, jsonb(rows)),
+            ).fetchone()[0]
+            conn.execute(
+                "DELETE FROM headswap_example_sets WHERE tenant = %s AND id <> %s", (tenant, examples_id)
+            )
+            conn.execute(
+                "UPDATE headswap_tenants SET examples_id = %s, updated_at = now() WHERE tenant = %s",
+                (examples_id, tenant),
+            )
+            return self._state(conn, tenant)[0]
+
     def _sha(self, conn: Any, tenant: str, version: int) -> str:
         row = conn.execute(
             "SELECT weights_sha256 FROM headswap_versions WHERE tenant = %s AND version = %s",

@@ -28,11 +28,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DOCKERFILE = REPO / "Dockerfile"
-OVERLAYS = ("gpu", "cpu", "local-store", "gpu-tls")
+OVERLAYS = ("gpu", "cpu", "local-store", "gpu-tls", "cpu-images")
 SHARED_STORE_OVERLAYS = (
     "gpu",
     "cpu",
     "gpu-tls",
+    "cpu-images",
 )  # PostgreSQL, several replicas; local-store: one replica, a volume
 
 # The server's Prometheus metrics (all prefixed headswap_): the contract the dashboard and the autoscaling

@@ -131,21 +131,31 @@ def test_installs_the_server_extra_with_torch_pinned_as_in_pyproject(stages: lis
     )
 
 
-def test_exports_the_backbone_at_build_time(stages: list[Stage], final: Stage) -> None:
-    exports = [
-        (stage, m.group(1))
-        for stage in stages
-        for ins in stage.of("RUN")
-        if (m := re.search(r"headswap export (?:[^&;|]* )?--out[ =](\S+)", ins.args))
-    ]
-    assert len(exports) == 1, "one RUN `headswap export --out DIR` should export the backbone into the image"
-    stage, out = exports[0]
-    assert final.env().get("HEADSWAP_BACKBONE") == out, f"the image should set HEADSWAP_BACKBONE={out}"
-    if stage is not final:
-        copies = [ins.flags_and_rest() for ins in final.of("COPY")]
-        assert any(flags.get("from") == stage.name and words[:-1] == [out] for flags, words in copies), (
-            f"the backbone is exported in stage {stage.name!r}: COPY --from={stage.name} {out} into the image"
-        )
+def exports(stages: list[Stage]) -> dict[str, tuple[Stage, str]]:
+    """ "text" and "image" -> (stage, directory) of each `headswap export ... --out DIR` at build time."""
+    found: dict[str, tuple[Stage, str]] = {}
+    for stage in stages:
+        for ins in stage.of("RUN"):
+            for m in re.finditer(r"headswap export ((?:[^&;|]* )?)--out[ =](\S+)", ins.args):
+                found["image" if "--image" in m.group(1) else "text"] = (stage, m.group(2))
+    return found
+
+
+def test_exports_both_backbones_at_build_time(stages: list[Stage], final: Stage) -> None:
+    made = exports(stages)
+    assert set(made) == {"text", "image"}, (
+        "RUN `headswap export --out DIR` and `headswap export --image mobilenet_v2 --out DIR` should export "
+        "both backbones into the image"
+    )
+    assert final.env().get("HEADSWAP_BACKBONE") == made["text"][1], (
+        "the image serves the text backbone by default"
+    )
+    for stage, out in made.values():
+        if stage is not final:
+            copies = [ins.flags_and_rest() for ins in final.of("COPY")]
+            assert any(flags.get("from") == stage.name and words[:-1] == [out] for flags, words in copies), (
+                f"{out} is exported in stage {stage.name!r}: COPY --from={stage.name} {out} into the image"
+            )
 
 
 def test_runs_as_uid_10001(final: Stage) -> None:

@@ -263,9 +263,13 @@ def test_store_and_tmp_are_the_only_writable_paths(
         }
         assert writable == {"/tmp"}
     assert "emptyDir" in mounts["/tmp"]
-    # The backbone is the one exported into the image.
-    image_env = parse_dockerfile()[-1].env()
-    assert str(config.backbone_dir) == image_env["HEADSWAP_BACKBONE"]
+    # The backbones are the ones exported into the image (the text one by default).
+    from tests.deploy.test_dockerfile import exports
+
+    stages = parse_dockerfile()
+    assert str(config.backbone_dir) == stages[-1].env()["HEADSWAP_BACKBONE"]
+    exported = {out for _, out in exports(stages).values()}
+    assert {str(directory) for _, directory in config.backbones} <= exported
 
 
 def test_runs_as_the_image_user_non_root_read_only(deployment: dict[str, Any]) -> None:

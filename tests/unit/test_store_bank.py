@@ -149,7 +149,7 @@ def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> N
 
 def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    bank = HeadBank(store, FP, HeadStack(8))
+    bank = HeadBank(store, {FP: HeadStack(8)})
     w1, m1 = trained(1)
     store.commit_version("acme", NewVersion(m1, w1, EXAMPLES, activate=True))
     held = bank.get("acme")  # a request in flight holds version 1
@@ -163,12 +163,12 @@ def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path)
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     old_answer = held.predict(x)  # the in-flight request finishes on version 1
     assert len(old_answer) == 3 and old_answer[0].shape == (2,)
-    assert len(bank.stack) == 2  # both versions resident while the old one is held
+    assert len(bank.stacks[FP]) == 2  # both versions resident while the old one is held
     ref = weakref.ref(held)
     del held
     gc.collect()
     assert ref() is None, "a retired head is still referenced"
-    assert len(bank.stack) == 1, "the retired version's weights were not released"
+    assert len(bank.stacks[FP]) == 1, "the retired version's weights were not released"
     assert bank.resident()[0] == 1
 
 
@@ -177,13 +177,13 @@ def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
     w, m = trained()
     store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
     store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
-    bank = HeadBank(store, FP, HeadStack(8))
+    bank = HeadBank(store, {FP: HeadStack(8)})
     assert bank.get("acme", 1).version == 1 and bank.get("acme").version == 2
     with pytest.raises(NotFound):
         bank.get("acme", 9)
     with pytest.raises(NotFound):
         bank.get("ghost")
-    other = HeadBank(store, "b" * 64, HeadStack(8))
+    other = HeadBank(store, {"b" * 64: HeadStack(8)})
     with pytest.raises(FailedPrecondition, match="trained on backbone"):
         other.get("acme")
 
@@ -201,7 +201,7 @@ def test_manifest_is_json_and_weights_are_safetensors(tmp_path: Path) -> None:
 
 def test_reconcile_ignores_stale_changes_and_lazy_loads_never_go_back(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    bank = HeadBank(store, FP, HeadStack(8))
+    bank = HeadBank(store, {FP: HeadStack(8)})
     w, m = trained()
     s1 = store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
     s2 = store.commit_version("acme", NewVersion(m, w, EXAMPLES, activate=True))
@@ -212,7 +212,7 @@ def test_reconcile_ignores_stale_changes_and_lazy_loads_never_go_back(tmp_path: 
     bank.reconcile(Change("acme", 1, s3.seq))
     assert bank.get("acme").version == 1
     assert s2.seq < s3.seq
-    fresh = HeadBank(store, FP, HeadStack(8))
+    fresh = HeadBank(store, {FP: HeadStack(8)})
     fresh.reconcile(Change("acme", 2, s3.seq + 1))  # not resident: only noted, nothing loaded
     assert fresh.peek("acme") is None and fresh.resident() == (0, 0)
     assert fresh.get("acme").version == 1  # the state it finds (after retrying, the store has no newer)

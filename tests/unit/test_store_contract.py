@@ -58,6 +58,34 @@ def test_examples_keep_text_and_images(store: HeadStore) -> None:
     assert store.examples("t") == EXAMPLES
 
 
+def test_put_examples_stores_without_a_version(store: HeadStore) -> None:
+    """A large set arrives in several calls: examples are stored before anything is trained on them."""
+    seen: list[Change] = []
+
+    async def watch() -> None:
+        async def follow() -> None:
+            async for change in store.changes():
+                seen.append(change)
+
+        task = asyncio.ensure_future(follow())
+        await asyncio.sleep(0.05)
+        state = await asyncio.to_thread(store.put_examples, "new", EXAMPLES[:1])
+        assert (state.active_version, state.versions) == (0, ())
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(watch())
+    assert seen == [], "storing examples moved no pointer: nothing to publish"
+    assert store.tenants() == ["new"] and store.examples("new") == EXAMPLES[:1]
+    store.put_examples("new", EXAMPLES)
+    assert store.examples("new") == EXAMPLES
+    committed = store.commit_version("new", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+    before = store.put_examples("new", EXAMPLES[1:])
+    assert before == store.state("new") and (before.active_version, before.versions) == (1, (1,))
+    assert before.seq == committed.seq and store.examples("new") == EXAMPLES[1:]
+    assert store.load_version("new", 1).weights == b"w"
+
+
 def test_delete_and_embeddings(store: HeadStore) -> None:
     store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
     key = Input(text="one").content_key()

@@ -66,20 +66,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ElementType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BackboneInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "embedding_dim", "input_kind", "max_length", "provider")
+    __slots__ = ("name", "fingerprint", "embedding_dim", "input_kind", "max_length", "provider", "served_as")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     INPUT_KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    SERVED_AS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     embedding_dim: int
     input_kind: str
     max_length: int
     provider: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., provider: _Optional[str] = ...) -> None: ...
+    served_as: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., provider: _Optional[str] = ..., served_as: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_us", "preprocess_us", "backbone_us", "head_us", "total_us")
@@ -96,12 +98,14 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., backbone_us: _Optional[int] = ..., head_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "dtype")
+    __slots__ = ("inputs", "dtype", "backbone")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     dtype: ElementType
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., dtype: _Optional[_Union[ElementType, str]] = ...) -> None: ...
+    backbone: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., dtype: _Optional[_Union[ElementType, str]] = ..., backbone: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "truncated", "backbone", "timings")
@@ -144,18 +148,22 @@ class TrainingOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[HeadKind, str]] = ..., validation_fraction: _Optional[float] = ..., no_validation: _Optional[bool] = ..., seed: _Optional[int] = ..., l2: _Optional[float] = ..., max_epochs: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class AdaptHeadRequest(_message.Message):
-    __slots__ = ("tenant", "examples", "options", "mode", "force_activate")
+    __slots__ = ("tenant", "examples", "options", "mode", "force_activate", "backbone", "store_only")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     FORCE_ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ONLY_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     examples: _containers.RepeatedCompositeFieldContainer[LabelledExample]
     options: TrainingOptions
     mode: ExampleMode
     force_activate: bool
-    def __init__(self, tenant: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[LabelledExample, _Mapping]]] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., mode: _Optional[_Union[ExampleMode, str]] = ..., force_activate: _Optional[bool] = ...) -> None: ...
+    backbone: str
+    store_only: bool
+    def __init__(self, tenant: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[LabelledExample, _Mapping]]] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., mode: _Optional[_Union[ExampleMode, str]] = ..., force_activate: _Optional[bool] = ..., backbone: _Optional[str] = ..., store_only: _Optional[bool] = ...) -> None: ...
 
 class AdaptHeadProgress(_message.Message):
     __slots__ = ("stage", "done", "total", "train_loss", "validation_loss", "validation_accuracy")
@@ -210,38 +218,42 @@ class HeadMetrics(_message.Message):
     def __init__(self, evaluated_on: _Optional[str] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., majority_baseline_accuracy: _Optional[float] = ..., negative_transfer: _Optional[bool] = ..., per_class: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., epochs: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ...) -> None: ...
 
 class HeadVersion(_message.Message):
-    __slots__ = ("version", "kind", "labels", "metrics", "created_at", "backbone_fingerprint", "example_count")
+    __slots__ = ("version", "kind", "labels", "metrics", "created_at_unix", "backbone_fingerprint", "example_count", "created_at")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: HeadKind
     labels: _containers.RepeatedScalarFieldContainer[str]
     metrics: HeadMetrics
-    created_at: float
+    created_at_unix: float
     backbone_fingerprint: str
     example_count: int
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[HeadMetrics, _Mapping]] = ..., created_at: _Optional[float] = ..., backbone_fingerprint: _Optional[str] = ..., example_count: _Optional[int] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[HeadMetrics, _Mapping]] = ..., created_at_unix: _Optional[float] = ..., backbone_fingerprint: _Optional[str] = ..., example_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AdaptHeadResult(_message.Message):
-    __slots__ = ("tenant", "head", "activated", "active_version", "embedded", "cache_hits")
+    __slots__ = ("tenant", "head", "activated", "active_version", "embedded", "cache_hits", "stored_examples")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDED_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    STORED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     head: HeadVersion
     activated: bool
     active_version: int
     embedded: int
     cache_hits: int
-    def __init__(self, tenant: _Optional[str] = ..., head: _Optional[_Union[HeadVersion, _Mapping]] = ..., activated: _Optional[bool] = ..., active_version: _Optional[int] = ..., embedded: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
+    stored_examples: int
+    def __init__(self, tenant: _Optional[str] = ..., head: _Optional[_Union[HeadVersion, _Mapping]] = ..., activated: _Optional[bool] = ..., active_version: _Optional[int] = ..., embedded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., stored_examples: _Optional[int] = ...) -> None: ...
 
 class AdaptHeadResponse(_message.Message):
     __slots__ = ("progress", "result")
