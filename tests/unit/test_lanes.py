@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from headswap.client import AsyncClient, FailedPrecondition, InvalidArgument
-from headswap.server.app import build, name_lanes
+from headswap.server.app import build
+from headswap.server.backbones import name_lanes
 from headswap.server.config import ServerConfig
 from headswap.server.inference.fake import fake_backbone
 from headswap.server.store.memory import MemoryStore
