@@ -35,7 +35,9 @@ def tensor(t: pb.Tensor) -> np.ndarray:
 
 
 def backbone(b: pb.BackboneInfo) -> r.BackboneInfo:
-    return r.BackboneInfo(b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider)
+    return r.BackboneInfo(
+        b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider, b.precision
+    )
 
 
 def timings(t: pb.Timings) -> r.Timings:

@@ -15,6 +15,7 @@ class BackboneInfo:
     input_kind: str
     max_length: int
     provider: str
+    precision: str = ""  # "fp32", "fp16" or "int8"; empty from servers that predate it
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,7 @@ def build(
             device=config.device,
             precision=config.precision,
             intra_op_threads=config.intra_op_threads,
+            intra_op_spin=config.intra_op_spin,
         )
     if store is None:
         store = open_store(config.store_url)
@@ -169,10 +170,16 @@ def build(
     stack = HeadStack(backbone.dim, device=head_device)
     bank = HeadBank(store, backbone.fingerprint, stack)
     items, cost = config.batching.limits(backbone.on_gpu)
-    log.info("batches of at most %d inputs and %d padded tokens", items, cost)
+    log.info(
+        "batches of at most %d inputs and %d padded tokens, padding at most %.0f%%",
+        items,
+        cost,
+        100 * config.batching.max_padding,
+    )
     policy = BatchPolicy(
         max_batch_cost=cost,
         max_batch_items=items,
+        max_padding=config.batching.max_padding,
         max_wait_s=config.batching.max_wait_ms / 1000.0,
         max_queue_items=config.batching.max_queue_items,
     )

@@ -31,6 +31,9 @@ class BatchingConfig:
     max_cost: int = 0  # padded tokens (text) per forward pass
     max_wait_ms: float = 2.0
     max_queue_items: int = 8192
+    # Most padding a forward pass may carry, as a share of the tokens it computes (1 = no cap): an input whose
+    # length would push a batch past it waits for a batch of its own length instead.
+    max_padding: float = 0.3
 
     def limits(self, on_gpu: bool) -> tuple[int, int]:
         """(items, padded cost) per forward pass. On a CPU small batches win (they stay in cache: measured
@@ -64,6 +67,7 @@ class ServerConfig:
     precision: str = "auto"
     worker_threads: int = 2
     intra_op_threads: int = 0
+    intra_op_spin: bool = True
     warmup_rounds: int = 2
     train_threads: int = 1
     grace_seconds: float = 20.0
@@ -139,7 +143,7 @@ def integer(low: int | None = None, high: int | None = None) -> Parser:
     return parse
 
 
-def number(low: float = 0.0) -> Parser:
+def number(low: float = 0.0, high: float | None = None) -> Parser:
     def parse(name: str, raw: str) -> float:
         try:
             value = float(raw)
@@ -147,9 +151,24 @@ def number(low: float = 0.0) -> Parser:
             raise _bad(f"{name} must be a number, not {raw!r}") from None
         if not value >= low:
             raise _bad(f"{name} must be at least {low}, not {value}")
+        if high is not None and not value <= high:
+            raise _bad(f"{name} must be at most {high}, not {value}")
         return value
 
     return parse
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _bad(f"{name} must be one of {', '.join(_TRUE + _FALSE)}, not {raw!r}")
 
 
 def choice(*allowed: str, upper: bool = False) -> Parser:
@@ -207,8 +226,9 @@ OPTIONS: tuple[Option, ...] = (
         "precision",
         None,
         "precision",
-        choice("auto", "fp32", "fp16"),
-        "auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16",
+        choice("auto", "fp32", "fp16", "int8"),
+        "auto (fp16 on CUDA, int8 on a CPU with VNNI, fp32 on other CPUs), fp32, fp16 or int8; an int8 "
+        "backbone has its own fingerprint, so heads trained on another precision are refused",
     ),
     Option(
         "max_batch_inputs",
@@ -246,6 +266,13 @@ OPTIONS: tuple[Option, ...] = (
         "how long an input may wait for others to share its batch",
     ),
     Option(
+        "batch_max_padding",
+        "batching",
+        "max_padding",
+        number(0, 1),
+        "most padding in one forward pass, as a share of its tokens (1 = no cap)",
+    ),
+    Option(
         "max_queue_items",
         "batching",
         "max_queue_items",
@@ -265,6 +292,14 @@ OPTIONS: tuple[Option, ...] = (
         "intra_op_threads",
         integer(0),
         "ONNX Runtime threads per forward pass; 0 lets it choose",
+    ),
+    Option(
+        "intra_op_spin",
+        None,
+        "intra_op_spin",
+        boolean,
+        "whether ONNX Runtime's threads busy-wait between operators (true: a little faster when the "
+        "machine is otherwise idle; false: gives the cores back to other work)",
     ),
     Option(
         "warmup_rounds",

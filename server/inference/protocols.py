@@ -61,7 +61,9 @@ class Backbone:
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest.fingerprint
+        """What heads and cached embeddings are bound to: it depends on the precision served (int8 has its
+        own), so a head trained on fp32 embeddings is refused on an int8 server and vice versa."""
+        return self.manifest.fingerprint_for(self.encoder.precision)
 
     @property
     def dim(self) -> int:
@@ -75,9 +77,10 @@ class Backbone:
         m = self.manifest
         return BackboneDescription(
             name=m.name,
-            fingerprint=m.fingerprint,
+            fingerprint=self.fingerprint,
             embedding_dim=m.embedding_dim,
             input_kind=m.input_kind,
             max_length=m.max_length,
             provider=self.encoder.provider,
+            precision=self.encoder.precision,
         )

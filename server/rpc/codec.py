@@ -58,6 +58,7 @@ def backbone_to_pb(desc: d.BackboneDescription) -> pb.BackboneInfo:
         input_kind=desc.input_kind,
         max_length=desc.max_length,
         provider=desc.provider,
+        precision=desc.precision,
     )
 
 
