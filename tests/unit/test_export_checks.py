@@ -103,9 +103,9 @@ def test_int8_gate_refuses_a_drifting_model(tmp_path: Path, monkeypatch: pytest.
 
 def test_parity_check_thresholds() -> None:
     quantize.Int8Parity(0.995, 0.981, "ok").check()
-    with pytest.raises(quantize.Int8ParityError, match="mean 0.98900"):
+    with pytest.raises(quantize.Int8ParityError, match=r"mean 0\.98900"):
         quantize.Int8Parity(0.989, 0.985, "a").check()
-    with pytest.raises(quantize.Int8ParityError, match="min 0.97000.*'thanks!'"):
+    with pytest.raises(quantize.Int8ParityError, match=r"min 0\.97000.*'thanks!'"):
         quantize.Int8Parity(0.999, 0.97, "thanks!").check()
 
 
