@@ -67,7 +67,9 @@ class ServerConfig:
     precision: str = "auto"
     worker_threads: int = 2
     intra_op_threads: int = 0
-    intra_op_spin: bool = True
+    # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the
+    # tokenizer and the client, at high load and at low load alike.
+    intra_op_spin: bool = False
     warmup_rounds: int = 2
     train_threads: int = 1
     grace_seconds: float = 20.0
@@ -298,8 +300,8 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "intra_op_spin",
         boolean,
-        "whether ONNX Runtime's threads busy-wait between operators (true: a little faster when the "
-        "machine is otherwise idle; false: gives the cores back to other work)",
+        "whether ONNX Runtime's threads busy-wait between operators (default false: they sleep and leave "
+        "the cores to gRPC, tokenizing and other work; true may help a machine that does nothing else)",
     ),
     Option(
         "warmup_rounds",

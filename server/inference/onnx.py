@@ -33,7 +33,7 @@ class OnnxEncoder:
         providers: list[str],
         precision: str,
         intra_op_threads: int = 0,
-        intra_op_spin: bool = True,
+        intra_op_spin: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -73,7 +73,7 @@ def load_backbone(
     device: str = "auto",
     precision: str = "auto",
     intra_op_threads: int = 0,
-    intra_op_spin: bool = True,
+    intra_op_spin: bool = False,
     cpu_flags: frozenset[str] | None = None,
 ) -> Backbone:
     """An exported backbone directory, ready to serve (not yet warmed up). `cpu_flags`: /proc/cpuinfo's."""

@@ -47,10 +47,10 @@ def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
 
 def test_cpu_serving_options() -> None:
     config = ServerConfig.from_sources(parse([]), environ={})
-    assert config.precision == "auto" and config.intra_op_spin and config.batching.max_padding == 0.3
-    argv = ["--precision", "int8", "--intra-op-spin", "false", "--batch-max-padding", "0.5"]
-    config = ServerConfig.from_sources(parse(argv), environ={"HEADSWAP_INTRA_OP_SPIN": "on"})
-    assert config.precision == "int8" and not config.intra_op_spin and config.batching.max_padding == 0.5
+    assert config.precision == "auto" and not config.intra_op_spin and config.batching.max_padding == 0.3
+    argv = ["--precision", "int8", "--intra-op-spin", "true", "--batch-max-padding", "0.5"]
+    config = ServerConfig.from_sources(parse(argv), environ={"HEADSWAP_INTRA_OP_SPIN": "off"})
+    assert config.precision == "int8" and config.intra_op_spin and config.batching.max_padding == 0.5
 
 
 def test_every_field_has_an_env_variable_and_help() -> None:
