@@ -1,19 +1,21 @@
 """The int8 backbone for CPUs: ONNX Runtime's dynamic quantisation of the fused fp32 model, and its gate.
 
-The recipe, and why (measured with `eval.int8_quality` and `bench.embed_throughput`; docs/BENCHMARKS.md):
+The recipe, and why (the measurements are in docs/BENCHMARKS.md, "int8 backbone: the recipe"; the chosen
+model is re-measured by `python -m eval.int8_quality` and `python -m bench.int8_cpu`):
 
-- After fusion, not before: quantising the fused graph turns each fused `Attention` into a `QAttention`
-  (int8 QKV projection, attention still one kernel); quantising the raw graph first leaves patterns the
-  transformer optimizer no longer recognises, and attention runs as a dozen separate nodes.
-- Dynamic, not static: activation ranges are taken per batch at run time. A static (calibrated) QDQ model
-  keeps the fused `Attention` in fp32 (QDQ has no quantised Attention), and ONNX Runtime folds the QDQ
-  pairs of the MatMuls into weight-only kernels that run no faster than fp32 on these CPUs.
-- Per-channel weights: one scale per output column instead of one per matrix. A few columns of MiniLM's
-  weights are far larger than the rest; with a per-tensor scale they flatten the others. Per-channel
-  took the mean cosine to fp32 on 1,000 real sentences from 0.963 to 0.992 (minimum 0.81 to 0.97).
-- Left in fp32: the embeddings (`EmbedLayerNormalization` and its lookup tables: a gather, nothing to
-  speed up, and int8 tables cost accuracy), the pooling and normalisation (reductions, no int8 kernels),
-  and the nodes named by `Int8Recipe.exclude` (see `DEFAULT_RECIPE`).
+- After fusion: quantising the fused graph turns each fused `Attention` into one `QAttention` (int8 QKV
+  projection, attention still one kernel; a test checks all 6 are there). Quantising first would turn the
+  MatMuls the attention fusion matches on into MatMulInteger nodes, so no fused Attention could form (by
+  construction of the optimizer's patterns; not measured).
+- Dynamic, not static: activation ranges are taken per batch at run time, and no calibration set is needed
+  at export. A static QDQ model cannot quantise the fused `Attention`, and ONNX Runtime 1.31 folds its
+  MatMul QDQ pairs into weight-only `MatMulNBits` kernels: measured slower than fp32 on this CPU (0.72 x).
+- Per-channel weights: one scale per output column instead of one per matrix, so a column of large weights
+  no longer coarsens all the others. It took the mean cosine to fp32 on 1,000 real sentences from 0.963 to
+  0.992 (minimum 0.81 to 0.97), at no cost in speed.
+- Left in fp32: the embeddings (`EmbedLayerNormalization` and its tables: a lookup, nothing to speed up;
+  quantising them gained nothing), the pooling and normalisation (reductions, no int8 kernels), and the
+  nodes named by `Int8Recipe.exclude` (see `DEFAULT_RECIPE`).
 
 The gate compares the int8 model with the PyTorch original on real sentences run the way serving runs them
 (length-sorted batches) and refuses to write a model whose mean or minimum cosine is below the thresholds.
