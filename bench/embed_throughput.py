@@ -205,7 +205,8 @@ def timed_passes(run_pass: Callable[[], int], min_seconds: float) -> Timed:
 class OrtPeer:
     """Plain ONNX Runtime on the backbone's model.onnx: what a user without headswap would write."""
 
-    def __init__(self, backbone: Path) -> None:
+    def __init__(self, backbone: Path, model: str = "model_fp32") -> None:
+        """`model`: the manifest's key of the model file (model_fp32, or model_int8 for the int8 peer)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -217,7 +218,7 @@ class OrtPeer:
         self.tokenizer.enable_padding()
         # Default options on purpose: the peer is ONNX Runtime as shipped (ORT picks its thread count).
         self.session = ort.InferenceSession(
-            str(backbone / manifest["model_fp32"]), providers=["CPUExecutionProvider"]
+            str(backbone / manifest[model]), providers=["CPUExecutionProvider"]
         )
 
     def embed(self, texts: Sequence[str], batch: int) -> np.ndarray:

@@ -22,6 +22,7 @@ class BackboneInfo:
     max_length: int
     provider: str
     served_as: str = ""  # the server's name for it: what `backbone=` names
+    precision: str = ""  # "fp32", "fp16" or "int8"; empty from servers that predate it
 
 
 @dataclass(frozen=True)

@@ -194,10 +194,14 @@ def build(
     for name, served in named:
         stack = HeadStack(served.dim, device=head_device)
         items, cost = config.batching.limits(served.on_gpu)
-        log.info("%s: batches of at most %d inputs and a cost of %d", name, items, cost)
+        log.info(
+            "%s: batches of at most %d inputs and a cost of %d, padding at most %.0f%%",
+            name, items, cost, 100 * config.batching.max_padding,
+        )  # fmt: skip
         policy = BatchPolicy(
             max_batch_cost=cost,
             max_batch_items=items,
+            max_padding=config.batching.max_padding,
             max_wait_s=config.batching.max_wait_ms / 1000.0,
             max_queue_items=config.batching.max_queue_items,
             max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,

@@ -60,6 +60,7 @@ def load_backbones(config: ServerConfig) -> list[tuple[str, Backbone]]:
                 device=config.device,
                 precision=config.precision,
                 intra_op_threads=config.intra_op_threads,
+                intra_op_spin=config.intra_op_spin,
                 max_image_bytes=config.limits.max_image_bytes,
                 max_image_pixels=config.limits.max_image_pixels,
             ),

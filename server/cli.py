@@ -52,6 +52,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     export.add_argument(
         "--check-images", type=Path, default=None, help="photos to check parity on (default: bundled ones)"
     )
+    export.add_argument(
+        "--precision",
+        choices=("all", "fp32", "fp16", "int8"),
+        default="all",
+        help="models to write besides fp32 (always written): fp16 for GPUs, int8 for CPUs; all (default) "
+        "writes the three",
+    )
     export.set_defaults(func=run_export)
 
     store = sub.add_parser("store", help="work on a store offline (no server needs to run)")
@@ -121,6 +128,11 @@ def run_export(args: argparse.Namespace) -> int:
     print(
         f"  parity with its source: min cosine fp32 {m.parity_min_cosine_fp32}, fp16 {m.parity_min_cosine_fp16}"
     )
+    if m.model_int8:
+        print(
+            f"  int8 {m.model_int8}: fingerprint {m.fingerprint_int8}, cosine to PyTorch mean "
+            f"{m.parity_mean_cosine_int8}, min {m.parity_min_cosine_int8}"
+        )
     return 0
 
 
@@ -135,7 +147,12 @@ def _export(args: argparse.Namespace) -> ExportReport:
         else []
     )
     if not (args.image or args.onnx_image):
-        return export_backbone(args.out if args.out is not None else config.backbone_dir, force=args.force)
+        precisions = ("fp32", "fp16", "int8") if args.precision == "all" else ("fp32", args.precision)
+        return export_backbone(
+            args.out if args.out is not None else config.backbone_dir,
+            force=args.force,
+            precisions=tuple(dict.fromkeys(precisions)),
+        )
     from headswap.server.export.image import export_mobilenet, export_onnx_image
 
     out = args.out or config.home / "backbones" / (args.image or args.onnx_image.stem)

@@ -33,6 +33,9 @@ class BatchingConfig:
     max_wait_ms: float = 2.0
     max_queue_items: int = 8192
     max_queue_wait_ms: float = 1000.0  # expected wait past which calls are refused at once
+    # Most padding a forward pass may carry, as a share of the tokens it computes (1 = no cap): an input whose
+    # length would push a batch past it waits for a batch of its own length instead.
+    max_padding: float = 0.3
 
     def limits(self, on_gpu: bool) -> tuple[int, int]:
         """(items, padded cost) per forward pass. On a CPU small batches win (they stay in cache: measured
@@ -124,6 +127,9 @@ class ServerConfig:
     precision: str = "auto"
     worker_threads: int = 2
     intra_op_threads: int = 0
+    # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the
+    # tokenizer and the client, at high load and at low load alike.
+    intra_op_spin: bool = False
     warmup_rounds: int = 2
     train_threads: int = 1
     grace_seconds: float = 20.0
@@ -229,7 +235,7 @@ def integer(low: int | None = None, high: int | None = None) -> Parser:
     return parse
 
 
-def number(low: float = 0.0) -> Parser:
+def number(low: float = 0.0, high: float | None = None) -> Parser:
     def parse(name: str, raw: str) -> float:
         try:
             value = float(raw)
@@ -237,9 +243,24 @@ def number(low: float = 0.0) -> Parser:
             raise _bad(f"{name} must be a number, not {raw!r}") from None
         if not value >= low:
             raise _bad(f"{name} must be at least {low}, not {value}")
+        if high is not None and not value <= high:
+            raise _bad(f"{name} must be at most {high}, not {value}")
         return value
 
     return parse
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _bad(f"{name} must be one of {', '.join(_TRUE + _FALSE)}, not {raw!r}")
 
 
 def choice(*allowed: str, upper: bool = False) -> Parser:
@@ -250,15 +271,6 @@ def choice(*allowed: str, upper: bool = False) -> Parser:
         return value
 
     return parse
-
-
-def boolean(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise _bad(f"{name} must be true or false, not {raw!r}")
 
 
 _BACKBONE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -335,8 +347,9 @@ OPTIONS: tuple[Option, ...] = (
         "precision",
         None,
         "precision",
-        choice("auto", "fp32", "fp16"),
-        "auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16",
+        choice("auto", "fp32", "fp16", "int8"),
+        "auto (fp16 on CUDA, int8 on a CPU with VNNI, fp32 on other CPUs), fp32, fp16 or int8; an int8 "
+        "backbone has its own fingerprint, so heads trained on another precision are refused",
     ),
     Option(
         "max_batch_inputs",
@@ -374,6 +387,13 @@ OPTIONS: tuple[Option, ...] = (
         "how long an input may wait for others to share its batch",
     ),
     Option(
+        "batch_max_padding",
+        "batching",
+        "max_padding",
+        number(0, 1),
+        "most padding in one forward pass, as a share of its tokens (1 = no cap)",
+    ),
+    Option(
         "max_queue_items",
         "batching",
         "max_queue_items",
@@ -393,6 +413,14 @@ OPTIONS: tuple[Option, ...] = (
         "intra_op_threads",
         integer(0),
         "ONNX Runtime threads per forward pass; 0 lets it choose",
+    ),
+    Option(
+        "intra_op_spin",
+        None,
+        "intra_op_spin",
+        boolean,
+        "whether ONNX Runtime's threads busy-wait between operators (default false: they sleep and leave "
+        "the cores to gRPC, tokenizing and other work; true may help a machine that does nothing else)",
     ),
     Option(
         "warmup_rounds",

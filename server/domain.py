@@ -104,6 +104,7 @@ class BackboneDescription:
     input_kind: str
     max_length: int
     provider: str
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

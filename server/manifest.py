@@ -12,6 +12,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "headswap.backbone/1"
 MODEL_FP32 = "model.onnx"
 MODEL_FP16 = "model_fp16.onnx"
+MODEL_INT8 = "model_int8.onnx"
+PRECISIONS = ("fp32", "fp16", "int8")
 TOKENIZER = "tokenizer.json"
 
 
@@ -25,9 +27,13 @@ class BackboneManifest:
     normalization: str  # "l2"
     max_length: int  # tokens, including [CLS] and [SEP]; longer text is truncated
     input_kind: str  # "text" or "image"
-    fingerprint: str  # sha256 over the fp32 model, the tokenizer and the fields above
+    fingerprint: str  # sha256 over the fp32 model, the tokenizer and the fields above (fp32 and fp16)
     model_fp32: str = MODEL_FP32
     model_fp16: str = MODEL_FP16
+    # The int8 model is a different function (its embeddings drift by about 1% from fp32), so it has its own
+    # fingerprint: a head trained on fp32 embeddings never silently runs on int8 ones. "" = not exported.
+    model_int8: str = ""
+    fingerprint_int8: str = ""
     tokenizer: str = TOKENIZER
     input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
     output_name: str = "sentence_embedding"
@@ -41,11 +47,16 @@ class BackboneManifest:
     resize: int = 0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    # Against the PyTorch original on the int8 parity set (real sentences), and how the model was made.
+    parity_min_cosine_int8: float = 0.0
+    parity_mean_cosine_int8: float = 0.0
+    quantization: tuple[tuple[str, str], ...] = ()
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> str:
         data = asdict(self)
         data["fused_operators"] = dict(self.fused_operators)
+        data["quantization"] = dict(self.quantization)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -59,7 +70,29 @@ class BackboneManifest:
         fields["mean"] = tuple(fields.get("mean", ()))
         fields["std"] = tuple(fields.get("std", ()))
         fields["fused_operators"] = tuple(sorted((fields.get("fused_operators") or {}).items()))
+        fields["quantization"] = tuple(sorted((fields.get("quantization") or {}).items()))
         return cls(**fields)
+
+    def has(self, precision: str) -> bool:
+        return bool(
+            {"fp32": self.model_fp32, "fp16": self.model_fp16, "int8": self.model_int8}.get(precision)
+        )
+
+    def model_for(self, precision: str) -> str:
+        """The model file that serves `precision`."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if not self.has(precision):
+            raise ValueError(
+                f"backbone {self.name} has no {precision} model: export it again "
+                f"(`headswap export --force`, which writes fp32, fp16 and int8)"
+            )
+        return {"fp32": self.model_fp32, "fp16": self.model_fp16, "int8": self.model_int8}[precision]
+
+    def fingerprint_for(self, precision: str) -> str:
+        """fp16 shares fp32's fingerprint (its parity gate is 0.999 cosine); int8 has its own."""
+        self.model_for(precision)
+        return self.fingerprint_int8 if precision == "int8" else self.fingerprint
 
     @classmethod
     def load(cls, directory: Path) -> BackboneManifest:

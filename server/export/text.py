@@ -19,10 +19,18 @@ from typing import Any
 import numpy as np
 
 from headswap.server.export.progress import step
+from headswap.server.export.quantize import (
+    INT8_PARITY_SENTENCES,
+    Int8ParityError,
+    measure_parity,
+    quantize_int8,
+)
 from headswap.server.manifest import (
     MANIFEST_NAME,
     MODEL_FP16,
     MODEL_FP32,
+    MODEL_INT8,
+    PRECISIONS,
     TOKENIZER,
     BackboneManifest,
     fingerprint,
@@ -139,6 +147,33 @@ def _onnx_embeddings(path: Path, batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def _int8(work: Path, model_dir: Path, tokenizer: Any) -> tuple[dict[str, str], float, float]:
+    """Quantise the fused fp32 model, then gate it against the PyTorch original on real sentences."""
+    import onnxruntime as ort
+
+    recipe = quantize_int8(work / MODEL_FP32, work / MODEL_INT8)
+    texts = PARITY_SENTENCES + INT8_PARITY_SENTENCES
+    reference = _reference_embeddings(model_dir, _tokenize(tokenizer, texts))
+    session = ort.InferenceSession(str(work / MODEL_INT8), providers=["CPUExecutionProvider"])
+
+    def embed(batch: list[str]) -> np.ndarray:
+        (out,) = session.run(["sentence_embedding"], _tokenize(tokenizer, batch))
+        return np.asarray(out, dtype=np.float32)
+
+    parity = measure_parity(texts, reference, embed)
+    log.info(
+        "int8 parity against PyTorch: mean cosine %.5f, min %.5f (%r)",
+        parity.mean_cosine,
+        parity.min_cosine,
+        parity.worst_text,
+    )
+    try:
+        parity.check()
+    except Int8ParityError as exc:
+        raise ExportError(str(exc)) from None
+    return recipe, parity.mean_cosine, parity.min_cosine
+
+
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -197,9 +232,19 @@ def _optimize(raw_path: Path, config: Any) -> tuple[Any, dict[str, int]]:
     return optimized, stats
 
 
-def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: bool = False) -> ExportReport:
-    """Export, fuse, check and write the default backbone to `out`, atomically."""
+def export_backbone(
+    out: Path,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    force: bool = False,
+    precisions: tuple[str, ...] = PRECISIONS,
+) -> ExportReport:
+    """Export, fuse, check and write the default backbone to `out`, atomically. fp32 is always written (the
+    others are made from it and it is the fallback); `precisions` adds fp16 (GPUs) and int8 (CPUs)."""
     started = time.perf_counter()
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise ExportError(f"unknown precision {sorted(unknown)}; choose from {', '.join(PRECISIONS)}")
     out = out.expanduser().resolve()
     if (out / MANIFEST_NAME).exists() and not force:
         raise ExportError(f"{out} already holds a backbone; pass --force to replace it")
@@ -215,9 +260,10 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
         optimized, stats = _optimize(raw, config)
         raw.unlink()
         optimized.save_model_to_file(str(work / MODEL_FP32))
-        step("fp16")
-        optimized.convert_float_to_float16(keep_io_types=True)
-        optimized.save_model_to_file(str(work / MODEL_FP16))
+        if "fp16" in precisions:
+            step("fp16")
+            optimized.convert_float_to_float16(keep_io_types=True)
+            optimized.save_model_to_file(str(work / MODEL_FP16))
         log.info("fused operators: %s", stats)
 
         tokenizer = _load_tokenizer(model_dir / TOKENIZER, max_length)
@@ -227,12 +273,18 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
         batch = _tokenize(tokenizer, PARITY_SENTENCES)
         reference = _reference_embeddings(model_dir, batch)
         cos32 = _min_cosine(reference, _onnx_embeddings(work / MODEL_FP32, batch))
-        cos16 = _min_cosine(reference, _onnx_embeddings(work / MODEL_FP16, batch))
+        cos16 = (
+            _min_cosine(reference, _onnx_embeddings(work / MODEL_FP16, batch)) if "fp16" in precisions else 0
+        )
         log.info("parity against PyTorch: min cosine fp32 %.6f, fp16 %.6f", cos32, cos16)
         if not cos32 >= MIN_COSINE_FP32:
             raise ExportError(f"fp32 parity failed: min cosine {cos32:.6f} < {MIN_COSINE_FP32}")
-        if not cos16 >= MIN_COSINE_FP16:
+        if "fp16" in precisions and not cos16 >= MIN_COSINE_FP16:
             raise ExportError(f"fp16 parity failed: min cosine {cos16:.6f} < {MIN_COSINE_FP16}")
+        recipe: dict[str, str] = {}
+        mean8 = min8 = 0.0
+        if "int8" in precisions:
+            recipe, mean8, min8 = _int8(work, model_dir, tokenizer)
 
         settings = {
             "name": DEFAULT_NAME,
@@ -249,9 +301,19 @@ def export_backbone(out: Path, *, max_length: int = DEFAULT_MAX_LENGTH, force: b
             max_length=max_length,
             input_kind="text",
             fingerprint=fingerprint([work / MODEL_FP32, work / TOKENIZER], settings),
+            model_fp16=MODEL_FP16 if "fp16" in precisions else "",
+            model_int8=MODEL_INT8 if "int8" in precisions else "",
+            fingerprint_int8=(
+                fingerprint([work / MODEL_INT8, work / TOKENIZER], {**settings, "precision": "int8"})
+                if "int8" in precisions
+                else ""
+            ),
             fused_operators=tuple(sorted(stats.items())),
             parity_min_cosine_fp32=round(cos32, 7),
             parity_min_cosine_fp16=round(cos16, 7),
+            parity_min_cosine_int8=min8,
+            parity_mean_cosine_int8=mean8,
+            quantization=tuple(sorted(recipe.items())),
         )
         step("writing")
         (work / MANIFEST_NAME).write_text(manifest.to_json())

@@ -6,8 +6,9 @@ each with a cost and a grouping key; they wait in one bounded queue. A batch cos
 times its size (everything is padded to the largest); it closes when that would pass the cost budget, when
 it holds the most items allowed, or when its oldest item has waited the longest allowed. A batch is built
 around the oldest waiting item (so nothing starves) from the items whose keys are nearest (so little is
-padding). Items of cancelled requests are dropped before they cost backbone time. Up to two batches are in
-flight: while the encoder runs one, the next is prepared, formed and collated.
+padding), and no batch carries more padding than the policy allows. Items of cancelled requests are dropped
+before they cost backbone time. Up to two batches are in flight: while the encoder runs one, the next is
+prepared, formed and collated.
 
 Classify items carry their tenant's head slot; after the forward pass the heads of all tenants in the batch
 are applied in one grouped operation.
@@ -44,6 +45,9 @@ class BatchPolicy:
     max_queue_items: int = 8192  # past this, new calls get RESOURCE_EXHAUSTED at once
     max_queue_wait_s: float = 1.0  # past this much expected wait, new calls get RESOURCE_EXHAUSTED at once
     max_in_flight: int = 2
+    # Most padding a batch may carry, as a share of its padded cost (1 = no cap). The oldest item always goes;
+    # an item that would push the batch past the cap waits for a batch nearer its own length.
+    max_padding: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,13 +204,18 @@ class Batcher:
             range(len(self._pending)), key=lambda i: abs(self._pending[i].prepared.group_key - key)
         )
         chosen: list[int] = []
-        largest = 0
+        largest = real = 0
         for i in order:
-            cost = max(largest, self._pending[i].prepared.cost)
-            if chosen and cost * (len(chosen) + 1) > self.policy.max_batch_cost:
+            item_cost = self._pending[i].prepared.cost
+            cost = max(largest, item_cost)
+            padded = cost * (len(chosen) + 1)
+            if chosen and padded > self.policy.max_batch_cost:
+                continue
+            if chosen and padded - (real + item_cost) > self.policy.max_padding * padded:
                 continue
             chosen.append(i)
             largest = cost
+            real += item_cost
             if len(chosen) >= self.policy.max_batch_items:
                 break
         taken = set(chosen)

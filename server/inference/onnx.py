@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from headswap.server.inference.precision import choose_precision, read_cpu_flags
 from headswap.server.inference.protocols import Backbone
-from headswap.server.manifest import BackboneManifest
+from headswap.server.manifest import PRECISIONS, BackboneManifest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class OnnxEncoder:
         providers: list[str],
         precision: str,
         intra_op_threads: int = 0,
+        intra_op_spin: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -42,6 +44,10 @@ class OnnxEncoder:
         # its threads to cores, and a pinned thread waits whenever anything else runs on its core (the
         # preprocessing pool, another process): MobileNetV2 batches took twice as long that way here.
         options.intra_op_num_threads = intra_op_threads or len(os.sched_getaffinity(0))
+        # Spinning: ONNX Runtime's pool threads busy-wait for the next piece of work instead of sleeping. It
+        # saves the wake-up between operators, and costs the CPU they burn while waiting (measured in
+        # docs/BENCHMARKS.md; `--intra-op-spin`).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spin else "0")
         self.session = ort.InferenceSession(str(model), sess_options=options, providers=providers)
         self.provider = self.session.get_providers()[0]
         if providers[0] == CUDA and self.provider != CUDA:
@@ -72,8 +78,10 @@ def load_backbone(
     intra_op_threads: int = 0,
     max_image_bytes: int = 20 * 1024 * 1024,
     max_image_pixels: int = 40_000_000,
+    intra_op_spin: bool = False,
+    cpu_flags: frozenset[str] | None = None,
 ) -> Backbone:
-    """An exported backbone directory, ready to serve (not yet warmed up)."""
+    """An exported backbone directory, ready to serve (not yet warmed up). `cpu_flags`: /proc/cpuinfo's."""
     import onnxruntime as ort
 
     from headswap.server.inference.image import ImagePreprocessor
@@ -91,25 +99,31 @@ def load_backbone(
     else:
         raise ValueError(f"backbone input kind {manifest.input_kind!r} is neither text nor image")
     providers = _providers(device, ort.get_available_providers())
-    # fp16 pays on a GPU; on a CPU ONNX Runtime runs fp16 kernels slower than fp32 ones.
-    use_fp16 = precision == "fp16" or (precision == "auto" and providers[0] == CUDA)
-    model = directory / (manifest.model_fp16 if use_fp16 else manifest.model_fp32)
+    choice = choose_precision(
+        precision,
+        on_cuda=providers[0] == CUDA,
+        available=[p for p in PRECISIONS if manifest.has(p)],
+        flags=read_cpu_flags() if cpu_flags is None else cpu_flags,
+    )
+    log.info("precision %s: %s (%s)", precision, choice.precision, choice.reason)
     encoder = OnnxEncoder(
-        model,
+        directory / manifest.model_for(choice.precision),
         manifest.output_name,
         manifest.embedding_dim,
         providers=providers,
-        precision="fp16" if use_fp16 else "fp32",
+        precision=choice.precision,
         intra_op_threads=intra_op_threads,
+        intra_op_spin=intra_op_spin,
     )
+    backbone = Backbone(manifest, preprocessor, encoder)
     log.info(
         "backbone %s loaded: provider=%s precision=%s fingerprint=%s",
         manifest.name,
         encoder.provider,
         encoder.precision,
-        manifest.fingerprint[:12],
+        backbone.fingerprint[:12],
     )
-    return Backbone(manifest, preprocessor, encoder)
+    return backbone
 
 
 def _providers(device: str, available: list[str]) -> list[Any]:

@@ -65,7 +65,9 @@ class Backbone:
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest.fingerprint
+        """What heads and cached embeddings are bound to: it depends on the precision served (int8 has its
+        own), so a head trained on fp32 embeddings is refused on an int8 server and vice versa."""
+        return self.manifest.fingerprint_for(self.encoder.precision)
 
     @property
     def dim(self) -> int:
@@ -80,9 +82,10 @@ class Backbone:
         return BackboneDescription(
             served_as=served_as or m.input_kind,
             name=m.name,
-            fingerprint=m.fingerprint,
+            fingerprint=self.fingerprint,
             embedding_dim=m.embedding_dim,
             input_kind=m.input_kind,
             max_length=m.max_length,
             provider=self.encoder.provider,
+            precision=self.encoder.precision,
         )

@@ -61,6 +61,7 @@ def backbone_to_pb(desc: d.BackboneDescription) -> pb.BackboneInfo:
         max_length=desc.max_length,
         provider=desc.provider,
         served_as=desc.served_as,
+        precision=desc.precision,
     )
 
 

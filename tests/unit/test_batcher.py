@@ -144,6 +144,33 @@ async def test_groups_by_length_within_the_token_budget(pools) -> None:  # type:
     assert all(s.padded_cost <= 40 for s in stats)
 
 
+async def test_padding_cap_keeps_far_lengths_apart(pools) -> None:  # type: ignore[no-untyped-def]
+    # Without a cap the budget lets a 2-token and a 10-token text share a pass (20 padded tokens, 12 real:
+    # 40% padding); with a cap of 25% the short ones go together and the long one waits for its own.
+    for cap, expected in ((1.0, [("a", "b", "c", "d")]), (0.25, [("a", "b", "c"), ("d",)])):
+        batcher, backbone, _, stats = make(pools, max_batch_cost=64, max_wait_s=0.05, max_padding=cap)
+        backbone.gate.clear()
+        blocker = asyncio.create_task(batcher.submit(["z"]))
+        await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
+        pending = [asyncio.create_task(batcher.submit([t])) for t in ("aa", "bb", "ccc", "d" * 10)]
+        await asyncio.sleep(0.1)
+        backbone.gate.set()
+        await asyncio.gather(blocker, *pending)
+        await batcher.stop()
+        assert sorted(tuple(sorted(chr(x) for x in b)) for b in backbone.batches[1:]) == expected, cap
+        assert all(1 - s.real_cost / s.padded_cost <= cap for s in stats)
+
+
+async def test_padding_cap_never_blocks_the_oldest_item(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, _, _ = make(pools, max_padding=0.0, max_wait_s=0.001)
+    texts = ["a", "b" * 5, "c" * 9, "d" * 5]
+    results = await asyncio.gather(*(batcher.submit([t]) for t in texts))
+    await batcher.stop()
+    assert [(chr(int(r.rows[0][0])), int(r.rows[0][1])) for r in results] == [(t[0], len(t)) for t in texts]
+    length = {ord(t[0]): len(t) for t in texts}
+    assert all(len({length[x] for x in b}) == 1 for b in backbone.batches)  # no padding at all
+
+
 async def test_full_queue_is_resource_exhausted_at_once(pools) -> None:  # type: ignore[no-untyped-def]
     batcher, backbone, _, _ = make(pools, max_queue_items=6, max_batch_items=2)
     backbone.gate.clear()

@@ -35,11 +35,22 @@ def test_flag_beats_environment_beats_default(tmp_path: Path) -> None:
         ({"HEADSWAP_PORT": "70000"}, "outside 0..65535"),
         ({"HEADSWAP_DEVICE": "tpu"}, "device must be"),
         ({"HEADSWAP_MAX_BATCH_INPUTS": "0"}, "at least 1"),
+        ({"HEADSWAP_PRECISION": "int4"}, "precision must be auto, fp32, fp16 or int8"),
+        ({"HEADSWAP_BATCH_MAX_PADDING": "1.5"}, "batch max padding must be at most 1"),
+        ({"HEADSWAP_INTRA_OP_SPIN": "maybe"}, "intra op spin must be one of"),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServerConfig.from_sources(parse([]), environ=env)
+
+
+def test_cpu_serving_options() -> None:
+    config = ServerConfig.from_sources(parse([]), environ={})
+    assert config.precision == "auto" and not config.intra_op_spin and config.batching.max_padding == 0.3
+    argv = ["--precision", "int8", "--intra-op-spin", "true", "--batch-max-padding", "0.5"]
+    config = ServerConfig.from_sources(parse(argv), environ={"HEADSWAP_INTRA_OP_SPIN": "off"})
+    assert config.precision == "int8" and config.intra_op_spin and config.batching.max_padding == 0.5
 
 
 def test_every_field_has_an_env_variable_and_help() -> None:

@@ -66,7 +66,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ElementType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BackboneInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "embedding_dim", "input_kind", "max_length", "provider", "served_as")
+    __slots__ = ("name", "fingerprint", "embedding_dim", "input_kind", "max_length", "provider", "served_as", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class BackboneInfo(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     SERVED_AS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     embedding_dim: int
@@ -81,7 +82,8 @@ class BackboneInfo(_message.Message):
     max_length: int
     provider: str
     served_as: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., provider: _Optional[str] = ..., served_as: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., provider: _Optional[str] = ..., served_as: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_us", "preprocess_us", "backbone_us", "head_us", "total_us")
