@@ -134,7 +134,9 @@ async def test_groups_by_length_within_the_token_budget(pools) -> None:  # type:
     blocker = asyncio.create_task(batcher.submit(["z"]))
     await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
     texts = ["a" * 2, "b" * 20, "c" * 2, "d" * 20, "e" * 3, "f" * 19]
-    pending = [asyncio.create_task(batcher.submit([t])) for t in texts]
+    # One request, so that all six wait together whatever order the preprocessing pool finishes in (six
+    # requests could reach a full budget, and a batch, before the last of them is prepared).
+    pending = [asyncio.create_task(batcher.submit(texts))]
     await asyncio.sleep(0.1)
     backbone.gate.set()
     await asyncio.gather(blocker, *pending)
