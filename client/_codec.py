@@ -39,7 +39,14 @@ def tensor(t: pb.Tensor) -> np.ndarray:
 
 def backbone(b: pb.BackboneInfo) -> r.BackboneInfo:
     return r.BackboneInfo(
-        b.name, b.fingerprint, b.embedding_dim, b.input_kind, b.max_length, b.provider, b.served_as, b.precision
+        b.name,
+        b.fingerprint,
+        b.embedding_dim,
+        b.input_kind,
+        b.max_length,
+        b.provider,
+        b.served_as,
+        b.precision,
     )
 
 
