@@ -17,10 +17,10 @@ import numpy as np
 import safetensors.numpy
 
 from .heads import HeadSpec, expected_state_shapes
-from .training import ClassMetrics, HeadMetrics, TrainedHead
+from .results import EVALUATED_ON, ClassMetrics, HeadMetrics, Selection, TrainedHead
 
 HEAD_FORMAT = "headswap.head/1"
-_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics"})
+_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics", "selection"})
 
 
 class HeadFormatError(ValueError):
@@ -63,6 +63,7 @@ def head_to_bytes(
         "spec": asdict(head.spec),
         "config": asdict(head.config),
         "metrics": _metrics_to_json(head.metrics),
+        "selection": asdict(head.selection),
         **extra,
     }
     try:
@@ -162,8 +163,8 @@ def metrics_from_manifest(manifest: Mapping[str, Any]) -> HeadMetrics:
             )
         )
     evaluated_on = _field(raw, "evaluated_on", str, "metrics")
-    if evaluated_on not in ("validation", "train"):
-        raise HeadFormatError(f"metrics.evaluated_on must be 'validation' or 'train', got {evaluated_on!r}")
+    if evaluated_on not in EVALUATED_ON:
+        raise HeadFormatError(f"metrics.evaluated_on must be one of {EVALUATED_ON}, got {evaluated_on!r}")
     return HeadMetrics(
         evaluated_on=evaluated_on,
         accuracy=float(_field(raw, "accuracy", number, "metrics")),
@@ -176,4 +177,46 @@ def metrics_from_manifest(manifest: Mapping[str, Any]) -> HeadMetrics:
         train_examples=_field(raw, "train_examples", int, "metrics"),
         validation_examples=_field(raw, "validation_examples", int, "metrics"),
         stopped_early=_field(raw, "stopped_early", bool, "metrics"),
+        # Absent from versions trained before cross-validation and calibration: reported as unknown.
+        folds=_field(raw, "folds", int, "metrics") if "folds" in raw else 0,
+        log_loss=_optional_number(raw, "log_loss"),
+        expected_calibration_error=_optional_number(raw, "expected_calibration_error"),
+    )
+
+
+def _optional_number(raw: Mapping[str, Any], name: str) -> float | None:
+    if raw.get(name) is None:
+        return None
+    return float(_field(raw, name, (int, float), "metrics"))
+
+
+def selection_from_manifest(manifest: Mapping[str, Any]) -> Selection:
+    """The settings a version was fit with; raises :class:`HeadFormatError`.
+
+    Versions written before settings were selected have no 'selection': they were fit with their
+    config's l2 and served uncalibrated (temperature 1).
+    """
+    raw = manifest.get("selection") if isinstance(manifest, Mapping) else None
+    if raw is None:
+        config = manifest.get("config") if isinstance(manifest, Mapping) else None
+        l2 = config.get("l2") if isinstance(config, Mapping) else None
+        if isinstance(l2, bool) or not isinstance(l2, int | float):
+            raise HeadFormatError("manifest has neither 'selection' nor a numeric config.l2")
+        return Selection(float(l2), "caller", 1.0)
+    if not isinstance(raw, Mapping):
+        raise HeadFormatError("manifest 'selection' is not an object")
+    number = (int, float)
+    grid = _field(raw, "grid", (list, tuple), "selection") if "grid" in raw else ()
+    losses = _field(raw, "grid_log_loss", (list, tuple), "selection") if "grid_log_loss" in raw else ()
+    if not all(isinstance(v, number) and not isinstance(v, bool) for v in (*grid, *losses)):
+        raise HeadFormatError("selection.grid and selection.grid_log_loss must hold numbers")
+    temperature = float(_field(raw, "temperature", number, "selection"))
+    if temperature <= 0:
+        raise HeadFormatError(f"selection.temperature must be positive, got {temperature}")
+    return Selection(
+        l2=float(_field(raw, "l2", number, "selection")),
+        l2_source=_field(raw, "l2_source", str, "selection"),
+        temperature=temperature,
+        grid=tuple(float(v) for v in grid),
+        grid_log_loss=tuple(float(v) for v in losses),
     )

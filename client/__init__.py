@@ -30,6 +30,7 @@ from headswap.client.results import (
     HeadVersion,
     LabelScore,
     Prediction,
+    PromotionCheck,
     Timings,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Prediction",
+    "PromotionCheck",
     "ResourceExhausted",
     "Timings",
     "Unauthenticated",

@@ -26,13 +26,15 @@ class AdaptOptions(TypedDict, total=False):
     """Keyword options of `adapt_head`."""
 
     replace: bool  # drop the tenant's stored examples first (by default new examples are added to them)
-    force_activate: bool  # promote the new version even when it is no better than the majority baseline
+    force_activate: bool  # promote the new version even when the promotion gate holds it back
     on_progress: Callable[[r.AdaptProgress], None]  # called with each progress message
     timeout: float | None  # deadline of the whole training, seconds (default 600)
     kind: str  # "linear" (default) or "mlp"
-    validation_fraction: float  # share held out per class; 0 trains on everything
+    # Share held out per class once, instead of cross-validating (the default); 0 trains on everything
+    # without any held-out estimate, choice of l2 or calibration.
+    validation_fraction: float
     seed: int
-    l2: float  # L2 strength, scikit-learn's 1/C
+    l2: float  # L2 strength, scikit-learn's 1/C; by default chosen on the held-out predictions
     max_epochs: int
     hidden_dim: int  # mlp only
     dropout: float  # mlp only
@@ -96,9 +98,10 @@ class BaseClient(abc.ABC):
         return Call("Embed", _codec.embed_request(texts, dtype), _codec.embed_result)
 
     def _classify(
-        self, tenant: str, texts: Sequence[str], top_k: int, version: int
+        self, tenant: str, texts: Sequence[str], top_k: int, version: int, min_probability: float = 0.0
     ) -> Call[list[r.Prediction]]:
-        return Call("Classify", _codec.classify_request(tenant, texts, top_k, version), _codec.predictions)
+        request = _codec.classify_request(tenant, texts, top_k, version, min_probability)
+        return Call("Classify", request, _codec.predictions)
 
     def _list_heads(self) -> Call[list[r.HeadSummary]]:
         return Call("ListHeads", _codec.list_heads_request(), _codec.head_summaries)

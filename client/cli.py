@@ -97,6 +97,12 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                 "embedded": result.embedded,
                 "cache_hits": result.cache_hits,
                 "train_seconds": round(m.train_seconds, 3),
+                "l2": result.head.l2,
+                "l2_source": result.head.l2_source,
+                "temperature": round(result.head.temperature, 4),
+                "expected_calibration_error": m.expected_calibration_error,
+                "held_back_by": result.held_back_by,
+                "checks": [{"rule": c.rule, "passed": c.passed, "detail": c.detail} for c in result.checks],
             }
         )
     )
@@ -105,10 +111,16 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     with Client(_target(args.target), timeout=args.timeout) as client:
-        predictions = client.classify(args.tenant, args.texts, top_k=args.top_k, version=args.version)
+        predictions = client.classify(
+            args.tenant,
+            args.texts,
+            top_k=args.top_k,
+            version=args.version,
+            min_probability=args.min_probability,
+        )
     for text, p in zip(args.texts, predictions, strict=True):
         labels = [{"label": s.label, "probability": round(s.probability, 4)} for s in p.labels]
-        print(json.dumps({"text": text, "version": p.version, "labels": labels}))
+        print(json.dumps({"text": text, "version": p.version, "labels": labels, "abstained": p.abstained}))
     return 0
 
 
@@ -179,12 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--tenant", required=True)
     adapt.add_argument("--csv", required=True, help="CSV with a header row: text,label")
     adapt.add_argument("--kind", choices=["linear", "mlp"], default="linear")
-    adapt.add_argument("--validation-fraction", type=float, default=None, help="0 trains on everything")
-    adapt.add_argument("--l2", type=float, default=None, help="L2 strength, scikit-learn's 1/C (default 1)")
+    adapt.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=None,
+        help="hold out this share once instead of cross-validating; 0 trains on everything",
+    )
+    adapt.add_argument(
+        "--l2",
+        type=float,
+        default=None,
+        help="L2 strength, scikit-learn's 1/C (default: chosen by validation)",
+    )
     adapt.add_argument("--max-epochs", type=int, default=None)
     adapt.add_argument("--seed", type=int, default=0)
     adapt.add_argument("--replace", action="store_true", help="drop the tenant's stored examples first")
-    adapt.add_argument("--force", action="store_true", help="activate even on negative transfer")
+    adapt.add_argument(
+        "--force", action="store_true", help="activate even when the promotion gate holds it back"
+    )
     adapt.add_argument("--quiet", action="store_true", help="no progress lines")
     adapt.set_defaults(func=_cmd_adapt, timeout=600.0)
 
@@ -193,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--tenant", required=True)
     classify.add_argument("--top-k", type=int, default=1)
     classify.add_argument("--version", type=int, default=0, help="pin a version (default: the active one)")
+    classify.add_argument(
+        "--min-probability", type=float, default=0.0, help="mark predictions below this probability abstained"
+    )
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(func=_cmd_classify)
 

@@ -81,10 +81,14 @@ class Client(BaseClient):
         self, tenant: str, texts: Sequence[str], labels: Sequence[str], **options: Unpack[AdaptOptions]
     ) -> AdaptResult:
         """Train a new head version for `tenant` on these examples (added to the stored ones unless
-        `replace`), and activate it unless it is no better than the majority-class baseline.
+        `replace`), and activate it unless the promotion gate holds it back: negative transfer against the
+        majority-class baseline, or significantly worse than the active version (`held_back_by` and
+        `checks` say which, with the numbers).
 
-        Options (`AdaptOptions`): replace, force_activate, on_progress, timeout, and the training options
-        kind ("linear" or "mlp"), validation_fraction (0 trains on everything), seed, l2 (1/C), max_epochs,
+        By default the server chooses the settings by cross-validation, calibrates the probabilities and
+        refits on every example. Options (`AdaptOptions`): replace, force_activate, on_progress, timeout,
+        and the training options kind ("linear" or "mlp"), validation_fraction (one held-out split instead
+        of cross-validation; 0 trains on everything), seed, l2 (1/C; chosen when not given), max_epochs,
         hidden_dim, dropout. Not retried: a training is not idempotent.
         """
         request, on_progress, timeout = self._adapt(tenant, texts, labels, options)
@@ -97,11 +101,18 @@ class Client(BaseClient):
         raise self._no_result()
 
     def classify(
-        self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
+        self,
+        tenant: str,
+        texts: Sequence[str],
+        top_k: int = 1,
+        *,
+        version: int = 0,
+        min_probability: float = 0.0,
     ) -> list[Prediction]:
         """Per input, the `top_k` most probable labels of the tenant's head (its active version, or
-        `version`), and the version that answered."""
-        return self._send(self._classify(tenant, texts, top_k, version))
+        `version`), and the version that answered. Probabilities are calibrated; a prediction whose top
+        probability is below `min_probability` comes back with `abstained=True` (labels still listed)."""
+        return self._send(self._classify(tenant, texts, top_k, version, min_probability))
 
     def list_heads(self) -> list[HeadSummary]:
         return self._send(self._list_heads())
@@ -177,9 +188,15 @@ class AsyncClient(BaseClient):
         raise self._no_result()
 
     async def classify(
-        self, tenant: str, texts: Sequence[str], top_k: int = 1, *, version: int = 0
+        self,
+        tenant: str,
+        texts: Sequence[str],
+        top_k: int = 1,
+        *,
+        version: int = 0,
+        min_probability: float = 0.0,
     ) -> list[Prediction]:
-        return await self._send(self._classify(tenant, texts, top_k, version))
+        return await self._send(self._classify(tenant, texts, top_k, version, min_probability))
 
     async def list_heads(self) -> list[HeadSummary]:
         return await self._send(self._list_heads())

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from headswap.adapters import HeadMetrics
+from headswap.adapters import GateCheck, HeadMetrics
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
 from headswap.v1 import headswap_pb2 as pb
@@ -146,6 +146,9 @@ def metrics_to_pb(m: HeadMetrics, labels: Sequence[str]) -> pb.HeadMetrics:
         train_seconds=m.train_seconds,
         train_examples=m.train_examples,
         validation_examples=m.validation_examples,
+        folds=m.folds,
+        log_loss=m.log_loss,
+        expected_calibration_error=m.expected_calibration_error,
     )
 
 
@@ -158,6 +161,22 @@ def version_to_pb(v: d.VersionInfo) -> pb.HeadVersion:
         created_at=v.created_at,
         backbone_fingerprint=v.fingerprint,
         example_count=v.example_count,
+        l2=v.l2,
+        l2_source=v.l2_source,
+        temperature=v.temperature,
+    )
+
+
+def check_to_pb(c: GateCheck) -> pb.PromotionCheck:
+    return pb.PromotionCheck(
+        rule=c.rule,
+        passed=c.passed,
+        p_value=c.p_value,
+        examples=c.examples,
+        accuracy=c.accuracy,
+        reference_accuracy=c.reference_accuracy,
+        reference_version=c.reference_version,
+        detail=c.detail,
     )
 
 
@@ -181,6 +200,8 @@ def adapt_event_to_pb(event: d.Progress | d.AdaptOutcome) -> pb.AdaptHeadRespons
             active_version=event.active_version,
             embedded=event.embedded,
             cache_hits=event.cache_hits,
+            held_back_by=event.held_back_by,
+            checks=[check_to_pb(c) for c in event.checks],
         )
     )
 
@@ -190,7 +211,12 @@ def adapt_event_to_pb(event: d.Progress | d.AdaptOutcome) -> pb.AdaptHeadRespons
 
 def classify_from_pb(request: pb.ClassifyRequest, caller: d.Caller) -> d.ClassifyRequest:
     return d.ClassifyRequest(
-        request.tenant, inputs_from_pb(request.inputs), request.top_k, request.version, caller
+        request.tenant,
+        inputs_from_pb(request.inputs),
+        request.top_k,
+        request.version,
+        caller,
+        min_probability=request.min_probability,
     )
 
 
@@ -198,9 +224,11 @@ def classified_to_pb(result: d.Classified, total_s: float) -> pb.ClassifyRespons
     return pb.ClassifyResponse(
         predictions=[
             pb.Prediction(
-                labels=[pb.LabelScore(label=name, probability=p) for name, p in row], truncated=bool(cut)
+                labels=[pb.LabelScore(label=name, probability=p) for name, p in row],
+                truncated=bool(cut),
+                abstained=abstained,
             )
-            for row, cut in zip(result.labels, result.truncated, strict=True)
+            for row, cut, abstained in zip(result.labels, result.truncated, result.abstained, strict=True)
         ],
         version=result.version,
         backbone=backbone_to_pb(result.backbone),

@@ -8,12 +8,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from headswap.adapters import (
+    MAJORITY_BASELINE,
     TrainConfig,
     TrainedHead,
     TrainingDivergedError,
@@ -30,6 +31,7 @@ from headswap.server.errors import FailedPrecondition, InvalidArgument
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
+from headswap.server.services.promotion import compare_with_active
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
 from headswap.server.validation import check_kind, check_tenant
 
@@ -42,7 +44,11 @@ EMBED_CHUNK = 256
 
 
 def train_config(options: TrainingOptions, device: str) -> TrainConfig:
-    """Zero values mean the defaults; anything out of range is INVALID_ARGUMENT with the reason."""
+    """Zero values mean the defaults; anything out of range is INVALID_ARGUMENT with the reason.
+
+    The defaults leave `validation_fraction` and `l2` unset: cross-validated (or, for large sets, held-out)
+    model selection and calibration, then a refit on every example.
+    """
     defaults = TrainConfig()
     # Bounds that keep one training from taking the server's memory or hours of its time.
     if not 0 <= options.max_epochs <= MAX_EPOCHS:
@@ -51,13 +57,13 @@ def train_config(options: TrainingOptions, device: str) -> TrainConfig:
         raise InvalidArgument(f"hidden_dim must be between 1 and {MAX_HIDDEN_DIM}, not {options.hidden_dim}")
     if options.no_validation and options.validation_fraction:
         raise InvalidArgument("set validation_fraction or no_validation, not both")
-    fraction = 0.0 if options.no_validation else (options.validation_fraction or defaults.validation_fraction)
+    fraction = 0.0 if options.no_validation else (options.validation_fraction or None)
     try:
         return TrainConfig(
             kind=options.kind,
             validation_fraction=fraction,
             seed=int(options.seed),
-            l2=options.l2 or defaults.l2,
+            l2=options.l2 or None,
             max_epochs=options.max_epochs or defaults.max_epochs,
             hidden_dim=options.hidden_dim or defaults.hidden_dim,
             dropout=options.dropout or defaults.dropout,
@@ -115,9 +121,9 @@ class TrainingService:
         if short:
             shown = ", ".join(repr(s) for s in short[:5]) + (" ..." if len(short) > 5 else "")
             raise InvalidArgument(
-                f"{len(short)} label(s) have fewer than {need} examples, which a validation fraction of "
-                f"{config.validation_fraction} needs (one to train on, one to validate): {shown}; add examples "
-                "or train without validation"
+                f"{len(short)} label(s) have fewer than {need} examples, which validation needs (one to train "
+                f"on, one to hold out for choosing settings and checking the head): {shown}; add examples, "
+                "or train without validation (no_validation)"
             )
         return labels, y
 
@@ -163,7 +169,10 @@ class TrainingService:
             async for event in self._adapt(request):
                 if isinstance(event, AdaptOutcome):
                     # Counted before the reply leaves: the caller may hang up as soon as it has it.
-                    self._count("activated" if event.activated else "negative_transfer", started)
+                    held_back = "worse_than_active" if event.held_back_by else ""
+                    if event.held_back_by == MAJORITY_BASELINE:
+                        held_back = "negative_transfer"
+                    self._count(held_back or "activated", started)
                     outcome = ""
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
@@ -206,7 +215,7 @@ class TrainingService:
             stop = threading.Event()
 
             def on_progress(p: TrainProgress) -> None:
-                event = Progress("training", p.epoch, p.max_epochs, p.train_loss, p.val_loss, p.val_accuracy)
+                event = Progress("training", p.step, p.steps, p.train_loss, p.val_loss, p.val_accuracy)
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
             def train() -> TrainedHead:
@@ -238,8 +247,21 @@ class TrainingService:
                 # The caller went away (or anything else failed): stop the training thread too.
                 stop.set()
 
-            activate = request.force_activate or not head.metrics.negative_transfer
             fingerprint = self.embedding.backbone.fingerprint
+            champion = await loop.run_in_executor(
+                self.train_executor,
+                compare_with_active,
+                self.store,
+                tenant,
+                fingerprint,
+                head,
+                examples,
+                vectors,
+                y,
+            )
+            checks = (head.baseline_check,) if champion is None else (head.baseline_check, champion)
+            failed = next((c.rule for c in checks if not c.passed), "")
+            activate = request.force_activate or not failed
             weights, manifest = head_to_bytes(
                 head,
                 extra_manifest={
@@ -248,6 +270,7 @@ class TrainingService:
                     "created_at": time.time(),
                     "example_count": len(examples),
                     "tenant": tenant,
+                    "promotion": {"checks": [asdict(c) for c in checks], "forced": request.force_activate},
                 },
             )
             new = NewVersion(manifest, weights, examples, activate)
@@ -259,13 +282,15 @@ class TrainingService:
                     Change(tenant, state.active_version, state.seq), StoredVersion(version, manifest, weights)
                 )
             log.info(
-                "tenant %s: version %d trained (accuracy %.3f on %s, baseline %.3f)%s",
+                "tenant %s: version %d trained (accuracy %.3f on %s, baseline %.3f, l2 %g, temperature %.3g)%s",
                 tenant,
                 version,
                 head.metrics.accuracy,
                 head.metrics.evaluated_on,
                 head.metrics.majority_baseline_accuracy,
-                " and activated" if activate else ": negative transfer, not activated",
+                head.selection.l2,
+                head.selection.temperature,
+                " and activated" if activate else f": held back by {failed}, not activated",
             )
             yield AdaptOutcome(
                 tenant=tenant,
@@ -274,6 +299,8 @@ class TrainingService:
                 active_version=state.active_version,
                 embedded=embedded,
                 cache_hits=hits,
+                held_back_by="" if activate else failed,
+                checks=checks,
             )
 
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aheadswap/v1/headswap.proto\x12\x0bheadswap.v1\"3\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"N\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.headswap.v1.ElementType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x01\n\x0c\x42\x61\x63kboneInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\ninput_kind\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x10\n\x08provider\x18\x06 \x01(\t\"j\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x15\n\rpreprocess_us\x18\x02 \x01(\x03\x12\x13\n\x0b\x62\x61\x63kbone_us\x18\x03 \x01(\x03\x12\x0f\n\x07head_us\x18\x04 \x01(\x03\x12\x10\n\x08total_us\x18\x05 \x01(\x03\"[\n\x0c\x45mbedRequest\x12\"\n\x06inputs\x18\x01 \x03(\x0b\x32\x12.headswap.v1.Input\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.headswap.v1.ElementType\"\x9f\x01\n\rEmbedResponse\x12\'\n\nembeddings\x18\x01 \x01(\x0b\x32\x13.headswap.v1.Tensor\x12\x11\n\ttruncated\x18\x02 \x03(\x08\x12+\n\x08\x62\x61\x63kbone\x18\x03 \x01(\x0b\x32\x19.headswap.v1.BackboneInfo\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.headswap.v1.Timings\"C\n\x0fLabelledExample\x12!\n\x05input\x18\x01 \x01(\x0b\x32\x12.headswap.v1.Input\x12\r\n\x05label\x18\x02 \x01(\t\"\xbd\x01\n\x0fTrainingOptions\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.headswap.v1.HeadKind\x12\x1b\n\x13validation_fraction\x18\x02 \x01(\x01\x12\x15\n\rno_validation\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\n\n\x02l2\x18\x05 \x01(\x01\x12\x12\n\nmax_epochs\x18\x06 \x01(\x05\x12\x12\n\nhidden_dim\x18\x07 \x01(\x05\x12\x0f\n\x07\x64ropout\x18\x08 \x01(\x01\"\xc1\x01\n\x10\x41\x64\x61ptHeadRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x1c.headswap.v1.LabelledExample\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.headswap.v1.TrainingOptions\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.headswap.v1.ExampleMode\x12\x16\n\x0e\x66orce_activate\x18\x05 \x01(\x08\"\xbf\x01\n\x11\x41\x64\x61ptHeadProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x1c\n\x0fvalidation_loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13validation_accuracy\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_validation_lossB\x16\n\x14_validation_accuracy\"d\n\x0c\x43lassMetrics\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0btrain_count\x18\x02 \x01(\x03\x12\x18\n\x10validation_count\x18\x03 \x01(\x03\x12\x0f\n\x02\x66\x31\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x05\n\x03_f1\"\x90\x02\n\x0bHeadMetrics\x12\x14\n\x0c\x65valuated_on\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\"\n\x1amajority_baseline_accuracy\x18\x04 \x01(\x01\x12\x19\n\x11negative_transfer\x18\x05 \x01(\x08\x12,\n\tper_class\x18\x06 \x03(\x0b\x32\x19.headswap.v1.ClassMetrics\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x05\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x1b\n\x13validation_examples\x18\n \x01(\x03\"\xc7\x01\n\x0bHeadVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.headswap.v1.HeadKind\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12)\n\x07metrics\x18\x04 \x01(\x0b\x32\x18.headswap.v1.HeadMetrics\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x06 \x01(\t\x12\x15\n\rexample_count\x18\x07 \x01(\x03\"\x9a\x01\n\x0f\x41\x64\x61ptHeadResult\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12&\n\x04head\x18\x02 \x01(\x0b\x32\x18.headswap.v1.HeadVersion\x12\x11\n\tactivated\x18\x03 \x01(\x08\x12\x16\n\x0e\x61\x63tive_version\x18\x04 \x01(\x03\x12\x10\n\x08\x65mbedded\x18\x05 \x01(\x03\x12\x12\n\ncache_hits\x18\x06 \x01(\x03\"\x80\x01\n\x11\x41\x64\x61ptHeadResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.headswap.v1.AdaptHeadProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.headswap.v1.AdaptHeadResultH\x00\x42\x07\n\x05\x65vent\"e\n\x0f\x43lassifyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.headswap.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\x03\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"H\n\nPrediction\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.headswap.v1.LabelScore\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"\xa5\x01\n\x10\x43lassifyResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.headswap.v1.Prediction\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12+\n\x08\x62\x61\x63kbone\x18\x03 \x01(\x0b\x32\x19.headswap.v1.BackboneInfo\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.headswap.v1.Timings\"\x12\n\x10ListHeadsRequest\"z\n\x0bHeadSummary\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x15\n\rversion_count\x18\x03 \x01(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x05 \x01(\t\"<\n\x11ListHeadsResponse\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.headswap.v1.HeadSummary\" \n\x0eGetHeadRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"|\n\x0fGetHeadResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.headswap.v1.HeadVersion\x12\x15\n\rexample_count\x18\x04 \x01(\x03\"=\n\x1a\x41\x63tivateHeadVersionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"_\n\x1b\x41\x63tivateHeadVersionResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x18\n\x10previous_version\x18\x03 \x01(\x03\"#\n\x11\x44\x65leteHeadRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"X\n\x12\x44\x65leteHeadResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x18\n\x10versions_deleted\x18\x02 \x01(\x05\x12\x18\n\x10\x65xamples_deleted\x18\x03 \x01(\x03*_\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x01\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT16\x10\x02*N\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10HEAD_KIND_LINEAR\x10\x01\x12\x11\n\rHEAD_KIND_MLP\x10\x02*[\n\x0b\x45xampleMode\x12\x1c\n\x18\x45XAMPLE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XAMPLE_MODE_ADD\x10\x01\x12\x18\n\x14\x45XAMPLE_MODE_REPLACE\x10\x02\x32\xb3\x04\n\x0fHeadswapService\x12>\n\x05\x45mbed\x12\x19.headswap.v1.EmbedRequest\x1a\x1a.headswap.v1.EmbedResponse\x12L\n\tAdaptHead\x12\x1d.headswap.v1.AdaptHeadRequest\x1a\x1e.headswap.v1.AdaptHeadResponse0\x01\x12G\n\x08\x43lassify\x12\x1c.headswap.v1.ClassifyRequest\x1a\x1d.headswap.v1.ClassifyResponse\x12J\n\tListHeads\x12\x1d.headswap.v1.ListHeadsRequest\x1a\x1e.headswap.v1.ListHeadsResponse\x12\x44\n\x07GetHead\x12\x1b.headswap.v1.GetHeadRequest\x1a\x1c.headswap.v1.GetHeadResponse\x12h\n\x13\x41\x63tivateHeadVersion\x12\'.headswap.v1.ActivateHeadVersionRequest\x1a(.headswap.v1.ActivateHeadVersionResponse\x12M\n\nDeleteHead\x12\x1e.headswap.v1.DeleteHeadRequest\x1a\x1f.headswap.v1.DeleteHeadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aheadswap/v1/headswap.proto\x12\x0bheadswap.v1\"3\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"N\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.headswap.v1.ElementType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x01\n\x0c\x42\x61\x63kboneInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\ninput_kind\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x10\n\x08provider\x18\x06 \x01(\t\"j\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x15\n\rpreprocess_us\x18\x02 \x01(\x03\x12\x13\n\x0b\x62\x61\x63kbone_us\x18\x03 \x01(\x03\x12\x0f\n\x07head_us\x18\x04 \x01(\x03\x12\x10\n\x08total_us\x18\x05 \x01(\x03\"[\n\x0c\x45mbedRequest\x12\"\n\x06inputs\x18\x01 \x03(\x0b\x32\x12.headswap.v1.Input\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.headswap.v1.ElementType\"\x9f\x01\n\rEmbedResponse\x12\'\n\nembeddings\x18\x01 \x01(\x0b\x32\x13.headswap.v1.Tensor\x12\x11\n\ttruncated\x18\x02 \x03(\x08\x12+\n\x08\x62\x61\x63kbone\x18\x03 \x01(\x0b\x32\x19.headswap.v1.BackboneInfo\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.headswap.v1.Timings\"C\n\x0fLabelledExample\x12!\n\x05input\x18\x01 \x01(\x0b\x32\x12.headswap.v1.Input\x12\r\n\x05label\x18\x02 \x01(\t\"\xbd\x01\n\x0fTrainingOptions\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.headswap.v1.HeadKind\x12\x1b\n\x13validation_fraction\x18\x02 \x01(\x01\x12\x15\n\rno_validation\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\n\n\x02l2\x18\x05 \x01(\x01\x12\x12\n\nmax_epochs\x18\x06 \x01(\x05\x12\x12\n\nhidden_dim\x18\x07 \x01(\x05\x12\x0f\n\x07\x64ropout\x18\x08 \x01(\x01\"\xc1\x01\n\x10\x41\x64\x61ptHeadRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x1c.headswap.v1.LabelledExample\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.headswap.v1.TrainingOptions\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.headswap.v1.ExampleMode\x12\x16\n\x0e\x66orce_activate\x18\x05 \x01(\x08\"\xbf\x01\n\x11\x41\x64\x61ptHeadProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x1c\n\x0fvalidation_loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13validation_accuracy\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_validation_lossB\x16\n\x14_validation_accuracy\"d\n\x0c\x43lassMetrics\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0btrain_count\x18\x02 \x01(\x03\x12\x18\n\x10validation_count\x18\x03 \x01(\x03\x12\x0f\n\x02\x66\x31\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x05\n\x03_f1\"\x8b\x03\n\x0bHeadMetrics\x12\x14\n\x0c\x65valuated_on\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\"\n\x1amajority_baseline_accuracy\x18\x04 \x01(\x01\x12\x19\n\x11negative_transfer\x18\x05 \x01(\x08\x12,\n\tper_class\x18\x06 \x03(\x0b\x32\x19.headswap.v1.ClassMetrics\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x05\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x1b\n\x13validation_examples\x18\n \x01(\x03\x12\r\n\x05\x66olds\x18\x0b \x01(\x05\x12\x15\n\x08log_loss\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\'\n\x1a\x65xpected_calibration_error\x18\r \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_log_lossB\x1d\n\x1b_expected_calibration_error\"\xfb\x01\n\x0bHeadVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.headswap.v1.HeadKind\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12)\n\x07metrics\x18\x04 \x01(\x0b\x32\x18.headswap.v1.HeadMetrics\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x06 \x01(\t\x12\x15\n\rexample_count\x18\x07 \x01(\x03\x12\n\n\x02l2\x18\x08 \x01(\x01\x12\x11\n\tl2_source\x18\t \x01(\t\x12\x13\n\x0btemperature\x18\n \x01(\x01\"\xaa\x01\n\x0ePromotionCheck\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0f\n\x07p_value\x18\x03 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x1a\n\x12reference_accuracy\x18\x06 \x01(\x01\x12\x19\n\x11reference_version\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"\xdd\x01\n\x0f\x41\x64\x61ptHeadResult\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12&\n\x04head\x18\x02 \x01(\x0b\x32\x18.headswap.v1.HeadVersion\x12\x11\n\tactivated\x18\x03 \x01(\x08\x12\x16\n\x0e\x61\x63tive_version\x18\x04 \x01(\x03\x12\x10\n\x08\x65mbedded\x18\x05 \x01(\x03\x12\x12\n\ncache_hits\x18\x06 \x01(\x03\x12\x14\n\x0cheld_back_by\x18\x07 \x01(\t\x12+\n\x06\x63hecks\x18\x08 \x03(\x0b\x32\x1b.headswap.v1.PromotionCheck\"\x80\x01\n\x11\x41\x64\x61ptHeadResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.headswap.v1.AdaptHeadProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.headswap.v1.AdaptHeadResultH\x00\x42\x07\n\x05\x65vent\"~\n\x0f\x43lassifyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.headswap.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x17\n\x0fmin_probability\x18\x05 \x01(\x02\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"[\n\nPrediction\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.headswap.v1.LabelScore\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x11\n\tabstained\x18\x03 \x01(\x08\"\xa5\x01\n\x10\x43lassifyResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.headswap.v1.Prediction\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12+\n\x08\x62\x61\x63kbone\x18\x03 \x01(\x0b\x32\x19.headswap.v1.BackboneInfo\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.headswap.v1.Timings\"\x12\n\x10ListHeadsRequest\"z\n\x0bHeadSummary\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x15\n\rversion_count\x18\x03 \x01(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x05 \x01(\t\"<\n\x11ListHeadsResponse\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.headswap.v1.HeadSummary\" \n\x0eGetHeadRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"|\n\x0fGetHeadResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.headswap.v1.HeadVersion\x12\x15\n\rexample_count\x18\x04 \x01(\x03\"=\n\x1a\x41\x63tivateHeadVersionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"_\n\x1b\x41\x63tivateHeadVersionResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x18\n\x10previous_version\x18\x03 \x01(\x03\"#\n\x11\x44\x65leteHeadRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"X\n\x12\x44\x65leteHeadResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x18\n\x10versions_deleted\x18\x02 \x01(\x05\x12\x18\n\x10\x65xamples_deleted\x18\x03 \x01(\x03*_\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x01\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT16\x10\x02*N\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10HEAD_KIND_LINEAR\x10\x01\x12\x11\n\rHEAD_KIND_MLP\x10\x02*[\n\x0b\x45xampleMode\x12\x1c\n\x18\x45XAMPLE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XAMPLE_MODE_ADD\x10\x01\x12\x18\n\x14\x45XAMPLE_MODE_REPLACE\x10\x02\x32\xb3\x04\n\x0fHeadswapService\x12>\n\x05\x45mbed\x12\x19.headswap.v1.EmbedRequest\x1a\x1a.headswap.v1.EmbedResponse\x12L\n\tAdaptHead\x12\x1d.headswap.v1.AdaptHeadRequest\x1a\x1e.headswap.v1.AdaptHeadResponse0\x01\x12G\n\x08\x43lassify\x12\x1c.headswap.v1.ClassifyRequest\x1a\x1d.headswap.v1.ClassifyResponse\x12J\n\tListHeads\x12\x1d.headswap.v1.ListHeadsRequest\x1a\x1e.headswap.v1.ListHeadsResponse\x12\x44\n\x07GetHead\x12\x1b.headswap.v1.GetHeadRequest\x1a\x1c.headswap.v1.GetHeadResponse\x12h\n\x13\x41\x63tivateHeadVersion\x12\'.headswap.v1.ActivateHeadVersionRequest\x1a(.headswap.v1.ActivateHeadVersionResponse\x12M\n\nDeleteHead\x12\x1e.headswap.v1.DeleteHeadRequest\x1a\x1f.headswap.v1.DeleteHeadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'headswap.v1.headswap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ELEMENTTYPE']._serialized_start=3238
-  _globals['_ELEMENTTYPE']._serialized_end=3333
-  _globals['_HEADKIND']._serialized_start=3335
-  _globals['_HEADKIND']._serialized_end=3413
-  _globals['_EXAMPLEMODE']._serialized_start=3415
-  _globals['_EXAMPLEMODE']._serialized_end=3506
+  _globals['_ELEMENTTYPE']._serialized_start=3697
+  _globals['_ELEMENTTYPE']._serialized_end=3792
+  _globals['_HEADKIND']._serialized_start=3794
+  _globals['_HEADKIND']._serialized_end=3872
+  _globals['_EXAMPLEMODE']._serialized_start=3874
+  _globals['_EXAMPLEMODE']._serialized_end=3965
   _globals['_INPUT']._serialized_start=43
   _globals['_INPUT']._serialized_end=94
   _globals['_TENSOR']._serialized_start=96
@@ -60,39 +60,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSMETRICS']._serialized_start=1323
   _globals['_CLASSMETRICS']._serialized_end=1423
   _globals['_HEADMETRICS']._serialized_start=1426
-  _globals['_HEADMETRICS']._serialized_end=1698
-  _globals['_HEADVERSION']._serialized_start=1701
-  _globals['_HEADVERSION']._serialized_end=1900
-  _globals['_ADAPTHEADRESULT']._serialized_start=1903
-  _globals['_ADAPTHEADRESULT']._serialized_end=2057
-  _globals['_ADAPTHEADRESPONSE']._serialized_start=2060
-  _globals['_ADAPTHEADRESPONSE']._serialized_end=2188
-  _globals['_CLASSIFYREQUEST']._serialized_start=2190
-  _globals['_CLASSIFYREQUEST']._serialized_end=2291
-  _globals['_LABELSCORE']._serialized_start=2293
-  _globals['_LABELSCORE']._serialized_end=2341
-  _globals['_PREDICTION']._serialized_start=2343
-  _globals['_PREDICTION']._serialized_end=2415
-  _globals['_CLASSIFYRESPONSE']._serialized_start=2418
-  _globals['_CLASSIFYRESPONSE']._serialized_end=2583
-  _globals['_LISTHEADSREQUEST']._serialized_start=2585
-  _globals['_LISTHEADSREQUEST']._serialized_end=2603
-  _globals['_HEADSUMMARY']._serialized_start=2605
-  _globals['_HEADSUMMARY']._serialized_end=2727
-  _globals['_LISTHEADSRESPONSE']._serialized_start=2729
-  _globals['_LISTHEADSRESPONSE']._serialized_end=2789
-  _globals['_GETHEADREQUEST']._serialized_start=2791
-  _globals['_GETHEADREQUEST']._serialized_end=2823
-  _globals['_GETHEADRESPONSE']._serialized_start=2825
-  _globals['_GETHEADRESPONSE']._serialized_end=2949
-  _globals['_ACTIVATEHEADVERSIONREQUEST']._serialized_start=2951
-  _globals['_ACTIVATEHEADVERSIONREQUEST']._serialized_end=3012
-  _globals['_ACTIVATEHEADVERSIONRESPONSE']._serialized_start=3014
-  _globals['_ACTIVATEHEADVERSIONRESPONSE']._serialized_end=3109
-  _globals['_DELETEHEADREQUEST']._serialized_start=3111
-  _globals['_DELETEHEADREQUEST']._serialized_end=3146
-  _globals['_DELETEHEADRESPONSE']._serialized_start=3148
-  _globals['_DELETEHEADRESPONSE']._serialized_end=3236
-  _globals['_HEADSWAPSERVICE']._serialized_start=3509
-  _globals['_HEADSWAPSERVICE']._serialized_end=4072
+  _globals['_HEADMETRICS']._serialized_end=1821
+  _globals['_HEADVERSION']._serialized_start=1824
+  _globals['_HEADVERSION']._serialized_end=2075
+  _globals['_PROMOTIONCHECK']._serialized_start=2078
+  _globals['_PROMOTIONCHECK']._serialized_end=2248
+  _globals['_ADAPTHEADRESULT']._serialized_start=2251
+  _globals['_ADAPTHEADRESULT']._serialized_end=2472
+  _globals['_ADAPTHEADRESPONSE']._serialized_start=2475
+  _globals['_ADAPTHEADRESPONSE']._serialized_end=2603
+  _globals['_CLASSIFYREQUEST']._serialized_start=2605
+  _globals['_CLASSIFYREQUEST']._serialized_end=2731
+  _globals['_LABELSCORE']._serialized_start=2733
+  _globals['_LABELSCORE']._serialized_end=2781
+  _globals['_PREDICTION']._serialized_start=2783
+  _globals['_PREDICTION']._serialized_end=2874
+  _globals['_CLASSIFYRESPONSE']._serialized_start=2877
+  _globals['_CLASSIFYRESPONSE']._serialized_end=3042
+  _globals['_LISTHEADSREQUEST']._serialized_start=3044
+  _globals['_LISTHEADSREQUEST']._serialized_end=3062
+  _globals['_HEADSUMMARY']._serialized_start=3064
+  _globals['_HEADSUMMARY']._serialized_end=3186
+  _globals['_LISTHEADSRESPONSE']._serialized_start=3188
+  _globals['_LISTHEADSRESPONSE']._serialized_end=3248
+  _globals['_GETHEADREQUEST']._serialized_start=3250
+  _globals['_GETHEADREQUEST']._serialized_end=3282
+  _globals['_GETHEADRESPONSE']._serialized_start=3284
+  _globals['_GETHEADRESPONSE']._serialized_end=3408
+  _globals['_ACTIVATEHEADVERSIONREQUEST']._serialized_start=3410
+  _globals['_ACTIVATEHEADVERSIONREQUEST']._serialized_end=3471
+  _globals['_ACTIVATEHEADVERSIONRESPONSE']._serialized_start=3473
+  _globals['_ACTIVATEHEADVERSIONRESPONSE']._serialized_end=3568
+  _globals['_DELETEHEADREQUEST']._serialized_start=3570
+  _globals['_DELETEHEADREQUEST']._serialized_end=3605
+  _globals['_DELETEHEADRESPONSE']._serialized_start=3607
+  _globals['_DELETEHEADRESPONSE']._serialized_end=3695
+  _globals['_HEADSWAPSERVICE']._serialized_start=3968
+  _globals['_HEADSWAPSERVICE']._serialized_end=4531
 # @@protoc_insertion_point(module_scope)
