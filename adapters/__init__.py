@@ -30,6 +30,7 @@ from .serialization import (
     head_from_bytes,
     head_to_bytes,
     metrics_from_manifest,
+    read_weights_metadata,
     selection_from_manifest,
 )
 from .training import train_head
@@ -76,6 +77,7 @@ __all__ = [
     "macro_f1",
     "metrics_from_manifest",
     "min_examples_per_class",
+    "read_weights_metadata",
     "selection_from_manifest",
     "stratified_folds",
     "stratified_split",

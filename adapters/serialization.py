@@ -42,13 +42,20 @@ def _metrics_to_json(metrics: HeadMetrics) -> dict[str, Any]:
 
 
 def head_to_bytes(
-    head: TrainedHead, extra_manifest: Mapping[str, Any] | None = None
+    head: TrainedHead,
+    extra_manifest: Mapping[str, Any] | None = None,
+    weights_metadata: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Serialise ``head`` to (safetensors bytes, JSON-serialisable manifest).
 
     ``extra_manifest`` entries (tenant, label names, timestamps...) are merged into the manifest's
-    top level; they must be JSON-serialisable and may not shadow the reserved keys.
+    top level; they must be JSON-serialisable and may not shadow the reserved keys. ``weights_metadata``
+    goes into the safetensors header instead: for bulky records that only matter when the weights are
+    read anyway, and would otherwise be parsed with every manifest.
     """
+    metadata = {**(weights_metadata or {}), "format": HEAD_FORMAT}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("weights_metadata must map strings to strings")
     extra = dict(extra_manifest or {})
     clashes = _RESERVED_KEYS.intersection(extra)
     if clashes:
@@ -57,7 +64,7 @@ def head_to_bytes(
     if set(head.state) != set(expected):
         raise ValueError(f"head state has tensors {sorted(head.state)}, its spec expects {sorted(expected)}")
     tensors = {name: np.ascontiguousarray(head.state[name], dtype=np.float32) for name in sorted(expected)}
-    weights = safetensors.numpy.save(tensors, metadata={"format": HEAD_FORMAT})
+    weights = safetensors.numpy.save(tensors, metadata=metadata)
     manifest: dict[str, Any] = {
         "format": HEAD_FORMAT,
         "spec": asdict(head.spec),
@@ -123,6 +130,24 @@ def head_from_bytes(weights: bytes, manifest: Mapping[str, Any]) -> LoadedHead:
             raise HeadFormatError(f"tensor {name} contains NaN or infinite values")
         state[name] = np.ascontiguousarray(array)
     return LoadedHead(spec=spec, state=state, manifest=manifest_copy)
+
+
+def read_weights_metadata(weights: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file's header; raises :class:`HeadFormatError`."""
+    # The format: an 8-byte little-endian header length, then that many bytes of JSON.
+    if len(weights) < 8:
+        raise HeadFormatError("weights are too short to be a safetensors file")
+    length = int.from_bytes(bytes(weights[:8]), "little")
+    if length > len(weights) - 8:
+        raise HeadFormatError("weights header runs past the end of the file")
+    try:
+        header = json.loads(bytes(weights[8 : 8 + length]))
+    except ValueError as exc:
+        raise HeadFormatError(f"weights header is not JSON: {exc}") from exc
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeadFormatError("weights header metadata is not a string mapping")
+    return dict(metadata)
 
 
 def _field(raw: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -31,7 +31,7 @@ from headswap.server.errors import FailedPrecondition, InvalidArgument
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
-from headswap.server.services.promotion import compare_with_active
+from headswap.server.services.promotion import compare_with_active, trained_on
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
 from headswap.server.validation import check_kind, check_tenant
 
@@ -272,6 +272,7 @@ class TrainingService:
                     "tenant": tenant,
                     "promotion": {"checks": [asdict(c) for c in checks], "forced": request.force_activate},
                 },
+                weights_metadata=trained_on(examples),
             )
             new = NewVersion(manifest, weights, examples, activate)
             state = await self.heads.run_io(self.store.commit_version, tenant, new)

@@ -236,7 +236,7 @@ async def test_a_worse_challenger_is_held_back(roomy: AsyncClient) -> None:
     assert not challenger.activated and challenger.held_back_by == "active_version"
     assert challenger.active_version == 1 and (await roomy.classify("champ", ["word3"]))[0].version == 1
     # Clean new examples are compared the same way and promoted.
-    better = await roomy.adapt_head("champ", *words_say(12, 10, offset=200))
+    better = await roomy.adapt_head("champ", *words_say(12, 10, offset=200), replace=True)
     assert better.activated and better.checks[1].passed and better.checks[1].examples == 120
     forced = await roomy.adapt_head(
         "champ", *words_say(12, 10, offset=100, noise_share=0.6), replace=True, force_activate=True
