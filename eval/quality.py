@@ -91,6 +91,8 @@ def _sklearn(model: Any, x: np.ndarray, y: Sequence[str], x_test: np.ndarray, te
 
     with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # scikit-learn announces changes to LogisticRegressionCV's defaults; the comparison is with today's.
+        warnings.simplefilter("ignore", FutureWarning)
         started = time.perf_counter()
         model.fit(x, np.asarray(y))
         seconds = time.perf_counter() - started

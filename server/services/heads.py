@@ -111,7 +111,7 @@ class HeadService:
             indices, scores = top_k(np.asarray(probs), k)
             labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
             # The head's probabilities are calibrated (its temperature is folded into its weights), so the
-            # threshold means what it says: at 0.9, kept predictions are right about 9 times in 10.
+            # threshold means what it says: predictions kept at 0.9 are right at least about 9 times in 10.
             abstained.append(float(scores[0]) < request.min_probability)
         t = timings(result)
         self.embedding.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
