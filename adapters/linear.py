@@ -52,7 +52,10 @@ def fit(
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     onehot = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
-    penalty = l2 / n
+    # With two classes scikit-learn fits one weight vector w = W1 - W0 with (1/(2C)) ||w||^2. The softmax
+    # depends on W only through w, and the (l2/2)(||W0||^2 + ||W1||^2) at its optimum W1 = -W0 = w/2 is
+    # (l2/4) ||w||^2: doubling the penalty keeps l2 exactly 1/C for binary heads too.
+    penalty = (2.0 if num_classes == 2 else 1.0) * l2 / n
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,

@@ -130,6 +130,18 @@ def test_linear_head_matches_sklearn_logistic_regression() -> None:
     assert np.allclose(head.state["bias"] - head.state["bias"].mean(), reference.intercept_, atol=0.02)
 
 
+def test_binary_linear_head_matches_sklearn_at_the_same_c() -> None:
+    # scikit-learn fits one vector w for two classes; the head's W1 - W0 must be that w at l2 = 1/C.
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((2, DIM))
+    x, y = blobs(rng, centers, [40, 30], spread=2.7)
+    for c in (0.3, 1.0, 10.0):
+        head = train_head(x, y, 2, TrainConfig(validation_fraction=0.0, l2=1.0 / c))
+        reference = LogisticRegression(C=c, tol=1e-8, max_iter=10_000).fit(x, y)
+        w = head.state["weight"][1] - head.state["weight"][0]
+        assert np.linalg.norm(w - reference.coef_[0]) / np.linalg.norm(reference.coef_[0]) < 0.02
+
+
 def test_mlp_learns_what_a_linear_head_cannot() -> None:
     x, y = xor_task(seed=1)
     linear = train_head(x, y, 2, TrainConfig(kind="linear"))
