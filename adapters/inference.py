@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .heads import HeadSpec, build_head, expected_state_shapes
+from .results import TrainedHead
 from .serialization import LoadedHead
-from .training import TrainedHead
 
 
 class HeadModule:

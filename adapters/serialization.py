@@ -17,10 +17,10 @@ import numpy as np
 import safetensors.numpy
 
 from .heads import HeadSpec, expected_state_shapes
-from .training import ClassMetrics, HeadMetrics, TrainedHead
+from .results import EVALUATED_ON, ClassMetrics, HeadMetrics, Selection, TrainedHead
 
 HEAD_FORMAT = "headswap.head/1"
-_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics"})
+_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics", "selection"})
 
 
 class HeadFormatError(ValueError):
@@ -42,13 +42,20 @@ def _metrics_to_json(metrics: HeadMetrics) -> dict[str, Any]:
 
 
 def head_to_bytes(
-    head: TrainedHead, extra_manifest: Mapping[str, Any] | None = None
+    head: TrainedHead,
+    extra_manifest: Mapping[str, Any] | None = None,
+    weights_metadata: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Serialise ``head`` to (safetensors bytes, JSON-serialisable manifest).
 
     ``extra_manifest`` entries (tenant, label names, timestamps...) are merged into the manifest's
-    top level; they must be JSON-serialisable and may not shadow the reserved keys.
+    top level; they must be JSON-serialisable and may not shadow the reserved keys. ``weights_metadata``
+    goes into the safetensors header instead: for bulky records that only matter when the weights are
+    read anyway, and would otherwise be parsed with every manifest.
     """
+    metadata = {**(weights_metadata or {}), "format": HEAD_FORMAT}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("weights_metadata must map strings to strings")
     extra = dict(extra_manifest or {})
     clashes = _RESERVED_KEYS.intersection(extra)
     if clashes:
@@ -57,12 +64,13 @@ def head_to_bytes(
     if set(head.state) != set(expected):
         raise ValueError(f"head state has tensors {sorted(head.state)}, its spec expects {sorted(expected)}")
     tensors = {name: np.ascontiguousarray(head.state[name], dtype=np.float32) for name in sorted(expected)}
-    weights = safetensors.numpy.save(tensors, metadata={"format": HEAD_FORMAT})
+    weights = safetensors.numpy.save(tensors, metadata=metadata)
     manifest: dict[str, Any] = {
         "format": HEAD_FORMAT,
         "spec": asdict(head.spec),
         "config": asdict(head.config),
         "metrics": _metrics_to_json(head.metrics),
+        "selection": asdict(head.selection),
         **extra,
     }
     try:
@@ -124,6 +132,24 @@ def head_from_bytes(weights: bytes, manifest: Mapping[str, Any]) -> LoadedHead:
     return LoadedHead(spec=spec, state=state, manifest=manifest_copy)
 
 
+def read_weights_metadata(weights: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file's header; raises :class:`HeadFormatError`."""
+    # The format: an 8-byte little-endian header length, then that many bytes of JSON.
+    if len(weights) < 8:
+        raise HeadFormatError("weights are too short to be a safetensors file")
+    length = int.from_bytes(bytes(weights[:8]), "little")
+    if length > len(weights) - 8:
+        raise HeadFormatError("weights header runs past the end of the file")
+    try:
+        header = json.loads(bytes(weights[8 : 8 + length]))
+    except ValueError as exc:
+        raise HeadFormatError(f"weights header is not JSON: {exc}") from exc
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeadFormatError("weights header metadata is not a string mapping")
+    return dict(metadata)
+
+
 def _field(raw: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
     if name not in raw:
         raise HeadFormatError(f"{where} is missing {name!r}")
@@ -162,8 +188,8 @@ def metrics_from_manifest(manifest: Mapping[str, Any]) -> HeadMetrics:
             )
         )
     evaluated_on = _field(raw, "evaluated_on", str, "metrics")
-    if evaluated_on not in ("validation", "train"):
-        raise HeadFormatError(f"metrics.evaluated_on must be 'validation' or 'train', got {evaluated_on!r}")
+    if evaluated_on not in EVALUATED_ON:
+        raise HeadFormatError(f"metrics.evaluated_on must be one of {EVALUATED_ON}, got {evaluated_on!r}")
     return HeadMetrics(
         evaluated_on=evaluated_on,
         accuracy=float(_field(raw, "accuracy", number, "metrics")),
@@ -176,4 +202,46 @@ def metrics_from_manifest(manifest: Mapping[str, Any]) -> HeadMetrics:
         train_examples=_field(raw, "train_examples", int, "metrics"),
         validation_examples=_field(raw, "validation_examples", int, "metrics"),
         stopped_early=_field(raw, "stopped_early", bool, "metrics"),
+        # Absent from versions trained before cross-validation and calibration: reported as unknown.
+        folds=_field(raw, "folds", int, "metrics") if "folds" in raw else 0,
+        log_loss=_optional_number(raw, "log_loss"),
+        expected_calibration_error=_optional_number(raw, "expected_calibration_error"),
+    )
+
+
+def _optional_number(raw: Mapping[str, Any], name: str) -> float | None:
+    if raw.get(name) is None:
+        return None
+    return float(_field(raw, name, (int, float), "metrics"))
+
+
+def selection_from_manifest(manifest: Mapping[str, Any]) -> Selection:
+    """The settings a version was fit with; raises :class:`HeadFormatError`.
+
+    Versions written before settings were selected have no 'selection': they were fit with their
+    config's l2 and served uncalibrated (temperature 1).
+    """
+    raw = manifest.get("selection") if isinstance(manifest, Mapping) else None
+    if raw is None:
+        config = manifest.get("config") if isinstance(manifest, Mapping) else None
+        l2 = config.get("l2") if isinstance(config, Mapping) else None
+        if isinstance(l2, bool) or not isinstance(l2, int | float):
+            raise HeadFormatError("manifest has neither 'selection' nor a numeric config.l2")
+        return Selection(float(l2), "caller", 1.0)
+    if not isinstance(raw, Mapping):
+        raise HeadFormatError("manifest 'selection' is not an object")
+    number = (int, float)
+    grid = _field(raw, "grid", (list, tuple), "selection") if "grid" in raw else ()
+    losses = _field(raw, "grid_log_loss", (list, tuple), "selection") if "grid_log_loss" in raw else ()
+    if not all(isinstance(v, number) and not isinstance(v, bool) for v in (*grid, *losses)):
+        raise HeadFormatError("selection.grid and selection.grid_log_loss must hold numbers")
+    temperature = float(_field(raw, "temperature", number, "selection"))
+    if temperature <= 0:
+        raise HeadFormatError(f"selection.temperature must be positive, got {temperature}")
+    return Selection(
+        l2=float(_field(raw, "l2", number, "selection")),
+        l2_source=_field(raw, "l2_source", str, "selection"),
+        temperature=temperature,
+        grid=tuple(float(v) for v in grid),
+        grid_log_loss=tuple(float(v) for v in losses),
     )

@@ -33,6 +33,7 @@ from headswap.client.results import (
     ImageLike,
     LabelScore,
     Prediction,
+    PromotionCheck,
     Timings,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Prediction",
+    "PromotionCheck",
     "ResourceExhausted",
     "Timings",
     "Unauthenticated",

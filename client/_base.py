@@ -32,15 +32,17 @@ class AdaptOptions(TypedDict, total=False):
     """Keyword options of `adapt_head`."""
 
     replace: bool  # drop the tenant's stored examples first (by default new examples are added to them)
-    force_activate: bool  # promote the new version even when it is no better than the majority baseline
+    force_activate: bool  # promote the new version even when the promotion gate holds it back
     backbone: str  # the served backbone to train on (its served_as name); "": the one for the inputs' kind
     chunk_bytes: int  # examples per call at most (default 4 MiB): a larger set goes in several calls
     on_progress: Callable[[r.AdaptProgress], None]  # called with each progress message
     timeout: float | None  # deadline of the whole training, seconds (default 600)
     kind: str  # "linear" (default) or "mlp"
-    validation_fraction: float  # share held out per class; 0 trains on everything
+    # Share held out per class once, instead of cross-validating (the default); 0 trains on everything
+    # without any held-out estimate, choice of l2 or calibration.
+    validation_fraction: float
     seed: int
-    l2: float  # L2 strength, scikit-learn's 1/C
+    l2: float  # L2 strength, scikit-learn's 1/C; by default chosen on the held-out predictions
     max_epochs: int
     hidden_dim: int  # mlp only
     dropout: float  # mlp only
@@ -141,8 +143,9 @@ class BaseClient(abc.ABC):
         images: Sequence[r.ImageLike] | None,
         top_k: int,
         version: int,
+        min_probability: float = 0.0,
     ) -> Call[list[r.Prediction]]:
-        request = _codec.classify_request(tenant, texts, images, top_k, version)
+        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability)
         return Call("Classify", request, _codec.predictions)
 
     def _list_heads(self) -> Call[list[r.HeadSummary]]:

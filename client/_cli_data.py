@@ -109,6 +109,12 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                 "embedded": result.embedded,
                 "cache_hits": result.cache_hits,
                 "train_seconds": round(m.train_seconds, 3),
+                "l2": result.head.l2,
+                "l2_source": result.head.l2_source,
+                "temperature": round(result.head.temperature, 4),
+                "expected_calibration_error": m.expected_calibration_error,
+                "held_back_by": result.held_back_by,
+                "checks": [{"rule": c.rule, "passed": c.passed, "detail": c.detail} for c in result.checks],
             }
         )
     )
@@ -120,15 +126,19 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         if paths is None:
             names = list(args.inputs)
-            predictions = client.classify(args.tenant, args.inputs, top_k=args.top_k, version=args.version)
+            predictions = client.classify(args.tenant, args.inputs, top_k=args.top_k, version=args.version, min_probability=args.min_probability)
         else:
             names, predictions = [str(p) for p in paths], []
             for batch in _files.batches(paths):
                 predictions += client.classify(
-                    args.tenant, images=batch, top_k=args.top_k, version=args.version
+                    args.tenant,
+                    images=batch,
+                    top_k=args.top_k,
+                    version=args.version,
+                    min_probability=args.min_probability,
                 )
     key = "text" if paths is None else "image"
     for name, p in zip(names, predictions, strict=True):
         labels = [{"label": s.label, "probability": round(s.probability, 4)} for s in p.labels]
-        print(json.dumps({key: name, "version": p.version, "labels": labels}))
+        print(json.dumps({key: name, "version": p.version, "labels": labels, "abstained": p.abstained}))
     return 0

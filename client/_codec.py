@@ -196,6 +196,11 @@ def head_metrics(m: pb.HeadMetrics) -> r.HeadMetrics:
         train_seconds=m.train_seconds,
         train_examples=m.train_examples,
         validation_examples=m.validation_examples,
+        folds=m.folds,
+        log_loss=m.log_loss if m.HasField("log_loss") else None,
+        expected_calibration_error=(
+            m.expected_calibration_error if m.HasField("expected_calibration_error") else None
+        ),
     )
 
 
@@ -208,6 +213,9 @@ def head_version(v: pb.HeadVersion) -> r.HeadVersion:
         created_at=_created(v),
         backbone_fingerprint=v.backbone_fingerprint,
         example_count=v.example_count,
+        l2=v.l2,
+        l2_source=v.l2_source,
+        temperature=v.temperature,
     )
 
 
@@ -229,25 +237,57 @@ def adapt_progress(p: pb.AdaptHeadProgress) -> r.AdaptProgress:
     )
 
 
+def promotion_check(c: pb.PromotionCheck) -> r.PromotionCheck:
+    return r.PromotionCheck(
+        c.rule,
+        c.passed,
+        c.p_value,
+        c.examples,
+        c.accuracy,
+        c.reference_accuracy,
+        c.reference_version,
+        c.detail,
+    )
+
+
 def adapt_result(a: pb.AdaptHeadResult) -> r.AdaptResult:
-    head = head_version(a.head) if a.HasField("head") else None
     return r.AdaptResult(
-        a.tenant, head, a.activated, a.active_version, a.embedded, a.cache_hits, a.stored_examples
+        a.tenant,
+        head_version(a.head) if a.HasField("head") else None,
+        a.activated,
+        a.active_version,
+        a.embedded,
+        a.cache_hits,
+        a.stored_examples,
+        a.held_back_by,
+        tuple(promotion_check(c) for c in a.checks),
     )
 
 
 def classify_request(
-    tenant: str, texts: Sequence[str] | None, images: Sequence[r.ImageLike] | None, top_k: int, version: int
+    tenant: str,
+    texts: Sequence[str] | None,
+    images: Sequence[r.ImageLike] | None,
+    top_k: int,
+    version: int,
+    min_probability: float = 0.0,
 ) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(
-        tenant=tenant, inputs=inputs(texts, images, "classify"), top_k=top_k, version=version
+        tenant=tenant,
+        inputs=inputs(texts, images, "classify"),
+        top_k=top_k,
+        version=version,
+        min_probability=min_probability,
     )
 
 
 def predictions(reply: pb.ClassifyResponse) -> list[r.Prediction]:
     return [
         r.Prediction(
-            tuple(r.LabelScore(s.label, s.probability) for s in p.labels), reply.version, p.truncated
+            tuple(r.LabelScore(s.label, s.probability) for s in p.labels),
+            reply.version,
+            p.truncated,
+            p.abstained,
         )
         for p in reply.predictions
     ]

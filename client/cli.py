@@ -140,12 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone", default="", help="the served backbone to train on (default: by input kind)"
     )
     adapt.add_argument("--kind", choices=["linear", "mlp"], default="linear")
-    adapt.add_argument("--validation-fraction", type=float, default=None, help="0 trains on everything")
-    adapt.add_argument("--l2", type=float, default=None, help="L2 strength, scikit-learn's 1/C (default 1)")
+    adapt.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=None,
+        help="hold out this share once instead of cross-validating; 0 trains on everything",
+    )
+    adapt.add_argument(
+        "--l2",
+        type=float,
+        default=None,
+        help="L2 strength, scikit-learn's 1/C (default: chosen by validation)",
+    )
     adapt.add_argument("--max-epochs", type=int, default=None)
     adapt.add_argument("--seed", type=int, default=0)
     adapt.add_argument("--replace", action="store_true", help="drop the tenant's stored examples first")
-    adapt.add_argument("--force", action="store_true", help="activate even on negative transfer")
+    adapt.add_argument(
+        "--force", action="store_true", help="activate even when the promotion gate holds it back"
+    )
     adapt.add_argument("--quiet", action="store_true", help="no progress lines")
     adapt.set_defaults(func=_cmd_adapt, timeout=600.0)
 
@@ -157,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--tenant", required=True)
     classify.add_argument("--top-k", type=int, default=1)
     classify.add_argument("--version", type=int, default=0, help="pin a version (default: the active one)")
+    classify.add_argument(
+        "--min-probability", type=float, default=0.0, help="mark predictions below this probability abstained"
+    )
     classify.set_defaults(func=_cmd_classify)
 
     heads = sub.add_parser("heads", help="list tenants with heads, or describe one with --tenant")

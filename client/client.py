@@ -108,13 +108,17 @@ class Client(BaseClient):
         **options: Unpack[AdaptOptions],
     ) -> AdaptResult:
         """Train a new head version for `tenant` on these examples, texts or `images` (encoded bytes or file
-        paths) with one label each (added to the stored ones unless `replace`), and activate it unless it is
-        no better than the majority-class baseline. The head is bound to the backbone that embedded them.
+        paths) with one label each (added to the stored ones unless `replace`), and activate it unless the
+        promotion gate holds it back: negative transfer against the majority-class baseline, or
+        significantly worse than the active version (`held_back_by` and `checks` say which, with the
+        numbers). The head is bound to the backbone that embedded its examples.
 
-        Options (`AdaptOptions`): replace, force_activate, backbone, on_progress, timeout, and the training
-        options kind ("linear" or "mlp"), validation_fraction (0 trains on everything), seed, l2 (1/C),
-        max_epochs, hidden_dim, dropout. Examples past `chunk_bytes` (4 MiB) go in several calls: all but the
-        last only store theirs. Not retried: a training is not idempotent.
+        By default the server chooses the settings by cross-validation, calibrates the probabilities and
+        refits on every example. Options (`AdaptOptions`): replace, force_activate, backbone, on_progress,
+        timeout, and the training options kind ("linear" or "mlp"), validation_fraction (one held-out split
+        instead of cross-validation; 0 trains on everything), seed, l2 (1/C; chosen when not given),
+        max_epochs, hidden_dim, dropout. Examples past `chunk_bytes` (4 MiB) go in several calls: all but
+        the last only store theirs. Not retried: a training is not idempotent.
         """
         requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -138,11 +142,13 @@ class Client(BaseClient):
         *,
         images: Sequence[ImageLike] | None = None,
         version: int = 0,
+        min_probability: float = 0.0,
     ) -> list[Prediction]:
         """Per input (texts, or `images` as bytes or paths: what the tenant's head was trained on), the
         `top_k` most probable labels of the tenant's head (its active version, or `version`), and the
-        version that answered."""
-        return self._send(self._classify(tenant, texts, images, top_k, version))
+        version that answered. Probabilities are calibrated; a prediction whose top probability is below
+        `min_probability` comes back with `abstained=True` (labels still listed)."""
+        return self._send(self._classify(tenant, texts, images, top_k, version, min_probability))
 
     def list_heads(self) -> list[HeadSummary]:
         return self._send(self._list_heads())
@@ -270,8 +276,9 @@ class AsyncClient(BaseClient):
         *,
         images: Sequence[ImageLike] | None = None,
         version: int = 0,
+        min_probability: float = 0.0,
     ) -> list[Prediction]:
-        return await self._send(self._classify(tenant, texts, images, top_k, version))
+        return await self._send(self._classify(tenant, texts, images, top_k, version, min_probability))
 
     async def list_heads(self) -> list[HeadSummary]:
         return await self._send(self._list_heads())

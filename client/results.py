@@ -52,7 +52,10 @@ class ClassMetrics:
 
 @dataclass(frozen=True)
 class HeadMetrics:
-    evaluated_on: str  # "validation", or "train" when trained without a validation split
+    """Estimates from held-out predictions: "cross_validation" (out-of-fold, the default), "validation" (one
+    held-out split), or "train" when trained without validation (optimistic)."""
+
+    evaluated_on: str
     accuracy: float
     macro_f1: float
     majority_baseline_accuracy: float
@@ -60,8 +63,11 @@ class HeadMetrics:
     per_class: tuple[ClassMetrics, ...]
     epochs: int
     train_seconds: float
-    train_examples: int
-    validation_examples: int
+    train_examples: int  # examples the served head was fit on (all of them)
+    validation_examples: int  # held-out predictions behind the metrics
+    folds: int = 0  # cross-validation folds; 1 for a held-out split; 0 without validation
+    log_loss: float | None = None  # of the calibrated held-out probabilities
+    expected_calibration_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,23 @@ class HeadVersion:
     created_at: dt.datetime  # UTC
     backbone_fingerprint: str
     example_count: int
+    l2: float = 0.0  # the L2 strength it was fit with (scikit-learn's 1/C)
+    l2_source: str = ""  # "cross_validation" or "validation" (chosen), "caller" or "default"
+    temperature: float = 1.0  # calibration, already applied to its probabilities
+
+
+@dataclass(frozen=True)
+class PromotionCheck:
+    """One rule of the promotion gate, with its numbers."""
+
+    rule: str  # "majority_baseline" or "active_version"
+    passed: bool
+    p_value: float  # one-sided; the rule fails below 0.01
+    examples: int
+    accuracy: float  # the new head's held-out accuracy on those examples
+    reference_accuracy: float  # the baseline's, or the active version's
+    reference_version: int  # the active version compared with; 0 for the baseline
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,8 @@ class AdaptResult:
     embedded: int  # inputs the backbone embedded for this call (the others came from the cache)
     cache_hits: int
     stored_examples: int = 0  # the tenant's stored examples after the call
+    held_back_by: str = ""  # the gate rule that kept it from being activated; "" when activated
+    checks: tuple[PromotionCheck, ...] = ()
 
     @property
     def version(self) -> int:
@@ -118,6 +143,7 @@ class Prediction:
     labels: tuple[LabelScore, ...]  # most probable first, top_k of them
     version: int  # the head version that answered
     truncated: bool
+    abstained: bool = False  # top probability below the call's min_probability: ask a person
 
     @property
     def label(self) -> str:

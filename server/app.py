@@ -270,7 +270,7 @@ def _warm_up_training(dim: int) -> None:
     x = rng.standard_normal((16, dim)).astype(np.float32)
     y = np.arange(16, dtype=np.int64) % 2
     for kind in ("linear", "mlp"):
-        train_head(x, y, 2, TrainConfig(kind=kind, validation_fraction=0.25, max_epochs=2, device="cpu"))
+        train_head(x, y, 2, TrainConfig(kind=kind, max_epochs=2, device="cpu"))
 
 
 def serve(config: ServerConfig) -> int:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from headswap.adapters import HeadMetrics
+from headswap.adapters import GateCheck, HeadMetrics
 
 InputKind = Literal["text", "image"]
 
@@ -139,10 +139,11 @@ class Embedded:
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """A caller's training options as sent; zero values mean the server's defaults."""
+    """A caller's training options as sent; zero values mean the server's defaults (cross-validated
+    model selection and calibration, then a refit on every example)."""
 
     kind: str = "linear"
-    validation_fraction: float = 0.0
+    validation_fraction: float = 0.0  # > 0: one held-out split of this share instead of cross-validation
     no_validation: bool = False
     seed: int = 0
     l2: float = 0.0
@@ -182,6 +183,9 @@ class VersionInfo:
     created_at: float
     fingerprint: str
     example_count: int
+    l2: float  # the served head's L2 strength
+    l2_source: str  # "cross_validation", "validation", "caller" or "default"
+    temperature: float  # calibration, already folded into the served weights
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,8 @@ class AdaptOutcome:
     embedded: int
     cache_hits: int
     stored_examples: int = 0
+    held_back_by: str = ""  # the gate rule that kept the version from being activated; "" when activated
+    checks: tuple[GateCheck, ...] = ()  # every gate rule that ran
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,7 @@ class ClassifyRequest:
     top_k: int = 1
     version: int = 0  # 0: the active version
     caller: Caller = ANONYMOUS
+    min_probability: float = 0.0  # below this top probability a prediction is marked abstained; 0: never
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,7 @@ class Classified:
     version: int
     timings: Timings
     backbone: BackboneDescription
+    abstained: list[bool] = field(default_factory=list)  # per input
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TRAINING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STAGES = ("queue", "tokenize", "backbone", "head")
-TRAINING_OUTCOMES = ("activated", "negative_transfer", "failed", "cancelled")
+TRAINING_OUTCOMES = ("activated", "negative_transfer", "worse_than_active", "failed", "cancelled")
 AUTH_FAILURES = ("missing", "malformed", "unknown", "revoked", "expired")
 
 

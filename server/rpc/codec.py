@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from headswap.adapters import HeadMetrics
+from headswap.adapters import GateCheck, HeadMetrics
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
 from headswap.server.keys import ApiKey
@@ -154,6 +154,9 @@ def metrics_to_pb(m: HeadMetrics, labels: Sequence[str]) -> pb.HeadMetrics:
         train_seconds=m.train_seconds,
         train_examples=m.train_examples,
         validation_examples=m.validation_examples,
+        folds=m.folds,
+        log_loss=m.log_loss,
+        expected_calibration_error=m.expected_calibration_error,
     )
 
 
@@ -167,6 +170,22 @@ def version_to_pb(v: d.VersionInfo) -> pb.HeadVersion:
         created_at=_timestamp(v.created_at),
         backbone_fingerprint=v.fingerprint,
         example_count=v.example_count,
+        l2=v.l2,
+        l2_source=v.l2_source,
+        temperature=v.temperature,
+    )
+
+
+def check_to_pb(c: GateCheck) -> pb.PromotionCheck:
+    return pb.PromotionCheck(
+        rule=c.rule,
+        passed=c.passed,
+        p_value=c.p_value,
+        examples=c.examples,
+        accuracy=c.accuracy,
+        reference_accuracy=c.reference_accuracy,
+        reference_version=c.reference_version,
+        detail=c.detail,
     )
 
 
@@ -191,6 +210,8 @@ def adapt_event_to_pb(event: d.Progress | d.AdaptOutcome) -> pb.AdaptHeadRespons
             embedded=event.embedded,
             cache_hits=event.cache_hits,
             stored_examples=event.stored_examples,
+            held_back_by=event.held_back_by,
+            checks=[check_to_pb(c) for c in event.checks],
         )
     )
 
@@ -200,7 +221,12 @@ def adapt_event_to_pb(event: d.Progress | d.AdaptOutcome) -> pb.AdaptHeadRespons
 
 def classify_from_pb(request: pb.ClassifyRequest, caller: d.Caller) -> d.ClassifyRequest:
     return d.ClassifyRequest(
-        request.tenant, inputs_from_pb(request.inputs), request.top_k, request.version, caller
+        request.tenant,
+        inputs_from_pb(request.inputs),
+        request.top_k,
+        request.version,
+        caller,
+        min_probability=request.min_probability,
     )
 
 
@@ -208,9 +234,11 @@ def classified_to_pb(result: d.Classified, total_s: float) -> pb.ClassifyRespons
     return pb.ClassifyResponse(
         predictions=[
             pb.Prediction(
-                labels=[pb.LabelScore(label=name, probability=p) for name, p in row], truncated=bool(cut)
+                labels=[pb.LabelScore(label=name, probability=p) for name, p in row],
+                truncated=bool(cut),
+                abstained=abstained,
             )
-            for row, cut in zip(result.labels, result.truncated, strict=True)
+            for row, cut, abstained in zip(result.labels, result.truncated, result.abstained, strict=True)
         ],
         version=result.version,
         backbone=backbone_to_pb(result.backbone),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, TypeVar, TypeVarTuple
 
 import numpy as np
 
-from headswap.adapters import metrics_from_manifest, top_k
+from headswap.adapters import metrics_from_manifest, selection_from_manifest, top_k
 from headswap.server.cache import EmbeddingCache
 from headswap.server.domain import (
     ActivateRequest,
@@ -39,6 +40,7 @@ Ts = TypeVarTuple("Ts")
 
 
 def version_info(manifest: dict[str, Any]) -> VersionInfo:
+    selection = selection_from_manifest(manifest)
     return VersionInfo(
         version=int(manifest["version"]),
         kind=str(manifest["spec"]["kind"]),
@@ -47,6 +49,9 @@ def version_info(manifest: dict[str, Any]) -> VersionInfo:
         created_at=float(manifest["created_at"]),
         fingerprint=str(manifest["backbone_fingerprint"]),
         example_count=int(manifest["example_count"]),
+        l2=selection.l2,
+        l2_source=selection.l2_source,
+        temperature=selection.temperature,
     )
 
 
@@ -81,6 +86,10 @@ class HeadService:
             raise InvalidArgument(
                 f"version must be 0 (the active one) or a version number, not {request.version}"
             )
+        if not (math.isfinite(request.min_probability) and 0.0 <= request.min_probability <= 1.0):
+            raise InvalidArgument(
+                f"min_probability must be between 0 and 1 (0: never abstain), not {request.min_probability}"
+            )
         version = request.version
         # Resident heads are taken on the loop; only a head that must be loaded from the store costs a hop.
         head = self.bank.peek(tenant, version)
@@ -100,13 +109,16 @@ class HeadService:
         # The head rides with the inputs through the batcher: the backbone and every tenant's head run on
         # the whole mixed batch, and this request keeps `head` (its version) from start to end.
         result = await lane.batcher.submit(request.inputs, slot=head.slot, deadline=call_deadline.get())
-        labels = []
+        labels, abstained = [], []
         for probs in result.rows:
             indices, scores = top_k(np.asarray(probs), k)
             labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
+            # The head's probabilities are calibrated (its temperature is folded into its weights), so the
+            # threshold means what it says: predictions kept at 0.9 are right at least about 9 times in 10.
+            abstained.append(float(scores[0]) < request.min_probability)
         t = timings(result)
         self.embedding.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
-        return Classified(labels, result.truncated, head.version, t, lane.describe())
+        return Classified(labels, result.truncated, head.version, t, lane.describe(), abstained)
 
     # -- management ------------------------------------------------------------------------------------------
 

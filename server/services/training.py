@@ -8,12 +8,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from headswap.adapters import (
+    MAJORITY_BASELINE,
     TrainedHead,
     TrainingCancelled,
     TrainingDivergedError,
@@ -32,6 +33,7 @@ from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
 from headswap.server.services.training_input import check_examples, check_new_examples, train_config
+from headswap.server.services.promotion import compare_with_active, trained_on
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,10 @@ class TrainingService:
                 if isinstance(event, AdaptOutcome):
                     # Counted before the reply leaves: the caller may hang up as soon as it has it.
                     if event.head is not None:  # a store_only call trained nothing
-                        self._count("activated" if event.activated else "negative_transfer", started)
+                        held_back = "worse_than_active" if event.held_back_by else ""
+                        if event.held_back_by == MAJORITY_BASELINE:
+                            held_back = "negative_transfer"
+                        self._count(held_back or "activated", started)
                     outcome = ""
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
@@ -195,7 +200,7 @@ class TrainingService:
                 return stop.is_set() or out_of_time
 
             def on_progress(p: TrainProgress) -> None:
-                event = Progress("training", p.epoch, p.max_epochs, p.train_loss, p.val_loss, p.val_accuracy)
+                event = Progress("training", p.step, p.steps, p.train_loss, p.val_loss, p.val_accuracy)
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
             def train() -> TrainedHead:
@@ -234,8 +239,21 @@ class TrainingService:
                 # The caller went away (or anything else failed): stop the training thread too.
                 stop.set()
 
-            activate = request.force_activate or not head.metrics.negative_transfer
             fingerprint = lane.backbone.fingerprint
+            champion = await loop.run_in_executor(
+                self.train_executor,
+                compare_with_active,
+                self.store,
+                tenant,
+                fingerprint,
+                head,
+                examples,
+                vectors,
+                y,
+            )
+            checks = (head.baseline_check,) if champion is None else (head.baseline_check, champion)
+            failed = next((c.rule for c in checks if not c.passed), "")
+            activate = request.force_activate or not failed
             weights, manifest = head_to_bytes(
                 head,
                 extra_manifest={
@@ -244,7 +262,9 @@ class TrainingService:
                     "created_at": time.time(),
                     "example_count": len(examples),
                     "tenant": tenant,
+                    "promotion": {"checks": [asdict(c) for c in checks], "forced": request.force_activate},
                 },
+                weights_metadata=trained_on(examples),
             )
             committed = NewVersion(manifest, weights, examples, activate)
             state = await self.heads.run_io(self.store.commit_version, tenant, committed)
@@ -255,13 +275,15 @@ class TrainingService:
                     Change(tenant, state.active_version, state.seq), StoredVersion(version, manifest, weights)
                 )
             log.info(
-                "tenant %s: version %d trained (accuracy %.3f on %s, baseline %.3f)%s",
+                "tenant %s: version %d trained (accuracy %.3f on %s, baseline %.3f, l2 %g, temperature %.3g)%s",
                 tenant,
                 version,
                 head.metrics.accuracy,
                 head.metrics.evaluated_on,
                 head.metrics.majority_baseline_accuracy,
-                " and activated" if activate else ": negative transfer, not activated",
+                head.selection.l2,
+                head.selection.temperature,
+                " and activated" if activate else f": held back by {failed}, not activated",
             )
             yield AdaptOutcome(
                 tenant=tenant,
@@ -271,6 +293,8 @@ class TrainingService:
                 embedded=embedded,
                 cache_hits=hits,
                 stored_examples=len(examples),
+                held_back_by="" if activate else failed,
+                checks=checks,
             )
 
 

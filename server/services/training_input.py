@@ -19,7 +19,11 @@ MAX_HIDDEN_DIM = 2048
 
 
 def train_config(options: TrainingOptions, device: str) -> TrainConfig:
-    """Zero values mean the defaults; anything out of range is INVALID_ARGUMENT with the reason."""
+    """Zero values mean the defaults; anything out of range is INVALID_ARGUMENT with the reason.
+
+    The defaults leave `validation_fraction` and `l2` unset: cross-validated (or, for large sets, held-out)
+    model selection and calibration, then a refit on every example.
+    """
     defaults = TrainConfig()
     # Bounds that keep one training from taking the server's memory or hours of its time.
     if not 0 <= options.max_epochs <= MAX_EPOCHS:
@@ -28,13 +32,13 @@ def train_config(options: TrainingOptions, device: str) -> TrainConfig:
         raise InvalidArgument(f"hidden_dim must be between 1 and {MAX_HIDDEN_DIM}, not {options.hidden_dim}")
     if options.no_validation and options.validation_fraction:
         raise InvalidArgument("set validation_fraction or no_validation, not both")
-    fraction = 0.0 if options.no_validation else (options.validation_fraction or defaults.validation_fraction)
+    fraction = 0.0 if options.no_validation else (options.validation_fraction or None)
     try:
         return TrainConfig(
             kind=options.kind,
             validation_fraction=fraction,
             seed=int(options.seed),
-            l2=options.l2 or defaults.l2,
+            l2=options.l2 or None,
             max_epochs=options.max_epochs or defaults.max_epochs,
             hidden_dim=options.hidden_dim or defaults.hidden_dim,
             dropout=options.dropout or defaults.dropout,
@@ -98,8 +102,8 @@ def check_examples(
     if short:
         shown = ", ".join(repr(s) for s in short[:5]) + (" ..." if len(short) > 5 else "")
         raise InvalidArgument(
-            f"{len(short)} label(s) have fewer than {need} examples, which a validation fraction of "
-            f"{config.validation_fraction} needs (one to train on, one to validate): {shown}; add examples "
-            "or train without validation"
+            f"{len(short)} label(s) have fewer than {need} examples, which validation needs (one to train "
+            f"on, one to hold out for choosing settings and checking the head): {shown}; add examples, "
+            "or train without validation (no_validation)"
         )
     return labels, y

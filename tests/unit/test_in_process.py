@@ -159,13 +159,107 @@ async def test_bad_head_requests(client: AsyncClient) -> None:
         await client.get_head("t2")  # a refused training stores nothing
 
 
-async def test_negative_transfer_is_not_activated(client: AsyncClient) -> None:
-    texts = [f"{WORDS[i % 18]} {i}" for i in range(30)]
-    labels = ["common"] * 26 + ["rare"] * 4
-    result = await client.adapt_head("noise", texts, labels, seed=1)
-    assert result.metrics.negative_transfer and not result.activated
+@pytest.fixture
+async def roomy(tmp_path: Path) -> AsyncIterator[AsyncClient]:
+    """A server that takes enough examples for the gate to have evidence."""
+    config = ServerConfig(warmup_rounds=0, home=tmp_path, limits=LimitsConfig(max_examples=2000))
+    async with in_process(config, backbone=fake_backbone(), store=MemoryStore()) as running:
+        async with AsyncClient(running.target, retries=0, timeout=60) as c:
+            yield c
+
+
+def noise(n: int, classes: int, tag: str) -> tuple[list[str], list[str]]:
+    """Texts of words no other text shares, labelled in turn: the labels carry no information."""
+    return [f"{tag}{i}a {tag}{i}b {tag}{i}c" for i in range(n)], [f"l{i % classes}" for i in range(n)]
+
+
+def words_say(n_per: int, classes: int, offset: int, noise_share: float = 0.0) -> tuple[list[str], list[str]]:
+    """Each text carries its label's word; a share of the labels is then replaced by another label."""
+    rng = np.random.default_rng(offset)
+    texts, labels = [], []
+    for c in range(classes):
+        for j in range(n_per):
+            texts.append(f"word{c} filler{offset + j} extra{(offset + j) % 7}")
+            wrong = rng.random() < noise_share
+            labels.append(f"l{(c + 1 + int(rng.integers(classes - 1))) % classes if wrong else c}")
+    return texts, labels
+
+
+async def test_negative_transfer_is_not_activated(roomy: AsyncClient) -> None:
+    # The gate needs evidence: 600 examples of 40 labels that the inputs say nothing about.
+    texts, labels = noise(600, 40, "n")
+    result = await roomy.adapt_head("noise", texts, labels, seed=1)
+    assert result.metrics.negative_transfer and not result.activated and result.active_version == 0
+    assert result.held_back_by == "majority_baseline"
+    (check,) = result.checks
+    assert check.rule == "majority_baseline" and not check.passed and check.p_value < 0.01
+    assert check.examples == 600 and "negative transfer" in check.detail
     with pytest.raises(FailedPrecondition, match="no active version"):
-        await client.classify("noise", ["alpha"])
+        await roomy.classify("noise", ["alpha"])
+    forced = await roomy.adapt_head("noise", [], [], seed=1, force_activate=True)
+    assert forced.activated and forced.held_back_by == "" and not forced.checks[0].passed
+
+
+async def test_a_few_noisy_examples_are_no_evidence_of_negative_transfer(client: AsyncClient) -> None:
+    # Thirty examples, one dominant label: the head cannot be shown to be worse than "always common".
+    texts = [f"{WORDS[i % 18]} {i}" for i in range(30)]
+    result = await client.adapt_head("few", texts, ["common"] * 26 + ["rare"] * 4, seed=1)
+    assert result.activated and not result.metrics.negative_transfer and result.checks[0].passed
+
+
+async def test_defaults_refit_on_every_example(client: AsyncClient) -> None:
+    texts, labels = labelled(7)
+    result = await client.adapt_head("refit", texts, labels)
+    m = result.metrics
+    assert m.train_examples == len(texts) == m.validation_examples and m.evaluated_on == "cross_validation"
+    assert m.folds == 5 and m.expected_calibration_error is not None and m.log_loss is not None
+    assert result.head.l2_source == "cross_validation" and result.head.l2 > 0 and result.head.temperature > 0
+    held = await client.adapt_head("refit", [], [], validation_fraction=0.25)
+    assert held.metrics.evaluated_on == "validation" and held.metrics.train_examples == len(texts)
+    bare = await client.adapt_head("refit", [], [], validation_fraction=0, l2=2.0)
+    assert (bare.metrics.evaluated_on, bare.head.l2, bare.head.l2_source) == ("train", 2.0, "caller")
+    assert bare.head.temperature == 1.0
+
+
+async def test_a_worse_challenger_is_held_back(roomy: AsyncClient) -> None:
+    champion = await roomy.adapt_head("champ", *words_say(12, 10, offset=0))
+    assert champion.activated and champion.checks[0].rule == "majority_baseline"
+    # New texts, 60% of their labels replaced: still far better than the baseline, but worse than version 1
+    # on examples version 1 never saw.
+    challenger = await roomy.adapt_head(
+        "champ", *words_say(12, 10, offset=100, noise_share=0.6), replace=True
+    )
+    baseline, versus = challenger.checks
+    assert baseline.passed and not versus.passed and versus.rule == "active_version"
+    assert versus.reference_version == 1 and versus.examples == 120 and versus.p_value < 0.01
+    assert versus.accuracy < versus.reference_accuracy and "significantly worse" in versus.detail
+    assert not challenger.activated and challenger.held_back_by == "active_version"
+    assert challenger.active_version == 1 and (await roomy.classify("champ", ["word3"]))[0].version == 1
+    # Clean new examples are compared the same way and promoted.
+    better = await roomy.adapt_head("champ", *words_say(12, 10, offset=200), replace=True)
+    assert better.activated and better.checks[1].passed and better.checks[1].examples == 120
+    forced = await roomy.adapt_head(
+        "champ", *words_say(12, 10, offset=100, noise_share=0.6), replace=True, force_activate=True
+    )
+    assert forced.activated and forced.held_back_by == ""
+
+
+async def test_abstain_below_min_probability(client: AsyncClient) -> None:
+    texts, labels = labelled(6)
+    await client.adapt_head("unsure", texts, labels)
+    inputs = [texts[0], "omicron pi rho", texts[7]]
+    plain = await client.classify("unsure", inputs, top_k=2)
+    assert not any(p.abstained for p in plain)
+    threshold = sorted(p.probability for p in plain)[1]
+    marked = await client.classify("unsure", inputs, top_k=2, min_probability=threshold)
+    assert [p.abstained for p in marked] == [p.probability < threshold for p in plain]
+    assert any(p.abstained for p in marked) and not all(p.abstained for p in marked)
+    assert all(len(p.labels) == 2 for p in marked)  # abstained predictions still list their labels
+    everything = await client.classify("unsure", inputs, min_probability=1.0)
+    assert all(p.abstained for p in everything if p.probability < 1.0)
+    for bad in (-0.1, 1.5, float("nan")):
+        code, details = await code_of(client.classify("unsure", inputs, min_probability=bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_probability" in details
 
 
 async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, client: AsyncClient) -> None:
