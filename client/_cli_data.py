@@ -126,7 +126,13 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         if paths is None:
             names = list(args.inputs)
-            predictions = client.classify(args.tenant, args.inputs, top_k=args.top_k, version=args.version, min_probability=args.min_probability)
+            predictions = client.classify(
+                args.tenant,
+                args.inputs,
+                top_k=args.top_k,
+                version=args.version,
+                min_probability=args.min_probability,
+            )
         else:
             names, predictions = [str(p) for p in paths], []
             for batch in _files.batches(paths):

@@ -32,8 +32,8 @@ from headswap.server.inference.lanes import Lane
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
-from headswap.server.services.training_input import check_examples, check_new_examples, train_config
 from headswap.server.services.promotion import compare_with_active, trained_on
+from headswap.server.services.training_input import check_examples, check_new_examples, train_config
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
 
 log = logging.getLogger(__name__)

@@ -196,7 +196,7 @@ class ClassMetrics(_message.Message):
     def __init__(self, label: _Optional[str] = ..., train_count: _Optional[int] = ..., validation_count: _Optional[int] = ..., f1: _Optional[float] = ...) -> None: ...
 
 class HeadMetrics(_message.Message):
-    __slots__ = ("evaluated_on", "accuracy", "macro_f1", "majority_baseline_accuracy", "negative_transfer", "per_class", "epochs", "train_seconds", "train_examples", "validation_examples")
+    __slots__ = ("evaluated_on", "accuracy", "macro_f1", "majority_baseline_accuracy", "negative_transfer", "per_class", "epochs", "train_seconds", "train_examples", "validation_examples", "folds", "log_loss", "expected_calibration_error")
     EVALUATED_ON_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MACRO_F1_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,9 @@ class HeadMetrics(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FOLDS_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     evaluated_on: str
     accuracy: float
     macro_f1: float
@@ -217,10 +220,13 @@ class HeadMetrics(_message.Message):
     train_seconds: float
     train_examples: int
     validation_examples: int
-    def __init__(self, evaluated_on: _Optional[str] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., majority_baseline_accuracy: _Optional[float] = ..., negative_transfer: _Optional[bool] = ..., per_class: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., epochs: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ...) -> None: ...
+    folds: int
+    log_loss: float
+    expected_calibration_error: float
+    def __init__(self, evaluated_on: _Optional[str] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., majority_baseline_accuracy: _Optional[float] = ..., negative_transfer: _Optional[bool] = ..., per_class: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., epochs: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., folds: _Optional[int] = ..., log_loss: _Optional[float] = ..., expected_calibration_error: _Optional[float] = ...) -> None: ...
 
 class HeadVersion(_message.Message):
-    __slots__ = ("version", "kind", "labels", "metrics", "created_at_unix", "backbone_fingerprint", "example_count", "created_at")
+    __slots__ = ("version", "kind", "labels", "metrics", "created_at_unix", "backbone_fingerprint", "example_count", "created_at", "l2", "l2_source", "temperature")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +235,9 @@ class HeadVersion(_message.Message):
     BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    L2_FIELD_NUMBER: _ClassVar[int]
+    L2_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: HeadKind
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -237,10 +246,33 @@ class HeadVersion(_message.Message):
     backbone_fingerprint: str
     example_count: int
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[HeadMetrics, _Mapping]] = ..., created_at_unix: _Optional[float] = ..., backbone_fingerprint: _Optional[str] = ..., example_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    l2: float
+    l2_source: str
+    temperature: float
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[HeadMetrics, _Mapping]] = ..., created_at_unix: _Optional[float] = ..., backbone_fingerprint: _Optional[str] = ..., example_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., l2: _Optional[float] = ..., l2_source: _Optional[str] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class PromotionCheck(_message.Message):
+    __slots__ = ("rule", "passed", "p_value", "examples", "accuracy", "reference_accuracy", "reference_version", "detail")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    passed: bool
+    p_value: float
+    examples: int
+    accuracy: float
+    reference_accuracy: float
+    reference_version: int
+    detail: str
+    def __init__(self, rule: _Optional[str] = ..., passed: _Optional[bool] = ..., p_value: _Optional[float] = ..., examples: _Optional[int] = ..., accuracy: _Optional[float] = ..., reference_accuracy: _Optional[float] = ..., reference_version: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class AdaptHeadResult(_message.Message):
-    __slots__ = ("tenant", "head", "activated", "active_version", "embedded", "cache_hits", "stored_examples")
+    __slots__ = ("tenant", "head", "activated", "active_version", "embedded", "cache_hits", "stored_examples", "held_back_by", "checks")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +280,8 @@ class AdaptHeadResult(_message.Message):
     EMBEDDED_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     STORED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HELD_BACK_BY_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     head: HeadVersion
     activated: bool
@@ -255,7 +289,9 @@ class AdaptHeadResult(_message.Message):
     embedded: int
     cache_hits: int
     stored_examples: int
-    def __init__(self, tenant: _Optional[str] = ..., head: _Optional[_Union[HeadVersion, _Mapping]] = ..., activated: _Optional[bool] = ..., active_version: _Optional[int] = ..., embedded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., stored_examples: _Optional[int] = ...) -> None: ...
+    held_back_by: str
+    checks: _containers.RepeatedCompositeFieldContainer[PromotionCheck]
+    def __init__(self, tenant: _Optional[str] = ..., head: _Optional[_Union[HeadVersion, _Mapping]] = ..., activated: _Optional[bool] = ..., active_version: _Optional[int] = ..., embedded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., stored_examples: _Optional[int] = ..., held_back_by: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[PromotionCheck, _Mapping]]] = ...) -> None: ...
 
 class AdaptHeadResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -266,16 +302,18 @@ class AdaptHeadResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[AdaptHeadProgress, _Mapping]] = ..., result: _Optional[_Union[AdaptHeadResult, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("tenant", "inputs", "top_k", "version")
+    __slots__ = ("tenant", "inputs", "top_k", "version", "min_probability")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     top_k: int
     version: int
-    def __init__(self, tenant: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    min_probability: float
+    def __init__(self, tenant: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., version: _Optional[int] = ..., min_probability: _Optional[float] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -286,12 +324,14 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("labels", "truncated")
+    __slots__ = ("labels", "truncated", "abstained")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    ABSTAINED_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
     truncated: bool
-    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    abstained: bool
+    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ..., abstained: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("predictions", "version", "backbone", "timings")
