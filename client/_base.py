@@ -63,9 +63,17 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def _server_went_away(exc: grpc.RpcError) -> bool:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    # The client never cancels a call it waits on; "Channel closed!" is this client being closed: final.
+    return code == grpc.StatusCode.CANCELLED and "channel closed" not in (exc.details() or "").lower()
+
+
 class BaseClient(abc.ABC):
     """`target` is host:port; `timeout` the deadline of each call, retries included (seconds, None for none);
-    a call the server answered UNAVAILABLE is tried again, `backoff` seconds apart and doubling (up to 2 s,
+    a call the server answered UNAVAILABLE (or cancelled as it stopped) is tried again, `backoff` seconds apart and doubling (up to 2 s,
     with jitter), until the deadline or `retries` more attempts (None: as many as the deadline allows).
 
     `api_key` (default: the HEADSWAP_API_KEY environment variable) is sent as `authorization: Bearer ...`
@@ -117,11 +125,13 @@ class BaseClient(abc.ABC):
     def _retry_delay(
         self, call: Call[Any], exc: grpc.RpcError, attempt: int, deadline: float | None
     ) -> float | None:
-        """Seconds to wait before trying `call` again, or None to give up. Only UNAVAILABLE is retried (the
-        server is starting or draining, or the connection broke before the call reached it), with
-        exponential backoff and jitter, for as long as the call's deadline allows (a restart takes seconds)."""
+        """Seconds to wait before trying `call` again, or None to give up. Retried: UNAVAILABLE (the server
+        is starting or draining, or the connection broke before the call reached it) and a CANCELLED this
+        client did not ask for (a server that stops cancels the calls it had received but not yet started),
+        with exponential backoff and jitter, for as long as the call's deadline allows (a restart takes
+        seconds). Only calls that are safe to repeat are retried."""
         limit = self.retries if self.retries is not None else MAX_RETRIES
-        if not call.retry or exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= limit:
+        if not call.retry or not _server_went_away(exc) or attempt >= limit:
             return None
         delay = min(self.backoff * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
         if deadline is not None and time.monotonic() + delay >= deadline:

@@ -20,6 +20,7 @@ class Admission:
     max_items: int  # hard bound on inputs waiting
     max_wait_s: float  # bound on the expected wait
     queued_cost: float = 0.0  # admitted and not yet finished: estimated until prepared, then exact
+    queued_inputs: int = 0  # the same inputs, counted: 0 means idle, whatever the float sums left over
     rate: float = 0.0  # cost units per second of encoder time, a moving average (0: not measured yet)
     item_cost: float = 0.0  # mean cost of one input, a moving average
 
@@ -35,7 +36,8 @@ class Admission:
             )
         cost = n * self.item_cost
         wait = self.expected_wait(cost)
-        if wait > self.max_wait_s and self.queued_cost > 0:
+        # A call on an idle server is always admitted, however big: nothing is ahead of it to make it late.
+        if wait > self.max_wait_s and self.queued_inputs > 0:
             raise ResourceExhausted(
                 f"the server is overloaded: about {wait * 1000:.0f} ms of work is queued, over its limit of "
                 f"{self.max_wait_s * 1000:.0f} ms: retry later, with backoff, or on another replica"
@@ -47,6 +49,7 @@ class Admission:
                 "on another replica"
             )
         self.queued_cost += cost
+        self.queued_inputs += n
         return cost
 
     def prepared(self, estimate: float, exact: float, n: int) -> None:
@@ -55,9 +58,11 @@ class Admission:
         per_item = exact / max(1, n)
         self.item_cost = per_item if not self.item_cost else 0.9 * self.item_cost + 0.1 * per_item
 
-    def release(self, cost: float) -> None:
-        """Work that left the queue: done, dropped, or never prepared."""
-        self.queued_cost = max(0.0, self.queued_cost - cost)
+    def release(self, cost: float, n: int) -> None:
+        """`n` inputs of `cost` left the queue: done, dropped, or never prepared. When none is left the
+        cost is set to exactly 0, so that rounding in the sums never leaves an idle server looking busy."""
+        self.queued_inputs = max(0, self.queued_inputs - n)
+        self.queued_cost = max(0.0, self.queued_cost - cost) if self.queued_inputs else 0.0
 
     def ran(self, cost: float, seconds: float) -> None:
         if seconds > 0 and cost > 0:

@@ -146,7 +146,7 @@ class Batcher:
                 self.preprocess_executor, self.preprocessor.prepare, list(inputs)
             )
         except BaseException:
-            self.admission.release(estimate)
+            self.admission.release(estimate, len(inputs))
             raise
         finally:
             self._reserved -= len(inputs)
@@ -183,7 +183,8 @@ class Batcher:
         if any(item.request.cancelled for item in self._pending):
             kept = [item for item in self._pending if not item.request.cancelled]
             self.admission.release(
-                sum(i.prepared.cost for i in self._pending) - sum(i.prepared.cost for i in kept)
+                sum(i.prepared.cost for i in self._pending) - sum(i.prepared.cost for i in kept),
+                len(self._pending) - len(kept),
             )
             self._pending = kept
 
@@ -296,7 +297,7 @@ class Batcher:
         return rows, t1 - t0, t2 - t1
 
     def _finish(self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]]) -> None:
-        self.admission.release(sum(item.prepared.cost for item in batch))
+        self.admission.release(sum(item.prepared.cost for item in batch), len(batch))
         self._slots.release()
         self._in_flight -= 1
         self.batches_run += 1

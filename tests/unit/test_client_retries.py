@@ -1,4 +1,5 @@
-"""The client retries UNAVAILABLE only. A small fake servicer on real gRPC over loopback stands in for
+"""The client retries UNAVAILABLE, and a CANCELLED it did not ask for (a stopping server cancels the calls it
+received but had not started), only. A small fake servicer on real gRPC over loopback stands in for
 the server here; the integration tests use the real one."""
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ def test_retries_unavailable_then_succeeds(fake: tuple[str, FlakyServicer]) -> N
         out = client.embed(["a", "b"])
     assert servicer.calls == 3
     assert out.shape == (2, 4) and out.dtype == np.float32 and out[1, 0] == 4.0
+
+
+def test_retries_a_cancel_that_came_from_the_server(fake: tuple[str, FlakyServicer]) -> None:
+    # Seen in CI: one Embed in ~50 during a restart came back CANCELLED from the stopping server.
+    target, servicer = fake
+    servicer.failures = [grpc.StatusCode.CANCELLED]
+    with Client(target, retries=3, backoff=0.01) as client:
+        assert client.embed(["a"]).shape == (1, 4)
+    assert servicer.calls == 2
 
 
 def test_gives_up_after_retries(fake: tuple[str, FlakyServicer]) -> None:
