@@ -18,12 +18,10 @@ Layout:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -31,11 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
-from headswap.server.keys import ApiKey
 from headswap.server.store.base import (
     Change,
     HeadStore,
@@ -45,24 +40,21 @@ from headswap.server.store.base import (
     damaged,
     example_from_json,
     example_to_json,
-    key_from_json,
-    key_to_json,
     no_head,
-    no_key,
     retained,
     verify_weights,
     weights_digest,
 )
 from headswap.server.store.faults import crash_point
 from headswap.server.store.files import EXAMPLES_REF, atomic_write, fsync_dir, json_bytes, next_seq
+from headswap.server.store.local_extras import LocalExtras
 from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
-KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
-class LocalStore(HeadStore):
+class LocalStore(LocalExtras, HeadStore):
     def __init__(self, root: Path, max_versions: int = 50) -> None:
         super().__init__(max_versions)
         self.root = root
@@ -325,69 +317,3 @@ class LocalStore(HeadStore):
         change = Change(tenant, 0, next_seq(seq), deleted=True)
         self.feed.publish(change)
         return Deletion(tenant, versions, examples), change
-
-    # -- the embedding cache -----------------------------------------------------------------------------
-
-    def _embeddings_path(self, tenant: str, fingerprint: str) -> Path:
-        if not fingerprint.isalnum():
-            raise ValueError("fingerprint must be alphanumeric")
-        return self.tenant_dir(tenant) / "embeddings" / f"{fingerprint}.safetensors"
-
-    def fingerprints(self, tenant: str) -> list[str]:
-        """The backbones the tenant has cached embeddings for."""
-        directory = self.tenant_dir(tenant) / "embeddings"
-        return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
-
-    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
-        from safetensors.numpy import load
-
-        path = self._embeddings_path(tenant, fingerprint)
-        try:
-            tensors = load(path.read_bytes())
-            keys, vectors = tensors["keys"], tensors["vectors"]
-            return {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
-        except Exception:  # missing or damaged: a cache costs time, never correctness
-            return {}
-
-    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
-        from safetensors.numpy import save
-
-        if not entries:
-            return
-        keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
-        vectors = np.stack(list(entries.values())).astype(np.float32)
-        atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
-
-    # -- API keys: keys/<id>.json, written atomically ----------------------------------------------------
-
-    def _key_path(self, key_id: str) -> Path:
-        if not KEY_ID.fullmatch(key_id):
-            raise no_key(key_id)
-        return self.root / "keys" / f"{key_id}.json"
-
-    def put_key(self, key: ApiKey) -> None:
-        atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
-
-    def get_key(self, key_id: str) -> ApiKey | None:
-        try:
-            return key_from_json(json.loads(self._key_path(key_id).read_text()))
-        except (FileNotFoundError, NotFound):
-            return None
-
-    def list_keys(self) -> list[ApiKey]:
-        directory = self.root / "keys"
-        keys = (
-            [key_from_json(json.loads(p.read_text())) for p in directory.glob("*.json")]
-            if directory.is_dir()
-            else []
-        )
-        return sorted(keys, key=lambda k: k.created_at)
-
-    def revoke_key(self, key_id: str, at: float) -> ApiKey:
-        key = self.get_key(key_id)
-        if key is None:
-            raise no_key(key_id)
-        key = dataclasses.replace(key, revoked_at=key.revoked_at or at)
-        self.put_key(key)
-        self.feed.publish(Change("", 0, next_seq(0), key_id=key_id))
-        return key

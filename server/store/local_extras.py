@@ -1,0 +1,97 @@
+"""The local store's embedding cache and API keys, as a mixin of `LocalStore` (which provides `root`,
+`tenant_dir` and `feed`), like `postgres_extras.py` for the PostgreSQL store.
+
+Layout:
+    tenants/<tenant>/embeddings/<fingerprint>.safetensors   cached embeddings of a tenant's examples
+    keys/<id>.json                                           API keys (HMACs of their secrets, never secrets)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from headswap.server.errors import NotFound
+from headswap.server.keys import ApiKey
+from headswap.server.store.base import Change, ChangeFeed, key_from_json, key_to_json, no_key
+from headswap.server.store.files import atomic_write, json_bytes, next_seq
+
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class LocalExtras:
+    # Provided by LocalStore.
+    root: Path
+    feed: ChangeFeed
+    tenant_dir: Callable[[str], Path]
+
+    # -- the embedding cache -----------------------------------------------------------------------------
+
+    def _embeddings_path(self, tenant: str, fingerprint: str) -> Path:
+        if not fingerprint.isalnum():
+            raise ValueError("fingerprint must be alphanumeric")
+        return self.tenant_dir(tenant) / "embeddings" / f"{fingerprint}.safetensors"
+
+    def fingerprints(self, tenant: str) -> list[str]:
+        """The backbones the tenant has cached embeddings for."""
+        directory = self.tenant_dir(tenant) / "embeddings"
+        return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+
+    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
+        from safetensors.numpy import load
+
+        path = self._embeddings_path(tenant, fingerprint)
+        try:
+            tensors = load(path.read_bytes())
+            keys, vectors = tensors["keys"], tensors["vectors"]
+            return {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
+        except Exception:  # missing or damaged: a cache costs time, never correctness
+            return {}
+
+    def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
+        from safetensors.numpy import save
+
+        if not entries:
+            return
+        keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
+        vectors = np.stack(list(entries.values())).astype(np.float32)
+        atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
+
+    # -- API keys: keys/<id>.json, written atomically ----------------------------------------------------
+
+    def _key_path(self, key_id: str) -> Path:
+        if not KEY_ID.fullmatch(key_id):
+            raise no_key(key_id)
+        return self.root / "keys" / f"{key_id}.json"
+
+    def put_key(self, key: ApiKey) -> None:
+        atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        try:
+            return key_from_json(json.loads(self._key_path(key_id).read_text()))
+        except (FileNotFoundError, NotFound):
+            return None
+
+    def list_keys(self) -> list[ApiKey]:
+        directory = self.root / "keys"
+        keys = (
+            [key_from_json(json.loads(p.read_text())) for p in directory.glob("*.json")]
+            if directory.is_dir()
+            else []
+        )
+        return sorted(keys, key=lambda k: k.created_at)
+
+    def revoke_key(self, key_id: str, at: float) -> ApiKey:
+        key = self.get_key(key_id)
+        if key is None:
+            raise no_key(key_id)
+        key = dataclasses.replace(key, revoked_at=key.revoked_at or at)
+        self.put_key(key)
+        self.feed.publish(Change("", 0, next_seq(0), key_id=key_id))
+        return key
