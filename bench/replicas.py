@@ -1,13 +1,13 @@
 """Replicas on PostgreSQL: how fast a swap reaches the others, and what the shared store costs Classify.
 
-    python -m bench.replicas [--swaps 50] [--seconds 15] [--write-docs] [--quick]
+    python -m bench.replicas [--swaps 50] [--seconds 15] [--rounds 4] [--write-docs] [--quick]
 
 1. Propagation: three servers on one throwaway PostgreSQL (Debian's, as the tests use). A tenant's head is
    trained on A and made resident on B and C; then A switches the active version `--swaps` times
    (ActivateHeadVersion between two versions). After each reply from A, B and C are polled every 2 ms until
    they answer with the new version; the delay from A's reply is recorded.
 2. Throughput: single-text Classify, 32 callers closed loop, on one server with the PostgreSQL store and one
-   with the local store, alternated twice; the ratio is PostgreSQL over local (target >= 0.95: the store is
+   with the local store, `--rounds` runs each in ABBA order; the ratio is PostgreSQL over local (target >= 0.95: the store is
    not on the serving path).
 """
 
@@ -97,7 +97,7 @@ def render(delays: list[float], throughput: dict[str, list[float]], command: str
             "",
             markdown_table(["", "p50", "p99", "max"], rows, [False, True, True, True]),
             "",
-            "Classify throughput of one server, single text, 32 callers, closed loop, runs alternated:",
+            "Classify throughput of one server, single text, 32 callers, closed loop, runs alternated (ABBA order):",
             "",
             markdown_table(
                 ["store", "calls/s (each run)", "mean"],
@@ -123,11 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
     parser.add_argument("--swaps", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=4, help="throughput runs per store, order alternated")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.swaps, args.seconds = 6, 2.0
+        args.swaps, args.seconds, args.rounds = 6, 2.0, 2
     from headswap.client import Client
     from headswap.server.testing_postgres import postgres
 
@@ -143,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             delays = propagation(a.target, [b.target, c.target], args.swaps)
         throughput: dict[str, list[float]] = {"local": [], "postgresql": []}
-        for round_ in range(2):
-            for name, store in (("local", str(root / f"local{round_}")), ("postgresql", dsn)):
+        for round_ in range(args.rounds):
+            order = [("local", str(root / f"local{round_}")), ("postgresql", dsn)]
+            for name, store in order if round_ % 2 == 0 else order[::-1]:  # ABBA: drift cancels out
                 with local_server(args.backbone, store, flags, log_path=root / f"t-{name}{round_}.log") as s:
                     with Client(s.target) as client:
                         client.adapt_head("load", *training_set())

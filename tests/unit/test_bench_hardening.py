@@ -33,3 +33,10 @@ def test_overload_outcome_row() -> None:
     assert o.goodput == 90.0
     row = o.row()
     assert row[3:6] == ["90", "0.90", "70.0 %"] and row[7] == "2.0 / 3.0"
+
+
+def test_cache_entry_bytes_counts_the_vector_and_its_bookkeeping() -> None:
+    from bench.soak import cache_entry_bytes
+
+    per_entry = cache_entry_bytes(n=2_000)
+    assert 384 * 4 < per_entry < 4 * 384 * 4  # the float32 vector, plus key, owners and dict overhead
