@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "BENCHMARKS.md"
 DEFAULT_BACKBONE = REPO / ".cache" / "backbone"
+# Throughput benches drive the server at saturation in a closed loop (32 callers with up to 64 long texts
+# each: tens of seconds of queued work on 2 cores). Admission control would refuse most of that at its
+# default 1 s bound; the peers have none, so the servers of these benches get a bound they never reach.
+SATURATION_FLAGS = ("--max-queue-wait-ms", "600000")
 
 
 # -- data and workloads ------------------------------------------------------------------------------------

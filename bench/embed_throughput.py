@@ -50,6 +50,7 @@ import numpy as np
 from bench.common import (
     DEFAULT_BACKBONE,
     DOCS,
+    SATURATION_FLAGS,
     THREAD_GROUPS,
     BatchLogStats,
     LatencySummary,
@@ -842,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits: dict[str, tuple[int, int] | None] = {}
     with tempfile.TemporaryDirectory(prefix="headswap-bench-") as tmp:
         for i, config in enumerate(configs):
-            flags = shlex.split(config)
+            flags = [*shlex.split(config), *SATURATION_FLAGS]
             with local_server(
                 args.backbone, Path(tmp) / f"store{i}", flags, log_path=Path(tmp) / f"server{i}.log"
             ) as server:
@@ -858,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with local_server(
                     args.backbone,
                     Path(tmp) / f"store-profile{i}",
-                    shlex.split(config),
+                    [*shlex.split(config), *SATURATION_FLAGS],
                     log_path=Path(tmp) / f"server-profile{i}.log",
                     module="bench._named_serve",
                     env={"HEADSWAP_BENCH_BATCH_LOG": str(batch_log)},

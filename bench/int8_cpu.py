@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.common import (
     DEFAULT_BACKBONE,
+    SATURATION_FLAGS,
     LatencySummary,
     data_root,
     local_server,
@@ -219,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="headswap-int8-bench-") as tmp:
         for i, config in enumerate(CONFIGS):
             with local_server(
-                args.backbone, Path(tmp) / f"store{i}", shlex.split(config), log_path=Path(tmp) / f"s{i}.log"
+                args.backbone,
+                Path(tmp) / f"store{i}",
+                [*shlex.split(config), *SATURATION_FLAGS],
+                log_path=Path(tmp) / f"s{i}.log",
             ) as server:
                 fp32 = "fp32" in config
                 for w in workloads:
