@@ -74,6 +74,36 @@ def _write(work: Path, out: Path, manifest: BackboneManifest) -> None:
     _replace_dir(work, out)
 
 
+def _manifest(
+    name: str,
+    dim: int,
+    work: Path,
+    settings: dict[str, Any],
+    parity: tuple[float, float],
+) -> BackboneManifest:
+    """The manifest of an image backbone: pooled, L2-normalised features of `dim`, the fp32 and fp16 parity
+    measured, and the preprocessing in `settings` (size, resize, mean, std) the server must apply; the
+    fingerprint covers the fp32 model and every setting."""
+    return BackboneManifest(
+        name=name,
+        embedding_dim=dim,
+        pooling="global average",
+        normalization="l2",
+        max_length=0,
+        input_kind="image",
+        fingerprint=fingerprint([work / MODEL_FP32], settings),
+        tokenizer="",
+        input_names=("pixels",),
+        output_name="embedding",
+        parity_min_cosine_fp32=round(parity[0], 7),
+        parity_min_cosine_fp16=round(parity[1], 7),
+        image_size=int(settings["size"]),
+        resize=int(settings["resize"]),
+        mean=tuple(settings["mean"]),
+        std=tuple(settings["std"]),
+    )
+
+
 def _check_parity(reference: np.ndarray, work: Path, pixels: np.ndarray) -> tuple[float, float]:
     cos32 = _min_cosine(reference, _run(work / MODEL_FP32, pixels, ["embedding"])[0])
     cos16 = _min_cosine(reference, _run(work / MODEL_FP16, pixels, ["embedding"])[0])
@@ -152,24 +182,7 @@ def export_mobilenet(
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
         }
-        manifest = BackboneManifest(
-            name="torchvision/mobilenet_v2 (IMAGENET1K_V1)",
-            embedding_dim=1280,
-            pooling="global average",
-            normalization="l2",
-            max_length=0,
-            input_kind="image",
-            fingerprint=fingerprint([work / MODEL_FP32], settings),
-            tokenizer="",
-            input_names=("pixels",),
-            output_name="embedding",
-            parity_min_cosine_fp32=round(cos32, 7),
-            parity_min_cosine_fp16=round(cos16, 7),
-            image_size=224,
-            resize=256,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        )
+        manifest = _manifest("torchvision/mobilenet_v2 (IMAGENET1K_V1)", 1280, work, settings, (cos32, cos16))
         _write(work, out, manifest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -258,24 +271,7 @@ def export_onnx_image(
             "mean": list(mean),
             "std": list(std),
         }
-        manifest = BackboneManifest(
-            name=f"{source.stem} (cut at {feature_output})",
-            embedding_dim=dim,
-            pooling="global average",
-            normalization="l2",
-            max_length=0,
-            input_kind="image",
-            fingerprint=fingerprint([work / MODEL_FP32], settings),
-            tokenizer="",
-            input_names=("pixels",),
-            output_name="embedding",
-            parity_min_cosine_fp32=round(cos32, 7),
-            parity_min_cosine_fp16=round(cos16, 7),
-            image_size=size,
-            resize=resize,
-            mean=tuple(mean),
-            std=tuple(std),
-        )
+        manifest = _manifest(f"{source.stem} (cut at {feature_output})", dim, work, settings, (cos32, cos16))
         _write(work, out, manifest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
