@@ -9,7 +9,6 @@ runs alternated `--rounds` times. Target: keys / none >= 0.97.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import (
-    DEFAULT_BACKBONE,
+    bench_parser,
     data_root,
     load_average,
     local_server,
@@ -35,12 +34,9 @@ HEADING = "## API keys: what authentication costs"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser = bench_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds = 2.0, 1

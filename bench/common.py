@@ -5,6 +5,7 @@ Everything above the "server" part is pure and unit-tested (tests/unit/test_benc
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import math
@@ -481,6 +482,15 @@ def replace_section(document: str, heading: str, body: str) -> str:
     if end is None:
         return before + section
     return before + section + "\n" + "".join(lines[end:])
+
+
+def bench_parser(doc: str | None, quick: str = "short runs, to check the script") -> argparse.ArgumentParser:
+    """The arguments every server benchmark takes: --backbone, --quick and --write-docs; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    return parser
 
 
 def write_section(heading: str, body: str, path: Path = DOCS) -> None:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
-    DEFAULT_BACKBONE,
     LatencySummary,
+    bench_parser,
     data_root,
     load_average,
     local_server,
@@ -197,13 +197,10 @@ def render(outcomes: Sequence[Outcome], command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser = bench_parser(__doc__, "short runs, to check the script")
     parser.add_argument("--factor", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
-    parser.add_argument("--quick", action="store_true", help="short runs, to check the script")
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.capacity_seconds = 3.0, 2.0

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import threading
@@ -22,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import (
-    DEFAULT_BACKBONE,
     LatencySummary,
+    bench_parser,
     data_root,
     load_average,
     local_server,
@@ -119,13 +118,10 @@ def render(delays: list[float], throughput: dict[str, list[float]], command: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser = bench_parser(__doc__)
     parser.add_argument("--swaps", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=4, help="throughput runs per store, order alternated")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.swaps, args.seconds, args.rounds = 6, 2.0, 2

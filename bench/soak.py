@@ -12,7 +12,6 @@ the slope of each over the second half of the run (after the caches have filled)
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import tempfile
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import (
-    DEFAULT_BACKBONE,
+    bench_parser,
     data_root,
     load_average,
     local_server,
@@ -224,12 +223,9 @@ def render(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    parser = bench_parser(__doc__, "30 s and 50 tenants, to check the script")
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--tenants", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="30 s and 50 tenants, to check the script")
-    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.tenants = 30.0, 50
