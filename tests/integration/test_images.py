@@ -179,6 +179,11 @@ def test_bad_images_are_refused_by_index_and_the_server_keeps_serving(
     with Client(both.target, timeout=60) as client:
         before = client.get_head("pets")
         for name, (data, message) in bad_images(good).items():
+            if name == "png claiming 400 megapixels":
+                # The memory bound is about decoding. The requests before this one are refused before any
+                # decoding, but the 8 MiB ones leave the allocator's arenas larger (gRPC buffers, protobuf
+                # copies): 163 MiB of peak in one CI run here, where the bound is 150.
+                peak_before = rss_peak_kib(both.pid)
             for call in (
                 lambda data=data: client.embed(images=[good, data]),
                 lambda data=data: client.classify("pets", images=[good, data]),
