@@ -5,6 +5,7 @@ backbone."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -332,3 +333,55 @@ async def test_not_serving_until_warmed_up(tmp_path: Path) -> None:
     finally:
         await server.rpc.stop(0)
         server.pools.shutdown()
+
+
+async def test_a_call_is_freed_when_it_ends_not_by_the_cycle_collector(client: AsyncClient) -> None:
+    """Issue 9's soak: two reference cycles per call held each call's state (gRPC's `RPCState`) until the
+    cycle collector ran, and a few in a hundred were kept: every call left gRPC's request reader suspended
+    (a generator whose frame refers back to it), and every refused call ended with `context.abort`, whose
+    AbortError gRPC keeps on the state while its traceback holds the handler's frames. With the collector
+    off, the states of finished calls, answered or refused, must not pile up."""
+
+    def live_call_states() -> int:
+        return sum(type(o).__name__ == "RPCState" for o in gc.get_objects())
+
+    # The server keeps a few states ready for the next calls: let it fill that pool first.
+    for i in range(150):
+        await code_of(client.classify(f"ghost-{i}", ["x"]))
+    gc.collect()
+    gc.disable()
+    try:
+        before = live_call_states()
+        for i in range(40):
+            code, _ = await code_of(client.classify(f"ghost-{i}", ["x"]))
+            assert code == grpc.StatusCode.NOT_FOUND
+            code, _ = await code_of(client.embed([]))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert (await client.embed(["x"])).shape == (1, 16)
+        await asyncio.sleep(0.2)
+        after = live_call_states()
+    finally:
+        gc.enable()
+    assert after - before < 10, f"{after - before} states of 120 finished calls wait for the cycle collector"
+
+
+async def test_memory_gauges_follow_the_cache_and_the_head_stacks(
+    server: InProcess, client: AsyncClient
+) -> None:
+    """The soak (bench/soak.py) splits the server's memory growth by these gauges."""
+    from prometheus_client import generate_latest
+
+    def gauge(name: str) -> float:
+        for line in generate_latest(server.server.metrics.registry).decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} is not exported")
+
+    entries, allocated = gauge("headswap_embedding_cache_entries"), gauge("headswap_heads_allocated_bytes")
+    texts, labels = labelled(4)
+    await client.adapt_head("gauges", texts, labels, validation_fraction=0)
+    assert gauge("headswap_embedding_cache_entries") == entries + len(texts)
+    assert gauge("headswap_heads_allocated_bytes") >= allocated + 3 * (16 + 1) * 4  # one head of 3 classes
+    assert gauge("headswap_heads_allocated_bytes") >= gauge("headswap_heads_resident_bytes") > 0
+    await client.delete_head("gauges")
+    assert gauge("headswap_embedding_cache_entries") == entries
