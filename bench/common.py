@@ -295,6 +295,7 @@ def local_server(
     timeout: float = 180.0,
     module: str = "headswap.client.cli",
     env: Mapping[str, str] | None = None,
+    metrics_port: int = 0,
 ) -> Iterator[ServerProcess]:
     """`headswap serve` on a free loopback port (headswap.server.testing); stopped with SIGTERM on the way out.
 
@@ -305,7 +306,14 @@ def local_server(
     from headswap.server.testing import ServerProcess
 
     server = ServerProcess(
-        "--backbone", str(backbone), *flags, store=store, log_path=log_path, module=module, env=env
+        "--backbone",
+        str(backbone),
+        *flags,
+        store=store,
+        log_path=log_path,
+        module=module,
+        env=env,
+        metrics_port=metrics_port,
     )
     try:
         yield server.wait_serving(timeout)

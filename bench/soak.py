@@ -6,8 +6,10 @@ One server (its own process, local store, defaults). First every tenant gets a s
 Banking77 intents, 3 examples each). Then 16 workers send, for `--seconds`, a mix: 60 % single-text
 Classify (a random tenant), 20 % Embed (1 to 8 texts), 12 % AdaptHead (2 new examples added to a random
 tenant), 5 % DeleteHead followed by a retraining under the same name, 3 % calls for unknown tenants (which
-must not leave anything behind). Every 5 s the server's RSS, open file descriptors and threads are sampled;
-the slope of each over the second half of the run (after the caches have filled) is reported.
+must not leave anything behind). Every 5 s the server's RSS, open file descriptors and threads are sampled,
+with two of its gauges that hold memory by design (the embedding cache's entries and the bytes of the head
+stacks); the slope of each over the second half of the run is reported, and what of the RSS slope those
+two do not account for.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import random
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,24 +81,52 @@ def cache_entry_bytes(n: int = 10_000, dim: int = 384) -> float:
     return used / len(cache)
 
 
+def gauges(text: str, names: Sequence[str]) -> dict[str, float]:
+    """Unlabelled series of a Prometheus exposition, by name (0 for those absent)."""
+    values = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in values and rest:
+            values[name] = float(rest.split()[0])
+    return values
+
+
+CACHE_ENTRIES = "headswap_embedding_cache_entries"
+HEADS_ALLOCATED = "headswap_heads_allocated_bytes"
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return gauges(reply.read().decode(), (CACHE_ENTRIES, HEADS_ALLOCATED))
+
+
 @dataclass(frozen=True)
 class Samples:
     t: list[float]
     rss_mib: list[float]
     fds: list[int]
     threads: list[int]
-    trained: list[int] = field(default_factory=list)  # distinct texts trained on so far: the cache's entries
+    cache_entries: list[float] = field(default_factory=list)
+    heads_mib: list[float] = field(default_factory=list)  # the head stacks, free rows included
 
     def second_half(self) -> Samples:
         k = len(self.t) // 2
-        return Samples(self.t[k:], self.rss_mib[k:], self.fds[k:], self.threads[k:], self.trained[k:])
+        return Samples(
+            self.t[k:],
+            self.rss_mib[k:],
+            self.fds[k:],
+            self.threads[k:],
+            self.cache_entries[k:],
+            self.heads_mib[k:],
+        )
 
     def slopes_per_10min(self) -> tuple[float, float, float]:
         return tuple(600 * slope(self.t, v) for v in (self.rss_mib, self.fds, self.threads))  # type: ignore[return-value]
 
 
 async def run(
-    target: str, pid: int, tenants: int, seconds: float, seed: int = 0
+    target: str, pid: int, metrics_port: int, tenants: int, seconds: float, seed: int = 0
 ) -> tuple[Counter[str], Samples, float]:
     from headswap.client import AsyncClient, HeadswapError
 
@@ -105,12 +136,9 @@ async def run(
     intents = sorted(by_intent)
     names = [f"soak-{i:04d}" for i in range(tenants)]
 
-    trained: set[str] = set()
-
     def examples(r: random.Random, per: int = 3, keep: int | None = None) -> tuple[list[str], list[str]]:
         chosen = r.sample(intents, r.randint(2, 4))
         pairs = [(t, y) for y in chosen for t in r.sample(by_intent[y], per)][:keep]
-        trained.update(t for t, _ in pairs)
         return [t for t, _ in pairs], [y for _, y in pairs]
 
     outcomes: Counter[str] = Counter()
@@ -170,11 +198,13 @@ async def run(
             start = time.perf_counter()
             while time.perf_counter() < end:
                 rss, fds, threads = process_sample(pid)
+                held = await asyncio.to_thread(scrape, metrics_port)
                 samples.t.append(time.perf_counter() - start)
                 samples.rss_mib.append(rss)
                 samples.fds.append(fds)
                 samples.threads.append(threads)
-                samples.trained.append(len(trained))
+                samples.cache_entries.append(held[CACHE_ENTRIES])
+                samples.heads_mib.append(held[HEADS_ALLOCATED] / 2**20)
                 await asyncio.sleep(5)
 
         await asyncio.gather(sampler(), *(worker(i) for i in range(16)))
@@ -192,8 +222,10 @@ def render(
 ) -> str:
     late = samples.second_half()
     rss, fds, threads = late.slopes_per_10min()
-    new_texts = 600 * slope(late.t, late.trained) if late.trained else 0.0
-    cache_mib = new_texts * entry_bytes / 2**20
+    new_entries = 600 * slope(late.t, late.cache_entries)
+    cache_mib = new_entries * entry_bytes / 2**20
+    heads_mib = 600 * slope(late.t, late.heads_mib)
+    entries, heads = samples.cache_entries, samples.heads_mib
     rows = [[k, str(v), f"{v / seconds:.1f}"] for k, v in sorted(outcomes.items())]
     first, last = samples.rss_mib[0], samples.rss_mib[-1]
     return "\n".join(
@@ -211,12 +243,14 @@ def render(
             f"File descriptors {min(samples.fds)} to {max(samples.fds)}; threads {min(samples.threads)} to "
             f"{max(samples.threads)}.",
             "",
-            f"Where the RSS slope goes: the embedding cache keeps every distinct text trained on (a cache, "
-            f"bounded by `--cache-capacity`, 200,000 entries by default). Over the second half the distinct "
-            f"training texts grew by {new_texts:,.0f} per 10 minutes ({samples.trained[0] if samples.trained else 0:,} "
-            f"after set-up, {samples.trained[-1] if samples.trained else 0:,} at the end, of Banking77's 10,003); "
-            f"at {entry_bytes:,.0f} bytes an entry (measured with tracemalloc in this process) that is "
-            f"{cache_mib:+.1f} MiB per 10 minutes of the {rss:+.1f} MiB.",
+            "Where the RSS slope goes, by the server's own gauges of what holds memory by design: the "
+            "embedding cache (every distinct text trained on, bounded by `--cache-capacity`, 200,000 entries "
+            f"by default) held {entries[0]:,.0f} entries at the start of the load and {entries[-1]:,.0f} at "
+            f"the end, {new_entries:+,.0f} per 10 minutes over the second half, which at {entry_bytes:,.0f} "
+            f"bytes an entry (measured with tracemalloc in this process) is {cache_mib:+.1f} MiB; the head "
+            "stacks (their slabs grow by doubling as tenants gain classes, and keep their size) held "
+            f"{heads[0]:.1f} MiB at the start and {heads[-1]:.1f} MiB at the end, {heads_mib:+.1f} MiB per 10 "
+            f"minutes. **Not accounted for by either: {rss - cache_mib - heads_mib:+.1f} MiB per 10 minutes.**",
             "",
         ]
     )
@@ -229,12 +263,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.tenants = 30.0, 50
+    from headswap.server.testing import free_port
+
+    metrics_port = free_port()
     with tempfile.TemporaryDirectory(prefix="headswap-soak-") as tmp:
         with local_server(
-            args.backbone, Path(tmp) / "store", (), log_path=Path(tmp) / "server.log"
+            args.backbone,
+            Path(tmp) / "store",
+            (),
+            log_path=Path(tmp) / "server.log",
+            metrics_port=metrics_port,
         ) as server:
             outcomes, samples, setup_s = asyncio.run(
-                run(server.target, server.pid, args.tenants, args.seconds)
+                run(server.target, server.pid, metrics_port, args.tenants, args.seconds)
             )
             log = server.log()
     command = "python -m bench.soak" + (" --quick" if args.quick else "")

@@ -255,6 +255,8 @@ def _watch(server: Server) -> None:
     m.watch(m.queue_depth, lambda: sum(lane.batcher.queue_depth for lane in server.lanes))
     m.watch(m.heads_resident, lambda: bank.resident()[0])
     m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
+    m.watch(m.heads_allocated_bytes, bank.allocated_bytes)
+    m.watch(m.cache_entries, lambda: len(server.heads.cache))
     m.watch(m.tenants, lambda: len(store.tenants()))
     m.watch(m.tenants_quarantined, lambda: len(store.damaged))
     bank.on_swap = m.swaps.inc

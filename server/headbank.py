@@ -269,6 +269,10 @@ class HeadBank:
         with self._lock:
             return len(self._active) + len(self._pinned), self._bytes
 
+    def allocated_bytes(self) -> int:
+        """What the head stacks hold, free rows included: slabs grow by doubling and keep their size."""
+        return sum(stack.allocated_bytes() for stack in self.stacks.values())
+
     def tracked_tenants(self) -> int:
         """Tenants this bank holds any state for (resident or seen): bounded by the tenants that exist."""
         with self._lock:

@@ -87,6 +87,14 @@ class Metrics:
         self.heads_resident_bytes = Gauge(
             "headswap_heads_resident_bytes", "bytes of head weights held in memory", registry=r
         )
+        self.heads_allocated_bytes = Gauge(
+            "headswap_heads_allocated_bytes",
+            "bytes the head stacks hold: resident heads and the rows kept free for the next ones",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "headswap_embedding_cache_entries", "training embeddings held in the embedding cache", registry=r
+        )
         self.tenants = Gauge("headswap_tenants", "tenants with at least one stored head", registry=r)
         self.tenants_quarantined = Gauge(
             "headswap_tenants_quarantined",

@@ -88,6 +88,8 @@ def test_real_prometheus_scrape(
             "headswap_embedding_cache_misses_total",
             "headswap_head_swaps_total",
             "headswap_heads_resident_bytes",
+            "headswap_heads_allocated_bytes",
+            "headswap_embedding_cache_entries",
             "headswap_training_duration_seconds_bucket",
         ):
             assert name in exposition, name

@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import LatencySummary
 from bench.overload import Outcome
-from bench.soak import Samples, process_sample, slope
+from bench.soak import Samples, gauges, process_sample, render, slope
 
 
 def test_slope_is_least_squares() -> None:
@@ -40,3 +40,30 @@ def test_cache_entry_bytes_counts_the_vector_and_its_bookkeeping() -> None:
 
     per_entry = cache_entry_bytes(n=2_000)
     assert 384 * 4 < per_entry < 4 * 384 * 4  # the float32 vector, plus key, owners and dict overhead
+
+
+def test_gauges_reads_unlabelled_series_and_zero_for_absent_ones() -> None:
+    text = (
+        "# HELP headswap_embedding_cache_entries x\n# TYPE headswap_embedding_cache_entries gauge\n"
+        "headswap_embedding_cache_entries 1234.0\n"
+        'headswap_requests_total{code="OK",rpc="Embed"} 7.0\n'
+    )
+    assert gauges(text, ["headswap_embedding_cache_entries", "headswap_heads_allocated_bytes"]) == {
+        "headswap_embedding_cache_entries": 1234.0,
+        "headswap_heads_allocated_bytes": 0.0,
+    }
+
+
+def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for() -> None:
+    from collections import Counter
+
+    t = [0.0, 300.0, 600.0, 900.0, 1200.0, 1500.0]
+    # Per 10 minutes over the second half (the last three samples): RSS +20 MiB, the head stacks +4 MiB, the
+    # cache +2,000 entries of 1,048.576 bytes (2 MiB): 14 MiB unaccounted for.
+    rss, heads = [400, 500, 590, 600, 610, 620], [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
+    s = Samples(t, rss, [20] * 6, [10] * 6, [0, 500, 800, 1000, 2000, 3000], heads)
+    text = render(Counter({"classify OK": 10}), s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
+    assert "held 0 entries at the start of the load and 3,000 at the end, +2,000 per 10 minutes" in text
+    assert "+2.0 MiB; the head stacks" in text
+    assert "held 1.0 MiB at the start and 9.0 MiB at the end, +4.0 MiB per 10 minutes" in text
+    assert "Not accounted for by either: +14.0 MiB per 10 minutes" in text
