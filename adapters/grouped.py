@@ -11,10 +11,16 @@ batch the same way (they are rare and larger, so they are not kept in a slab).
 Slots are copy-on-write: a new head version gets a new slot, and a slot is reused only after `release`,
 which the owner calls once nothing can use the old version any more. So a request that took a version keeps
 reading exactly that version's weights while newer versions are added beside it.
+
+A slab doubles when full and halves when a quarter or less of it is in use and its upper half is free; new
+heads take the lowest free row, so the used rows gather at the bottom. Memory therefore follows the heads
+resident now, not the most a bucket ever held (tenants gaining classes move up to wider buckets and would
+otherwise leave their old rows allocated behind them).
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +51,8 @@ class _MLPWeights:
 class _Slab:
     weight: torch.Tensor  # (slots, bucket, dim)
     bias: torch.Tensor  # (slots, bucket)
-    free: list[int] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)  # a min-heap: the lowest free row is used first
+    used: set[int] = field(default_factory=set)
 
 
 class HeadStack:
@@ -69,7 +76,7 @@ class HeadStack:
             slab = _Slab(
                 torch.zeros((n, bucket, self.input_dim), device=self.device),
                 torch.full((n, bucket), NEG_INF, device=self.device),
-                list(range(n - 1, -1, -1)),
+                list(range(n)),
             )
             self._slabs[bucket] = slab
         elif not slab.free:
@@ -78,8 +85,22 @@ class HeadStack:
             weight = torch.zeros((old * 2, bucket, self.input_dim), device=self.device)
             bias = torch.full((old * 2, bucket), NEG_INF, device=self.device)
             weight[:old], bias[:old] = slab.weight, slab.bias
-            slab.weight, slab.bias, slab.free = weight, bias, list(range(old * 2 - 1, old - 1, -1))
+            slab.weight, slab.bias, slab.free = weight, bias, list(range(old, old * 2))
         return slab
+
+    def _shrink(self, slab: _Slab) -> None:
+        """Halve the slab while a quarter or less of it is used and nothing lives in its upper half. Copies,
+        so readers holding the old tensors keep valid data (no live head is in the rows dropped)."""
+        size = slab.weight.shape[0]
+        while (
+            size > self.initial_slots
+            and len(slab.used) * 4 <= size
+            and max(slab.used, default=-1) < size // 2
+        ):
+            size //= 2
+        if size < slab.weight.shape[0]:
+            slab.weight, slab.bias = slab.weight[:size].clone(), slab.bias[:size].clone()
+            slab.free = [row for row in range(size) if row not in slab.used]  # ascending: already a heap
 
     def add(self, spec: HeadSpec, state: Mapping[str, np.ndarray]) -> int:
         """Place a head's weights; returns its slot id."""
@@ -107,7 +128,8 @@ class HeadStack:
                 return slot
             bucket = bucket_of(spec.num_classes)
             slab = self._slab(bucket)
-            row = slab.free.pop()
+            row = heapq.heappop(slab.free)
+            slab.used.add(row)
             slab.weight[row].zero_()
             slab.bias[row].fill_(NEG_INF)
             slab.weight[row, : spec.num_classes] = tensor("weight")
@@ -123,7 +145,10 @@ class HeadStack:
             if slot < 0:
                 del self._mlp[slot]
             else:
-                self._slabs[slot >> _SLOT_BITS].free.append(slot & ((1 << _SLOT_BITS) - 1))
+                slab, row = self._slabs[slot >> _SLOT_BITS], slot & ((1 << _SLOT_BITS) - 1)
+                slab.used.discard(row)
+                heapq.heappush(slab.free, row)
+                self._shrink(slab)
 
     def num_classes(self, slot: int) -> int:
         return self._classes[slot]

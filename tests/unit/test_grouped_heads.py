@@ -89,3 +89,37 @@ def test_a_wide_head_does_not_widen_every_other_one() -> None:
     assert narrow <= 2 * 512 * 4 * (DIM + 1) * 4
     x = rng.standard_normal((2, DIM)).astype(np.float32)
     assert [p.shape for p in stack.apply(x, [slots[0], slots[-1]])] == [(4,), (4,)]
+
+
+def test_slabs_follow_the_heads_resident_now_not_the_most_ever_held() -> None:
+    """Issue 9's soak: tenants gain classes and move up to wider buckets; the rows they leave behind must not
+    stay allocated. 96 three-class heads, each replaced by a five-class one (as a retraining with new labels
+    does): the four-class slab shrinks back, the heads still answering are untouched."""
+    stack = HeadStack(DIM, initial_slots=2)
+    three, five = make_head(0, 3), make_head(1, 5)
+    old = [stack.add(*three) for _ in range(96)]
+    x = np.random.default_rng(4).standard_normal((1, DIM)).astype(np.float32)
+    want_three = stack.apply(x, [old[0]])[0]
+    row_bytes = (DIM + 1) * 4  # a class's weights and bias
+    assert stack.allocated_bytes() == 128 * 4 * row_bytes  # 96 heads: the slab doubled from 2 to 128 rows
+    new = []
+    for slot in old[1:]:  # one three-class head stays, in the lowest row
+        new.append(stack.add(*five))
+        stack.release(slot)
+    want_five = stack.apply(x, [new[0]])[0]
+    assert stack.allocated_bytes() == (2 * 4 + 128 * 8) * row_bytes  # the four-class slab back to 2 rows
+    np.testing.assert_array_equal(stack.apply(x, [old[0]])[0], want_three)
+    for slot in new[1:]:
+        stack.release(slot)
+    assert stack.allocated_bytes() == (2 * 4 + 2 * 8) * row_bytes
+    np.testing.assert_array_equal(stack.apply(x, [new[0]])[0], want_five)
+    np.testing.assert_array_equal(stack.apply(x, [old[0]])[0], want_three)
+
+
+def test_a_new_head_takes_the_lowest_free_row() -> None:
+    stack = HeadStack(DIM, initial_slots=8)
+    slots = [stack.add(*make_head(0, 3)) for _ in range(6)]
+    stack.release(slots[4])
+    stack.release(slots[1])
+    assert stack.add(*make_head(1, 3)) == slots[1]
+    assert stack.add(*make_head(2, 3)) == slots[4]
