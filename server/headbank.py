@@ -270,7 +270,7 @@ class HeadBank:
             return len(self._active) + len(self._pinned), self._bytes
 
     def allocated_bytes(self) -> int:
-        """What the head stacks hold, free rows included: slabs grow by doubling and keep their size."""
+        """What the head stacks hold, free rows included (a slab doubles when full, halves when mostly free)."""
         return sum(stack.allocated_bytes() for stack in self.stacks.values())
 
     def tracked_tenants(self) -> int:
