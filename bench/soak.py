@@ -7,10 +7,11 @@ Banking77 intents, 3 examples each). Then 16 workers send, for `--seconds`, a mi
 Classify (a random tenant), 20 % Embed (1 to 8 texts), 12 % AdaptHead (2 new examples, of labels the
 tenant already has, added to a random tenant), 5 % DeleteHead followed by a retraining under the same name
 (new labels), 3 % calls for unknown tenants (which must not leave anything behind). So the heads keep their
-widths and what the server holds by design stays about the same size: growth is what a leak would show. Every 5 s the server's RSS, open file descriptors and threads are sampled,
-with two of its gauges that hold memory by design (the embedding cache's entries and the bytes of the head
-stacks); the slope of each over the second half of the run is reported, and what of the RSS slope those
-two do not account for.
+widths and what the server holds by design stays about the same size: growth is what a leak would show.
+
+Every 5 s the server's RSS, open file descriptors and threads are sampled, with two of its gauges that hold
+memory by design (the embedding cache's entries and the bytes of the head stacks); the slope of each over
+the second half of the run is reported, and what of the RSS slope those two do not account for.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ def cache_entry_bytes(n: int = 10_000, dim: int = 384) -> float:
 
 def gauges(text: str, names: Sequence[str]) -> dict[str, float]:
     """Unlabelled series of a Prometheus exposition, by name (0 for those absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     values = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        name, _, rest = line.partition(" ")
-        if name in values and rest:
-            values[name] = float(rest.split()[0])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in values and not sample.labels:
+                values[sample.name] = sample.value
     return values
 
 

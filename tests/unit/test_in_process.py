@@ -369,13 +369,11 @@ async def test_memory_gauges_follow_the_cache_and_the_head_stacks(
     server: InProcess, client: AsyncClient
 ) -> None:
     """The soak (bench/soak.py) splits the server's memory growth by these gauges."""
-    from prometheus_client import generate_latest
 
     def gauge(name: str) -> float:
-        for line in generate_latest(server.server.metrics.registry).decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} is not exported")
+        value = server.server.metrics.registry.get_sample_value(name)
+        assert value is not None, f"{name} is not exported"
+        return value
 
     entries, allocated = gauge("headswap_embedding_cache_entries"), gauge("headswap_heads_allocated_bytes")
     texts, labels = labelled(4)
