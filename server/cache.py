@@ -47,6 +47,11 @@ class EmbeddingCache:
             for key, vector in entries.items():
                 old = self._entries.get((fingerprint, key))
                 owners = old[1] if old is not None else set()
+                if vector.base is not None:
+                    # A row of a batch: keep a copy of the row alone. A view would keep the whole batch
+                    # alive for as long as any of its rows stays cached: more than the entry count says,
+                    # and past the deletion of the tenants whose rows were dropped.
+                    vector = vector.copy()
                 if tenant:
                     owners.add(tenant)
                 self._entries[(fingerprint, key)] = (vector, owners)

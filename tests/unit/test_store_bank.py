@@ -147,6 +147,24 @@ def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> N
     assert cache.evict_tenant("t2") == 1 and len(cache) == 0
 
 
+def test_embedding_cache_keeps_its_rows_not_the_batches_they_came_from() -> None:
+    cache = EmbeddingCache(capacity=10)
+    a, b, c = (content_key(t) for t in "abc")
+    batch = np.arange(3 * 384, dtype=np.float32).reshape(3, 384)
+    batch_alive = weakref.ref(batch)
+    cache.put_many(FP, {a: batch[0], b: batch[1], c: batch[2]}, tenant="t1")
+    cache.get_many(FP, [b], tenant="t2")
+    del batch
+    gc.collect()
+    assert batch_alive() is None  # dropping a and c with t1 frees their bytes; b holds only its own row
+    assert cache.evict_tenant("t1") == 2
+    kept = cache.get_many(FP, [b])[b]
+    assert kept.base is None and kept.nbytes == 384 * 4
+    np.testing.assert_array_equal(kept, np.arange(384, 768, dtype=np.float32))
+    cache.put_many(FP, {b: kept}, tenant="t3")  # putting back the cache's own vector copies nothing
+    assert cache.get_many(FP, [b])[b] is kept
+
+
 def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     bank = HeadBank(store, {FP: HeadStack(8)})
