@@ -95,6 +95,12 @@ def gauges(text: str, names: Sequence[str]) -> dict[str, float]:
     return values
 
 
+RACES = (
+    "Refusals for known tenants are the workers' own races, answered as they should be: a call that lands "
+    "between a tenant's DeleteHead and its retraining finds no head (Classify NOT_FOUND) or, for AdaptHead, "
+    "adds its 2 examples to none and is refused when both have one label (INVALID_ARGUMENT); two "
+    "workers that delete the same tenant at once leave one NOT_FOUND."
+)
 CACHE_ENTRIES = "headswap_embedding_cache_entries"
 HEADS_ALLOCATED = "headswap_heads_allocated_bytes"
 
@@ -248,6 +254,11 @@ def render(
             "",
             markdown_table(["call and outcome", "calls", "per second"], rows, [False, True, True]),
             "",
+            *(
+                [RACES, ""]
+                if any(k.split()[0] != "unknown" and not k.endswith(" OK") for k in outcomes)
+                else []
+            ),
             f"Server RSS {first:.0f} MiB at the start of the load, {max(samples.rss_mib):.0f} MiB at most, "
             f"{last:.0f} MiB at the end; over the second half ({len(late.t)} samples, 5 s apart) RSS moved "
             f"{rss:+.1f} MiB, open file descriptors {fds:+.1f} and threads {threads:+.1f} per 10 minutes. "

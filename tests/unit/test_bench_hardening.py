@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import LatencySummary
 from bench.overload import Outcome
-from bench.soak import Samples, gauges, process_sample, render, slope
+from bench.soak import RACES, Samples, gauges, process_sample, render, slope
 
 
 def test_slope_is_least_squares() -> None:
@@ -67,3 +67,8 @@ def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for(
     assert "+2.0 MiB; the head stacks" in text
     assert "held 1.0 MiB at the start and 9.0 MiB at the end, +4.0 MiB per 10 minutes" in text
     assert "Not accounted for by either: +14.0 MiB per 10 minutes" in text
+    assert RACES not in text
+    refused = Counter({"classify OK": 10, "unknown NOT_FOUND": 3})
+    assert RACES not in render(refused, s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
+    refused["classify NOT_FOUND"] = 1  # a known tenant refused: the table says why
+    assert RACES in render(refused, s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
