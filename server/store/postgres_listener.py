@@ -4,18 +4,47 @@ On a NOTIFY (or every second, in case one was lost) the listener reads the chang
 published, in sequence order, and publishes them on the store's feed; after losing its connection it
 reconnects with backoff and catches up the same way, so a replica that was cut off for a while applies
 everything it missed, in order. Runs in its own thread, on its own connection (never one of the pool's).
+
+The change log is pruned as it goes (every listener, every 10 minutes): a change older than an hour goes
+once a newer change of the same kind (a swap, a deletion) names the same tenant or key. Followers that are
+connected have read it long before; a replica cut off for longer still meets each tenant's newest swap
+and newest deletion in order, which is all it needs to end with the same heads (a deletion drops
+everything the tenant had, a swap names the version and its weights' sha256). So the log holds about one
+row per tenant, not one per swap.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from typing import Any
 
 from headswap.server.store.base import Change, ChangeFeed
 
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "headswap-listener"
+PRUNE_EVERY_S = 600.0
+KEEP_S = 3600.0  # every change is kept at least this long
+
+
+def prune_changes(conn: Any, keep_s: float = KEEP_S) -> int:
+    """Delete changes older than `keep_s` that a newer change of the same tenant or key and the same kind
+    supersedes; returns how many. Several replicas may call it at once: one prunes, the others skip."""
+    with conn.transaction():
+        lock = "SELECT pg_try_advisory_xact_lock(hashtext('headswap_changes_prune'))"
+        if not conn.execute(lock).fetchone()[0]:
+            return 0
+        cursor = conn.execute(
+            "DELETE FROM headswap_changes WHERE seq IN ("
+            " SELECT seq FROM ("
+            "  SELECT seq, at, row_number() OVER (PARTITION BY tenant, key_id, deleted ORDER BY seq DESC) AS rank"
+            "  FROM headswap_changes) AS ranked"
+            " WHERE rank > 1 AND at < now() - make_interval(secs => %s))",
+            (keep_s,),
+        )
+        return int(cursor.rowcount)
 
 
 class Listener:
@@ -27,6 +56,7 @@ class Listener:
         self.connected = threading.Event()
         self.reconnects = 0
         self._stop = threading.Event()
+        self._next_prune = 0.0  # once connected, then every PRUNE_EVERY_S
         self._thread = threading.Thread(target=self._run, name="headswap-store-listener", daemon=True)
 
     def start(self) -> None:
@@ -69,6 +99,11 @@ class Listener:
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             pass  # woken by a notice, or a second passed: read whatever is new either way
                         self._catch_up(conn)
+                        if time.monotonic() >= self._next_prune:
+                            self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                            pruned = prune_changes(conn)
+                            if pruned:
+                                log.info("change log: %d superseded changes removed", pruned)
             except psycopg.Error as exc:
                 self.connected.clear()
                 self.reconnects += 1

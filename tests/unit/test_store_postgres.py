@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,107 @@ def test_unreachable_database_is_unavailable_without_the_password(
             time.sleep(0.2)
     store.close()
     assert "hunter2" not in redact(url) and "postgres" in redact(url)
+
+
+def _head(seed: int) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    from headswap.adapters import TrainConfig, head_to_bytes, train_head
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    head = train_head(x, (x[:, 0] > 0).astype(np.int64), 2, TrainConfig(seed=seed, device="cpu"))
+    return head_to_bytes(head, {"labels": ["neg", "pos"], "backbone_fingerprint": "f" * 64})
+
+
+def test_the_change_log_keeps_what_a_late_replica_needs_not_every_swap(postgres_dsn: str) -> None:
+    import psycopg
+
+    from headswap.adapters.grouped import HeadStack
+    from headswap.server.headbank import HeadBank
+    from headswap.server.keys import ApiKey
+    from headswap.server.store.base import Change
+    from headswap.server.store.postgres_listener import Listener, prune_changes
+
+    store = PostgresStore(postgres_dsn, migrate_schema=True, listen=False)
+    heads = {seed: _head(seed) for seed in range(7)}
+
+    def swap(tenant: str, seed: int) -> None:
+        weights, manifest = heads[seed]
+        store.commit_version(tenant, NewVersion(manifest, weights, EXAMPLES, activate=True))
+
+    def log() -> list[tuple[int, str, int, bool, str]]:
+        with psycopg.connect(postgres_dsn) as conn:
+            query = "SELECT seq, tenant, active_version, deleted, key_id FROM headswap_changes ORDER BY seq"
+            return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
+
+    swap("a", 0)
+    swap("a", 2)
+    swap("b", 1)
+    late = HeadBank(store, {"f" * 64: HeadStack(8)})  # a replica that holds a and b, and a's version 1 pinned
+    assert (late.get("a").version, late.get("b").version, late.get("a", 1).version) == (2, 1, 1)
+    assert late.resident()[0] == 3
+    cut_off_at = log()[-1][0]
+
+    # While that replica is cut off: a swaps again, is deleted and comes back with two new versions (numbered
+    # 1 and 2 again, other weights); b is deleted; a key is revoked twice.
+    swap("a", 3)
+    store.delete("a")
+    swap("a", 4)
+    swap("a", 5)
+    store.delete("b")
+    store.put_key(ApiKey("k1", "tenant", "a", "0" * 64, 1.0))
+    store.revoke_key("k1", 2.0)
+    store.revoke_key("k1", 3.0)
+    assert len(log()) == 10
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE headswap_changes SET at = now() - interval '2 hours'")
+    swap("c", 6)  # newer than an hour, superseded or not: kept
+    swap("c", 6)
+
+    class Collected:
+        def __init__(self) -> None:
+            self.changes: list[Change] = []
+
+        def publish(self, change: Change) -> None:
+            self.changes.append(change)
+
+    def follow(since: int, until: Callable[[Listener], bool]) -> list[Change]:
+        collected = Collected()
+        listener = Listener(postgres_dsn, "test", collected, since)  # type: ignore[arg-type]
+        listener.start()
+        try:
+            deadline = time.monotonic() + 20
+            while not until(listener) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            listener.stop()
+        return collected.changes
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        assert prune_changes(conn, keep_s=3 * 3600) == 0  # nothing is old enough yet
+    follow(log()[-1][0], lambda _: len(log()) < 12)  # a replica that is up to date prunes once connected
+    kept = log()
+    # Per tenant or key and kind (swap, deletion) the newest, and whatever is recent.
+    assert [(tenant, version, deleted, key) for _, tenant, version, deleted, key in kept] == [
+        ("b", 1, False, ""),
+        ("a", 0, True, ""),
+        ("a", 2, False, ""),
+        ("b", 0, True, ""),
+        ("", 0, False, "k1"),
+        ("c", 1, False, ""),
+        ("c", 2, False, ""),
+    ]
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        assert prune_changes(conn) == 0
+
+    caught_up = follow(cut_off_at, lambda listener: listener.last >= kept[-1][0])
+    assert [c.seq for c in caught_up] == [row[0] for row in kept if row[0] > cut_off_at]
+    for change in caught_up:
+        if change.tenant:
+            late.reconcile(change)
+    # It ends where a replica that saw every change ends: nothing of a's old life or of b in memory (a's old
+    # version 1 would stay pinned if the deletion were not replayed, and answer for the new version 1), and
+    # a served from its new versions when asked.
+    assert late.resident()[0] == 0
+    assert late.get("a").weights_sha256 == weights_digest(heads[5][0])
+    assert late.get("a", 1).weights_sha256 == weights_digest(heads[4][0])
+    store.close()
