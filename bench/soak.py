@@ -51,6 +51,21 @@ def slope(times: Sequence[float], values: Sequence[float]) -> float:
     return sum((t - mt) * (v - mv) for t, v in zip(times, values, strict=True)) / den if den else 0.0
 
 
+def slope_error(times: Sequence[float], values: Sequence[float]) -> float:
+    """Standard error of `slope` (units per second), from the residuals of the fit. Samples taken seconds
+    apart are correlated, so this understates the real uncertainty: a floor for "within noise"."""
+    n = len(times)
+    if n < 3:
+        return 0.0
+    mt, mv = sum(times) / n, sum(values) / n
+    den = sum((t - mt) ** 2 for t in times)
+    if not den:
+        return 0.0
+    b = slope(times, values)
+    residual = sum((v - mv - b * (t - mt)) ** 2 for t, v in zip(times, values, strict=True))
+    return float((residual / (n - 2) / den) ** 0.5)
+
+
 def process_sample(pid: int) -> tuple[float, int, int]:
     """(RSS MiB, open file descriptors, threads) of a process, from /proc."""
     rss = threads = 0
@@ -239,6 +254,7 @@ def render(
 ) -> str:
     late = samples.second_half()
     rss, fds, threads = late.slopes_per_10min()
+    rss_error = 600 * slope_error(late.t, late.rss_mib)
     new_entries = 600 * slope(late.t, late.cache_entries)
     cache_mib = new_entries * entry_bytes / 2**20
     heads_mib = 600 * slope(late.t, late.heads_mib)
@@ -261,7 +277,8 @@ def render(
             ),
             f"Server RSS {first:.0f} MiB at the start of the load, {max(samples.rss_mib):.0f} MiB at most, "
             f"{last:.0f} MiB at the end; over the second half ({len(late.t)} samples, 5 s apart) RSS moved "
-            f"{rss:+.1f} MiB, open file descriptors {fds:+.1f} and threads {threads:+.1f} per 10 minutes. "
+            f"{rss:+.1f} MiB (standard error {rss_error:.1f}; RSS between {min(late.rss_mib):.0f} and "
+            f"{max(late.rss_mib):.0f} MiB), open file descriptors {fds:+.1f} and threads {threads:+.1f} per 10 minutes. "
             f"File descriptors {min(samples.fds)} to {max(samples.fds)}; threads {min(samples.threads)} to "
             f"{max(samples.threads)}.",
             "",

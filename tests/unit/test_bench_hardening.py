@@ -8,13 +8,17 @@ import pytest
 
 from bench.common import LatencySummary
 from bench.overload import Outcome
-from bench.soak import RACES, Samples, gauges, process_sample, render, slope
+from bench.soak import RACES, Samples, gauges, process_sample, render, slope, slope_error
 
 
 def test_slope_is_least_squares() -> None:
     assert slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
     assert slope([0, 10, 20], [5, 5, 5]) == 0.0
     assert slope([1], [4]) == 0.0
+    assert slope_error([0, 1, 2, 3], [1, 3, 5, 7]) == 0.0  # on the line
+    # Residuals +1, -1, -1, +1 around slope 0: sqrt(4 / 2 / 5).
+    assert slope_error([0, 1, 2, 3], [1, -1, -1, 1]) == pytest.approx((4 / 2 / 5) ** 0.5)
+    assert slope_error([0, 1], [0, 5]) == 0.0
     s = Samples([0, 5, 10, 15, 20, 25], [100, 200, 300, 300, 301, 302], [9, 9, 9, 9, 9, 9], [3] * 6)
     late = s.second_half()
     assert late.t == [15, 20, 25]
@@ -67,6 +71,7 @@ def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for(
     assert "+2.0 MiB; the head stacks" in text
     assert "held 1.0 MiB at the start and 9.0 MiB at the end, +4.0 MiB per 10 minutes" in text
     assert "Not accounted for by either: +14.0 MiB per 10 minutes" in text
+    assert "RSS moved +20.0 MiB (standard error 0.0; RSS between 600 and 620 MiB)" in text
     assert RACES not in text
     refused = Counter({"classify OK": 10, "unknown NOT_FOUND": 3})
     assert RACES not in render(refused, s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
