@@ -76,6 +76,19 @@ class Listener:
             self.feed.publish(Change(tenant, int(active), int(seq), bool(deleted), str(sha), str(key_id)))
             self.last = int(seq)
 
+    def _prune(self, conn: object) -> None:
+        """Housekeeping: a failure (a role without DELETE, a lock timeout) is logged, never a lost connection."""
+        import psycopg
+
+        try:
+            pruned = prune_changes(conn)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("change log not pruned (%s); retrying in %.0f s", first, PRUNE_EVERY_S)
+            return
+        if pruned:
+            log.info("change log: %d superseded changes removed", pruned)
+
     def _run(self) -> None:
         import psycopg
 
@@ -101,9 +114,7 @@ class Listener:
                         self._catch_up(conn)
                         if time.monotonic() >= self._next_prune:
                             self._next_prune = time.monotonic() + PRUNE_EVERY_S
-                            pruned = prune_changes(conn)
-                            if pruned:
-                                log.info("change log: %d superseded changes removed", pruned)
+                            self._prune(conn)
             except psycopg.Error as exc:
                 self.connected.clear()
                 self.reconnects += 1

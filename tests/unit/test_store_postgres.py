@@ -195,3 +195,22 @@ def test_the_change_log_keeps_what_a_late_replica_needs_not_every_swap(postgres_
     assert late.get("a").weights_sha256 == weights_digest(heads[5][0])
     assert late.get("a", 1).weights_sha256 == weights_digest(heads[4][0])
     store.close()
+
+
+def test_a_failed_prune_is_logged_not_a_lost_connection(caplog: pytest.LogCaptureFixture) -> None:
+    import contextlib
+
+    import psycopg
+
+    from headswap.server.store.postgres_listener import Listener
+
+    class Refusing:  # a connection whose role may read the change log but not delete from it
+        def transaction(self) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext()
+
+        def execute(self, *_: object) -> None:
+            raise psycopg.errors.InsufficientPrivilege("permission denied for table headswap_changes")
+
+    listener = Listener("postgresql://unused", "test", None, 0)  # type: ignore[arg-type]
+    listener._prune(Refusing())  # returns: the listener goes on following changes
+    assert "change log not pruned (permission denied for table headswap_changes)" in caplog.text
