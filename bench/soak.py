@@ -1,6 +1,6 @@
 """Soak: minutes of mixed Embed, Classify, AdaptHead and DeleteHead across 1,000 tenants; is memory flat?
 
-    python -m bench.soak [--seconds 600] [--tenants 1000] [--write-docs] [--quick]
+    python -m bench.soak [--seconds 600] [--tenants 1000] [--samples FILE.json] [--write-docs] [--quick]
 
 One server (its own process, local store, defaults). First every tenant gets a small head (2 to 4
 Banking77 intents, 3 examples each). Then 16 workers send, for `--seconds`, a mix: 60 % single-text
@@ -11,19 +11,21 @@ widths and what the server holds by design stays about the same size: growth is 
 
 Every 5 s the server's RSS, open file descriptors and threads are sampled, with two of its gauges that hold
 memory by design (the embedding cache's entries and the bytes of the head stacks); the slope of each over
-the second half of the run is reported, and what of the RSS slope those two do not account for.
+the second half of the run is reported, and what of the RSS slope those two do not account for; a run of
+30 minutes or more also reports them window by window (10 minutes each), to show whether growth levels off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import tempfile
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.common import (
@@ -146,8 +148,49 @@ class Samples:
             self.heads_mib[k:],
         )
 
+    def between(self, start: float, stop: float) -> Samples:
+        """The samples taken at `start` or later and before `stop` (seconds into the load)."""
+        keep = [i for i, t in enumerate(self.t) if start <= t < stop]
+        return Samples(
+            [self.t[i] for i in keep],
+            [self.rss_mib[i] for i in keep],
+            [self.fds[i] for i in keep],
+            [self.threads[i] for i in keep],
+            [self.cache_entries[i] for i in keep],
+            [self.heads_mib[i] for i in keep],
+        )
+
     def slopes_per_10min(self) -> tuple[float, float, float]:
         return tuple(600 * slope(self.t, v) for v in (self.rss_mib, self.fds, self.threads))  # type: ignore[return-value]
+
+    def attribution(self, entry_bytes: float) -> tuple[float, float, float, float]:
+        """Per 10 minutes: RSS, the cache's new entries, the cache's and the head stacks' MiB."""
+        new_entries = 600 * slope(self.t, self.cache_entries)
+        cache_mib = new_entries * entry_bytes / 2**20
+        return 600 * slope(self.t, self.rss_mib), new_entries, cache_mib, 600 * slope(self.t, self.heads_mib)
+
+
+def windows(samples: Samples, entry_bytes: float, width: float = 600.0) -> list[list[str]]:
+    """One row per whole `width`-second window of the load: where RSS ended, and its slope per 10 minutes
+    with what the cache and the head stacks account for of it; so a long run shows whether growth levels off."""
+    rows = []
+    start = 0.0
+    while samples.t and start + width <= samples.t[-1] + 5:
+        part = samples.between(start, start + width)
+        if len(part.t) >= 3:
+            rss, _, cache_mib, heads_mib = part.attribution(entry_bytes)
+            rows.append(
+                [
+                    f"{start / 60:.0f}-{(start + width) / 60:.0f}",
+                    f"{part.rss_mib[-1]:.0f}",
+                    f"{rss:+.1f}",
+                    f"{cache_mib:+.1f}",
+                    f"{heads_mib:+.1f}",
+                    f"{rss - cache_mib - heads_mib:+.1f}",
+                ]
+            )
+        start += width
+    return rows
 
 
 async def run(
@@ -255,9 +298,8 @@ def render(
     late = samples.second_half()
     rss, fds, threads = late.slopes_per_10min()
     rss_error = 600 * slope_error(late.t, late.rss_mib)
-    new_entries = 600 * slope(late.t, late.cache_entries)
-    cache_mib = new_entries * entry_bytes / 2**20
-    heads_mib = 600 * slope(late.t, late.heads_mib)
+    _, new_entries, cache_mib, heads_mib = late.attribution(entry_bytes)
+    by_window = windows(samples, entry_bytes) if seconds >= 1800 else []
     entries, heads = samples.cache_entries, samples.heads_mib
     rows = [[k, str(v), f"{v / seconds:.1f}"] for k, v in sorted(outcomes.items())]
     first, last = samples.rss_mib[0], samples.rss_mib[-1]
@@ -292,6 +334,20 @@ def render(
             f"{heads[0]:.1f} MiB at the start and {heads[-1]:.1f} MiB at the end, {heads_mib:+.1f} MiB per 10 "
             f"minutes. **Not accounted for by either: {rss - cache_mib - heads_mib:+.1f} MiB per 10 minutes.**",
             "",
+            *(
+                [
+                    "The same, window by window (MiB per 10 minutes), to see whether growth levels off:",
+                    "",
+                    markdown_table(
+                        ["minutes", "RSS at the end", "RSS", "cache", "head stacks", "not accounted for"],
+                        by_window,
+                        [False, True, True, True, True, True],
+                    ),
+                    "",
+                ]
+                if by_window
+                else []
+            ),
         ]
     )
 
@@ -300,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser(__doc__, "30 s and 50 tenants, to check the script")
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--tenants", type=int, default=1000)
+    parser.add_argument(
+        "--samples", type=Path, help="also write every sample here (JSON), to plot or re-read"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.tenants = 30.0, 50
@@ -318,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run(server.target, server.pid, metrics_port, args.tenants, args.seconds)
             )
             log = server.log()
+    if args.samples:
+        args.samples.write_text(json.dumps(asdict(samples)))
     command = "python -m bench.soak" + (" --quick" if args.quick else "")
     if not args.quick and args.seconds != 600:
         command += f" --seconds {args.seconds:.0f}"

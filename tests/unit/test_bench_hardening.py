@@ -77,3 +77,29 @@ def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for(
     assert RACES not in render(refused, s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
     refused["classify NOT_FOUND"] = 1  # a known tenant refused: the table says why
     assert RACES in render(refused, s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
+
+
+def test_a_long_soak_reports_each_ten_minutes_so_levelling_off_shows() -> None:
+    from collections import Counter
+
+    from bench.soak import windows
+
+    # 40 minutes, a sample a minute: RSS climbs 6 MiB per 10 minutes for 20 minutes, then stays; the cache
+    # grows 1,000 entries (1 MiB at 1,048.576 B) per 10 minutes throughout; the head stacks stay put.
+    t = [60.0 * i for i in range(41)]
+    rss = [500 + min(i, 20) * 0.6 for i in range(41)]
+    entries = [100.0 * i for i in range(41)]
+    s = Samples(t, rss, [20] * 41, [10] * 41, entries, [3.0] * 41)
+    rows = windows(s, 1048.576)
+    assert [r[0] for r in rows] == ["0-10", "10-20", "20-30", "30-40"]
+    assert [r[1:] for r in rows] == [
+        ["505", "+6.0", "+1.0", "+0.0", "+5.0"],
+        ["511", "+6.0", "+1.0", "+0.0", "+5.0"],
+        ["512", "+0.0", "+1.0", "+0.0", "-1.0"],
+        ["512", "+0.0", "+1.0", "+0.0", "-1.0"],
+    ]
+    assert "| 20-30 | 512 | +0.0 | +1.0 | +0.0 | -1.0 |" in render(
+        Counter({"classify OK": 1}), s, 2400, 10, 1.0, "python -m bench.soak --seconds 2400", 1048.576
+    )
+    short = render(Counter({"classify OK": 1}), s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
+    assert "window by window" not in short  # a run under 30 minutes has too few windows to say
