@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.common import (
     bench_parser,
@@ -68,15 +69,26 @@ def slope_error(times: Sequence[float], values: Sequence[float]) -> float:
     return float((residual / (n - 2) / den) ** 0.5)
 
 
-def process_sample(pid: int) -> tuple[float, int, int]:
-    """(RSS MiB, open file descriptors, threads) of a process, from /proc."""
-    rss = threads = 0
+class ProcessSample(NamedTuple):
+    rss_mib: float
+    fds: int
+    threads: int
+    file_mib: float  # the part of RSS that is file-backed pages: code of the libraries, mapped files
+
+
+def process_sample(pid: int) -> ProcessSample:
+    """RSS, open file descriptors and threads of a process, from /proc."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-        elif line.startswith("Threads:"):
-            threads = int(line.split()[1])
-    return rss / 1024, len(list(Path(f"/proc/{pid}/fd").iterdir())), threads
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssFile", "Threads"):
+            fields[name] = int(value.split()[0])
+    return ProcessSample(
+        fields["VmRSS"] / 1024,
+        len(list(Path(f"/proc/{pid}/fd").iterdir())),
+        fields["Threads"],
+        fields.get("RssFile", 0) / 1024,
+    )
 
 
 def cache_entry_bytes(n: int = 10_000, dim: int = 384) -> float:
@@ -136,38 +148,44 @@ class Samples:
     threads: list[int]
     cache_entries: list[float] = field(default_factory=list)
     heads_mib: list[float] = field(default_factory=list)  # the head stacks, free rows included
+    file_mib: list[float] = field(default_factory=list)  # file-backed pages of RSS
 
     def second_half(self) -> Samples:
-        k = len(self.t) // 2
-        return Samples(
-            self.t[k:],
-            self.rss_mib[k:],
-            self.fds[k:],
-            self.threads[k:],
-            self.cache_entries[k:],
-            self.heads_mib[k:],
-        )
+        return self.between(self.t[len(self.t) // 2] if self.t else 0.0, float("inf"))
 
     def between(self, start: float, stop: float) -> Samples:
         """The samples taken at `start` or later and before `stop` (seconds into the load)."""
         keep = [i for i, t in enumerate(self.t) if start <= t < stop]
-        return Samples(
-            [self.t[i] for i in keep],
-            [self.rss_mib[i] for i in keep],
-            [self.fds[i] for i in keep],
-            [self.threads[i] for i in keep],
-            [self.cache_entries[i] for i in keep],
-            [self.heads_mib[i] for i in keep],
-        )
+        return Samples(**{name: [v[i] for i in keep] if v else [] for name, v in asdict(self).items()})
 
     def slopes_per_10min(self) -> tuple[float, float, float]:
         return tuple(600 * slope(self.t, v) for v in (self.rss_mib, self.fds, self.threads))  # type: ignore[return-value]
 
-    def attribution(self, entry_bytes: float) -> tuple[float, float, float, float]:
-        """Per 10 minutes: RSS, the cache's new entries, the cache's and the head stacks' MiB."""
+    def attribution(self, entry_bytes: float) -> Attribution:
+        """Where RSS went, per 10 minutes."""
         new_entries = 600 * slope(self.t, self.cache_entries)
-        cache_mib = new_entries * entry_bytes / 2**20
-        return 600 * slope(self.t, self.rss_mib), new_entries, cache_mib, 600 * slope(self.t, self.heads_mib)
+        return Attribution(
+            600 * slope(self.t, self.rss_mib),
+            600 * slope(self.t, self.file_mib) if self.file_mib else 0.0,
+            new_entries,
+            new_entries * entry_bytes / 2**20,
+            600 * slope(self.t, self.heads_mib),
+        )
+
+
+class Attribution(NamedTuple):
+    """Slopes per 10 minutes: RSS and its file-backed part (MiB), the cache's new entries and their MiB, the
+    head stacks (MiB); what none of them accounts for is anonymous memory held by nothing the server counts."""
+
+    rss: float
+    file: float
+    new_entries: float
+    cache: float
+    heads: float
+
+    @property
+    def unaccounted(self) -> float:
+        return self.rss - self.file - self.cache - self.heads
 
 
 def windows(samples: Samples, entry_bytes: float, width: float = 600.0) -> list[list[str]]:
@@ -178,15 +196,12 @@ def windows(samples: Samples, entry_bytes: float, width: float = 600.0) -> list[
     while samples.t and start + width <= samples.t[-1] + 5:
         part = samples.between(start, start + width)
         if len(part.t) >= 3:
-            rss, _, cache_mib, heads_mib = part.attribution(entry_bytes)
+            a = part.attribution(entry_bytes)
             rows.append(
                 [
                     f"{start / 60:.0f}-{(start + width) / 60:.0f}",
                     f"{part.rss_mib[-1]:.0f}",
-                    f"{rss:+.1f}",
-                    f"{cache_mib:+.1f}",
-                    f"{heads_mib:+.1f}",
-                    f"{rss - cache_mib - heads_mib:+.1f}",
+                    *(f"{v:+.1f}" for v in (a.rss, a.file, a.cache, a.heads, a.unaccounted)),
                 ]
             )
         start += width
@@ -272,7 +287,7 @@ async def run(
         async def sampler() -> None:
             start = time.perf_counter()
             while time.perf_counter() < end:
-                rss, fds, threads = process_sample(pid)
+                rss, fds, threads, file_mib = process_sample(pid)
                 held = await asyncio.to_thread(scrape, metrics_port)
                 samples.t.append(time.perf_counter() - start)
                 samples.rss_mib.append(rss)
@@ -280,6 +295,7 @@ async def run(
                 samples.threads.append(threads)
                 samples.cache_entries.append(held[CACHE_ENTRIES])
                 samples.heads_mib.append(held[HEADS_ALLOCATED] / 2**20)
+                samples.file_mib.append(file_mib)
                 await asyncio.sleep(5)
 
         await asyncio.gather(sampler(), *(worker(i) for i in range(16)))
@@ -298,7 +314,7 @@ def render(
     late = samples.second_half()
     rss, fds, threads = late.slopes_per_10min()
     rss_error = 600 * slope_error(late.t, late.rss_mib)
-    _, new_entries, cache_mib, heads_mib = late.attribution(entry_bytes)
+    a = late.attribution(entry_bytes)
     by_window = windows(samples, entry_bytes) if seconds >= 1800 else []
     entries, heads = samples.cache_entries, samples.heads_mib
     rows = [[k, str(v), f"{v / seconds:.1f}"] for k, v in sorted(outcomes.items())]
@@ -320,28 +336,40 @@ def render(
             f"Server RSS {first:.0f} MiB at the start of the load, {max(samples.rss_mib):.0f} MiB at most, "
             f"{last:.0f} MiB at the end; over the second half ({len(late.t)} samples, 5 s apart) RSS moved "
             f"{rss:+.1f} MiB (standard error {rss_error:.1f}; RSS between {min(late.rss_mib):.0f} and "
-            f"{max(late.rss_mib):.0f} MiB), open file descriptors {fds:+.1f} and threads {threads:+.1f} per 10 minutes. "
+            f"{max(late.rss_mib):.0f} MiB), of which file-backed pages {a.file:+.1f} MiB (the code and data of "
+            "the libraries, read from disk the first time the server runs each path: the kernel can drop them "
+            "at any time, they are not memory the server holds), open file descriptors "
+            f"{fds:+.1f} and threads {threads:+.1f} per 10 minutes. "
             f"File descriptors {min(samples.fds)} to {max(samples.fds)}; threads {min(samples.threads)} to "
             f"{max(samples.threads)}.",
             "",
-            "Where the RSS slope goes, by the server's own gauges of what holds memory by design: the "
+            "Where the rest goes, by the server's own gauges of what holds memory by design: the "
             "embedding cache (every distinct text trained on, dropped with the last tenant that trained on it; "
             f"bounded by `--cache-capacity`, 200,000 entries by default) held {entries[0]:,.0f} entries at the start of the load and {entries[-1]:,.0f} at "
-            f"the end, {new_entries:+,.0f} per 10 minutes over the second half, which at {entry_bytes:,.0f} "
-            f"bytes an entry (measured with tracemalloc in this process) is {cache_mib:+.1f} MiB; the head "
+            f"the end, {a.new_entries:+,.0f} per 10 minutes over the second half, which at {entry_bytes:,.0f} "
+            f"bytes an entry (measured with tracemalloc in this process) is {a.cache:+.1f} MiB; the head "
             "stacks (a slab per class-count bucket, doubled when full, halved once a quarter or less is used "
             "and its upper half is empty) held "
-            f"{heads[0]:.1f} MiB at the start and {heads[-1]:.1f} MiB at the end, {heads_mib:+.1f} MiB per 10 "
-            f"minutes. **Not accounted for by either: {rss - cache_mib - heads_mib:+.1f} MiB per 10 minutes.**",
+            f"{heads[0]:.1f} MiB at the start and {heads[-1]:.1f} MiB at the end, {a.heads:+.1f} MiB per 10 "
+            "minutes. **Not accounted for by the file-backed pages, the cache or the head stacks: "
+            f"{a.unaccounted:+.1f} MiB per 10 minutes.**",
             "",
             *(
                 [
                     "The same, window by window (MiB per 10 minutes), to see whether growth levels off:",
                     "",
                     markdown_table(
-                        ["minutes", "RSS at the end", "RSS", "cache", "head stacks", "not accounted for"],
+                        [
+                            "minutes",
+                            "RSS at the end",
+                            "RSS",
+                            "file-backed",
+                            "cache",
+                            "head stacks",
+                            "not accounted for",
+                        ],
                         by_window,
-                        [False, True, True, True, True, True],
+                        [False, *[True] * 6],
                     ),
                     "",
                 ]

@@ -27,8 +27,9 @@ def test_slope_is_least_squares() -> None:
 
 
 def test_process_sample_reads_this_process() -> None:
-    rss, fds, threads = process_sample(os.getpid())
+    rss, fds, threads, file_mib = process_sample(os.getpid())
     assert rss > 10 and fds >= 3 and threads >= 1
+    assert 1 < file_mib < rss  # the interpreter's own code is file-backed; numpy's arrays are not
 
 
 def test_overload_outcome_row() -> None:
@@ -62,16 +63,18 @@ def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for(
     from collections import Counter
 
     t = [0.0, 300.0, 600.0, 900.0, 1200.0, 1500.0]
-    # Per 10 minutes over the second half (the last three samples): RSS +20 MiB, the head stacks +4 MiB, the
-    # cache +2,000 entries of 1,048.576 bytes (2 MiB): 14 MiB unaccounted for.
+    # Per 10 minutes over the second half (the last three samples): RSS +20 MiB, of which file-backed pages
+    # +3 MiB, the head stacks +4 MiB, the cache +2,000 entries of 1,048.576 bytes (2 MiB): 11 MiB unaccounted for.
     rss, heads = [400, 500, 590, 600, 610, 620], [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
-    s = Samples(t, rss, [20] * 6, [10] * 6, [0, 500, 800, 1000, 2000, 3000], heads)
+    files = [100.0, 110.0, 120.0, 120.0, 121.5, 123.0]
+    s = Samples(t, rss, [20] * 6, [10] * 6, [0, 500, 800, 1000, 2000, 3000], heads, files)
     text = render(Counter({"classify OK": 10}), s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
     assert "held 0 entries at the start of the load and 3,000 at the end, +2,000 per 10 minutes" in text
     assert "+2.0 MiB; the head stacks" in text
     assert "held 1.0 MiB at the start and 9.0 MiB at the end, +4.0 MiB per 10 minutes" in text
-    assert "Not accounted for by either: +14.0 MiB per 10 minutes" in text
-    assert "RSS moved +20.0 MiB (standard error 0.0; RSS between 600 and 620 MiB)" in text
+    assert "Not accounted for by the file-backed pages, the cache or the head stacks: +11.0 MiB per 10" in text
+    assert "RSS moved +20.0 MiB (standard error 0.0; RSS between 600 and 620 MiB), of which file-backed" in text
+    assert "file-backed pages +3.0 MiB" in text
     assert RACES not in text
     refused = Counter({"classify OK": 10, "unknown NOT_FOUND": 3})
     assert RACES not in render(refused, s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
@@ -85,20 +88,22 @@ def test_a_long_soak_reports_each_ten_minutes_so_levelling_off_shows() -> None:
     from bench.soak import windows
 
     # 40 minutes, a sample a minute: RSS climbs 6 MiB per 10 minutes for 20 minutes, then stays; the cache
-    # grows 1,000 entries (1 MiB at 1,048.576 B) per 10 minutes throughout; the head stacks stay put.
+    # grows 1,000 entries (1 MiB at 1,048.576 B) per 10 minutes throughout; the head stacks stay put; the
+    # file-backed pages grow 2 MiB over the first 10 minutes (code paged in), then stay.
     t = [60.0 * i for i in range(41)]
     rss = [500 + min(i, 20) * 0.6 for i in range(41)]
     entries = [100.0 * i for i in range(41)]
-    s = Samples(t, rss, [20] * 41, [10] * 41, entries, [3.0] * 41)
+    files = [130 + min(i, 10) * 0.2 for i in range(41)]
+    s = Samples(t, rss, [20] * 41, [10] * 41, entries, [3.0] * 41, files)
     rows = windows(s, 1048.576)
     assert [r[0] for r in rows] == ["0-10", "10-20", "20-30", "30-40"]
     assert [r[1:] for r in rows] == [
-        ["505", "+6.0", "+1.0", "+0.0", "+5.0"],
-        ["511", "+6.0", "+1.0", "+0.0", "+5.0"],
-        ["512", "+0.0", "+1.0", "+0.0", "-1.0"],
-        ["512", "+0.0", "+1.0", "+0.0", "-1.0"],
+        ["505", "+6.0", "+2.0", "+1.0", "+0.0", "+3.0"],
+        ["511", "+6.0", "+0.0", "+1.0", "+0.0", "+5.0"],
+        ["512", "+0.0", "+0.0", "+1.0", "+0.0", "-1.0"],
+        ["512", "+0.0", "+0.0", "+1.0", "+0.0", "-1.0"],
     ]
-    assert "| 20-30 | 512 | +0.0 | +1.0 | +0.0 | -1.0 |" in render(
+    assert "| 20-30 | 512 | +0.0 | +0.0 | +1.0 | +0.0 | -1.0 |" in render(
         Counter({"classify OK": 1}), s, 2400, 10, 1.0, "python -m bench.soak --seconds 2400", 1048.576
     )
     short = render(Counter({"classify OK": 1}), s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
