@@ -302,6 +302,13 @@ async def run(
     return outcomes, samples, setup_s
 
 
+SHORT = (
+    "A run this short measures its second half inside the first 20 minutes, while the server is still growing "
+    "to the load's working size (the cache filling, the allocators and ONNX Runtime's arena); whether growth "
+    "levels off, a run of an hour shows (`--seconds 3600`, its own section with a table by 10-minute window)."
+)
+
+
 def render(
     outcomes: Counter[str],
     samples: Samples,
@@ -374,7 +381,7 @@ def render(
                     "",
                 ]
                 if by_window
-                else []
+                else [SHORT, ""]
             ),
         ]
     )

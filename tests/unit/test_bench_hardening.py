@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import LatencySummary
 from bench.overload import Outcome
-from bench.soak import RACES, Samples, gauges, process_sample, render, slope, slope_error
+from bench.soak import RACES, SHORT, Samples, gauges, process_sample, render, slope, slope_error
 
 
 def test_slope_is_least_squares() -> None:
@@ -72,8 +72,12 @@ def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for(
     assert "held 0 entries at the start of the load and 3,000 at the end, +2,000 per 10 minutes" in text
     assert "+2.0 MiB; the head stacks" in text
     assert "held 1.0 MiB at the start and 9.0 MiB at the end, +4.0 MiB per 10 minutes" in text
-    assert "Not accounted for by the file-backed pages, the cache or the head stacks: +11.0 MiB per 10" in text
-    assert "RSS moved +20.0 MiB (standard error 0.0; RSS between 600 and 620 MiB), of which file-backed" in text
+    assert (
+        "Not accounted for by the file-backed pages, the cache or the head stacks: +11.0 MiB per 10" in text
+    )
+    assert (
+        "RSS moved +20.0 MiB (standard error 0.0; RSS between 600 and 620 MiB), of which file-backed" in text
+    )
     assert "file-backed pages +3.0 MiB" in text
     assert RACES not in text
     refused = Counter({"classify OK": 10, "unknown NOT_FOUND": 3})
@@ -108,3 +112,6 @@ def test_a_long_soak_reports_each_ten_minutes_so_levelling_off_shows() -> None:
     )
     short = render(Counter({"classify OK": 1}), s, 1500, 10, 1.0, "python -m bench.soak", 1048.576)
     assert "window by window" not in short  # a run under 30 minutes has too few windows to say
+    assert SHORT in short and SHORT not in render(
+        Counter({"classify OK": 1}), s, 2400, 10, 1.0, "python -m bench.soak --seconds 2400", 1048.576
+    )
