@@ -11,8 +11,9 @@ widths and what the server holds by design stays about the same size: growth is 
 
 Every 5 s the server's RSS, open file descriptors and threads are sampled, with two of its gauges that hold
 memory by design (the embedding cache's entries and the bytes of the head stacks); the slope of each over
-the second half of the run is reported, and what of the RSS slope those two do not account for; a run of
-30 minutes or more also reports them window by window (10 minutes each), to show whether growth levels off.
+the second half of the run is reported, with the file-backed part of RSS (library code paged in), and what
+of the RSS slope none of those accounts for; a run of 30 minutes or more also reports them window by window
+(10 minutes each), to show whether growth levels off.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class Attribution(NamedTuple):
 
 def windows(samples: Samples, entry_bytes: float, width: float = 600.0) -> list[list[str]]:
     """One row per whole `width`-second window of the load: where RSS ended, and its slope per 10 minutes
-    with what the cache and the head stacks account for of it; so a long run shows whether growth levels off."""
+    with what the file-backed pages, the cache and the head stacks account for of it; so a long run shows
+    whether growth levels off."""
     rows = []
     start = 0.0
     while samples.t and start + width <= samples.t[-1] + 5:
@@ -304,8 +306,9 @@ async def run(
 
 SHORT = (
     "A run this short measures its second half inside the first 20 minutes, while the server is still growing "
-    "to the load's working size (the cache filling, the allocators and ONNX Runtime's arena); whether growth "
-    "levels off, a run of an hour shows (`--seconds 3600`, its own section with a table by 10-minute window)."
+    "to the load's working size (the cache filling, and memory not attributed part by part: allocators, "
+    "ONNX Runtime's arena, the interpreter's object pools); whether growth levels off, a run of an hour shows "
+    "(`--seconds 3600`, its own section with a table by 10-minute window)."
 )
 
 
