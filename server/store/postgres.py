@@ -95,12 +95,13 @@ class PostgresStore(PostgresExtras, HeadStore):
         import psycopg
         import psycopg_pool
 
+        from headswap.server.store.postgres_schema import first_line
+
         try:
             yield
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise Unavailable(
-                f"could not {what}: the head store at {self.where} is unreachable ({first}); retry shortly"
+                f"could not {what}: the head store at {self.where} is unreachable ({first_line(exc)}); retry shortly"
             ) from None
 
     @contextlib.contextmanager

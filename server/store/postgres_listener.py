@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from headswap.server.store.base import Change, ChangeFeed
+from headswap.server.store.postgres_schema import first_line
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class Listener:
         try:
             pruned = prune_changes(conn)
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.warning("change log not pruned (%s); retrying in %.0f s", first, PRUNE_EVERY_S)
+            log.warning("change log not pruned (%s); retrying in %.0f s", first_line(exc), PRUNE_EVERY_S)
             return
         if pruned:
             log.info("change log: %d superseded changes removed", pruned)
@@ -118,7 +118,8 @@ class Listener:
             except psycopg.Error as exc:
                 self.connected.clear()
                 self.reconnects += 1
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                log.warning("store listener lost %s (%s); reconnecting in %.1fs", self.where, first, backoff)
+                log.warning(
+                    "store listener lost %s (%s); reconnecting in %.1fs", self.where, first_line(exc), backoff
+                )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

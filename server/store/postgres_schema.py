@@ -115,6 +115,12 @@ def redact(url: str) -> str:
     return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (psycopg's carry hints and context below it), or its type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def jsonb(value: Any) -> Any:
     from psycopg.types.json import Jsonb
 
