@@ -13,14 +13,16 @@ import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from headswap.server import workers
 from headswap.server.backbones import load_backbones, name_lanes
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.errors import HeadswapError
 from headswap.server.headbank import HeadBank
 from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
@@ -33,6 +35,7 @@ from headswap.server.services.keys import KeyService
 from headswap.server.services.locks import TenantLocks
 from headswap.server.services.training import TrainingService
 from headswap.server.store import HeadStore, open_store
+from headswap.server.store.local import LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,11 @@ class Server:
         """Listen at once (health says NOT_SERVING), warm up, then SERVING. Returns the gRPC port."""
         self.port = await self.rpc.start()
         log.info("gRPC listening on port %d; warming up", self.port)
-        if self.config.metrics_port:
+        if self.config.metrics_port and workers.worker_index() is not None:
+            # One of several workers: metrics on a loopback port, merged by the supervisor's --metrics-port.
+            self.metrics_port = self.metrics.serve(0, "127.0.0.1")
+            workers.report_metrics_port(self.metrics_port)
+        elif self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         for lane in self.lanes:
             lane.batcher.start()
@@ -101,8 +108,17 @@ class Server:
         return self.port
 
     async def _warm_up(self, lane: Lane) -> None:
-        """Run the batch shapes serving sees first through the batcher, so no caller pays for kernel set-up."""
+        """Run the batch shapes serving sees first through the batcher, so no caller pays for kernel set-up:
+        every shape bucket (when on), then the warm-up batches through the very path calls take."""
         started = time.perf_counter()
+        shapes = await lane.batcher.warm_up_buckets()
+        if shapes:
+            log.info(
+                "backbone %s: %d shape buckets warmed up in %.2fs",
+                lane.name,
+                shapes,
+                time.perf_counter() - started,
+            )
         items = lane.batcher.policy.max_batch_items
         for _ in range(self.config.warmup_rounds):
             for inputs in lane.backbone.preprocessor.warm_up_batches(items):
@@ -174,7 +190,10 @@ def build(
     named = name_lanes(loaded)
     if store is None:
         store = open_store(
-            config.store_url, max_versions=config.limits.max_versions, migrate=config.store.migrate
+            config.store_url,
+            max_versions=config.limits.max_versions,
+            migrate=config.store.migrate,
+            shared=config.workers > 1,
         )
     torch.set_num_threads(config.train_threads)
     if config.warmup_rounds:
@@ -194,9 +213,17 @@ def build(
     for name, served in named:
         stack = HeadStack(served.dim, device=head_device)
         items, cost = config.batching.limits(served.on_gpu)
+        text = served.manifest.input_kind == "text"
+        buckets = (
+            ShapeBuckets.for_backbone(items, served.manifest.max_length if text else None)
+            if config.batching.buckets_on(served.on_gpu)
+            else None
+        )
         log.info(
-            "%s: batches of at most %d inputs and a cost of %d, padding at most %.0f%%",
-            name, items, cost, 100 * config.batching.max_padding,
+            "%s: batches of at most %d inputs and a cost of %d%s%s",
+            name, items, cost,
+            f", padding at most {100 * config.batching.max_padding:.0f}%" if text else "",
+            f", padded to {len(buckets.shapes())} shape buckets" if buckets else "",
         )  # fmt: skip
         policy = BatchPolicy(
             max_batch_cost=cost,
@@ -207,7 +234,14 @@ def build(
             max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,
         )
         batcher = Batcher(
-            served, policy, pools.preprocess, pools.backbone(name), stack, metrics.observe_batch
+            served,
+            policy,
+            pools.preprocess,
+            pools.backbone(name),
+            stack,
+            metrics.observe_batch,
+            buckets=buckets,
+            prepare_workers=config.worker_threads,
         )
         lanes.append(Lane(name, served, batcher, stack))
     served_lanes = Lanes(tuple(lanes))
@@ -218,7 +252,9 @@ def build(
     )
     cache = EmbeddingCache(config.store.cache_capacity)
     embedding = EmbeddingService(served_lanes, config.limits, metrics)
-    heads = HeadService(embedding, bank, store, cache, TenantLocks(), pools.io)
+    # A local store shared by several workers locks tenants across processes too (services/locks.py).
+    lock_dir = store.root / "locks" if isinstance(store, LocalStore) and store.shared else None
+    heads = HeadService(embedding, bank, store, cache, TenantLocks(lock_dir), pools.io)
     training = TrainingService(
         embedding, heads, cache, pools.train, config.limits, metrics, device=head_device
     )
@@ -276,6 +312,15 @@ def _warm_up_training(dim: int) -> None:
 
 
 def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM: this process alone, or (`--workers` > 1) as the supervisor of several."""
+    if workers.worker_index() is None:
+        count = workers.auto_workers(config)
+        if count > 1:
+            return workers.run_supervisor(replace(config, workers=count), count)
+        config = replace(config, workers=1)
+    else:
+        config = workers.as_worker(config)
+
     async def main() -> int:
         try:
             server = build(config)

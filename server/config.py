@@ -50,6 +50,12 @@ class BatchingConfig:
     # Most padding a forward pass may carry, as a share of the tokens it computes (1 = no cap): an input whose
     # length would push a batch past it waits for a batch of its own length instead.
     max_padding: float = 0.3
+    # Pad every forward pass to one of a few fixed shapes, all run at warm-up (inference/buckets.py): "auto"
+    # is on for CUDA (its first run of a new shape costs 10-40 ms) and off on a CPU (padding is pure cost).
+    shape_buckets: str = "auto"
+
+    def buckets_on(self, on_gpu: bool) -> bool:
+        return self.shape_buckets == "on" or (self.shape_buckets == "auto" and on_gpu)
 
     def limits(self, on_gpu: bool) -> tuple[int, int]:
         """(items, padded cost) per forward pass. On a CPU small batches win (they stay in cache: measured
@@ -140,6 +146,8 @@ class ServerConfig:
     device: str = "auto"
     precision: str = "auto"
     worker_threads: int = 2
+    # Server processes sharing the port (server/workers.py); 0: one without a GPU, enough to feed one with.
+    workers: int = 0
     intra_op_threads: int = 0
     # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the
     # tokenizer and the client, at high load and at low load alike.

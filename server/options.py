@@ -119,11 +119,27 @@ OPTIONS: tuple[Option, ...] = (
         "most padding in one forward pass, as a share of its tokens (1 = no cap)",
     ),
     Option(
+        "shape_buckets",
+        "batching",
+        "shape_buckets",
+        choice("auto", "on", "off"),
+        "pad every forward pass to one of a few fixed (rows, length) shapes, all run at warm-up: auto (on for "
+        "CUDA, whose first run of a new shape costs 10-40 ms; off on a CPU, where padding is pure cost), on, off",
+    ),
+    Option(
         "max_queue_items",
         "batching",
         "max_queue_items",
         integer(1),
         "inputs waiting for the backbone; past it calls get RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "workers",
+        None,
+        "workers",
+        integer(0),
+        "server processes sharing the gRPC port (SO_REUSEPORT), each with its own backbone session and event "
+        "loop; 0 = by machine: 1 without a GPU, 4 with one (what it takes to keep an H200 busy)",
     ),
     Option(
         "worker_threads",

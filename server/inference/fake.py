@@ -41,9 +41,15 @@ class FakePreprocessor:
             out.append(Prepared(ids, len(ids), len(ids), truncated=len(words) > self.max_length))
         return out
 
-    def collate(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        ids, mask = pad(items)
+    def collate(
+        self, items: Sequence[Prepared], shape: tuple[int, int] | None = None
+    ) -> dict[str, np.ndarray]:
+        ids, mask = pad(items, shape)
         return {"input_ids": ids, "attention_mask": mask}
+
+    def placeholder(self, length: int) -> Prepared:
+        ids = np.ones(max(1, length), dtype=np.int64)
+        return Prepared(ids, len(ids), len(ids))
 
     def warm_up_batches(self, items: int) -> list[list[Input]]:
         return [[Input(text="warm up")] * items]

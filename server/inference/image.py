@@ -60,8 +60,17 @@ class ImagePreprocessor:
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         return [Prepared(self._pixels(i, item.image or b""), IMAGE_COST, 0) for i, item in enumerate(inputs)]
 
-    def collate(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        return {self.input_name: np.stack([item.payload for item in items])}
+    def collate(
+        self, items: Sequence[Prepared], shape: tuple[int, int] | None = None
+    ) -> dict[str, np.ndarray]:
+        pixels = np.stack([item.payload for item in items])
+        rows = shape[0] if shape is not None else len(items)
+        if rows > len(items):  # a bucket's spare rows: zeros (the mean colour), outputs dropped
+            pixels = np.concatenate([pixels, np.zeros((rows - len(items), *pixels.shape[1:]), pixels.dtype)])
+        return {self.input_name: pixels}
+
+    def placeholder(self, length: int) -> Prepared:
+        return Prepared(np.zeros((3, self.size, self.size), dtype=np.float32), IMAGE_COST, 0)
 
     def warm_up_batches(self, items: int) -> list[list[Input]]:
         import simplejpeg

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -17,8 +17,9 @@ from headswap.server.domain import BackboneDescription, Input
 from headswap.server.manifest import BackboneManifest
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(NamedTuple):
+    """One input, ready for a batch (a tuple: one is made per input, so it must be cheap to make)."""
+
     payload: Any  # what the preprocessor's collate() takes: token ids, pixels
     cost: int  # work this item brings to a batch (tokens, or a fixed cost per image)
     group_key: int  # items with near keys batch with little padding (a text's token length)
@@ -36,8 +37,15 @@ class Preprocessor(Protocol):
         """Blocking and thread-safe; runs in the preprocessing pool, never on the event loop."""
         ...
 
-    def collate(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        """The encoder's feeds for one batch."""
+    def collate(
+        self, items: Sequence[Prepared], shape: tuple[int, int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The encoder's feeds for one batch; with `shape` (rows, length; length 0 where inputs have no length
+        axis), padded to it with rows and positions that change no item's embedding."""
+        ...
+
+    def placeholder(self, length: int) -> Prepared:
+        """An item of `length` (tokens; ignored where inputs have no length) for warming bucket shapes up."""
         ...
 
     def warm_up_batches(self, items: int) -> list[list[Input]]:

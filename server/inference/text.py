@@ -1,4 +1,5 @@
-"""Text preprocessing: the backbone's tokenizer, unpadded (the batcher pads across requests)."""
+"""Text preprocessing: the backbone's tokenizer, unpadded (the batcher pads across requests, to the longest
+item or to a shape bucket)."""
 
 from __future__ import annotations
 
@@ -35,24 +36,36 @@ class TextPreprocessor:
         return item if len(text) <= self.max_chars else Input(text=text[: self.max_chars])
 
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
-        clipped = [self.clip(item) for item in inputs]
-        # The Rust batch API releases the GIL and tokenizes on its own threads.
-        encodings = self.tokenizer.encode_batch([item.text or "" for item in clipped])
-        return [
-            Prepared(
-                payload=ids,
-                cost=len(ids),
-                group_key=len(ids),
-                truncated=len(e.overflowing) > 0 or short is not item,
-            )
-            for e, item, short in zip(encodings, inputs, clipped, strict=True)
-            for ids in (np.asarray(e.ids, dtype=np.int64),)
-        ]
+        return self.prepare_many([inputs])[0]
 
-    def collate(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        input_ids, mask = pad(items)
+    def prepare_many(self, groups: Sequence[Sequence[Input]]) -> list[list[Prepared]]:
+        """Several requests' inputs in one tokenizer call: the Rust batch call releases the GIL and spreads
+        the texts over every core (and skips the character offsets nothing here reads)."""
+        clipped = [[self.clip(item) for item in inputs] for inputs in groups]
+        encodings = self.tokenizer.encode_batch_fast([item.text or "" for short in clipped for item in short])
+        out: list[list[Prepared]] = []
+        start = 0
+        for inputs, short in zip(groups, clipped, strict=True):
+            prepared = []
+            for e, item, cut in zip(encodings[start : start + len(inputs)], inputs, short, strict=True):
+                ids = np.asarray(e.ids, dtype=np.int64)
+                prepared.append(Prepared(ids, len(ids), len(ids), len(e.overflowing) > 0 or cut is not item))
+            out.append(prepared)
+            start += len(inputs)
+        return out
+
+    def collate(
+        self, items: Sequence[Prepared], shape: tuple[int, int] | None = None
+    ) -> dict[str, np.ndarray]:
+        input_ids, mask = pad(items, shape)
         feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
         return {name: feeds[name] for name in self.input_names}
+
+    def placeholder(self, length: int) -> Prepared:
+        ids = self.tokenizer.encode("a").ids  # [CLS] a [SEP]
+        body = np.full(max(length, len(ids)), ids[1], dtype=np.int64)
+        body[0], body[-1] = ids[0], ids[-1]
+        return Prepared(body, len(body), len(body))
 
     def warm_up_batches(self, items: int) -> list[list[Input]]:
         return [
@@ -63,12 +76,23 @@ class TextPreprocessor:
         ]
 
 
-def pad(items: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
-    """Token id sequences padded with 0 to the longest: (ids, attention mask), both int64 (n, longest)."""
-    length = max(len(item.payload) for item in items)
-    ids = np.zeros((len(items), length), dtype=np.int64)
-    mask = np.zeros((len(items), length), dtype=np.int64)
+def pad(items: Sequence[Prepared], shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token id sequences padded with 0 to the longest, or to `shape` (rows, length): (ids, attention mask),
+    both int64. Positions past a text's end are masked out, so they change nothing it embeds to; rows past
+    the items (a bucket's spare rows) hold the first item's first token alone ([CLS]), so that no row is
+    empty (an all-masked row would be a division by zero in mean pooling); their outputs are dropped."""
+    longest = max(len(item.payload) for item in items)
+    rows, length = shape if shape is not None else (len(items), longest)
+    if rows < len(items) or length < longest:
+        raise ValueError(
+            f"{len(items)} items of up to {longest} tokens do not fit a ({rows}, {length}) batch"
+        )
+    ids = np.zeros((rows, length), dtype=np.int64)
+    mask = np.zeros((rows, length), dtype=np.int64)
     for row, item in enumerate(items):
         ids[row, : len(item.payload)] = item.payload
         mask[row, : len(item.payload)] = 1
+    if rows > len(items):
+        ids[len(items) :, 0] = items[0].payload[0]
+        mask[len(items) :, 0] = 1
     return ids, mask

@@ -1,21 +1,82 @@
-"""One asyncio lock per tenant, shared by training and head management, released with the tenant."""
+"""One lock per tenant, shared by training and head management, released with the tenant.
+
+Within a process it is an asyncio lock. With `directory` set (a local store shared by a server's workers), it
+also takes an exclusive `flock` of one of `STRIPES` files there, so that two processes never train or change
+one tenant at once; the files are striped by a hash of the name, so callers' names never create files.
+The flock is tried without blocking and retried every few milliseconds: no thread waits on it, and a caller
+that goes away while waiting leaves nothing held.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
+import os
 import weakref
+from pathlib import Path
+from types import TracebackType
+
+STRIPES = 256
+RETRY_S = 0.01
+
+
+class TenantLock:
+    def __init__(self, path: Path | None) -> None:
+        self._lock = asyncio.Lock()
+        self._path = path
+        self._fd: int | None = None
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+        if self._path is None:
+            return
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(RETRY_S)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        self._lock.release()
 
 
 class TenantLocks:
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None) -> None:
         # Weak values: a lock lives while someone holds or waits for it, then goes, so that names sent by
         # callers (unknown tenants included) never accumulate.
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._locks: weakref.WeakValueDictionary[str, TenantLock] = weakref.WeakValueDictionary()
+        self.directory = directory
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, tenant: str) -> asyncio.Lock:
+    def __call__(self, tenant: str) -> TenantLock:
         lock = self._locks.get(tenant)
         if lock is None:
-            lock = asyncio.Lock()
+            path = None
+            if self.directory is not None:
+                stripe = int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:4], "little") % STRIPES
+                path = self.directory / f"{stripe}.lock"
+            lock = TenantLock(path)
             self._locks[tenant] = lock
         return lock
 

@@ -9,8 +9,9 @@ def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(url: str, max_versions: int = 50, migrate: bool = False) -> HeadStore:
-    """The store a `--store` setting names: a postgresql:// URL (shared by replicas) or a directory."""
+def open_store(url: str, max_versions: int = 50, migrate: bool = False, shared: bool = False) -> HeadStore:
+    """The store a `--store` setting names: a postgresql:// URL (shared by replicas) or a directory.
+    `shared`: a directory that several processes of one server (its workers) use at once."""
     if is_postgres(url):
         from headswap.server.store.postgres import open_postgres
 
@@ -19,4 +20,4 @@ def open_store(url: str, max_versions: int = 50, migrate: bool = False) -> HeadS
 
     from headswap.server.store.local import LocalStore
 
-    return LocalStore(Path(url).expanduser(), max_versions=max_versions)
+    return LocalStore(Path(url).expanduser(), max_versions=max_versions, shared=shared)

@@ -18,16 +18,19 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
@@ -48,19 +51,53 @@ from headswap.server.store.base import (
 from headswap.server.store.faults import crash_point
 from headswap.server.store.files import EXAMPLES_REF, atomic_write, fsync_dir, json_bytes, next_seq
 from headswap.server.store.local_extras import LocalExtras
+from headswap.server.store.processes import ProcessShared
 from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exclusive(method: Callable[P, R]) -> Callable[P, R]:
+    """A write of the store: one at a time across this process's threads and, when shared, the server's
+    other processes (store/processes.py)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0]._writing():  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class LocalStore(LocalExtras, HeadStore):
-    def __init__(self, root: Path, max_versions: int = 50) -> None:
+    def __init__(self, root: Path, max_versions: int = 50, shared: bool = False) -> None:
+        """`shared`: several processes of one server (its workers) use the store at once."""
         super().__init__(max_versions)
         self.root = root
         self.tenants_dir = root / "tenants"
         self.tenants_dir.mkdir(parents=True, exist_ok=True)
-        sweep(self)
+        self._lock = threading.RLock()
+        self.shared = ProcessShared(root, self.feed) if shared else None
+        with self._writing():
+            sweep(self)
+        if self.shared is not None:
+            self.shared.start()
+
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        return self.shared.writing() if self.shared is not None else self._lock
+
+    def _publish(self, change: Change) -> None:
+        """Tell this process's subscribers, and the store's other processes when shared."""
+        self.feed.publish(change)
+        if self.shared is not None:
+            self.shared.append(change)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     # -- paths; tenant names are checked at the edge, and again here because they become paths.
     def tenant_dir(self, tenant: str) -> Path:
@@ -178,6 +215,7 @@ class LocalStore(LocalExtras, HeadStore):
 
     # -- writing -----------------------------------------------------------------------------------------
 
+    @exclusive
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
         tenant_dir = self.tenant_dir(tenant)
         try:
@@ -216,7 +254,7 @@ class LocalStore(LocalExtras, HeadStore):
         self._prune(updated, ref, raw_state.get("examples"))
         self.damaged.pop(tenant, None)
         sha = manifest["weights_sha256"] if updated.active_version == version else ""
-        self.feed.publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
+        self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
         return self.state(tenant)
 
     def _write_examples(self, tenant: str, examples: Sequence[Example]) -> str:
@@ -226,6 +264,7 @@ class LocalStore(LocalExtras, HeadStore):
         atomic_write(self.tenant_dir(tenant) / "examples" / f"{ref}.json", data)
         return ref
 
+    @exclusive
     def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
         try:
             raw_state: dict[str, Any] = self.raw_state(tenant)
@@ -268,6 +307,7 @@ class LocalStore(LocalExtras, HeadStore):
             (tenant_dir / "examples" / f"{old_examples}.json").unlink(missing_ok=True)
         (tenant_dir / "examples.json").unlink(missing_ok=True)  # the layout before content-addressing
 
+    @exclusive
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         state = self.state(tenant)
         state.require(version)
@@ -275,11 +315,12 @@ class LocalStore(LocalExtras, HeadStore):
         previous = state.active_version if state.active_version != version else state.previous_version
         updated = TenantState(tenant, version, state.versions, next_seq(state.seq), previous)
         self.write_state(updated, self.examples_ref(tenant))
-        self.feed.publish(
+        self._publish(
             Change(tenant, version, updated.seq, weights_sha256=stored.manifest.get("weights_sha256", ""))
         )
         return updated, state.active_version
 
+    @exclusive
     def delete_version(self, tenant: str, version: int) -> TenantState:
         state = self.state(tenant)
         state.require(version)
@@ -294,6 +335,7 @@ class LocalStore(LocalExtras, HeadStore):
         shutil.rmtree(self.version_dir(tenant, version), ignore_errors=True)
         return updated
 
+    @exclusive
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         """Works on a quarantined tenant too: whatever can be counted is, and everything goes."""
         tenant_dir = self.tenant_dir(tenant)
@@ -315,5 +357,5 @@ class LocalStore(LocalExtras, HeadStore):
         shutil.rmtree(trash, ignore_errors=True)
         self.damaged.pop(tenant, None)
         change = Change(tenant, 0, next_seq(seq), deleted=True)
-        self.feed.publish(change)
+        self._publish(change)
         return Deletion(tenant, versions, examples), change

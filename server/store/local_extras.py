@@ -8,11 +8,13 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,8 @@ class LocalExtras:
     root: Path
     feed: ChangeFeed
     tenant_dir: Callable[[str], Path]
+    _publish: Callable[[Change], None]
+    _writing: Callable[[], contextlib.AbstractContextManager[Any]]
 
     # -- the embedding cache -----------------------------------------------------------------------------
 
@@ -60,7 +64,8 @@ class LocalExtras:
             return
         keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
         vectors = np.stack(list(entries.values())).astype(np.float32)
-        atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
+        with self._writing():
+            atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
 
     # -- API keys: keys/<id>.json, written atomically ----------------------------------------------------
 
@@ -70,7 +75,8 @@ class LocalExtras:
         return self.root / "keys" / f"{key_id}.json"
 
     def put_key(self, key: ApiKey) -> None:
-        atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
+        with self._writing():
+            atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
 
     def get_key(self, key_id: str) -> ApiKey | None:
         try:
@@ -88,10 +94,11 @@ class LocalExtras:
         return sorted(keys, key=lambda k: k.created_at)
 
     def revoke_key(self, key_id: str, at: float) -> ApiKey:
-        key = self.get_key(key_id)
-        if key is None:
-            raise no_key(key_id)
-        key = dataclasses.replace(key, revoked_at=key.revoked_at or at)
-        self.put_key(key)
-        self.feed.publish(Change("", 0, next_seq(0), key_id=key_id))
+        with self._writing():
+            key = self.get_key(key_id)
+            if key is None:
+                raise no_key(key_id)
+            key = dataclasses.replace(key, revoked_at=key.revoked_at or at)
+            self.put_key(key)
+            self._publish(Change("", 0, next_seq(0), key_id=key_id))
         return key
