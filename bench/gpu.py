@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -236,8 +237,43 @@ def train_tenant(target: str, tenant: str, count: int = 400) -> None:
         hs.adapt_head(tenant, [t for t, _ in rows], [label for _, label in rows], validation_fraction=0)
 
 
+@contextmanager
+def profiled(server_pid: int, name: str, seconds: float) -> Iterator[None]:
+    """py-spy on one server process (the first worker's, with workers) while the block runs, when py-spy is
+    installed and --profile asked for it: raw folded stacks per thread, in $OUT (or the temp dir)."""
+    spy = shutil.which("py-spy") if PROFILE else None
+    if spy is None:
+        yield
+        return
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
+    pids = children.read_text().split() if children.exists() else []
+    target = int(pids[0]) if pids else server_pid
+    out = Path(os.environ.get("OUT", tempfile.gettempdir())) / f"profile-{name}.txt"
+    proc = subprocess.Popen(
+        [spy, "record", "-p", str(target), "-d", str(int(seconds)), "-r", "200", "-f", "raw", "--threads",
+         "--nonblocking", "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        try:
+            proc.wait(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+PROFILE = False
+
+
 def embed_loads(
-    target: str, texts: dict[str, list[str]], clients: int, seconds: float, sizes: Sequence[int] = (256, 32)
+    target: str,
+    texts: dict[str, list[str]],
+    clients: int,
+    seconds: float,
+    sizes: Sequence[int] = (256, 32),
+    pid: int = 0,
+    tag: str = "",
 ) -> dict[str, Any]:
     out = {}
     for name, workload in texts.items():
@@ -252,12 +288,15 @@ def embed_loads(
                 client="raw",
                 connections=4,
             )
-            out[f"{name}_r{size}"] = load_summary(run_load(spec, clients))
+            with (
+                profiled(pid, f"embed-{name}-r{size}-{tag}", seconds - 2) if pid else contextlib.nullcontext()
+            ):
+                out[f"{name}_r{size}"] = load_summary(run_load(spec, clients))
     return out
 
 
 def classify_loads(
-    target: str, texts: list[str], clients: int, seconds: float, rates: Sequence[float]
+    target: str, texts: list[str], clients: int, seconds: float, rates: Sequence[float], pid: int = 0
 ) -> dict[str, Any]:
     out = {}
     for rate in rates:
@@ -283,15 +322,16 @@ def classify_loads(
         client="raw",
         connections=4,
     )
-    out["saturation"] = load_summary(run_load(spec, clients))
+    with profiled(pid, "classify-saturation", seconds - 2) if pid else contextlib.nullcontext():
+        out["saturation"] = load_summary(run_load(spec, clients))
     return out
 
 
-def adapt_figures(target: str, out: Results) -> None:
+def adapt_figures(target: str, out: Results, count: int = 10000) -> None:
     """AdaptHead on 10,000 examples: once to embed them, then again on the cached embeddings."""
     from headswap.client import Client
 
-    rows = read_banking77(data_root())[:10000]
+    rows = read_banking77(data_root())[:count]
     texts, labels = [t for t, _ in rows], [label for _, label in rows]
     with Client(target, timeout=600) as hs:
         t0 = time.perf_counter()
@@ -308,11 +348,11 @@ def adapt_figures(target: str, out: Results) -> None:
     out.put("adapt_head_10k", figures)
 
 
-def banking77_embeddings(target: str) -> tuple[np.ndarray, np.ndarray, int]:
+def banking77_embeddings(target: str, count: int = 10000) -> tuple[np.ndarray, np.ndarray, int]:
     """10,000 Banking77 training texts embedded by the server, with their label indices."""
     from headswap.client import Client
 
-    rows = read_banking77(data_root())[:10000]
+    rows = read_banking77(data_root())[:count]
     labels = sorted({label for _, label in rows})
     y = np.array([labels.index(label) for _, label in rows], dtype=np.int64)
     with Client(target, timeout=600) as hs:
@@ -328,10 +368,14 @@ def fit_alone(out: Results, x: np.ndarray, y: np.ndarray, classes: int) -> None:
 
     figures = {}
     for device in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
-        train_head(x, y, classes, TrainConfig(device=device, validation_fraction=0.0))  # warm: kernels, allocator
+        runs = 2 if device == "cuda" else 1  # the CPU's figure is there to compare with, once is enough
+        if device == "cuda":
+            train_head(
+                x, y, classes, TrainConfig(device=device, validation_fraction=0.0)
+            )  # kernels, allocator
         for name, fraction in (("defaults", None), ("validation_fraction_0", 0.0)):
             times = []
-            for _ in range(2):
+            for _ in range(runs):
                 t0 = time.perf_counter()
                 train_head(x, y, classes, TrainConfig(device=device, validation_fraction=fraction))
                 times.append(time.perf_counter() - t0)
@@ -368,7 +412,9 @@ def gpu_run(args: argparse.Namespace, out: Results) -> None:
             with server(args.backbone, flags, log_path=Path(tmp) / "server.log") as proc:
                 wait_all_workers(proc, workers)
                 figures: dict[str, Any] = {"buckets": bucket_log(proc.log())}
-                figures.update(embed_loads(proc.target, texts, args.clients, seconds))
+                figures.update(
+                    embed_loads(proc.target, texts, args.clients, seconds, pid=proc.pid, tag=f"w{workers}")
+                )
                 out.put(f"headswap_embed_workers_{workers}", figures)
                 if figures["short_r256"]["inputs_per_s"] > best[0]:
                     best = (figures["short_r256"]["inputs_per_s"], workers)
@@ -379,10 +425,13 @@ def gpu_run(args: argparse.Namespace, out: Results) -> None:
             wait_all_workers(proc, workers)
             train_tenant(proc.target, "bench")
             time.sleep(0.5)  # every worker has the head (the change log is followed every 20 ms)
-            figures = classify_loads(proc.target, texts["short"], args.clients, seconds, args.rates)
+            figures = classify_loads(
+                proc.target, texts["short"], args.clients, seconds, args.rates, pid=proc.pid
+            )
             out.put(f"headswap_classify_workers_{workers}", figures)
-            adapt_figures(proc.target, out)
-            x, y, classes = banking77_embeddings(proc.target)
+            count = 2000 if args.quick else 10000
+            adapt_figures(proc.target, out, count)
+            x, y, classes = banking77_embeddings(proc.target, count)
             out.put("server_log_tail", proc.log()[-4000:])
     fit_alone(out, x, y, classes)
 
@@ -572,12 +621,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="NVIDIA GPU")
     parser.add_argument("--source", default="", help="what is measured (a commit), when git is not at hand")
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="py-spy on a worker during the loads")
     parser.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "gpu.json"
     )
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in str(args.workers).split(",") if w]
     args.rates = [float(r) for r in str(args.rates).split(",") if r]
+    global PROFILE
+    PROFILE = args.profile
     out = Results(args.out)
     if args.fake_encoder:
         free_run(args, out)

@@ -125,7 +125,12 @@ def test_a_head_trained_on_the_gpu_answers(cuda_server: ServerProcess) -> None:
     assert right / len(texts) > 0.9
 
 
-async def test_swap_under_load_fails_no_call(cuda_server: ServerProcess) -> None:
+def test_swap_under_load_fails_no_call(cuda_server: ServerProcess) -> None:
+    # asyncio.run rather than an async test: the GPU machine has pytest but not pytest-asyncio.
+    asyncio.run(swap_under_load(cuda_server))
+
+
+async def swap_under_load(cuda_server: ServerProcess) -> None:
     from headswap.client import AsyncClient
 
     texts, labels = banking77(10, 4)
