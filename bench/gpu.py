@@ -219,7 +219,7 @@ def wait_all_workers(proc: Any, workers: int, timeout: float = 600.0) -> None:
 
 def load_summary(result: LoadResult) -> dict[str, Any]:
     lat = LatencySummary.of(result.latencies_ms) if result.latencies_ms else None
-    return {
+    out: dict[str, Any] = {
         "inputs_per_s": round(result.inputs_per_s),
         "calls_per_s": round(result.calls_per_s),
         "p50_ms": round(lat.p50_ms, 2) if lat else None,
@@ -227,6 +227,14 @@ def load_summary(result: LoadResult) -> dict[str, Any]:
         "errors": result.errors,
         "late": result.late,
     }
+    if result.server_ms:  # where a call's time went: inside the server (by stage) or outside it
+        server = LatencySummary.of(result.server_ms)
+        out["server_p50_ms"] = round(server.p50_ms, 2)
+        out["server_p99_ms"] = round(server.p99_ms, 2)
+        out["server_mean_stage_ms"] = {
+            k: round(v / len(result.server_ms), 3) for k, v in result.stages_ms.items()
+        }
+    return out
 
 
 def train_tenant(target: str, tenant: str, count: int = 400) -> None:
@@ -327,7 +335,7 @@ def classify_loads(
     return out
 
 
-def adapt_figures(target: str, out: Results, count: int = 10000) -> None:
+def adapt_figures(target: str, out: Results, count: int = 10000, pid: int = 0) -> None:
     """AdaptHead on 10,000 examples: once to embed them, then again on the cached embeddings."""
     from headswap.client import Client
 
@@ -340,10 +348,11 @@ def adapt_figures(target: str, out: Results, count: int = 10000) -> None:
         figures = {"examples": len(rows), "first_call_s": round(first, 3)}
         for name, options in (("defaults", {}), ("validation_fraction_0", {"validation_fraction": 0.0})):
             times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                hs.adapt_head("adapt", texts, labels, replace=True, force_activate=True, **options)  # type: ignore[arg-type]
-                times.append(time.perf_counter() - t0)
+            with profiled(pid, f"adapt-{name}", 2.5) if pid else contextlib.nullcontext():
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    hs.adapt_head("adapt", texts, labels, replace=True, force_activate=True, **options)  # type: ignore[arg-type]
+                    times.append(time.perf_counter() - t0)
             figures[f"cached_{name}_s"] = round(min(times), 3)
     out.put("adapt_head_10k", figures)
 
@@ -405,35 +414,44 @@ def gpu_run(args: argparse.Namespace, out: Results) -> None:
         ort_peer(args.backbone, texts, out, seconds)
         if args.st_model is not None and args.st_model.exists():
             st_peer(args.st_model, texts, out, seconds)
-    best = (0.0, 0)
+    embed_workers = args.embed_workers or args.workers
+    classify_workers = args.classify_workers or args.workers[-1:]
+    profile_workers = args.profile_workers or args.workers[-1:]
+    x = y = None
+    classes = 0
     for workers in args.workers:
         flags = ["--precision", args.precision, "--workers", str(workers)]
+        pid_for = lambda pid, w=workers: pid if w in profile_workers else 0  # noqa: E731
         with tempfile.TemporaryDirectory(prefix="headswap-gpu-") as tmp:
             with server(args.backbone, flags, log_path=Path(tmp) / "server.log") as proc:
                 wait_all_workers(proc, workers)
-                figures: dict[str, Any] = {"buckets": bucket_log(proc.log())}
-                figures.update(
-                    embed_loads(proc.target, texts, args.clients, seconds, pid=proc.pid, tag=f"w{workers}")
-                )
-                out.put(f"headswap_embed_workers_{workers}", figures)
-                if figures["short_r256"]["inputs_per_s"] > best[0]:
-                    best = (figures["short_r256"]["inputs_per_s"], workers)
-    workers = best[1] or args.workers[-1]
-    flags = ["--precision", args.precision, "--workers", str(workers)]
-    with tempfile.TemporaryDirectory(prefix="headswap-gpu-") as tmp:
-        with server(args.backbone, flags, log_path=Path(tmp) / "server.log") as proc:
-            wait_all_workers(proc, workers)
-            train_tenant(proc.target, "bench")
-            time.sleep(0.5)  # every worker has the head (the change log is followed every 20 ms)
-            figures = classify_loads(
-                proc.target, texts["short"], args.clients, seconds, args.rates, pid=proc.pid
-            )
-            out.put(f"headswap_classify_workers_{workers}", figures)
-            count = 2000 if args.quick else 10000
-            adapt_figures(proc.target, out, count)
-            x, y, classes = banking77_embeddings(proc.target, count)
-            out.put("server_log_tail", proc.log()[-4000:])
-    fit_alone(out, x, y, classes)
+                if workers in embed_workers:
+                    figures: dict[str, Any] = {"buckets": bucket_log(proc.log())}
+                    figures.update(
+                        embed_loads(
+                            proc.target,
+                            texts,
+                            args.clients,
+                            seconds,
+                            pid=pid_for(proc.pid),
+                            tag=f"w{workers}",
+                        )
+                    )
+                    out.put(f"headswap_embed_workers_{workers}", figures)
+                if workers in classify_workers:
+                    train_tenant(proc.target, "bench")
+                    time.sleep(0.5)  # every worker has the head (the change log is followed every 20 ms)
+                    classified = classify_loads(
+                        proc.target, texts["short"], args.clients, seconds, args.rates, pid=pid_for(proc.pid)
+                    )
+                    out.put(f"headswap_classify_workers_{workers}", classified)
+                if workers == args.workers[-1]:
+                    count = 2000 if args.quick else 10000
+                    adapt_figures(proc.target, out, count, pid=pid_for(proc.pid))
+                    x, y, classes = banking77_embeddings(proc.target, count)
+                    out.put("server_log_tail", proc.log()[-4000:])
+    if x is not None and y is not None:
+        fit_alone(out, x, y, classes)
 
 
 # -- the free encoder, on a CPU, beside a baseline commit ---------------------------------------------------
@@ -472,7 +490,10 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
         for r in range(args.rounds):
             order = systems if r % 2 == 0 else systems[::-1]  # ABBA: drift on the machine hits both alike
             for name, env in order:
-                flags = ["--precision", "fp32", "--workers", str(args.workers[0])]
+                # A baseline from before --workers knows no such flag; one worker is both servers' default here.
+                flags = ["--precision", "fp32"] + (
+                    ["--workers", str(args.workers[0])] if args.workers[0] > 1 else []
+                )
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
                     with server(
                         backbone, flags, module="bench._free_serve", env=env, log_path=Path(tmp) / "log"
@@ -623,11 +644,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy on a worker during the loads")
     parser.add_argument(
+        "--embed-workers", default="", help="worker counts to measure Embed at (default: all)"
+    )
+    parser.add_argument(
+        "--classify-workers", default="", help="worker counts to measure Classify at (default: the last)"
+    )
+    parser.add_argument("--profile-workers", default="", help="worker counts to profile (default: the last)")
+    parser.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "gpu.json"
     )
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in str(args.workers).split(",") if w]
     args.rates = [float(r) for r in str(args.rates).split(",") if r]
+    for name in ("embed_workers", "classify_workers", "profile_workers"):
+        setattr(args, name, [int(w) for w in str(getattr(args, name)).split(",") if w])
     global PROFILE
     PROFILE = args.profile
     out = Results(args.out)

@@ -9,8 +9,15 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_O
 export HEADSWAP_DATA=/tmp/data HEADSWAP_GPU_BACKBONE=/tmp/kit/backbone
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout 240 python3 -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -40 | tee "$out/pytest-gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# py-spy from the kit's wheel, when pip left its script out (a /tmp/site/bin made by an earlier install)
+if ! command -v py-spy >/dev/null && ls /tmp/kit/wheels/py_spy-*.whl >/dev/null 2>&1; then
+  python3 -m zipfile -e /tmp/kit/wheels/py_spy-*.whl /tmp/py-spy-wheel && mkdir -p /tmp/site/bin &&
+    cp /tmp/py-spy-wheel/py_spy-*.data/scripts/py-spy /tmp/site/bin/ && chmod +x /tmp/site/bin/py-spy
+fi
+if [ -z "${SKIP_PYTEST:-}" ]; then
+  timeout 240 python3 -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -40 | tee "$out/pytest-gpu.txt"
+fi
 python3 -m bench.gpu --backbone /tmp/kit/backbone --st-model /tmp/st/model --profile --out "$out/gpu.json" \
   --accelerator "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)" "$@" 2>&1 \
   | tee "$out/bench.log" | grep -v "^server_log_tail"

@@ -52,6 +52,9 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
     late: int = 0  # open loop: calls that could not even be sent on time (the client was the limit)
+    # raw client: the server's own timings of each call (ms): from arrival to reply, and its stages
+    server_ms: list[float] = field(default_factory=list)
+    stages_ms: dict[str, float] = field(default_factory=dict)  # summed over calls, by stage
 
     def merge(self, other: LoadResult) -> None:
         self.calls += other.calls
@@ -61,6 +64,9 @@ class LoadResult:
         self.latencies_ms.extend(other.latencies_ms)
         self.seconds = max(self.seconds, other.seconds)
         self.late += other.late
+        self.server_ms.extend(other.server_ms)
+        for stage, ms in other.stages_ms.items():
+            self.stages_ms[stage] = self.stages_ms.get(stage, 0.0) + ms
 
     @property
     def inputs_per_s(self) -> float:
@@ -108,10 +114,22 @@ async def _drive(spec: LoadSpec) -> LoadResult:
             [_request_bytes(spec, k * spec.request_size) for k in range(256)] if spec.client == "raw" else []
         )
 
+        from headswap.v1 import headswap_pb2 as pb
+
+        reply_type = pb.EmbedResponse if spec.mode == "embed" else pb.ClassifyResponse
+
         async def one(hs: Any, offset: int) -> int:
             if spec.client == "raw":
                 call = raw_calls[clients.index(hs)]
-                await call(prebuilt[(offset // max(1, spec.request_size)) % len(prebuilt)], timeout=60.0)
+                reply = await call(
+                    prebuilt[(offset // max(1, spec.request_size)) % len(prebuilt)], timeout=60.0
+                )
+                if spec.mode != "embed":  # a Classify reply is small: read the server's timings
+                    t = reply_type.FromString(reply).timings
+                    result.server_ms.append(t.total_us / 1000)
+                    for stage in ("queue", "preprocess", "backbone", "head"):
+                        ms = getattr(t, f"{stage}_us") / 1000
+                        result.stages_ms[stage] = result.stages_ms.get(stage, 0.0) + ms
                 return spec.request_size
             batch = [texts[(offset + i) % n] for i in range(spec.request_size)]
             if spec.mode == "embed":

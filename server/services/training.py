@@ -101,12 +101,13 @@ class TrainingService:
         self.cache.put_many(fingerprint, {**found, **fresh}, tenant)
         found.update(fresh)
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
-        per_example = dict(zip(keys, vectors, strict=True))
-        try:
-            await self.heads.run_io(self.store.save_embeddings, tenant, fingerprint, per_example)
-        except Exception as exc:  # a cache: failing to keep it costs time later, never this training
-            self.metrics.cache_write_errors.inc()
-            log.warning("tenant %s: embedding cache not saved (%s); the training goes on", tenant, exc)
+        if todo:  # nothing new embedded: the stored cache has nothing to gain (10,000 vectors are 15 MB)
+            per_example = dict(zip(keys, vectors, strict=True))
+            try:
+                await self.heads.run_io(self.store.save_embeddings, tenant, fingerprint, per_example)
+            except Exception as exc:  # a cache: failing to keep it costs time later, never this training
+                self.metrics.cache_write_errors.inc()
+                log.warning("tenant %s: embedding cache not saved (%s); the training goes on", tenant, exc)
         return vectors, len(todo), hits
 
     async def adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:

@@ -39,6 +39,11 @@ def json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
+def compact_json_bytes(value: Any) -> bytes:
+    """For large files nobody reads by eye (a tenant's examples): a third of the time to write as indented."""
+    return (json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
 EXAMPLES_REF = re.compile(r"(|[0-9a-f]{64})")
 
 

@@ -49,7 +49,14 @@ from headswap.server.store.base import (
     weights_digest,
 )
 from headswap.server.store.faults import crash_point
-from headswap.server.store.files import EXAMPLES_REF, atomic_write, fsync_dir, json_bytes, next_seq
+from headswap.server.store.files import (
+    EXAMPLES_REF,
+    atomic_write,
+    compact_json_bytes,
+    fsync_dir,
+    json_bytes,
+    next_seq,
+)
 from headswap.server.store.local_extras import LocalExtras
 from headswap.server.store.processes import ProcessShared
 from headswap.server.store.sweep import sweep
@@ -259,7 +266,7 @@ class LocalStore(LocalExtras, HeadStore):
 
     def _write_examples(self, tenant: str, examples: Sequence[Example]) -> str:
         """Write an example set under its sha256 (rewritten: a damaged copy may be there); returns the sha256."""
-        data = json_bytes({"examples": [example_to_json(e) for e in examples]})
+        data = compact_json_bytes({"examples": [example_to_json(e) for e in examples]})
         ref = hashlib.sha256(data).hexdigest()
         atomic_write(self.tenant_dir(tenant) / "examples" / f"{ref}.json", data)
         return ref
