@@ -199,9 +199,14 @@ def build(
     if config.warmup_rounds:
         for dim in sorted({b.dim for _, b in named}):
             _warm_up_training(dim)
-    head_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    # Trainings run on the GPU when there is one; serving applies heads on the CPU whatever the backbone
+    # runs on: the embeddings are on the host already, and on an H200 the head stage of a small batch took
+    # 0.5 ms (one worker) to 3.4 ms (eight, sharing the GPU) against 0.04 ms for a row on a CPU core
+    # (docs/BENCHMARKS.md, "GPU serving").
+    train_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    head_device = "cpu"
     where = config.store.redacted if config.store.url else config.store_url
-    log.info("store at %s: %d tenants; heads on %s", where, len(store.tenants()), head_device)
+    log.info("store at %s: %d tenants; heads trained on %s", where, len(store.tenants()), train_device)
 
     metrics = Metrics()
     pools = Pools(
@@ -256,7 +261,7 @@ def build(
     lock_dir = store.root / "locks" if isinstance(store, LocalStore) and store.shared else None
     heads = HeadService(embedding, bank, store, cache, TenantLocks(lock_dir), pools.io)
     training = TrainingService(
-        embedding, heads, cache, pools.train, config.limits, metrics, device=head_device
+        embedding, heads, cache, pools.train, config.limits, metrics, device=train_device
     )
     keys = KeyService(store, config.auth.load_pepper(), pools.io, metrics)
     if not keys.enabled and config.host not in LOOPBACK:

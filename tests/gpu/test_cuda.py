@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,12 @@ def test_a_head_trained_on_the_gpu_answers(cuda_server: ServerProcess) -> None:
     assert right / len(texts) > 0.9
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll a condition the callers' tasks make true."""
+    while not condition():  # noqa: ASYNC110 - the callers append to a list; no event to wait on
+        await asyncio.sleep(0.01)
+
+
 def test_swap_under_load_fails_no_call(cuda_server: ServerProcess) -> None:
     # asyncio.run rather than an async test: the GPU machine has pytest but not pytest-asyncio.
     asyncio.run(swap_under_load(cuda_server))
@@ -155,13 +161,11 @@ async def swap_under_load(cuda_server: ServerProcess) -> None:
         rolled_back = asyncio.Event()
         callers = [asyncio.create_task(caller()) for _ in range(16)]
         second = await hs.adapt_head("gpu-swap", texts, labels, validation_fraction=0, force_activate=True)
-        while second.version not in seen:
-            await asyncio.sleep(0.01)
+        await until(lambda: second.version in seen)
         rolled_back.set()
         await hs.activate_head_version("gpu-swap", first.version)
         count = len(seen)
-        while len(seen) < count + 50:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(seen) >= count + 50)
         stop.set()
         await asyncio.gather(*callers)
     assert not errors, errors[:3]
