@@ -76,6 +76,8 @@ COPY --from=builder /opt/headswap/backbone /opt/headswap/backbone
 COPY --from=builder /opt/headswap/image-backbone /opt/headswap/image-backbone
 
 # The server writes only to HEADSWAP_STORE and /tmp, so the root filesystem can be mounted read-only.
+# HEADSWAP_WORKERS=0: server processes on the one port by machine, 1 without a GPU and 4 with one (enough
+# to keep an H200 busy: docs/BENCHMARKS.md); the Kubernetes overlays set it explicitly.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -87,6 +89,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HEADSWAP_STORE=/var/lib/headswap/store \
     HEADSWAP_PORT=50051 \
     HEADSWAP_METRICS_PORT=9090 \
+    HEADSWAP_WORKERS=0 \
     HEADSWAP_LOG_FORMAT=json
 
 USER 10001:10001

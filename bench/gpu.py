@@ -480,25 +480,25 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
     seconds = 3.0 if args.quick else args.seconds
     out.put("machine", machine().describe())
     out.put("source", source_version())
-    systems: list[tuple[str, dict[str, str]]] = [("this commit", {})]
+    systems: list[tuple[str, dict[str, str], int]] = [
+        (f"this commit, {w} worker{'s' if w > 1 else ''}", {}, w) for w in args.workers
+    ]
     with contextlib.ExitStack() as stack:
         if args.baseline:
             path = stack.enter_context(baseline_tree(args.baseline))
             env = {"PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
-            systems.insert(0, (f"baseline {args.baseline}", env))
-        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in systems}
+            systems.insert(0, (f"baseline {args.baseline}", env, 1))
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in systems}
         for r in range(args.rounds):
             order = systems if r % 2 == 0 else systems[::-1]  # ABBA: drift on the machine hits both alike
-            for name, env in order:
-                # A baseline from before --workers knows no such flag; one worker is both servers' default here.
-                flags = ["--precision", "fp32"] + (
-                    ["--workers", str(args.workers[0])] if args.workers[0] > 1 else []
-                )
+            for name, env, workers in order:
+                # A baseline from before --workers knows no such flag; one worker is the default on a CPU.
+                flags = ["--precision", "fp32"] + (["--workers", str(workers)] if workers > 1 else [])
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
                     with server(
                         backbone, flags, module="bench._free_serve", env=env, log_path=Path(tmp) / "log"
                     ) as proc:
-                        wait_all_workers(proc, args.workers[0])
+                        wait_all_workers(proc, workers)
                         train_tenant(proc.target, "bench", 200)
                         figures = {
                             "embed_r256": load_summary(
@@ -614,9 +614,14 @@ def report_free(data: dict[str, Any]) -> str:
         ("classify_1", "Classify, one text per call: calls/s"),
     ):
         values = [summary[name][key] for name in names]
-        ratio = values[-1] / values[0] if len(values) > 1 and values[0] else float("nan")
-        rows.append([label, *[_num(v) for v in values], f"{ratio:.2f}×" if len(values) > 1 else "—"])
-    return markdown_table(["measure", *names, "ratio"], rows, [False, *[True] * len(names), True])
+        ratios = [f"{v / values[0]:.2f}×" if values[0] else "—" for v in values[1:]]
+        rows.append([label, *[_num(v) for v in values], *ratios])
+    ratio_heads = [f"{name} / {names[0]}" for name in names[1:]]
+    return markdown_table(
+        ["measure", *names, *ratio_heads],
+        rows,
+        [False, *[True] * len(names), *[True] * len(ratio_heads)],
+    )
 
 
 def _num(value: Any) -> str:
@@ -634,7 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fake-encoder", action="store_true", help="CPU: the pipeline with a free encoder")
     parser.add_argument("--baseline", default="", help="with --fake-encoder: a commit to measure beside")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--workers", default="1,2,4,8", help="worker counts to measure, comma-separated")
+    parser.add_argument(
+        "--workers", default="", help="worker counts to measure, comma-separated (default 1,4,8; free: 1,2)"
+    )
     parser.add_argument("--clients", type=int, default=8, help="load processes")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per figure")
     parser.add_argument("--rates", default="500,2000", help="Classify rates (calls/s) to offer")
@@ -654,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "gpu.json"
     )
     args = parser.parse_args(argv)
-    args.workers = [int(w) for w in str(args.workers).split(",") if w]
+    default_workers = "1,2" if args.fake_encoder else "1,4,8"
+    args.workers = [int(w) for w in str(args.workers or default_workers).split(",") if w]
     args.rates = [float(r) for r in str(args.rates).split(",") if r]
     for name in ("embed_workers", "classify_workers", "profile_workers"):
         setattr(args, name, [int(w) for w in str(getattr(args, name)).split(",") if w])

@@ -232,11 +232,12 @@ class Batcher:
 
     async def _prepare(self, inputs: list[Input]) -> list[Prepared]:
         """The inputs prepared in the preprocessing pool, together with whatever other calls arrive while
-        the pool is busy: one tokenizer call for many small requests instead of one thread hop each. A
-        request the preprocessor calls cheap (a few short texts: tens of microseconds of tokenizing, less
-        than the hop to a thread and back) is prepared here, on the loop."""
+        the pool is busy: one tokenizer call for many small requests instead of one thread hop each. While
+        nothing else is being prepared, a request the preprocessor calls cheap (a few short texts: tens of
+        microseconds of tokenizing, less than the hop to a thread and back) is prepared here, on the loop;
+        under load such requests go to the pool together, where tokenizing runs beside the loop."""
         cheap = getattr(self.preprocessor, "cheap", None)
-        if cheap is not None and cheap(inputs):
+        if cheap is not None and not self._preparing and not self._to_prepare and cheap(inputs):
             return self.preprocessor.prepare(inputs)
         future: asyncio.Future[list[Prepared]] = asyncio.get_running_loop().create_future()
         self._to_prepare.append((inputs, future))
