@@ -5,66 +5,100 @@ cost per image) divided by the rate the encoder gets through it, measured as it 
 with RESOURCE_EXHAUSTED, in microseconds instead of timing out seconds later, when the expected wait is
 over the limit or when the call's own deadline would pass before its turn: under overload the server keeps
 serving what it admitted at full speed (goodput holds) and tells everyone else to back off.
+
+The wait is a fair one. Work belongs to a flow (a tenant, a key, or a single call: the batcher's callers
+say which), and the batcher takes turns between flows, each leading one batch a round, so a call starts
+once its own flow's queued work is done and every other flow has had as much (or all it has queued, if
+less), plus one batch each for the turn it leads: that is the wait held to the bound. One caller's mountain
+of work therefore delays that caller, not the small calls of everyone else; a big call on an idle server
+starts at once, however big; and many callers at once still make the server refuse. The call's deadline is
+held to when it would be done: the same sum with its own work added.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from headswap.server.errors import ResourceExhausted
 
 
 @dataclass
 class Admission:
-    max_items: int  # hard bound on inputs waiting
+    max_items: int  # hard bound on inputs waiting (prepared or being prepared)
     max_wait_s: float  # bound on the expected wait
     queued_cost: float = 0.0  # admitted and not yet finished: estimated until prepared, then exact
     queued_inputs: int = 0  # the same inputs, counted: 0 means idle, whatever the float sums left over
     rate: float = 0.0  # cost units per second of encoder time, a moving average (0: not measured yet)
     item_cost: float = 0.0  # mean cost of one input, a moving average
+    batch_cost: float = 0.0  # real cost of one batch, a moving average: what a turn gives a flow
+    flow_cost: dict[str, float] = field(default_factory=dict)  # queued cost by flow
+    flow_inputs: dict[str, int] = field(default_factory=dict)
 
-    def expected_wait(self, extra_cost: float = 0.0) -> float:
-        return (self.queued_cost + extra_cost) / self.rate if self.rate else 0.0
+    def expected_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
+        """Seconds until `extra_cost` more work of `flow` would be done, with turns taken between flows (0:
+        until the flow's queued work is done and its next call starts)."""
+        if not self.rate:
+            return 0.0
+        own = self.flow_cost.get(flow, 0.0) + extra_cost
+        turn = max(self.batch_cost, self.item_cost)
+        others = sum(min(cost, own + turn) for name, cost in self.flow_cost.items() if name != flow)
+        return (own + others) / self.rate
 
-    def admit(self, n: int, queued_items: int, deadline: float | None) -> float:
-        """Reserve room for `n` inputs or raise ResourceExhausted; returns the cost reserved."""
-        if queued_items + n > self.max_items:
+    def admit(
+        self, n: int, queued_items: int, deadline: float | None, flow: str = "", holds: int | None = None
+    ) -> float:
+        """Reserve room for `n` inputs of `flow` or raise ResourceExhausted; returns the cost reserved.
+        `queued_items`: inputs waiting now; `holds`: how many of the call's inputs it keeps in the queue at
+        once (a call entering in slices holds a slice; default all): the hard bound counts both."""
+        if queued_items + (n if holds is None else holds) > self.max_items:
             raise ResourceExhausted(
                 f"the server's queue is full ({queued_items} inputs waiting, limit {self.max_items}): retry "
                 "later, with backoff, or on another replica"
             )
         cost = n * self.item_cost
-        wait = self.expected_wait(cost)
-        # A call on an idle server is always admitted, however big: nothing is ahead of it to make it late.
-        if wait > self.max_wait_s and self.queued_inputs > 0:
+        wait = self.expected_wait(0.0, flow)
+        if wait > self.max_wait_s:
             raise ResourceExhausted(
                 f"the server is overloaded: about {wait * 1000:.0f} ms of work is queued, over its limit of "
                 f"{self.max_wait_s * 1000:.0f} ms: retry later, with backoff, or on another replica"
             )
-        if deadline is not None and time.monotonic() + wait > deadline:
+        done = self.expected_wait(cost, flow)
+        if deadline is not None and time.monotonic() + done > deadline:
             raise ResourceExhausted(
                 f"the call's deadline is {max(0.0, deadline - time.monotonic()) * 1000:.0f} ms away but about "
-                f"{wait * 1000:.0f} ms of work is queued ahead of it: retry with a longer deadline, later, or "
-                "on another replica"
+                f"{done * 1000:.0f} ms of work is queued ahead of it and in it: retry with a longer deadline, "
+                "later, or on another replica"
             )
         self.queued_cost += cost
         self.queued_inputs += n
+        self.flow_cost[flow] = self.flow_cost.get(flow, 0.0) + cost
+        self.flow_inputs[flow] = self.flow_inputs.get(flow, 0) + n
         return cost
 
-    def prepared(self, estimate: float, exact: float, n: int) -> None:
+    def prepared(self, estimate: float, exact: float, n: int, flow: str = "") -> None:
         """The call's inputs are prepared: replace the estimate by their exact cost."""
         self.queued_cost += exact - estimate
+        if flow in self.flow_cost:
+            self.flow_cost[flow] = max(0.0, self.flow_cost[flow] + exact - estimate)
         per_item = exact / max(1, n)
         self.item_cost = per_item if not self.item_cost else 0.9 * self.item_cost + 0.1 * per_item
 
-    def release(self, cost: float, n: int) -> None:
+    def release(self, cost: float, n: int, flow: str = "") -> None:
         """`n` inputs of `cost` left the queue: done, dropped, or never prepared. When none is left the
         cost is set to exactly 0, so that rounding in the sums never leaves an idle server looking busy."""
         self.queued_inputs = max(0, self.queued_inputs - n)
         self.queued_cost = max(0.0, self.queued_cost - cost) if self.queued_inputs else 0.0
+        left = self.flow_inputs.get(flow, 0) - n
+        if left > 0:
+            self.flow_inputs[flow] = left
+            self.flow_cost[flow] = max(0.0, self.flow_cost.get(flow, 0.0) - cost)
+        else:  # a flow with nothing queued is forgotten (callers' names never accumulate)
+            self.flow_inputs.pop(flow, None)
+            self.flow_cost.pop(flow, None)
 
     def ran(self, cost: float, seconds: float) -> None:
         if seconds > 0 and cost > 0:
             rate = cost / seconds
             self.rate = rate if not self.rate else 0.8 * self.rate + 0.2 * rate
+            self.batch_cost = cost if not self.batch_cost else 0.9 * self.batch_cost + 0.1 * cost

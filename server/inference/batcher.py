@@ -1,17 +1,18 @@
 """One dynamic batcher in front of a backbone, for every RPC and every tenant.
 
 A call is admitted only if it can be served in time (`admission.py`: the queue's bound is an expected
-wait). A request is prepared on arrival (off the event loop, in the preprocessing pool, together with the
-other requests that arrive meanwhile: one tokenizer batch call for many small calls) into items, one per
-input, each with a cost and a grouping key; they wait in one bounded queue, kept per key, so that forming a
-batch costs the items it takes and never the length of the queue. A batch costs its largest item's cost
-times its size (everything is padded to the largest); it closes when that would pass the cost budget, when
-it holds the most items allowed, or when its oldest item has waited the longest allowed. A batch is built
-around the oldest waiting item (so nothing starves) from the items whose keys are nearest (so little is
-padding), and no batch carries more padding than the policy allows. With shape buckets (`buckets.py`, on
-CUDA) a batch is padded to one of a few fixed shapes run at warm-up, and takes no more items than fill its
-bucket well. Items of cancelled requests are dropped before they cost backbone time. Up to two batches are in flight: while the encoder runs one, the next is
-prepared, formed and collated.
+wait, a fair one). Its inputs are prepared off the event loop (`preparing.py`: in the preprocessing pool,
+together with the other calls that arrive meanwhile) and enter the queue in slices: a call of a thousand
+inputs holds a slice or two at a time, not the whole of them tokenized, so its memory is bounded by what is
+in flight and others' items interleave with its. Each input becomes an item with a cost and a grouping key.
+Items belong to a flow (a tenant, a key or one call: the caller says), and batches take turns between flows
+(`pending.py`): each batch is led by the oldest item of the flow whose turn it is, and filled from the items
+whose keys are nearest its own (so little is padding) within the cost budget, the item cap and the padding
+cap. With shape buckets (`buckets.py`, on CUDA) a batch is padded to one of a few fixed shapes run at
+warm-up, and takes no more items than fill its bucket well. A batch closes when that would pass the budget,
+when it holds the most items allowed, or when its leader has waited the longest allowed; an idle encoder
+starts at once. Items of cancelled requests are dropped before they cost backbone time. Up to two batches
+are in flight: while the encoder runs one, the next is formed and collated.
 
 Classify items carry their tenant's head slot; after the forward pass the heads of all tenants in the batch
 are applied in one grouped operation.
@@ -23,7 +24,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -34,32 +34,18 @@ import numpy as np
 from headswap.server.domain import Input
 from headswap.server.inference.admission import Admission
 from headswap.server.inference.buckets import ShapeBuckets
+from headswap.server.inference.image import InputError
+from headswap.server.inference.pending import Pending
+from headswap.server.inference.preparing import Preparer, prepare_groups
 from headswap.server.inference.protocols import Backbone, Prepared
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BatchPolicy", "BatchResult", "BatchStats", "Batcher", "prepare_groups"]
 
-# Requests prepared together take up to this many inputs (one larger request goes alone): enough for the
-# tokenizer's batch call to spread over every core, small enough that a group's wait stays short.
-PREPARE_GROUP_INPUTS = 1024
-
-
-def prepare_groups(preprocessor: Any, groups: list[list[Input]]) -> list[list[Prepared] | BaseException]:
-    """Blocking (the preprocessing pool): each group's prepared items, or the error that group alone gets.
-    A preprocessor with `prepare_many` prepares them in one call (the text one: one tokenizer batch)."""
-    many = getattr(preprocessor, "prepare_many", None)
-    if many is not None and len(groups) > 1:
-        try:
-            return list(many(groups))
-        except Exception:
-            pass  # one group's bad input: prepared one by one below, so that only that group gets it
-    out: list[list[Prepared] | BaseException] = []
-    for inputs in groups:
-        try:
-            out.append(preprocessor.prepare(inputs))
-        except Exception as exc:
-            out.append(exc)
-    return out
+# A call enters the queue in slices of at most this many inputs (or two batches' worth, if more); its next
+# slice is prepared once fewer than a batch of its items are waiting.
+SLICE_INPUTS = 64
 
 
 class GroupedHeads(Protocol):
@@ -92,12 +78,15 @@ class BatchStats:
 class _Request:
     future: asyncio.Future[None]
     slot: int | None  # head slot for Classify, None for Embed
+    flow: str
     enqueued: float
-    preprocess_s: float
     truncated: np.ndarray
     rows: list[Any]
     remaining: int
+    preprocess_s: float = 0.0
     items: list[_Item] = field(default_factory=list)
+    waiting: int = 0  # items in the queue now
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # set: time to prepare its next slice
     started: float = 0.0
     backbone_s: float = 0.0
     head_s: float = 0.0
@@ -108,6 +97,7 @@ class _Request:
 
 
 _arrival = itertools.count()
+_calls = itertools.count()
 
 
 @dataclass(eq=False, slots=True)
@@ -117,6 +107,10 @@ class _Item:
     prepared: Prepared
     taken: bool = False  # in a batch, or withdrawn with its cancelled request
     seq: int = field(default_factory=lambda: next(_arrival))
+
+    @property
+    def flow(self) -> str:
+        return self.request.flow
 
 
 @dataclass(frozen=True)
@@ -144,24 +138,14 @@ class Batcher:
         self.preprocessor = backbone.preprocessor
         self.encoder = backbone.encoder
         self.policy = policy
-        self.preprocess_executor = preprocess_executor
         self.backbone_executor = backbone_executor
         self.heads = heads
         self.on_batch = on_batch
         self.buckets = buckets
-        # Items waiting for the backbone, by grouping key (arrival order within a key), and all of them in
-        # arrival order (to find the oldest). An item leaves both when taken; `_arrivals` drops taken items
-        # lazily, from its front. Forming a batch costs the items it takes, not the queue's length.
-        self._queues: dict[int, deque[_Item]] = {}
-        self._arrivals: deque[_Item] = deque()
-        self._waiting = 0  # items in _queues
-        self._waiting_cost = 0  # their costs, summed
-        self._reserved = 0  # items admitted but still being prepared
-        # Requests waiting to be prepared, tokenized together (one Rust batch call per group) by up to
-        # `prepare_workers` jobs in the preprocessing pool.
-        self._to_prepare: deque[tuple[list[Input], asyncio.Future[list[Prepared]]]] = deque()
-        self._preparing = 0
-        self._prepare_workers = max(1, prepare_workers)
+        self.preparer = Preparer(backbone.preprocessor, preprocess_executor, prepare_workers)
+        self.pending = Pending()
+        self.slice_inputs = max(SLICE_INPUTS, 2 * policy.max_batch_items)
+        self._reserved = 0  # inputs of slices being prepared
         self.admission = Admission(policy.max_queue_items, policy.max_queue_wait_s)
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.max_in_flight)
@@ -171,7 +155,7 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting + self._reserved
+        return len(self.pending) + self._reserved
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="headswap-batcher")
@@ -182,43 +166,41 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def submit(
-        self, inputs: Sequence[Input], slot: int | None = None, deadline: float | None = None
+        self,
+        inputs: Sequence[Input],
+        slot: int | None = None,
+        deadline: float | None = None,
+        flow: str = "",
     ) -> BatchResult:
         """Embed `inputs` (and apply the head in `slot`, if given) as part of whatever batches form.
-        `deadline` (time.monotonic()) lets the batcher refuse at once a call it cannot serve in time."""
-        estimate = self.admission.admit(len(inputs), self.queue_depth, deadline)
+        `deadline` (time.monotonic()) lets the batcher refuse at once a call it cannot serve in time; `flow`
+        names whose work this is (a tenant, a key; by default the call alone), for taking turns."""
+        inputs = list(inputs)
+        n = len(inputs)
+        flow = flow or f"call:{next(_calls)}"
+        estimate = self.admission.admit(n, self.queue_depth, deadline, flow, holds=min(n, self.slice_inputs))
         loop = asyncio.get_running_loop()
-        enqueued = time.perf_counter()
-        self._reserved += len(inputs)
-        try:
-            prepared = await self._prepare(list(inputs))
-        except BaseException:
-            self.admission.release(estimate, len(inputs))
-            raise
-        finally:
-            self._reserved -= len(inputs)
-        self.admission.prepared(estimate, float(sum(p.cost for p in prepared)), len(prepared))
         request = _Request(
             future=loop.create_future(),
             slot=slot,
-            enqueued=enqueued,
-            preprocess_s=time.perf_counter() - enqueued,
-            truncated=np.fromiter((p.truncated for p in prepared), dtype=bool, count=len(prepared)),
-            rows=[None] * len(prepared),
-            remaining=len(prepared),
+            flow=flow,
+            enqueued=time.perf_counter(),
+            truncated=np.zeros(n, dtype=bool),
+            rows=[None] * n,
+            remaining=n,
         )
-        items = [_Item(request, i, p) for i, p in enumerate(prepared)]
-        request.items = items
-        self._enqueue(items)
-        self._wake.set()
+        feeder = loop.create_task(self._feed(request, inputs, estimate / max(1, n)))
         try:
             await request.future
         except asyncio.CancelledError:
             # The caller went away (cancelled, or its deadline passed): its waiting items go now, before they
             # cost backbone time; items already in a batch are skipped when it runs.
             request.future.cancel()
-            self._withdraw(request)
             raise
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+            self._withdraw(request)
         return BatchResult(
             rows=request.rows,
             truncated=request.truncated,
@@ -228,155 +210,82 @@ class Batcher:
             head_s=request.head_s,
         )
 
-    # -- preparing ----------------------------------------------------------------------------------------
-
-    async def _prepare(self, inputs: list[Input]) -> list[Prepared]:
-        """The inputs prepared in the preprocessing pool, together with whatever other calls arrive while
-        the pool is busy: one tokenizer call for many small requests instead of one thread hop each. While
-        nothing else is being prepared, a request the preprocessor calls cheap (a few short texts: tens of
-        microseconds of tokenizing, less than the hop to a thread and back) is prepared here, on the loop;
-        under load such requests go to the pool together, where tokenizing runs beside the loop."""
-        cheap = getattr(self.preprocessor, "cheap", None)
-        if cheap is not None and not self._preparing and not self._to_prepare and cheap(inputs):
-            return self.preprocessor.prepare(inputs)
-        future: asyncio.Future[list[Prepared]] = asyncio.get_running_loop().create_future()
-        self._to_prepare.append((inputs, future))
-        if self._preparing < self._prepare_workers:
-            self._preparing += 1
-            asyncio.get_running_loop().create_task(self._prepare_waiting())
-        return await future
-
-    async def _prepare_waiting(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _feed(self, request: _Request, inputs: list[Input], per_input: float) -> None:
+        """Prepare the call's inputs a slice at a time and queue them; the next slice once the call has less
+        than a batch of items waiting. Errors end the call; the unprepared rest leaves admission."""
+        n, done = len(inputs), 0
         try:
-            while self._to_prepare:
-                group: list[tuple[list[Input], asyncio.Future[list[Prepared]]]] = []
-                count = 0
-                while self._to_prepare and (not group or count < PREPARE_GROUP_INPUTS):
-                    inputs, future = self._to_prepare.popleft()
-                    if not future.done():  # a caller that left before its turn costs nothing
-                        group.append((inputs, future))
-                        count += len(inputs)
-                if not group:
-                    continue
-                results = await loop.run_in_executor(
-                    self.preprocess_executor, prepare_groups, self.preprocessor, [g[0] for g in group]
+            for offset in range(0, n, self.slice_inputs):
+                part = inputs[offset : offset + self.slice_inputs]
+                if offset:
+                    await request.room.wait()
+                self._reserved += len(part)
+                try:
+                    prepared = await self.preparer.prepare(part)
+                except InputError as exc:  # its index is within the slice: say which input it is
+                    raise InputError(offset + exc.index, exc.reason) from None
+                finally:
+                    self._reserved -= len(part)
+                done += len(part)
+                self.admission.prepared(
+                    per_input * len(part), float(sum(p.cost for p in prepared)), len(part), request.flow
                 )
-                for (_, future), result in zip(group, results, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._preparing -= 1
-
-    # -- forming batches -----------------------------------------------------------------------------
-
-    def _enqueue(self, items: list[_Item]) -> None:
-        for item in items:
-            key = item.prepared.group_key
-            queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = deque()
-            queue.append(item)
-            self._arrivals.append(item)
-            self._waiting_cost += item.prepared.cost
-        self._waiting += len(items)
+                if not offset:
+                    request.preprocess_s = time.perf_counter() - request.enqueued
+                items = [_Item(request, offset + i, p) for i, p in enumerate(prepared)]
+                request.truncated[offset : offset + len(part)] = [p.truncated for p in prepared]
+                request.items.extend(items)
+                request.waiting += len(items)
+                if request.waiting >= self.policy.max_batch_items:
+                    request.room.clear()
+                self.pending.add(items)
+                self._wake.set()
+        except BaseException as exc:
+            if n > done:
+                self.admission.release(per_input * (n - done), n - done, request.flow)
+            if not request.future.done() and not isinstance(exc, asyncio.CancelledError):
+                request.future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     def _withdraw(self, request: _Request) -> None:
-        """Take a cancelled request's waiting items out of the queue, and their cost out of admission. They
-        are marked taken; each key's queue drops taken items from its front (so a withdrawal costs the
-        request's items, never the queue's length)."""
-        gone = [item for item in request.items if not item.taken]
-        for item in gone:
-            item.taken = True
-        for key in {item.prepared.group_key for item in gone}:
-            self._purge(key)
-        cost = sum(item.prepared.cost for item in gone)
-        self._waiting -= len(gone)
-        self._waiting_cost -= cost
-        self.admission.release(cost, len(gone))
+        """Take a finished or cancelled call's waiting items out of the queue, and their cost out of
+        admission (a call that finished has none left)."""
+        count, cost = self.pending.withdraw(request.items)
+        if count:
+            request.waiting -= count
+            self.admission.release(cost, count, request.flow)
 
-    def _purge(self, key: int) -> None:
-        queue = self._queues.get(key)
-        if queue is None:
-            return
-        while queue and queue[0].taken:
-            queue.popleft()
-        if not queue:
-            del self._queues[key]
-
-    def _oldest(self) -> _Item | None:
-        arrivals = self._arrivals
-        while arrivals and arrivals[0].taken:
-            arrivals.popleft()
-        return arrivals[0] if arrivals else None
+    # -- forming batches -----------------------------------------------------------------------------
 
     def _full(self) -> bool:
         p = self.policy
         # Enough work waiting to fill a batch (padding aside): no reason to wait longer.
-        return self._waiting >= p.max_batch_items or self._waiting_cost >= p.max_batch_cost
+        return len(self.pending) >= p.max_batch_items or self.pending.cost >= p.max_batch_cost
 
     def _take(self) -> list[_Item]:
-        """A batch around the oldest item: items of the nearest keys first, within the cost budget, the item
-        cap and the padding cap; with shape buckets, no more items than fill a bucket well."""
-        oldest = self._oldest()
-        if oldest is None:
-            return []
-        policy = self.policy
-        key = oldest.prepared.group_key
-        order = sorted(self._queues, key=lambda k: (abs(k - key), k))
-        chosen: list[_Item] = []
-        largest = real = 0
-        for k in order:
-            queue = self._queues[k]
-            for item in queue:
-                if item.taken:
-                    continue
-                item_cost = item.prepared.cost
-                cost = max(largest, item_cost)
-                padded = cost * (len(chosen) + 1)
-                if chosen and padded > policy.max_batch_cost:
-                    break
-                if chosen and padded - (real + item_cost) > policy.max_padding * padded:
-                    break
-                chosen.append(item)
-                largest = cost
-                real += item_cost
-                if len(chosen) >= policy.max_batch_items:
-                    break
-            if len(chosen) >= policy.max_batch_items:
-                break
-        if self.buckets is not None:
-            chosen = chosen[: self.buckets.items_to_take(len(chosen), policy.max_padding)]
-        for item in chosen:
-            item.taken = True
-        # What each key gave is the front of its live items, so dropping taken items from the front clears it.
-        for k in {item.prepared.group_key for item in chosen}:
-            self._purge(k)
-        self._waiting -= len(chosen)
-        self._waiting_cost -= sum(item.prepared.cost for item in chosen)
-        chosen.sort(key=lambda item: item.seq)
-        return chosen
+        batch: list[_Item] = self.pending.take(self.policy, self.buckets)
+        for request in {id(item.request): item.request for item in batch}.values():
+            request.waiting -= sum(1 for item in batch if item.request is request)
+            if request.waiting < self.policy.max_batch_items:
+                request.room.set()
+        return batch
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            oldest = self._oldest()
-            if oldest is None:
+            if self.pending.leader() is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             # Wait for a free slot first: while the encoder is busy, more items join the next batch.
             await self._slots.acquire()
             idle = self._in_flight == 0
-            oldest = self._oldest()
-            if oldest is None:
+            leader = self.pending.leader()
+            if leader is None:
                 self._slots.release()
                 continue
-            request = oldest.request
+            request = leader.request  # type: ignore[attr-defined]
             deadline = request.enqueued + request.preprocess_s + self.policy.max_wait_s
             # An idle encoder starts at once: waiting for company only pays while another batch runs.
             while not idle and not self._full():
@@ -462,7 +371,11 @@ class Batcher:
         return rows, t1 - t0, t2 - t1
 
     def _finish(self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]]) -> None:
-        self.admission.release(sum(item.prepared.cost for item in batch), len(batch))
+        by_flow: dict[str, list[_Item]] = {}
+        for item in batch:
+            by_flow.setdefault(item.flow, []).append(item)
+        for flow, items in by_flow.items():
+            self.admission.release(sum(item.prepared.cost for item in items), len(items), flow)
         self._slots.release()
         self._in_flight -= 1
         self.batches_run += 1

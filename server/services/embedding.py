@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from headswap.server.config import LimitsConfig
-from headswap.server.domain import Embedded, EmbedRequest, Input, Timings, call_deadline
+from headswap.server.domain import ANONYMOUS, Caller, Embedded, EmbedRequest, Input, Timings, call_deadline
 from headswap.server.errors import InvalidArgument, ResourceExhausted
 from headswap.server.inference.batcher import BatchResult
 from headswap.server.inference.lanes import Lane, Lanes
@@ -19,6 +19,14 @@ from headswap.server.validation import check_inputs
 
 DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 REPLY_OVERHEAD = 64 * 1024  # room for everything in a reply besides the payload
+
+
+def caller_flow(caller: Caller) -> str:
+    """Whose work an Embed is, for the batcher's turns: a tenant key's tenant, an admin key; without keys
+    every call is its own flow (nothing tells callers apart)."""
+    if caller.tenant is not None:
+        return f"tenant:{caller.tenant}"
+    return f"key:{caller.name}" if caller.name != ANONYMOUS.name else ""
 
 
 def timings(result: BatchResult) -> Timings:
@@ -57,19 +65,22 @@ class EmbeddingService:
             len(request.inputs) * lane.backbone.dim * dtype.itemsize,
             "send fewer inputs per call or ask for float16",
         )
-        result = await lane.batcher.submit(request.inputs, deadline=call_deadline.get())
+        result = await lane.batcher.submit(
+            request.inputs, deadline=call_deadline.get(), flow=caller_flow(request.caller)
+        )
         t = timings(result)
         self.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, None)
         embeddings = np.stack(result.rows).astype(dtype, copy=False)
         return Embedded(embeddings, result.truncated, t, lane.describe())
 
-    async def vectors(self, lane: Lane, inputs: list[Input], deadline: float) -> np.ndarray:
+    async def vectors(self, lane: Lane, inputs: list[Input], deadline: float, tenant: str = "") -> np.ndarray:
         """float32 (n, dim) for inputs already checked (training examples). A training is no call waiting
-        on its answer: when the queue is full it waits for room (with backoff) until `deadline`."""
+        on its answer: when the queue is full it waits for room (with backoff) until `deadline`. Its work is
+        a flow of its own (`train:<tenant>`), taking turns with serving rather than crowding it out."""
         delay = 0.05
         while True:
             try:
-                result = await lane.batcher.submit(inputs)
+                result = await lane.batcher.submit(inputs, flow=f"train:{tenant}" if tenant else "")
                 return np.stack(result.rows).astype(np.float32, copy=False)
             except ResourceExhausted:
                 if time.monotonic() + delay > deadline:

@@ -108,7 +108,9 @@ class HeadService:
         )
         # The head rides with the inputs through the batcher: the backbone and every tenant's head run on
         # the whole mixed batch, and this request keeps `head` (its version) from start to end.
-        result = await lane.batcher.submit(request.inputs, slot=head.slot, deadline=call_deadline.get())
+        result = await lane.batcher.submit(
+            request.inputs, slot=head.slot, deadline=call_deadline.get(), flow=f"tenant:{tenant}"
+        )
         labels, abstained = [], []
         for probs in result.rows:
             indices, scores = top_k(np.asarray(probs), k)

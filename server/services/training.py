@@ -90,7 +90,7 @@ class TrainingService:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             try:
-                vectors = await self.embedding.vectors(lane, [item for _, item in part], deadline)
+                vectors = await self.embedding.vectors(lane, [item for _, item in part], deadline, tenant)
             except InputError as exc:  # its index is within the chunk: say which example it is
                 raise InvalidArgument(f"{name(first[part[exc.index][0]])} {exc.reason}") from None
             fresh.update({k: vectors[i] for i, (k, _) in enumerate(part)})

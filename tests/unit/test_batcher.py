@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from headswap.server.domain import Input
-from headswap.server.errors import ResourceExhausted
+from headswap.server.errors import InvalidArgument, ResourceExhausted
 from headswap.server.inference.batcher import Batcher, BatchPolicy, BatchStats
 from headswap.server.inference.protocols import Backbone, Prepared
 from headswap.server.manifest import BackboneManifest
@@ -209,3 +209,49 @@ async def test_cancelled_call_costs_no_backbone_work(pools) -> None:  # type: ig
     firsts = [chr(x) for batch in backbone.batches for x in batch]
     assert "d" not in firsts and firsts == ["f", "k"]
     assert batcher.queue_depth == 0
+
+
+async def test_flows_take_turns_so_one_big_call_does_not_starve_the_others(pools) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23: a big call's inputs all arrived first, so first-come batches ran all of them before anyone
+    else's. Batches now take turns between flows: the small calls ride in the next batch."""
+    batcher, backbone, _, _ = make(pools, max_batch_items=4, max_wait_s=0.001)
+    backbone.gate.clear()
+    blocker = asyncio.create_task(batcher.submit(["z"]))
+    await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
+    big_inputs = [Input(text=f"a{i:03d}") for i in range(200)]
+    big = asyncio.create_task(batcher.batcher.submit(big_inputs, flow="big"))
+    await asyncio.sleep(0.1)
+    # The big call entered the queue in a slice, not whole: its memory is what is in flight.
+    assert len(batcher.pending) <= batcher.slice_inputs < len(big_inputs)
+    small = [
+        asyncio.create_task(batcher.batcher.submit([Input(text="b")], flow="s1")),
+        asyncio.create_task(batcher.batcher.submit([Input(text="c")], flow="s2")),
+    ]
+    await asyncio.sleep(0.1)
+    backbone.gate.set()
+    await asyncio.gather(blocker, big, *small)
+    await batcher.stop()
+    batches = backbone.batches[1:]
+    served = {chr(first): i for i, batch in enumerate(batches) for first in batch if chr(first) in "bc"}
+    assert served["b"] <= 1 and served["c"] <= 1, batches[:3]
+    assert len(batches) >= 50  # the big call's 200 inputs in batches of 4, slice after slice
+    assert batcher.queue_depth == 0 and batcher.admission.queued_inputs == 0
+
+
+async def test_an_input_error_names_the_input_in_a_later_slice(pools) -> None:  # type: ignore[no-untyped-def]
+    batcher, backbone, _, _ = make(pools, max_batch_items=2)
+
+    def prepare(inputs):  # type: ignore[no-untyped-def]
+        from headswap.server.inference.image import InputError
+
+        for i, item in enumerate(inputs):
+            if item.text == "bad":
+                raise InputError(i, "is bad")
+        return FakeBackbone.prepare(backbone, inputs)
+
+    backbone.prepare = prepare  # type: ignore[method-assign]
+    inputs = [Input(text="ok")] * 100 + [Input(text="bad")] + [Input(text="ok")] * 10
+    with pytest.raises(InvalidArgument, match=r"inputs\[100\] is bad"):
+        await batcher.batcher.submit(inputs)
+    await batcher.stop()
+    assert batcher.queue_depth == 0 and batcher.admission.queued_inputs == 0

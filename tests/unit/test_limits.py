@@ -176,15 +176,40 @@ def test_admission_refuses_by_expected_wait_and_by_deadline() -> None:
     admission = Admission(max_items=10_000, max_wait_s=0.5)
     admission.ran(cost=1000, seconds=1.0)  # measured: 1,000 cost units a second
     admission.prepared(admission.admit(10, 0, None), exact=400.0, n=10)  # 0.4 s of work queued
-    with pytest.raises(ServerResourceExhausted, match="overloaded"):
-        admission.admit(10, 10, None)  # 0.8 s
+    # The bound holds the wait before a call's work starts; its deadline, when its work would be done.
     with pytest.raises(ServerResourceExhausted, match="deadline"):
-        admission.admit(1, 10, time.monotonic() + 0.1)
-    assert admission.admit(1, 10, time.monotonic() + 5.0) == pytest.approx(40.0)
-    admission.release(440.0, 11)
+        admission.admit(10, 10, time.monotonic() + 0.6)  # starts at 0.4 s, done at about 0.8 s
+    assert admission.admit(1, 10, time.monotonic() + 5.0) == pytest.approx(40.0)  # starts at 0.4 s
+    admission.prepared(admission.admit(10, 11, None), exact=400.0, n=10)  # starts at 0.44 s
+    with pytest.raises(ServerResourceExhausted, match="overloaded"):
+        admission.admit(1, 21, None)  # would start after 0.84 s
+    admission.release(840.0, 21)
     assert admission.expected_wait() == 0.0
     with pytest.raises(ServerResourceExhausted, match="queue is full"):
         Admission(max_items=5, max_wait_s=1.0).admit(6, 0, None)
+
+
+def test_one_flows_mountain_of_work_delays_that_flow_alone() -> None:
+    """Issue 23: one caller's within-limits Embed made nearly every other tenant's Classify refused."""
+    admission = Admission(max_items=100_000, max_wait_s=1.0)
+    admission.ran(cost=250, seconds=0.25)  # 1,000 cost units a second, in batches of 250
+    admission.prepared(admission.admit(1024, 0, None, "big"), 28_000.0, 1024, "big")  # 28 s of work
+    with pytest.raises(ServerResourceExhausted, match="overloaded"):
+        admission.admit(1, 1024, None, "big")  # behind its own 28 s
+    # Another caller starts after one turn of the big flow's (a batch), not after its 28 s.
+    assert admission.expected_wait(0.0, "small") == pytest.approx(0.25)
+    for tenant in range(5):
+        admission.prepared(admission.admit(1, 1024 + tenant, None, f"t{tenant}"), 16.0, 1, f"t{tenant}")
+    # t0 done with 16 more: its own 32, a turn past that of the big flow, all of the four others.
+    assert admission.expected_wait(16.0, "t0") == pytest.approx((32 + (32 + 250) + 4 * 16) / 1000)
+    # Many callers at once still overload the server: each one's turn comes after everyone else's.
+    for tenant in range(5, 200):
+        try:
+            admission.prepared(admission.admit(4, 2000, None, f"t{tenant}"), 64.0, 4, f"t{tenant}")
+        except ServerResourceExhausted:
+            break
+    else:
+        raise AssertionError("two hundred flows of queued work were all admitted under a 1 s bound")
 
 
 def test_an_idle_server_admits_a_big_call_whatever_rounding_left_behind() -> None:
