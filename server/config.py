@@ -139,6 +139,9 @@ class ServerConfig:
     backbones: tuple[tuple[str, Path], ...] = ()
     device: str = "auto"
     precision: str = "auto"
+    # A head answers on any precision of the backbone weights it was trained on; strict: only on embeddings
+    # of the fingerprint it was trained on (int8 has its own; fp32 and fp16 share one).
+    strict_precision: bool = False
     worker_threads: int = 2
     intra_op_threads: int = 0
     # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the

@@ -27,6 +27,7 @@ from headswap.server.export.quantize import (
 )
 from headswap.server.manifest import (
     MANIFEST_NAME,
+    MIN_COSINE,
     MODEL_FP16,
     MODEL_FP32,
     MODEL_INT8,
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for this model
-MIN_COSINE_FP32 = 0.9999
-MIN_COSINE_FP16 = 0.999
+MIN_COSINE_FP32 = MIN_COSINE["fp32"]
+MIN_COSINE_FP16 = MIN_COSINE["fp16"]
 OPSET = 17
 
 # Real sentences of different lengths and registers, and one longer than the max length, so that

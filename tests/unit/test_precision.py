@@ -70,4 +70,6 @@ def test_auto_on_this_machine() -> None:
     flags = read_cpu_flags()
     choice = choose_precision("auto", on_cuda=False, available=ALL, flags=flags)
     assert choice.precision == "fp32", choice
-    assert ("--precision int8 is faster" in choice.reason) and (has_vnni(flags) == ("this CPU has" in choice.reason))
+    assert ("--precision int8 is faster" in choice.reason) and (
+        has_vnni(flags) == ("this CPU has" in choice.reason)
+    )
