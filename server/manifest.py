@@ -55,6 +55,9 @@ class BackboneManifest:
     # Against the PyTorch original on the int8 parity set (real sentences), and how the model was made.
     parity_min_cosine_int8: float = 0.0
     parity_mean_cosine_int8: float = 0.0
+    # The CPU's int8 kernel family the int8 parity was measured with (`precision.int8_kernels`): the margin
+    # over the gate is known per family ("" for exports that predate the record).
+    parity_int8_cpu: str = ""
     quantization: tuple[tuple[str, str], ...] = ()
     format: str = MANIFEST_FORMAT
 

@@ -25,6 +25,7 @@ from headswap.server.export.quantize import (
     measure_parity,
     quantize_int8,
 )
+from headswap.server.inference.precision import int8_kernels, read_cpu_flags
 from headswap.server.manifest import (
     MANIFEST_NAME,
     MIN_COSINE,
@@ -149,7 +150,8 @@ def _onnx_embeddings(path: Path, batch: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _int8(work: Path, model_dir: Path, tokenizer: Any) -> tuple[dict[str, str], float, float]:
-    """Quantise the fused fp32 model, then gate it against the PyTorch original on real sentences."""
+    """Quantise the fused fp32 model, then gate it against the PyTorch original on real sentences (with this
+    CPU's int8 kernels: the family is recorded beside the figures)."""
     import onnxruntime as ort
 
     recipe = quantize_int8(work / MODEL_FP32, work / MODEL_INT8)
@@ -163,7 +165,8 @@ def _int8(work: Path, model_dir: Path, tokenizer: Any) -> tuple[dict[str, str], 
 
     parity = measure_parity(texts, reference, embed)
     log.info(
-        "int8 parity against PyTorch: mean cosine %.5f, min %.5f (%r)",
+        "int8 parity against PyTorch (%s kernels): mean cosine %.5f, min %.5f (%r)",
+        int8_kernels(read_cpu_flags()),
         parity.mean_cosine,
         parity.min_cosine,
         parity.worst_text,
@@ -314,6 +317,7 @@ def export_backbone(
             parity_min_cosine_fp16=round(cos16, 7),
             parity_min_cosine_int8=min8,
             parity_mean_cosine_int8=mean8,
+            parity_int8_cpu=int8_kernels(read_cpu_flags()) if "int8" in precisions else "",
             quantization=tuple(sorted(recipe.items())),
         )
         step("writing")

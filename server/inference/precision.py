@@ -41,6 +41,18 @@ def has_vnni(flags: Iterable[str]) -> bool:
     return any(f in VNNI_FLAGS for f in flags)
 
 
+def int8_kernels(flags: Iterable[str]) -> str:
+    """Which family of ONNX Runtime's x86 int8 kernels runs on a CPU of these flags: "avx512_vnni",
+    "avx_vnni", "avx512" (AVX-512 without VNNI), "avx2" or "other". Their rounding differs, so an int8 model's
+    drift from fp32 is a property of the model and of this family; the export's parity gate records which
+    family it was measured on (`BackboneManifest.parity_int8_cpu`)."""
+    flags = set(flags)
+    for family, flag in (("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"), ("avx512", "avx512bw")):
+        if flag in flags:
+            return family
+    return "avx2" if "avx2" in flags else "other"
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     precision: str

@@ -36,10 +36,11 @@ def examples(data: Data, split: str, per: int) -> tuple[list[str], list[str]]:
 
 
 def test_a_head_follows_its_weights_across_precisions(
-    backbone_dir: Path, banking77: Data, tmp_path: Path
+    int8_backbone_dir: Path, banking77: Data, tmp_path: Path
 ) -> None:
     """One store served in fp32, then int8, then fp16: the head trained on fp32 answers on each, the one
     trained on int8 answers on fp32 and fp16; each reply says which precision answered and which trained."""
+    backbone_dir = int8_backbone_dir
     store = tmp_path / "store"
     test_texts, test_labels = examples(banking77, "test", 10)
     answers: dict[str, list[str]] = {}
@@ -85,8 +86,9 @@ def test_a_head_follows_its_weights_across_precisions(
 
 
 def test_strict_precision_refuses_another_fingerprint(
-    backbone_dir: Path, banking77: Data, tmp_path: Path
+    int8_backbone_dir: Path, banking77: Data, tmp_path: Path
 ) -> None:
+    backbone_dir = int8_backbone_dir
     store = tmp_path / "store"
     fp32 = start(backbone_dir, store, tmp_path / "fp32.log", "--precision", "fp32")
     try:

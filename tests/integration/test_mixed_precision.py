@@ -30,7 +30,7 @@ def examples(data: Data, split: str, per: int, offset: int = 0) -> tuple[list[st
 
 @pytest.fixture
 def fleet(
-    backbone_dir: Path, postgres_dsn: str, tmp_path: Path
+    int8_backbone_dir: Path, postgres_dsn: str, tmp_path: Path
 ) -> Iterator[dict[str, tuple[ServerProcess, int]]]:
     """{precision: (replica, its metrics port)} for fp32 and int8, both on one PostgreSQL database."""
     replicas = {}
@@ -38,7 +38,7 @@ def fleet(
         port = free_port()
         flags = ["--store", postgres_dsn, "--store-migrate", "true", "--warmup-rounds", "0"]
         proc = ServerProcess(
-            "--backbone", str(backbone_dir), *flags, "--precision", precision,
+            "--backbone", str(int8_backbone_dir), *flags, "--precision", precision,
             log_path=tmp_path / f"{precision}.log", metrics_port=port,
         )  # fmt: skip
         replicas[precision] = (proc, port)

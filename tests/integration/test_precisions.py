@@ -57,6 +57,8 @@ def served(
     request: pytest.FixtureRequest, backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, ServerProcess]]:
     precision = str(request.param)
+    if precision == "int8":
+        request.getfixturevalue("int8_backbone_dir")  # fails here, saying why, if int8's export gate failed
     work = tmp_path_factory.mktemp(f"precision-{precision}")
     proc = ServerProcess(
         "--backbone", str(backbone_dir), "--store", str(work / "store"), "--warmup-rounds", "0",

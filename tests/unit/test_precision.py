@@ -8,6 +8,7 @@ from headswap.server.inference.precision import (
     choose_precision,
     cpu_flags,
     has_vnni,
+    int8_kernels,
     read_cpu_flags,
 )
 
@@ -73,3 +74,14 @@ def test_auto_on_this_machine() -> None:
     assert ("--precision int8 is faster" in choice.reason) and (
         has_vnni(flags) == ("this CPU has" in choice.reason)
     )
+
+
+def test_int8_kernel_families() -> None:
+    """The family the int8 gate's margin is recorded for: VNNI first, then AVX-512 without it, then AVX2."""
+    assert (
+        int8_kernels(cpu_flags(XEON)) == "avx512_vnni" and int8_kernels(cpu_flags(ALDER_LAKE)) == "avx_vnni"
+    )
+    assert (
+        int8_kernels(cpu_flags(EPYC)) == "avx2" and int8_kernels({"avx512f", "avx512bw", "avx2"}) == "avx512"
+    )
+    assert int8_kernels(()) == "other"
