@@ -47,6 +47,7 @@ def backbone(b: pb.BackboneInfo) -> r.BackboneInfo:
         b.provider,
         b.served_as,
         b.precision,
+        b.weights_fingerprint,
     )
 
 
@@ -216,6 +217,9 @@ def head_version(v: pb.HeadVersion) -> r.HeadVersion:
         l2=v.l2,
         l2_source=v.l2_source,
         temperature=v.temperature,
+        trained_precision=v.trained_precision,
+        weights_fingerprint=v.weights_fingerprint,
+        served_precision=v.served_precision,
     )
 
 
@@ -288,6 +292,8 @@ def predictions(reply: pb.ClassifyResponse) -> list[r.Prediction]:
             reply.version,
             p.truncated,
             p.abstained,
+            reply.backbone.precision,
+            reply.trained_precision,
         )
         for p in reply.predictions
     ]

@@ -27,6 +27,8 @@ def _cmd_heads(args: argparse.Namespace) -> int:
                     "kind": v.kind,
                     "accuracy": round(v.metrics.accuracy, 4),
                     "created_at": v.created_at.isoformat(),
+                    "trained_precision": v.trained_precision,
+                    "served_precision": v.served_precision,
                 }
                 for v in d.versions
             ]

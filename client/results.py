@@ -23,6 +23,9 @@ class BackboneInfo:
     provider: str
     served_as: str = ""  # the server's name for it: what `backbone=` names
     precision: str = ""  # "fp32", "fp16" or "int8"; empty from servers that predate it
+    # The backbone family (weights, tokenizer, pooling, normalisation), whatever the precision: what heads are
+    # bound to. `fingerprint` names the embeddings and differs per precision (int8 has its own).
+    weights_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,12 @@ class HeadVersion:
     l2: float = 0.0  # the L2 strength it was fit with (scikit-learn's 1/C)
     l2_source: str = ""  # "cross_validation" or "validation" (chosen), "caller" or "default"
     temperature: float = 1.0  # calibration, already applied to its probabilities
+    # The precision of the embeddings it was trained on ("fp32", "fp16", "int8"; "" for a version stored before
+    # precisions were recorded: fp32 or fp16), the backbone weights it is bound to, and the precision the
+    # server that answered this call serves it in ("" when that server does not serve it).
+    trained_precision: str = ""
+    weights_fingerprint: str = ""
+    served_precision: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,13 @@ class Prediction:
     version: int  # the head version that answered
     truncated: bool
     abstained: bool = False  # top probability below the call's min_probability: ask a person
+    precision: str = ""  # of the backbone that answered ("fp32", "fp16", "int8"); "" from older servers
+    trained_precision: str = ""  # of the embeddings the head was trained on; "" when not recorded
+
+    @property
+    def cross_precision(self) -> bool:
+        """A head trained on embeddings of another precision of the same weights answered."""
+        return bool(self.precision and self.trained_precision) and self.precision != self.trained_precision
 
     @property
     def label(self) -> str:

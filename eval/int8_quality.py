@@ -183,8 +183,9 @@ def render(runs: dict[str, Served], sets: dict[str, Split], draws: int, command:
         f"- All {len(all_cos):,} texts: mean {all_cos.mean():.4f} (target {MIN_MEAN_COSINE}: "
         f"{'met' if all_cos.mean() >= MIN_MEAN_COSINE else 'missed'}), min {all_cos.min():.4f}; accuracy "
         f"targets {'all met' if all(verdicts) else 'not all met'}.",
-        f"- Fingerprints: fp32 `{fp32.fingerprint[:12]}`, int8 `{int8.fingerprint[:12]}` (a head trained on one "
-        "is refused on the other).",
+        f"- Fingerprints: fp32 `{fp32.fingerprint[:12]}`, int8 `{int8.fingerprint[:12]}`; heads are bound to the "
+        "weights (the fp32 fingerprint), so each precision also serves heads trained on the other "
+        "(`python -m eval.cross_precision`).",
         "",
         "Reproduce (starts its own servers):",
         "",

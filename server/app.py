@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from headswap.server import workers
 from headswap.server.backbones import load_backbones, name_lanes
+from headswap.server.binding import Bindings, ServedBackbone
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.errors import HeadswapError
@@ -250,10 +251,18 @@ def build(
         )
         lanes.append(Lane(name, served, batcher, stack))
     served_lanes = Lanes(tuple(lanes))
+    bindings = Bindings(
+        (
+            ServedBackbone.of(lane.backbone.manifest, lane.backbone.precision, lane.name)
+            for lane in served_lanes
+        ),
+        strict=config.strict_precision,
+    )
     bank = HeadBank(
         store,
-        {lane.backbone.fingerprint: lane.stack for lane in served_lanes},
+        {lane.backbone.weights: lane.stack for lane in served_lanes},
         config.limits.max_resident_head_bytes,
+        bindings=bindings,
     )
     cache = EmbeddingCache(config.store.cache_capacity)
     embedding = EmbeddingService(served_lanes, config.limits, metrics)

@@ -78,7 +78,7 @@ def name_lanes(backbones: Sequence[tuple[str, Backbone]]) -> list[tuple[str, Bac
             raise ValueError(
                 f"bad configuration: two backbones are served as {name!r}: name them with --backbone NAME=DIR"
             )
-    fingerprints = [backbone.fingerprint for _, backbone in named]
-    if len(set(fingerprints)) < len(fingerprints):
+    weights = [backbone.weights for _, backbone in named]  # heads are bound to weights: one lane each
+    if len(set(weights)) < len(weights):
         raise ValueError("bad configuration: the same backbone is given twice in --backbone")
     return named

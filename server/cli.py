@@ -131,7 +131,8 @@ def run_export(args: argparse.Namespace) -> int:
     if m.model_int8:
         print(
             f"  int8 {m.model_int8}: fingerprint {m.fingerprint_int8}, cosine to PyTorch mean "
-            f"{m.parity_mean_cosine_int8}, min {m.parity_min_cosine_int8}"
+            f"{m.parity_mean_cosine_int8}, min {m.parity_min_cosine_int8} (gate: mean 0.99, min 0.98; "
+            f"{m.parity_int8_cpu or 'unrecorded'} int8 kernels)"
         )
     return 0
 

@@ -145,6 +145,9 @@ class ServerConfig:
     backbones: tuple[tuple[str, Path], ...] = ()
     device: str = "auto"
     precision: str = "auto"
+    # A head answers on any precision of the backbone weights it was trained on; strict: only on embeddings
+    # of the fingerprint it was trained on (int8 has its own; fp32 and fp16 share one).
+    strict_precision: bool = False
     worker_threads: int = 2
     # Server processes sharing the port (server/workers.py); 0: one without a GPU, enough to feed one with.
     workers: int = 0

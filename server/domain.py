@@ -105,6 +105,7 @@ class BackboneDescription:
     max_length: int
     provider: str
     precision: str = "fp32"
+    weights_fingerprint: str = ""  # the backbone family, what heads are bound to (fingerprint: per precision)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,9 @@ class VersionInfo:
     l2: float  # the served head's L2 strength
     l2_source: str  # "cross_validation", "validation", "caller" or "default"
     temperature: float  # calibration, already folded into the served weights
+    trained_precision: str = ""  # of the embeddings it was trained on; "" not recorded (fp32 or fp16)
+    weights_fingerprint: str = ""  # the backbone family it is bound to
+    served_precision: str = ""  # the precision this server answers it in; "" when this server does not
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,9 @@ class Classified:
     truncated: np.ndarray
     version: int
     timings: Timings
-    backbone: BackboneDescription
+    backbone: BackboneDescription  # its precision is the one that answered
     abstained: list[bool] = field(default_factory=list)  # per input
+    trained_precision: str = ""  # of the embeddings the head was trained on; "" not recorded (fp32 or fp16)
 
 
 @dataclass(frozen=True)

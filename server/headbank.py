@@ -23,6 +23,7 @@ import numpy as np
 
 from headswap.adapters import HeadFormatError, head_from_bytes
 from headswap.adapters.grouped import HeadStack
+from headswap.server.binding import Bindings, HeadBinding, ServedBackbone
 from headswap.server.errors import FailedPrecondition
 from headswap.server.store import Change, HeadStore, StoredVersion
 from headswap.server.store.base import damaged
@@ -36,11 +37,15 @@ class LiveHead:
     tenant: str
     version: int
     labels: tuple[str, ...]
-    fingerprint: str
+    binding: HeadBinding  # the backbone weights and precision it was trained on
     slot: int
     stack: HeadStack
     max_label_bytes: int  # to size a reply before it is built
     weights_sha256: str  # with the version, the head's identity
+
+    @property
+    def weights(self) -> str:
+        return self.binding.weights
 
     def predict(self, embeddings: np.ndarray) -> list[np.ndarray]:
         return self.stack.apply(embeddings, [self.slot] * len(embeddings))
@@ -51,7 +56,12 @@ class LiveHead:
 
 
 def live_head(
-    tenant: str, version: int, manifest: dict[str, Any], weights: bytes, stack: HeadStack
+    tenant: str,
+    version: int,
+    manifest: dict[str, Any],
+    weights: bytes,
+    stack: HeadStack,
+    binding: HeadBinding,
 ) -> LiveHead:
     loaded = head_from_bytes(weights, manifest)
     slot = stack.add(loaded.spec, loaded.state)
@@ -59,7 +69,7 @@ def live_head(
         tenant=tenant,
         version=version,
         labels=tuple(manifest["labels"]),
-        fingerprint=str(manifest["backbone_fingerprint"]),
+        binding=binding,
         slot=slot,
         stack=stack,
         max_label_bytes=max(len(str(label).encode()) for label in manifest["labels"]),
@@ -80,9 +90,12 @@ class HeadBank:
         stacks: dict[str, HeadStack],
         max_resident_bytes: int = 512 * 1024 * 1024,
         pinned_capacity: int = 64,
+        bindings: Bindings | None = None,
     ) -> None:
         self.store = store
-        self.stacks = stacks  # backbone fingerprint -> the stack its tenants' heads are applied from
+        self.stacks = stacks  # backbone weights -> the stack its tenants' heads are applied from
+        # Which served backbone answers a head (by default: each stack's key is a fingerprint, matched exactly).
+        self.bindings = bindings or Bindings(ServedBackbone.exact(fp) for fp in stacks)
         self.max_resident_bytes = max_resident_bytes
         self._active: OrderedDict[str, LiveHead] = OrderedDict()
         # Versions asked for by number (pins and rollbacks in flight): a few, least recently used first out.
@@ -95,27 +108,23 @@ class HeadBank:
         self.evictions = 0
 
     def check(self, head: LiveHead) -> LiveHead:
-        """FAILED_PRECONDITION for a head trained on a backbone this server does not serve."""
-        self._stack_for(head.tenant, head.version, head.fingerprint)
+        """FAILED_PRECONDITION for a head no backbone served here answers (other weights, or another precision
+        under --strict-precision), naming what would serve it."""
+        self.bindings.check(head.tenant, head.version, head.binding)
         return head
 
-    def _stack_for(self, tenant: str, version: int, fingerprint: str) -> HeadStack:
-        stack = self.stacks.get(fingerprint)
-        if stack is None:
-            served = ", ".join(fp[:12] for fp in self.stacks)
-            raise FailedPrecondition(
-                f"tenant {tenant!r} version {version} was trained on backbone {fingerprint[:12]}, but this server "
-                f"runs {served}: retrain it with AdaptHead"
-            )
-        return stack
+    def _stack_for(self, tenant: str, version: int, binding: HeadBinding) -> HeadStack:
+        served = self.bindings.check(tenant, version, binding)
+        return self.stacks[served.weights]
 
     def load(self, tenant: str, version: int, stored: StoredVersion | None = None) -> LiveHead:
         """A version in memory (blocking: reads the store unless `stored` is given); not yet swapped in."""
         if stored is None:
             stored = self.store.load_version(tenant, version)
-        stack = self._stack_for(tenant, version, str(stored.manifest.get("backbone_fingerprint", "")))
+        binding = self.bindings.of(stored.manifest)
+        stack = self._stack_for(tenant, version, binding)
         try:
-            return live_head(tenant, version, stored.manifest, stored.weights, stack)
+            return live_head(tenant, version, stored.manifest, stored.weights, stack, binding)
         except (HeadFormatError, KeyError, TypeError, ValueError) as exc:
             raise damaged(tenant, f"version {version} does not load as a head ({exc})") from None
 

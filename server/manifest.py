@@ -15,6 +15,11 @@ MODEL_FP16 = "model_fp16.onnx"
 MODEL_INT8 = "model_int8.onnx"
 PRECISIONS = ("fp32", "fp16", "int8")
 TOKENIZER = "tokenizer.json"
+# Each export's parity gate: the least cosine of any embedding to the source model's (PyTorch) on the
+# parity set; int8 also needs a mean of at least MIN_MEAN_COSINE_INT8. An export that misses one writes
+# nothing, so every precision a manifest lists passed; `parity_passed` re-reads the record.
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
+MIN_MEAN_COSINE_INT8 = 0.99
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class BackboneManifest:
     # Against the PyTorch original on the int8 parity set (real sentences), and how the model was made.
     parity_min_cosine_int8: float = 0.0
     parity_mean_cosine_int8: float = 0.0
+    # The CPU's int8 kernel family the int8 parity was measured with (`precision.int8_kernels`): the margin
+    # over the gate is known per family ("" for exports that predate the record).
+    parity_int8_cpu: str = ""
     quantization: tuple[tuple[str, str], ...] = ()
     format: str = MANIFEST_FORMAT
 
@@ -90,9 +98,31 @@ class BackboneManifest:
         return {"fp32": self.model_fp32, "fp16": self.model_fp16, "int8": self.model_int8}[precision]
 
     def fingerprint_for(self, precision: str) -> str:
-        """fp16 shares fp32's fingerprint (its parity gate is 0.999 cosine); int8 has its own."""
+        """The embeddings' identity: fp16 shares fp32's fingerprint (its parity gate is 0.999 cosine); int8
+        has its own. `fingerprint` (fp32's) also names the weights: the backbone family heads are bound to."""
         self.model_for(precision)
         return self.fingerprint_int8 if precision == "int8" else self.fingerprint
+
+    def embedding_key(self, precision: str) -> str:
+        """What the embedding cache is keyed by: one key per precision, so that one training's vectors all
+        come from one precision (fp32's and int8's keys are their fingerprints, as before; fp16 shares fp32's
+        fingerprint but not its cache)."""
+        if precision == "fp16":
+            self.model_for(precision)
+            return hashlib.sha256(f"{self.fingerprint}:fp16".encode()).hexdigest()
+        return self.fingerprint_for(precision)
+
+    def parity_passed(self, precision: str) -> bool:
+        """Whether this backbone's export recorded a passing parity gate for `precision`."""
+        if not self.has(precision):
+            return False
+        least = {
+            "fp32": self.parity_min_cosine_fp32,
+            "fp16": self.parity_min_cosine_fp16,
+            "int8": self.parity_min_cosine_int8,
+        }[precision]
+        mean_ok = precision != "int8" or self.parity_mean_cosine_int8 >= MIN_MEAN_COSINE_INT8
+        return least >= MIN_COSINE[precision] and mean_ok
 
     @classmethod
     def load(cls, directory: Path) -> BackboneManifest:

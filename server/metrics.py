@@ -25,6 +25,8 @@ TRAINING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 STAGES = ("queue", "tokenize", "backbone", "head")
 TRAINING_OUTCOMES = ("activated", "negative_transfer", "worse_than_active", "failed", "cancelled")
 AUTH_FAILURES = ("missing", "malformed", "unknown", "revoked", "expired")
+PRECISIONS = ("fp32", "fp16", "int8")
+TRAINED_PRECISIONS = (*PRECISIONS, "unrecorded")  # "unrecorded": a head stored before precisions were
 
 
 class Metrics:
@@ -118,6 +120,13 @@ class Metrics:
             ["served_as", "name", "fingerprint", "provider", "precision"],
             registry=r,
         )
+        self.cross_precision = Counter(
+            "headswap_cross_precision_predictions_total",
+            "Classify predictions by a head trained on embeddings of another precision than the one that served "
+            "them (same backbone weights), by the precision it was trained on and the one served",
+            ["trained", "served"],
+            registry=r,
+        )
         # Label values known in advance are created at 0, so that rates and alerts work before the first event.
         for stage in STAGES:
             self.stage_duration.labels(stage)
@@ -125,6 +134,10 @@ class Metrics:
             self.training_runs.labels(outcome)
         for reason in AUTH_FAILURES:
             self.auth_failures.labels(reason)
+        for trained in TRAINED_PRECISIONS:
+            for served in PRECISIONS:
+                if trained != served:
+                    self.cross_precision.labels(trained, served)
         self._http: Any = None
 
     def observe_batch(self, stats: BatchStats) -> None:

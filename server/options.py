@@ -73,8 +73,18 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "precision",
         choice("auto", "fp32", "fp16", "int8"),
-        "auto (fp16 on CUDA, int8 on a CPU with VNNI, fp32 on other CPUs), fp32, fp16 or int8; an int8 "
-        "backbone has its own fingerprint, so heads trained on another precision are refused",
+        "auto (fp16 on CUDA, fp32 on CPUs: the model's own numbers), fp32, fp16 or int8 (faster on CPUs, "
+        "embeddings about 0.5% off fp32's; README: Precision); a head trained on any precision of the same "
+        "backbone weights is served",
+    ),
+    Option(
+        "strict_precision",
+        None,
+        "strict_precision",
+        boolean,
+        "refuse (FAILED_PRECONDITION) a head trained on embeddings of another fingerprint than the one served "
+        "(int8 has its own; fp32 and fp16 share one); off (default): served, and counted in "
+        "headswap_cross_precision_predictions_total",
     ),
     Option(
         "max_batch_inputs",

@@ -24,14 +24,21 @@ import numpy as np
 from headswap.server.export.fetch import MOBILENET_SHA256, check_photos, mobilenet_weights, sha256_file
 from headswap.server.export.progress import step
 from headswap.server.export.text import ExportError, ExportReport, _min_cosine, _replace_dir
-from headswap.server.manifest import MANIFEST_NAME, MODEL_FP16, MODEL_FP32, BackboneManifest, fingerprint
+from headswap.server.manifest import (
+    MANIFEST_NAME,
+    MIN_COSINE,
+    MODEL_FP16,
+    MODEL_FP32,
+    BackboneManifest,
+    fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MIN_COSINE_FP32 = 0.9999
-MIN_COSINE_FP16 = 0.999
+MIN_COSINE_FP32 = MIN_COSINE["fp32"]
+MIN_COSINE_FP16 = MIN_COSINE["fp16"]
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 OPSET = 17
 

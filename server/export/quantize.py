@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from headswap.server.manifest import MIN_COSINE, MIN_MEAN_COSINE_INT8
+
 log = logging.getLogger(__name__)
 
-MIN_MEAN_COSINE_INT8 = 0.99
-MIN_COSINE_INT8 = 0.98
+MIN_COSINE_INT8 = MIN_COSINE["int8"]
 PARITY_BATCH = 16  # as the CPU batcher's default: dynamic ranges are taken per batch
 
 

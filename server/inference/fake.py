@@ -57,10 +57,10 @@ class FakePreprocessor:
 
 class FakeEncoder:
     provider = "FakeExecutionProvider"
-    precision = "fp32"
 
-    def __init__(self, dim: int = 16) -> None:
+    def __init__(self, dim: int = 16, precision: str = "fp32") -> None:
         self.dim = dim
+        self.precision = precision  # a name only: every precision computes the same vectors
         self.batches: list[int] = []  # items per forward pass, in order
         self.gate = threading.Event()  # clear it to hold forward passes (tests of queueing)
         self.gate.set()
@@ -80,16 +80,28 @@ class FakeEncoder:
         return out
 
 
-def fake_backbone(dim: int = 16, max_length: int = 32) -> Backbone:
-    fingerprint = hashlib.sha256(f"fake-{dim}-{max_length}".encode()).hexdigest()
+def fake_backbone(
+    dim: int = 16, max_length: int = 32, precision: str = "fp32", name: str = "headswap/fake"
+) -> Backbone:
+    """A fake backbone served in `precision` (fp32, fp16 or int8: one family, as an export's three models;
+    int8 has its own fingerprint, as a real one). Its manifest records passing parity gates."""
+    seed = f"fake-{dim}-{max_length}" + ("" if name == "headswap/fake" else f"-{name}")
+    fingerprint = hashlib.sha256(seed.encode()).hexdigest()
     manifest = BackboneManifest(
-        name="headswap/fake",
+        name=name,
         embedding_dim=dim,
         pooling="none",
         normalization="l2",
         max_length=max_length,
         input_kind="text",
         fingerprint=fingerprint,
+        model_fp16="fake_fp16",
+        model_int8="fake_int8",
+        fingerprint_int8=hashlib.sha256(f"{seed}-int8".encode()).hexdigest(),
         input_names=("input_ids", "attention_mask"),
+        parity_min_cosine_fp32=1.0,
+        parity_min_cosine_fp16=1.0,
+        parity_min_cosine_int8=1.0,
+        parity_mean_cosine_int8=1.0,
     )
-    return Backbone(manifest, FakePreprocessor(max_length), FakeEncoder(dim))
+    return Backbone(manifest, FakePreprocessor(max_length), FakeEncoder(dim, precision))

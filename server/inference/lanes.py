@@ -2,7 +2,7 @@
 
 A server may serve one text and one image backbone (or several, each named). Embed and AdaptHead go to the
 lane of their inputs' kind, or the one they name; Classify to the lane of the tenant's head, which is bound
-to the backbone it was trained on (its fingerprint).
+to the backbone weights it was trained on (whatever the precision: `headswap.server.binding`).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class Lanes:
         served = ", ".join(f"{lane.name} ({lane.kind})" for lane in self.lanes)
         raise InvalidArgument(f"this server serves no backbone named {name!r}; it serves {served}")
 
-    def by_fingerprint(self, fingerprint: str) -> Lane | None:
-        return next((lane for lane in self.lanes if lane.backbone.fingerprint == fingerprint), None)
+    def by_weights(self, weights: str) -> Lane | None:
+        """The lane serving the backbone family `weights` (in whatever precision it is served)."""
+        return next((lane for lane in self.lanes if lane.backbone.weights == weights), None)
 
     def for_inputs(self, inputs: Sequence[Input], name: str = "") -> Lane:
         """The named lane, else the one lane that takes the first input's kind (the inputs are checked

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from headswap.server.inference.precision import choose_precision, read_cpu_flags
+from headswap.server.inference.precision import choose_precision, int8_kernels, read_cpu_flags
 from headswap.server.inference.protocols import Backbone
 from headswap.server.manifest import PRECISIONS, BackboneManifest
 
@@ -99,13 +99,22 @@ def load_backbone(
     else:
         raise ValueError(f"backbone input kind {manifest.input_kind!r} is neither text nor image")
     providers = _providers(device, ort.get_available_providers())
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
     choice = choose_precision(
         precision,
         on_cuda=providers[0] == CUDA,
         available=[p for p in PRECISIONS if manifest.has(p)],
-        flags=read_cpu_flags() if cpu_flags is None else cpu_flags,
+        flags=flags,
     )
     log.info("precision %s: %s (%s)", precision, choice.precision, choice.reason)
+    kernels = int8_kernels(flags)
+    if choice.precision == "int8" and providers[0] != CUDA and manifest.parity_int8_cpu not in ("", kernels):
+        log.warning(
+            "int8's parity gate was measured with %s int8 kernels at export, and this CPU runs %s ones: "
+            "`headswap export --force` here measures it again",
+            manifest.parity_int8_cpu,
+            kernels,
+        )
     encoder = OnnxEncoder(
         directory / manifest.model_for(choice.precision),
         manifest.output_name,

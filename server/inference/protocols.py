@@ -73,9 +73,24 @@ class Backbone:
 
     @property
     def fingerprint(self) -> str:
-        """What heads and cached embeddings are bound to: it depends on the precision served (int8 has its
-        own), so a head trained on fp32 embeddings is refused on an int8 server and vice versa."""
+        """The embeddings' identity: it depends on the precision served (int8 has its own; fp32 and fp16
+        share one). Two servers of one fingerprint give the same embeddings."""
         return self.manifest.fingerprint_for(self.encoder.precision)
+
+    @property
+    def weights(self) -> str:
+        """The backbone family's identity (weights, tokenizer, pooling, normalisation): what heads are bound
+        to, whatever the precision (`headswap.server.binding`)."""
+        return self.manifest.fingerprint
+
+    @property
+    def precision(self) -> str:
+        return self.encoder.precision
+
+    @property
+    def embedding_key(self) -> str:
+        """What cached embeddings are keyed by: one key per precision, never shared between two."""
+        return self.manifest.embedding_key(self.encoder.precision)
 
     @property
     def dim(self) -> int:
@@ -96,4 +111,5 @@ class Backbone:
             max_length=m.max_length,
             provider=self.encoder.provider,
             precision=self.encoder.precision,
+            weights_fingerprint=self.weights,
         )

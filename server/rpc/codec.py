@@ -62,6 +62,7 @@ def backbone_to_pb(desc: d.BackboneDescription) -> pb.BackboneInfo:
         provider=desc.provider,
         served_as=desc.served_as,
         precision=desc.precision,
+        weights_fingerprint=desc.weights_fingerprint,
     )
 
 
@@ -173,6 +174,9 @@ def version_to_pb(v: d.VersionInfo) -> pb.HeadVersion:
         l2=v.l2,
         l2_source=v.l2_source,
         temperature=v.temperature,
+        trained_precision=v.trained_precision,
+        weights_fingerprint=v.weights_fingerprint,
+        served_precision=v.served_precision,
     )
 
 
@@ -243,6 +247,7 @@ def classified_to_pb(result: d.Classified, total_s: float) -> pb.ClassifyRespons
         version=result.version,
         backbone=backbone_to_pb(result.backbone),
         timings=timings_to_pb(result.timings, total_s),
+        trained_precision=result.trained_precision,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, TypeVarTuple
 import numpy as np
 
 from headswap.adapters import metrics_from_manifest, selection_from_manifest, top_k
+from headswap.server.binding import UNRECORDED, Bindings
 from headswap.server.cache import EmbeddingCache
 from headswap.server.domain import (
     ActivateRequest,
@@ -39,8 +40,11 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 
-def version_info(manifest: dict[str, Any]) -> VersionInfo:
+def version_info(manifest: dict[str, Any], bindings: Bindings) -> VersionInfo:
+    """A stored version as the API describes it, with the precision this server would answer it in."""
     selection = selection_from_manifest(manifest)
+    binding = bindings.of(manifest)
+    served = bindings.serving(binding)
     return VersionInfo(
         version=int(manifest["version"]),
         kind=str(manifest["spec"]["kind"]),
@@ -52,6 +56,9 @@ def version_info(manifest: dict[str, Any]) -> VersionInfo:
         l2=selection.l2,
         l2_source=selection.l2_source,
         temperature=selection.temperature,
+        trained_precision=binding.precision,
+        weights_fingerprint=binding.weights,
+        served_precision=served.precision if served is not None else "",
     )
 
 
@@ -95,7 +102,7 @@ class HeadService:
         head = self.bank.peek(tenant, version)
         if head is None:
             head = await self.run_io(self.bank.get, tenant, version)
-        lane = self.embedding.lanes.by_fingerprint(head.fingerprint)
+        lane = self.embedding.lanes.by_weights(head.weights)
         assert lane is not None, "the bank holds only heads of the backbones served"
         self.embedding.check(
             request.inputs, lane, f"tenant {tenant!r}'s head (trained on backbone {lane.name!r})"
@@ -119,8 +126,13 @@ class HeadService:
             # threshold means what it says: predictions kept at 0.9 are right at least about 9 times in 10.
             abstained.append(float(scores[0]) < request.min_probability)
         t = timings(result)
-        self.embedding.metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
-        return Classified(labels, result.truncated, head.version, t, lane.describe(), abstained)
+        metrics = self.embedding.metrics
+        metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
+        served = lane.backbone.precision
+        trained = head.binding.precision
+        if self.bank.bindings.is_cross(head.binding, self.bank.bindings.served[head.weights]):
+            metrics.cross_precision.labels(trained or UNRECORDED, served).inc(len(request.inputs))
+        return Classified(labels, result.truncated, head.version, t, lane.describe(), abstained, trained)
 
     # -- management ------------------------------------------------------------------------------------------
 
@@ -157,7 +169,8 @@ class HeadService:
 
         def work() -> HeadOverview:
             state = self.store.state(tenant)
-            versions = tuple(version_info(self.store.manifest(tenant, v)) for v in state.versions)
+            bindings = self.bank.bindings
+            versions = tuple(version_info(self.store.manifest(tenant, v), bindings) for v in state.versions)
             return HeadOverview(tenant, state.active_version, versions, len(self.store.examples(tenant)))
 
         return await self.run_io(work)

@@ -11,7 +11,8 @@ examples when it is the latest commit, and is not compared otherwise.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,15 +60,16 @@ def _skipped(version: int, why: str) -> GateCheck:
 def compare_with_active(
     store: HeadStore,
     tenant: str,
-    fingerprint: str,
+    comparable: Callable[[Mapping[str, Any]], bool],
     head: TrainedHead,
     examples: Sequence[Example],
     vectors: np.ndarray,
     y: np.ndarray,
 ) -> GateCheck | None:
     """The active-version rule for `head`, trained on `examples` (embedded as `vectors`, labelled `y` as
-    indices into its labels), or None when the tenant has no active version. Blocking: reads the store and
-    runs the active head."""
+    indices into its labels), or None when the tenant has no active version. `comparable(manifest)`: whether
+    the active version would answer on the embeddings `vectors` came from. Blocking: reads the store and runs
+    the active head."""
     try:
         state = store.state(tenant)
     except NotFound:
@@ -78,7 +80,7 @@ def compare_with_active(
     if head.held_out is None:
         return _skipped(active, "trained without validation: no held-out predictions to compare")
     stored = store.load_version(tenant, active)
-    if stored.manifest.get("backbone_fingerprint") != fingerprint:
+    if not comparable(stored.manifest):
         return _skipped(active, f"version {active} was trained on another backbone: not compared")
     seen = _recorded(stored.weights)
     if seen is None:

@@ -23,6 +23,7 @@ from headswap.adapters import (
     head_to_bytes,
     train_head,
 )
+from headswap.server.binding import binding_fields
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import LimitsConfig
 from headswap.server.domain import AdaptOutcome, AdaptRequest, Example, Input, Progress
@@ -67,11 +68,13 @@ class TrainingService:
         """Vectors for `inputs`, from the cache where possible; returns (vectors, embedded, hits)."""
         if not inputs:  # a store_only call that only replaces the examples with none
             return np.zeros((0, lane.backbone.dim), dtype=np.float32), 0, 0
-        fingerprint = lane.backbone.fingerprint
+        # One key per precision: a training's vectors all come from the precision this lane serves, never a
+        # mix of fp32 and int8 ones cached by replicas of the fleet that serve another.
+        cache_key = lane.backbone.embedding_key
         keys = [item.content_key() for item in inputs]
-        found = self.cache.get_many(fingerprint, keys, tenant)
+        found = self.cache.get_many(cache_key, keys, tenant)
         if len(found) < len(set(keys)):
-            stored = await self.heads.run_io(self.store.cached_embeddings, tenant, fingerprint)
+            stored = await self.heads.run_io(self.store.cached_embeddings, tenant, cache_key)
             found.update({k: v for k, v in stored.items() if k not in found})
         missing: dict[bytes, Input] = {}
         for key, item in zip(keys, inputs, strict=True):
@@ -98,13 +101,13 @@ class TrainingService:
         self.cache.count(hits, len(todo))
         self.metrics.cache_hits.inc(hits)
         self.metrics.cache_misses.inc(len(todo))
-        self.cache.put_many(fingerprint, {**found, **fresh}, tenant)
+        self.cache.put_many(cache_key, {**found, **fresh}, tenant)
         found.update(fresh)
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
         if todo:  # nothing new embedded: the stored cache has nothing to gain (10,000 vectors are 15 MB)
             per_example = dict(zip(keys, vectors, strict=True))
             try:
-                await self.heads.run_io(self.store.save_embeddings, tenant, fingerprint, per_example)
+                await self.heads.run_io(self.store.save_embeddings, tenant, cache_key, per_example)
             except Exception as exc:  # a cache: failing to keep it costs time later, never this training
                 self.metrics.cache_write_errors.inc()
                 log.warning("tenant %s: embedding cache not saved (%s); the training goes on", tenant, exc)
@@ -240,13 +243,18 @@ class TrainingService:
                 # The caller went away (or anything else failed): stop the training thread too.
                 stop.set()
 
-            fingerprint = lane.backbone.fingerprint
+            backbone = lane.backbone
+            bound = binding_fields(backbone.manifest, backbone.precision)
+            bindings = self.heads.bank.bindings
+            here = bindings.served[backbone.weights]
             champion = await loop.run_in_executor(
                 self.train_executor,
                 compare_with_active,
                 self.store,
                 tenant,
-                fingerprint,
+                # The active version is compared on this lane's embeddings wherever this server would serve it
+                # in their place: trained on the same weights (in any precision, unless strict).
+                lambda active: bindings.serving(bindings.of(active)) is here,
                 head,
                 examples,
                 vectors,
@@ -259,7 +267,7 @@ class TrainingService:
                 head,
                 extra_manifest={
                     "labels": labels,
-                    "backbone_fingerprint": fingerprint,
+                    **bound,
                     "created_at": time.time(),
                     "example_count": len(examples),
                     "tenant": tenant,
@@ -288,7 +296,7 @@ class TrainingService:
             )
             yield AdaptOutcome(
                 tenant=tenant,
-                head=version_info(manifest),
+                head=version_info(manifest, bindings),
                 activated=activate,
                 active_version=state.active_version,
                 embedded=embedded,

@@ -54,6 +54,7 @@ METRIC_NAMES = frozenset(
         "headswap_heads_resident",
         "headswap_heads_resident_bytes",
         "headswap_backbone_info",
+        "headswap_cross_precision_predictions_total",
     }
 )
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

@@ -65,7 +65,13 @@ def test_embed_full_reports_backbone_and_timings(server: ServerProcess, backbone
         result = client.embed_full(["one", "two words", "three little words"])
     assert result.backbone.fingerprint == manifest["fingerprint"]
     assert result.backbone.embedding_dim == 384 and result.backbone.max_length == 256
-    assert result.backbone.provider == "CPUExecutionProvider" and result.backbone.precision == "fp32"
+    # The session's server pins fp32 but not the device: CUDA where this machine has a GPU, else the CPU.
+    import onnxruntime as ort
+
+    from headswap.server.inference.onnx import _providers
+
+    assert result.backbone.provider == _providers("auto", ort.get_available_providers())[0]
+    assert result.backbone.precision == "fp32"
     assert result.truncated == (False, False, False)
     assert result.timings.total_ms > 0 and result.timings.backbone_ms > 0
     assert result.timings.total_ms >= result.timings.backbone_ms

@@ -217,15 +217,17 @@ def test_head_from_another_backbone_is_refused(server: ServerProcess, banking77:
     with Client(server.target) as client:
         client.adapt_head("alien", *examples(banking77, INTENTS[:2], 6), replace=True)
         client.adapt_head("alien", *examples(banking77, INTENTS[:3], 6), replace=True)
-    # Rewrite version 1's fingerprint as if it had been trained on another backbone, then ask for it.
+    # Rewrite version 1's backbone as if it had been trained on other weights, then ask for it.
     manifest_path = server.store / "tenants" / "alien" / "versions" / "1" / "head.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["backbone_fingerprint"] = "0" * 64
+    manifest["backbone_fingerprint"] = manifest["backbone_weights"] = "0" * 64
+    manifest["backbone_name"] = "example/other-model"
     manifest_path.write_text(json.dumps(manifest))
     with Client(server.target) as client:
         with pytest.raises(HeadswapError) as info:
             client.classify("alien", ["x"], version=1)
-        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "backbone" in info.value.details
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "trained on backbone example/other-model (weights 000000000000)" in info.value.details
         with pytest.raises(HeadswapError) as info:
             client.activate_head_version("alien", 1)
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION

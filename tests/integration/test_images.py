@@ -121,8 +121,13 @@ def test_text_and_image_tenants_on_one_server(
         with pytest.raises(FailedPrecondition, match="REPLACE"):
             client.adapt_head("intents", images=[photo, photo], labels=["a", "b"])
         heads = {h.tenant: h.backbone_fingerprint for h in client.list_heads()}
-    text_fp = json.loads((backbone_dir / "manifest.json").read_text())["fingerprint"]
-    assert heads["intents"] == text_fp and heads["pets"] != text_fp
+        text_info = client.embed_full(["hello"]).backbone
+    # Each head records the embeddings it was trained on, as its server reported them (whatever precision
+    # this machine's server chose), and the backbone family it is bound to.
+    text_manifest = json.loads((backbone_dir / "manifest.json").read_text())
+    assert heads["intents"] == text_info.fingerprint and heads["pets"] == pixels.backbone.fingerprint
+    assert text_info.fingerprint != pixels.backbone.fingerprint
+    assert text_info.weights_fingerprint == text_manifest["fingerprint"]
 
 
 # -- untrusted bytes -------------------------------------------------------------------------------------

@@ -94,8 +94,12 @@ async def test_a_head_of_a_backbone_no_longer_served(tmp_path: Path) -> None:
             await client.adapt_head("t", texts, labels)
     async with in_process(config, backbone=[("small", SMALL)], store=store) as second:
         async with AsyncClient(second.target, retries=0, timeout=10) as client:
-            with pytest.raises(FailedPrecondition, match="retrain it with AdaptHead"):
+            # The error names the backbone that would serve the head (retraining is not the only way out).
+            with pytest.raises(
+                FailedPrecondition, match=r"trained on backbone headswap/fake \(weights"
+            ) as info:
                 await client.classify("t", texts[:1])
+            assert f"weights {LARGE.weights[:12]}), which this server does not serve" in info.value.details
 
 
 async def test_a_set_too_large_for_one_call_is_stored_in_parts_then_trained_once(tmp_path: Path) -> None:

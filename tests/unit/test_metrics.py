@@ -45,6 +45,8 @@ def test_label_sets_are_fixed_and_bounded() -> None:
         "fingerprint",
         "provider",
         "precision",
+        "trained",  # precisions: fp32, fp16, int8 (and "unrecorded")
+        "served",
     }
     for name, keys in labels.items():
         assert keys <= allowed, (name, keys)

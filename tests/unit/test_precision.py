@@ -1,4 +1,4 @@
-"""`--precision auto`: fp16 on CUDA, int8 on a CPU with VNNI, fp32 elsewhere; explicit choices are checked."""
+"""`--precision auto`: fp16 on CUDA, fp32 on every CPU (VNNI or not); int8 only when asked for."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from headswap.server.inference.precision import (
     choose_precision,
     cpu_flags,
     has_vnni,
+    int8_kernels,
     read_cpu_flags,
 )
 
@@ -35,8 +36,8 @@ def test_flags_are_read_from_cpuinfo() -> None:
 @pytest.mark.parametrize(
     ("cpuinfo", "on_cuda", "available", "expected"),
     [
-        (XEON, False, ALL, "int8"),
-        (ALDER_LAKE, False, ALL, "int8"),
+        (XEON, False, ALL, "fp32"),  # VNNI: int8 would be faster, but auto keeps the model's numbers
+        (ALDER_LAKE, False, ALL, "fp32"),
         (EPYC, False, ALL, "fp32"),
         (XEON, True, ALL, "fp16"),
         (XEON, False, ("fp32", "fp16"), "fp32"),  # an older backbone directory without an int8 model
@@ -55,8 +56,32 @@ def test_explicit_choices() -> None:
         choose_precision("int8", on_cuda=False, available=("fp32", "fp16"), flags=cpu_flags(XEON))
 
 
+def test_auto_says_when_int8_would_pay_off() -> None:
+    """The log line of the choice tells an operator on a VNNI CPU what asking for int8 would buy."""
+    vnni = choose_precision("auto", on_cuda=False, available=ALL, flags=cpu_flags(XEON))
+    assert "avx512_vnni" in vnni.reason and "--precision int8" in vnni.reason
+    plain = choose_precision("auto", on_cuda=False, available=ALL, flags=cpu_flags(EPYC))
+    assert "lacks" in plain.reason and "avx512_vnni" not in plain.reason
+    old = choose_precision("auto", on_cuda=False, available=("fp32", "fp16"), flags=cpu_flags(XEON))
+    assert old.precision == "fp32" and "no int8 model" in old.reason
+
+
 def test_auto_on_this_machine() -> None:
-    """What auto picks here follows from this CPU's own flags: int8 exactly when it has VNNI."""
+    """Whatever this CPU is (VNNI or not), auto serves fp32 on it."""
     flags = read_cpu_flags()
     choice = choose_precision("auto", on_cuda=False, available=ALL, flags=flags)
-    assert choice.precision == ("int8" if has_vnni(flags) else "fp32"), choice
+    assert choice.precision == "fp32", choice
+    assert ("--precision int8 is faster" in choice.reason) and (
+        has_vnni(flags) == ("this CPU has" in choice.reason)
+    )
+
+
+def test_int8_kernel_families() -> None:
+    """The family the int8 gate's margin is recorded for: VNNI first, then AVX-512 without it, then AVX2."""
+    assert (
+        int8_kernels(cpu_flags(XEON)) == "avx512_vnni" and int8_kernels(cpu_flags(ALDER_LAKE)) == "avx_vnni"
+    )
+    assert (
+        int8_kernels(cpu_flags(EPYC)) == "avx2" and int8_kernels({"avx512f", "avx512bw", "avx2"}) == "avx512"
+    )
+    assert int8_kernels(()) == "other"

@@ -202,7 +202,7 @@ def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         bank.get("ghost")
     other = HeadBank(store, {"b" * 64: HeadStack(8)})
-    with pytest.raises(FailedPrecondition, match="trained on backbone"):
+    with pytest.raises(FailedPrecondition, match=r"trained on the backbone whose manifest\.json has"):
         other.get("acme")
 
 

@@ -66,7 +66,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ElementType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BackboneInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "embedding_dim", "input_kind", "max_length", "provider", "served_as", "precision")
+    __slots__ = ("name", "fingerprint", "embedding_dim", "input_kind", "max_length", "provider", "served_as", "precision", "weights_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class BackboneInfo(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     SERVED_AS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     embedding_dim: int
@@ -83,7 +84,8 @@ class BackboneInfo(_message.Message):
     provider: str
     served_as: str
     precision: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., provider: _Optional[str] = ..., served_as: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    weights_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., provider: _Optional[str] = ..., served_as: _Optional[str] = ..., precision: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_us", "preprocess_us", "backbone_us", "head_us", "total_us")
@@ -226,7 +228,7 @@ class HeadMetrics(_message.Message):
     def __init__(self, evaluated_on: _Optional[str] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., majority_baseline_accuracy: _Optional[float] = ..., negative_transfer: _Optional[bool] = ..., per_class: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., epochs: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., folds: _Optional[int] = ..., log_loss: _Optional[float] = ..., expected_calibration_error: _Optional[float] = ...) -> None: ...
 
 class HeadVersion(_message.Message):
-    __slots__ = ("version", "kind", "labels", "metrics", "created_at_unix", "backbone_fingerprint", "example_count", "created_at", "l2", "l2_source", "temperature")
+    __slots__ = ("version", "kind", "labels", "metrics", "created_at_unix", "backbone_fingerprint", "example_count", "created_at", "l2", "l2_source", "temperature", "trained_precision", "weights_fingerprint", "served_precision")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +240,9 @@ class HeadVersion(_message.Message):
     L2_FIELD_NUMBER: _ClassVar[int]
     L2_SOURCE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SERVED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: HeadKind
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -249,7 +254,10 @@ class HeadVersion(_message.Message):
     l2: float
     l2_source: str
     temperature: float
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[HeadMetrics, _Mapping]] = ..., created_at_unix: _Optional[float] = ..., backbone_fingerprint: _Optional[str] = ..., example_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., l2: _Optional[float] = ..., l2_source: _Optional[str] = ..., temperature: _Optional[float] = ...) -> None: ...
+    trained_precision: str
+    weights_fingerprint: str
+    served_precision: str
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[HeadMetrics, _Mapping]] = ..., created_at_unix: _Optional[float] = ..., backbone_fingerprint: _Optional[str] = ..., example_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., l2: _Optional[float] = ..., l2_source: _Optional[str] = ..., temperature: _Optional[float] = ..., trained_precision: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., served_precision: _Optional[str] = ...) -> None: ...
 
 class PromotionCheck(_message.Message):
     __slots__ = ("rule", "passed", "p_value", "examples", "accuracy", "reference_accuracy", "reference_version", "detail")
@@ -334,16 +342,18 @@ class Prediction(_message.Message):
     def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ..., abstained: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("predictions", "version", "backbone", "timings")
+    __slots__ = ("predictions", "version", "backbone", "timings", "trained_precision")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     version: int
     backbone: BackboneInfo
     timings: Timings
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., version: _Optional[int] = ..., backbone: _Optional[_Union[BackboneInfo, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    trained_precision: str
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., version: _Optional[int] = ..., backbone: _Optional[_Union[BackboneInfo, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trained_precision: _Optional[str] = ...) -> None: ...
 
 class ListHeadsRequest(_message.Message):
     __slots__ = ()
