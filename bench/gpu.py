@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -246,8 +247,9 @@ def train_tenant(target: str, tenant: str, count: int = 400) -> None:
 
 
 @contextmanager
-def profiled(server_pid: int, name: str, seconds: float) -> Iterator[None]:
-    """py-spy on one server process (the first worker's, with workers) while the block runs, when py-spy is
+def profiled(server_pid: int, name: str, seconds: float, delay: float = 0.0) -> Iterator[None]:
+    """py-spy on one server process (the first worker's, with workers) for `seconds` from `delay` seconds
+    into the block (a load's window opens once its processes have started: `load_delay`), when py-spy is
     installed and --profile asked for it: raw folded stacks per thread, in $OUT (or the temp dir)."""
     spy = shutil.which("py-spy") if PROFILE else None
     if spy is None:
@@ -257,18 +259,30 @@ def profiled(server_pid: int, name: str, seconds: float) -> Iterator[None]:
     pids = children.read_text().split() if children.exists() else []
     target = int(pids[0]) if pids else server_pid
     out = Path(os.environ.get("OUT", tempfile.gettempdir())) / f"profile-{name}.txt"
-    proc = subprocess.Popen(
-        [spy, "record", "-p", str(target), "-d", str(int(seconds)), "-r", "200", "-f", "raw", "--threads",
-         "--nonblocking", "-o", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    command = [spy, "record", "-p", str(target), "-d", str(max(1, int(seconds))), "-r", "200", "-f", "raw",
+               "--threads", "--nonblocking", "-o", str(out)]  # fmt: skip
+    started: list[subprocess.Popen[bytes]] = []
+    timer = threading.Timer(
+        delay,
+        lambda: started.append(
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ),
+    )
+    timer.start()
     try:
         yield
     finally:
-        try:
-            proc.wait(timeout=seconds + 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        timer.join()
+        for proc in started:
+            try:
+                proc.wait(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def load_delay(clients: int) -> float:
+    """When a load's window opens after `run_load` is called (bench/load.py starts its processes first)."""
+    return 3.0 + 0.2 * clients + 0.5
 
 
 PROFILE = False
@@ -330,7 +344,11 @@ def classify_loads(
         client="raw",
         connections=4,
     )
-    with profiled(pid, "classify-saturation", seconds - 2) if pid else contextlib.nullcontext():
+    with (
+        profiled(pid, "classify-saturation", seconds - 1, load_delay(clients))
+        if pid
+        else contextlib.nullcontext()
+    ):
         out["saturation"] = load_summary(run_load(spec, clients))
     return out
 

@@ -219,7 +219,9 @@ def _request_bytes(spec: LoadSpec, offset: int) -> bytes:
 
 def run_load(spec: LoadSpec, processes: int, *, python: str = sys.executable) -> LoadResult:
     """`processes` copies of this module with `spec` (the rate split between them); the merged result."""
-    start_at = time.time() + 3.0 + 0.2 * processes  # time for every process to import and connect
+    start_at = (
+        time.time() + 3.0 + 0.2 * processes
+    )  # time for every process to import and connect (bench.gpu's load_delay)
     share = spec.rate / processes if spec.rate else 0.0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = []
