@@ -28,6 +28,7 @@ from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
 from headswap.server.rpc.interceptors import CallInterceptor
+from headswap.server.rpc.overload import LoopLag
 from headswap.server.rpc.server import SERVICE_NAME, GrpcServer
 from headswap.server.rpc.servicer import HeadswapServicer
 from headswap.server.services.embedding import EmbeddingService
@@ -100,6 +101,8 @@ class Server:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         for lane in self.lanes:
             lane.batcher.start()
+        if self.rpc.interceptor.lag is not None:
+            self.rpc.interceptor.lag.start()
         for lane in self.lanes:
             await self._warm_up(lane)
         self._follow = asyncio.get_running_loop().create_task(self._follow_store(), name="headswap-follow")
@@ -148,6 +151,8 @@ class Server:
             await asyncio.gather(self._follow, return_exceptions=True)
         for lane in self.lanes:
             await lane.batcher.stop()
+        if self.rpc.interceptor.lag is not None:
+            await self.rpc.interceptor.lag.stop()
         self.pools.shutdown()
         self.metrics.close()
         self.store.close()
@@ -280,7 +285,8 @@ def build(
             config.host,
         )
     servicer = HeadswapServicer(embedding, heads, training, keys)
-    interceptor = CallInterceptor(metrics, keys.authenticate if keys.enabled else None)
+    lag = LoopLag(config.batching.max_loop_lag_ms / 1000.0) if config.batching.max_loop_lag_ms else None
+    interceptor = CallInterceptor(metrics, keys.authenticate if keys.enabled else None, lag=lag)
     rpc = GrpcServer(
         config.host,
         config.port,
@@ -303,6 +309,9 @@ def _watch(server: Server) -> None:
             lane.name, b.manifest.name, b.fingerprint, b.encoder.provider, b.encoder.precision
         ).set(1)
     m.watch(m.queue_depth, lambda: sum(lane.batcher.queue_depth for lane in server.lanes))
+    lag = server.rpc.interceptor.lag
+    if lag is not None:
+        m.watch(m.loop_lag, lambda: lag.lag_s)
     m.watch(m.heads_resident, lambda: bank.resident()[0])
     m.watch(m.heads_resident_bytes, lambda: bank.resident()[1])
     m.watch(m.heads_allocated_bytes, bank.allocated_bytes)

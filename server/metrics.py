@@ -67,6 +67,11 @@ class Metrics:
             "headswap_batch_requests", "calls sharing one forward pass", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("headswap_queue_depth_items", "inputs waiting for the backbone", registry=r)
+        self.loop_lag = Gauge(
+            "headswap_event_loop_lag_seconds",
+            "how far behind the event loop runs what is due (calls are shed past --max-loop-lag-ms)",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "headswap_embedding_cache_hits_total",
             "training examples found in the embedding cache",

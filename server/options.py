@@ -216,6 +216,14 @@ OPTIONS: tuple[Option, ...] = (
         "calls that would wait longer than this for the backbone get RESOURCE_EXHAUSTED at once",
     ),
     Option(
+        "max_loop_lag_ms",
+        "batching",
+        "max_loop_lag_ms",
+        number(0),
+        "while the event loop runs this far behind, new Embed, Classify and AdaptHead calls get "
+        "RESOURCE_EXHAUSTED at the door, before any work (0: never)",
+    ),
+    Option(
         "max_versions",
         "limits",
         "max_versions",

@@ -23,6 +23,7 @@ from grpc import aio
 from headswap.server import errors
 from headswap.server.domain import ANONYMOUS, Caller, call_deadline
 from headswap.server.metrics import Metrics
+from headswap.server.rpc.overload import LoopLag
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("headswap.access")
@@ -84,10 +85,12 @@ class CallInterceptor(aio.ServerInterceptor):
         metrics: Metrics,
         authenticate: Callable[[str | None], Awaitable[Caller]] | None = None,
         open: bool = False,
+        lag: LoopLag | None = None,
     ) -> None:
         self.metrics = metrics
         self.authenticate = authenticate
         self.open = open
+        self.lag = lag
 
     def _done(self, rpc: str, request_id: str, code: grpc.StatusCode, started: float, message: str) -> None:
         seconds = time.perf_counter() - started
@@ -141,10 +144,13 @@ class CallInterceptor(aio.ServerInterceptor):
         finally:
             self._done(rpc, request_id, code, started, message)
 
-    async def _admit(self, ours: bool, context: aio.ServicerContext) -> None:
-        """Run first inside the scope: the readiness gate and the caller (UNAVAILABLE, UNAUTHENTICATED)."""
+    async def _admit(self, ours: bool, context: aio.ServicerContext, rpc: str = "") -> None:
+        """Run first inside the scope: the readiness gate, load shedding and the caller (UNAVAILABLE,
+        RESOURCE_EXHAUSTED, UNAUTHENTICATED)."""
         if ours and not self.open:
             raise errors.Unavailable("the server is still loading and warming up its backbone; retry shortly")
+        if ours and self.lag is not None:
+            self.lag.check(rpc)
         if ours and self.authenticate is not None:
             _caller.set(await self.authenticate(_metadata(context, "authorization")))
 
@@ -168,7 +174,7 @@ class CallInterceptor(aio.ServerInterceptor):
 
             async def unary(requests: AsyncIterator[bytes], context: aio.ServicerContext) -> Any:
                 async with scope(rpc, ours, context):
-                    await admit(ours, context)
+                    await admit(ours, context, rpc)
                     return await inner(await _one(requests, decode), context)
 
             return grpc.stream_unary_rpc_method_handler(
@@ -181,7 +187,7 @@ class CallInterceptor(aio.ServerInterceptor):
                 requests: AsyncIterator[bytes], context: aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 async with scope(rpc, ours, context):
-                    await admit(ours, context)
+                    await admit(ours, context, rpc)
                     async for item in inner_stream(await _one(requests, decode), context):
                         yield item
 
