@@ -475,6 +475,24 @@ def gpu_run(args: argparse.Namespace, out: Results) -> None:
 # -- the free encoder, on a CPU, beside a baseline commit ---------------------------------------------------
 
 
+def compatible_backbone(backbone: Path, package: Path, into: Path) -> Path:
+    """`backbone` as the server of an older commit reads it: its manifest without the fields that commit's
+    `BackboneManifest` does not know (a newer export writes more; older code refused unknown fields), the
+    models linked, not copied."""
+    import re
+
+    source = (package / "server" / "manifest.py").read_text()
+    body = source[source.index("class BackboneManifest") :]
+    known = set(re.findall(r"^    (\w+): ", body, flags=re.M))
+    into.mkdir(parents=True, exist_ok=True)
+    for entry in backbone.iterdir():
+        if entry.name != "manifest.json":
+            (into / entry.name).symlink_to(entry.resolve())
+    manifest = json.loads((backbone / "manifest.json").read_text())
+    (into / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k in known}))
+    return into
+
+
 @contextmanager
 def baseline_tree(rev: str) -> Iterator[Path]:
     """A `headswap` package of commit `rev`, importable by putting the returned path first on sys.path."""
@@ -501,11 +519,13 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
     systems: list[tuple[str, dict[str, str], int]] = [
         (f"this commit, {w} worker{'s' if w > 1 else ''}", {}, w) for w in args.workers
     ]
+    old_backbone = backbone
     with contextlib.ExitStack() as stack:
         if args.baseline:
             path = stack.enter_context(baseline_tree(args.baseline))
             env = {"PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
             systems.insert(0, (f"baseline {args.baseline}", env, 1))
+            old_backbone = compatible_backbone(backbone, path / "headswap", path.parent / "backbone")
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in systems}
         for r in range(args.rounds):
             order = systems if r % 2 == 0 else systems[::-1]  # ABBA: drift on the machine hits both alike
@@ -513,8 +533,9 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                 # A baseline from before --workers knows no such flag; one worker is the default on a CPU.
                 flags = ["--precision", "fp32"] + (["--workers", str(workers)] if workers > 1 else [])
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
+                    served = old_backbone if env else backbone
                     with server(
-                        backbone, flags, module="bench._free_serve", env=env, log_path=Path(tmp) / "log"
+                        served, flags, module="bench._free_serve", env=env, log_path=Path(tmp) / "log"
                     ) as proc:
                         wait_all_workers(proc, workers)
                         train_tenant(proc.target, "bench", 200)

@@ -35,7 +35,7 @@ class LoadSpec:
     rate: float = 0.0  # calls per second, this process's share (open loop)
     seconds: float = 10.0
     start_at: float = 0.0  # wall-clock time at which the window opens (time.time())
-    tenant: str = ""
+    tenant: str = ""  # Classify's tenant; several, comma-separated, are called in turn
     seed: int = 0
     connections: int = 1  # TCP connections per process, callers spread over them
     # "headswap": the AsyncClient, end to end (request building, numpy results). "raw": requests serialized
@@ -92,6 +92,7 @@ async def _drive(spec: LoadSpec) -> LoadResult:
             return aio.insecure_channel(target, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
 
     result = LoadResult()
+    tenants = spec.tenant.split(",")
     texts = spec.texts
     n = len(texts)
     # `connections` channels per process, callers spread over them; gRPC multiplexes callers on each.
@@ -99,7 +100,7 @@ async def _drive(spec: LoadSpec) -> LoadResult:
     try:
         # Warm each connection (TCP, HTTP/2, first call) before the window.
         for hs in clients:
-            await hs.embed(texts[:1]) if spec.mode == "embed" else await hs.classify(spec.tenant, texts[:1])
+            await hs.embed(texts[:1]) if spec.mode == "embed" else await hs.classify(tenants[0], texts[:1])
         delay = spec.start_at - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -135,7 +136,7 @@ async def _drive(spec: LoadSpec) -> LoadResult:
             if spec.mode == "embed":
                 await hs.embed(batch)
             else:
-                await hs.classify(spec.tenant, batch)
+                await hs.classify(tenants[offset % len(tenants)], batch)
             return len(batch)
 
         def record_error(exc: BaseException) -> None:
@@ -214,7 +215,9 @@ def _request_bytes(spec: LoadSpec, offset: int) -> bytes:
     texts = [spec.texts[(offset + i) % len(spec.texts)] for i in range(spec.request_size)]
     if spec.mode == "embed":
         return bytes(_codec.embed_request(texts, None, "float32", "").SerializeToString())
-    return bytes(_codec.classify_request(spec.tenant, texts, None, 1, 0, 0.0).SerializeToString())
+    tenants = spec.tenant.split(",")
+    tenant = tenants[(offset // max(1, spec.request_size)) % len(tenants)]
+    return bytes(_codec.classify_request(tenant, texts, None, 1, 0, 0.0).SerializeToString())
 
 
 def run_load(spec: LoadSpec, processes: int, *, python: str = sys.executable) -> LoadResult:

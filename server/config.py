@@ -47,8 +47,8 @@ class BatchingConfig:
     max_wait_ms: float = 2.0
     max_queue_items: int = 8192
     max_queue_wait_ms: float = 1000.0  # expected wait past which calls are refused at once
-    # How far behind the event loop may run before new Embed, Classify and AdaptHead calls are refused at the
-    # door (rpc/overload.py); 0: never.
+    # How far behind the event loop may run before new Embed and Classify calls are refused at the door
+    # (rpc/overload.py); 0: never.
     max_loop_lag_ms: float = 50.0
     # Most padding a forward pass may carry, as a share of the tokens it computes (1 = no cap): an input whose
     # length would push a batch past it waits for a batch of its own length instead.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,10 @@ class BackboneManifest:
             raise ValueError(
                 f"unknown backbone manifest format {data.get('format')!r}; want {MANIFEST_FORMAT}"
             )
-        fields = dict(data)
+        # Fields this version does not know are a newer exporter's additions: read past them, so that a
+        # backbone exported by a newer headswap still serves on an older replica of the same format.
+        known = {f.name for f in dataclass_fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known}
         fields["input_names"] = tuple(fields.get("input_names", ()))
         fields["mean"] = tuple(fields.get("mean", ()))
         fields["std"] = tuple(fields.get("std", ()))

@@ -220,7 +220,7 @@ OPTIONS: tuple[Option, ...] = (
         "batching",
         "max_loop_lag_ms",
         number(0),
-        "while the event loop runs this far behind, new Embed, Classify and AdaptHead calls get "
+        "while the event loop runs this far behind, new Embed and Classify calls get "
         "RESOURCE_EXHAUSTED at the door, before any work (0: never)",
     ),
     Option(

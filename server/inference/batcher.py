@@ -21,6 +21,7 @@ are applied in one grouped operation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -46,6 +47,11 @@ __all__ = ["BatchPolicy", "BatchResult", "BatchStats", "Batcher", "prepare_group
 # A call enters the queue in slices of at most this many inputs (or two batches' worth, if more); its next
 # slice is prepared once fewer than a batch of its items are waiting.
 SLICE_INPUTS = 64
+# While a batch runs, the next one is formed this long before the running one should end: time enough to
+# collate it, so the encoder is fed again at once.
+FORM_LEAD_S = 0.002
+# Most expected work in one batch led by a call with more than a batch queued.
+TURN_S = 0.1
 
 
 class GroupedHeads(Protocol):
@@ -151,6 +157,7 @@ class Batcher:
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
+        self._busy_until = 0.0  # when the batches in flight should be done (perf_counter)
         self.batches_run = 0
 
     @property
@@ -264,7 +271,18 @@ class Batcher:
         return len(self.pending) >= p.max_batch_items or self.pending.cost >= p.max_batch_cost
 
     def _take(self) -> list[_Item]:
-        batch: list[_Item] = self.pending.take(self.policy, self.buckets)
+        policy = self.policy
+        leader: _Item | None = self.pending.leader()  # type: ignore[assignment]
+        rate = self.admission.rate
+        if leader is not None and rate and leader.request.waiting > policy.max_batch_items:
+            # Turns must come round quickly: a batch led by a call with more than a batch of work queued
+            # holds at most TURN_S of expected work, so that anyone arriving behind it waits no longer. On a
+            # GPU that is no limit; on a CPU it keeps a batch of long texts from holding everyone else for
+            # half a second.
+            cap = max(int(rate * TURN_S), leader.prepared.cost)
+            if cap < policy.max_batch_cost:
+                policy = dataclasses.replace(policy, max_batch_cost=cap)
+        batch: list[_Item] = self.pending.take(policy, self.buckets)
         for request in {id(item.request): item.request for item in batch}.values():
             request.waiting -= sum(1 for item in batch if item.request is request)
             if request.waiting < self.policy.max_batch_items:
@@ -297,13 +315,27 @@ class Batcher:
                     await asyncio.wait_for(self._wake.wait(), remaining)
                 except TimeoutError:
                     break
+            if not idle:
+                # The next batch is formed just before the running one should end, not as soon as a slot is
+                # free: a call arriving meanwhile (another flow's) can still lead it, instead of waiting
+                # behind a batch already formed from a big call's items (issue 23: 2 batches of long texts
+                # are a second on a CPU).
+                await asyncio.sleep(max(0.0, self._busy_until - FORM_LEAD_S - time.perf_counter()))
             batch = self._take()
             if not batch:
                 self._slots.release()
                 continue
+            now = time.perf_counter()
+            run_s = self._expected_run_s(batch)
+            self._busy_until = (now if idle else max(now, self._busy_until)) + run_s
             self._in_flight += 1
             future = loop.run_in_executor(self.backbone_executor, self._run, batch)
             future.add_done_callback(lambda f, b=batch: self._finish(b, f))  # type: ignore[misc]
+
+    def _expected_run_s(self, batch: list[_Item]) -> float:
+        """How long the encoder should take over `batch`, from the rate measured so far (0: not yet known)."""
+        rate = self.admission.rate
+        return sum(item.prepared.cost for item in batch) / rate if rate else 0.0
 
     # -- warming up -----------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from headswap.server.manifest import MIN_COSINE, MIN_MEAN_COSINE_INT8
 from tests.helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
+INT8_BATCHING_SPREAD = 0.005
 
 Data = dict[str, dict[str, list[str]]]
 INTENTS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed", "pin_blocked"]
@@ -93,7 +94,12 @@ def test_embeddings_stay_within_their_export_gate(
         got = client.embed(texts)
     cosine = np.sum(got * reference(texts), axis=1)
     print(f"\n{precision}: cosine to fp32 mean {cosine.mean():.5f}, min {cosine.min():.5f}")
-    assert cosine.min() >= MIN_COSINE[precision], (precision, cosine.min(), texts[int(cosine.argmin())])
+    # int8 is dynamic quantisation: each batch's activations get their own scale, so a text's int8 vector
+    # depends on what it is batched with ("thanks!": 0.9874 alone, 0.9828 beside one longer question on the
+    # AVX-512 VNNI EPYC). The export gate measures length-sorted batches; serving batches differently, so its
+    # minimum is held to the gate less that measured spread (0.005), the mean to the gate itself.
+    floor = MIN_COSINE[precision] - (INT8_BATCHING_SPREAD if precision == "int8" else 0.0)
+    assert cosine.min() >= floor, (precision, cosine.min(), texts[int(cosine.argmin())])
     if precision == "int8":
         assert cosine.mean() >= MIN_MEAN_COSINE_INT8, cosine.mean()
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3 if precision == "fp16" else 1e-5)

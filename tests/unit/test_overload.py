@@ -4,6 +4,7 @@ refused before any work is done on them, and management calls still go through."
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -18,14 +19,19 @@ from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import in_process
 
 
-def test_lag_rises_at_once_and_decays() -> None:
+def test_one_pause_sheds_nothing_a_run_of_late_ticks_does() -> None:
     lag = LoopLag(limit_s=0.05)
-    lag.observe(0.2)
-    assert lag.lag_s == pytest.approx(0.2)
+    lag.observe(0.15)  # one pause (a collection, one slow step)
+    lag.check("Classify")  # nothing raised
+    for _ in range(3):
+        lag.observe(0.15)
+    with pytest.raises(Exception, match="event loop runs"):
+        lag.check("Classify")
+    lag.check("AdaptHead")  # trainings and management calls always go through
+    lag.check("ListHeads")
     for _ in range(10):
         lag.observe(0.0)
-    assert lag.lag_s < 0.05
-    lag.check("Classify")  # no longer over: nothing raised
+    lag.check("Classify")  # caught up: nothing raised
 
 
 async def test_a_lagging_loop_sheds_data_calls_before_reading_them(tmp_path: Path) -> None:
@@ -36,12 +42,13 @@ async def test_a_lagging_loop_sheds_data_calls_before_reading_them(tmp_path: Pat
         await lag.stop()  # the test sets the lag itself
         async with AsyncClient(s.target, retries=0) as client:
             await client.adapt_head("t", ["red apple", "green leaf"] * 4, ["red", "green"] * 4)
-            lag.observe(0.4)
+            for _ in range(20):
+                lag.observe(0.4)
             for call in (client.embed(["x"]), client.classify("t", ["red"])):
                 with pytest.raises(HeadswapError) as info:
                     await call
                 assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "event loop runs 400 ms behind" in info.value.details
+                assert re.search(r"event loop runs (399|400) ms behind", info.value.details)
             # Refused before the request is even decoded: bytes that are no Embed request get the same answer.
             channel = client._channel
             raw = channel.unary_unary("/headswap.v1.HeadswapService/Embed")
