@@ -2,6 +2,7 @@
 
     python -m bench.gpu --backbone DIR [--st-model DIR] [--quick] [--write-docs] [--out FILE]
     python -m bench.gpu --fake-encoder [--baseline REV] [--rounds N] [--write-docs]
+    python -m bench.gpu --cpu [--baseline REV] [--rounds N] [--write-docs]
 
 On a GPU machine (the text backbone's `model_fp16.onnx`, ONNX Runtime's CUDA provider), same texts for every
 system: "short" (Banking77 + SST-2 sentences of 4-40 words) and "long" (SST-2 sentences joined and cut at 126
@@ -23,7 +24,8 @@ Every figure is written to `--out` (JSON) as soon as it is measured, so a run cu
 tokenizer, a free encoder), so what is measured is the pipeline itself (gRPC, protobuf, tokenizing,
 batching, heads, replies): its ceiling whatever the accelerator. With `--baseline REV` the same runs are made,
 alternating, against the server of commit REV (checked out into a temporary worktree), so the ratio is
-measured side by side on one machine in one run.
+measured side by side on one machine in one run. `--cpu` makes the same runs with the real encoder (fp32 on the
+CPU, shape buckets off as by default there): what the GPU work changed for a CPU deployment.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from bench.load import LoadResult, LoadSpec, run_load
 
 HEADING = "## GPU serving"
 HEADING_FREE = "## The pipeline's ceiling (free encoder, CPU)"
+HEADING_CPU = "## CPU serving beside the code before the GPU work (real encoder)"
 LONG_TOKENS = 126
 
 
@@ -535,7 +538,11 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
                     served = old_backbone if env else backbone
                     with server(
-                        served, flags, module="bench._free_serve", env=env, log_path=Path(tmp) / "log"
+                        served,
+                        flags,
+                        module="bench._free_serve" if args.fake_encoder else "headswap.client.cli",
+                        env=env,
+                        log_path=Path(tmp) / "log",
                     ) as proc:
                         wait_all_workers(proc, workers)
                         train_tenant(proc.target, "bench", 200)
@@ -676,6 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs, to check the script")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/BENCHMARKS.md")
     parser.add_argument("--fake-encoder", action="store_true", help="CPU: the pipeline with a free encoder")
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU: the same runs as --fake-encoder with the real encoder (fp32)"
+    )
     parser.add_argument("--baseline", default="", help="with --fake-encoder: a commit to measure beside")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
@@ -700,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "gpu.json"
     )
     args = parser.parse_args(argv)
-    default_workers = "1,2" if args.fake_encoder else "1,4,8"
+    default_workers = "1,2" if args.fake_encoder else ("1" if args.cpu else "1,4,8")
     args.workers = [int(w) for w in str(args.workers or default_workers).split(",") if w]
     args.rates = [float(r) for r in str(args.rates).split(",") if r]
     for name in ("embed_workers", "classify_workers", "profile_workers"):
@@ -708,17 +718,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     global PROFILE
     PROFILE = args.profile
     out = Results(args.out)
-    if args.fake_encoder:
+    if args.fake_encoder or args.cpu:
         free_run(args, out)
         body = report_free(out.data)
-        heading = HEADING_FREE
+        heading = HEADING_FREE if args.fake_encoder else HEADING_CPU
     else:
         gpu_run(args, out)
         body = report_gpu(out.data)
         heading = HEADING
     print(body)
     if args.write_docs:
-        intro = f"Measured with `python -m bench.gpu{' --fake-encoder' if args.fake_encoder else ''}` on {out.data.get('machine')} ({out.data.get('source')})."
+        mode = " --fake-encoder" if args.fake_encoder else (" --cpu" if args.cpu else "")
+        intro = f"Measured with `python -m bench.gpu{mode}` on {out.data.get('machine')} ({out.data.get('source')})."
         write_section(heading, intro + "\n\n" + body, DOCS)
     return 0
 
