@@ -54,6 +54,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._stages = tuple(
+            self.stage_duration.labels(stage) for stage in ("queue", "tokenize", "backbone", "head")
+        )
+        self._calls: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.batch_size = Histogram(
             "headswap_batch_size_items", "inputs per backbone forward pass", buckets=BATCH_BUCKETS, registry=r
         )
@@ -154,11 +158,24 @@ class Metrics:
     def observe_stages(
         self, queue_s: float, preprocess_s: float, backbone_s: float, head_s: float | None
     ) -> None:
-        self.stage_duration.labels("queue").observe(queue_s)
-        self.stage_duration.labels("tokenize").observe(preprocess_s)
-        self.stage_duration.labels("backbone").observe(backbone_s)
+        queue, tokenize, backbone, head = self._stages
+        queue.observe(queue_s)
+        tokenize.observe(preprocess_s)
+        backbone.observe(backbone_s)
         if head_s is not None:
-            self.stage_duration.labels("head").observe(head_s)
+            head.observe(head_s)
+
+    def call_done(self, rpc: str, code: str, seconds: float) -> None:
+        """One finished call, counted and timed. The labelled children are looked up once per (rpc, code):
+        `labels()` takes a lock and validates its arguments, on every call of a busy server."""
+        children = self._calls.get((rpc, code))
+        if children is None:
+            children = self._calls[(rpc, code)] = (
+                self.requests.labels(rpc, code),
+                self.request_duration.labels(rpc),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         """Let a gauge read its value when scraped (no bookkeeping on the hot path)."""

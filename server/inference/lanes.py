@@ -29,7 +29,11 @@ class Lane:
         return self.backbone.manifest.input_kind
 
     def describe(self) -> BackboneDescription:
-        return self.backbone.describe(self.name)
+        """What served a call (in every reply): made once, it never changes while the lane lives."""
+        described = self.__dict__.get("_described")
+        if described is None:
+            described = self.__dict__["_described"] = self.backbone.describe(self.name)
+        return described  # type: ignore[no-any-return]
 
 
 @dataclass(eq=False)

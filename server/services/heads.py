@@ -120,6 +120,13 @@ class HeadService:
         )
         labels, abstained = [], []
         for probs in result.rows:
+            if (
+                k == 1
+            ):  # the usual reply: the best label alone (argmax keeps the lowest index on ties, as top_k)
+                best = int(np.argmax(probs))
+                labels.append([(head.labels[best], float(probs[best]))])
+                abstained.append(float(probs[best]) < request.min_probability)
+                continue
             indices, scores = top_k(np.asarray(probs), k)
             labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
             # The head's probabilities are calibrated (its temperature is folded into its weights), so the

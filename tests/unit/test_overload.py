@@ -4,7 +4,6 @@ refused before any work is done on them, and management calls still go through."
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 
@@ -21,17 +20,17 @@ from headswap.server.testing import in_process
 
 def test_one_pause_sheds_nothing_a_run_of_late_ticks_does() -> None:
     lag = LoopLag(limit_s=0.05)
-    lag.observe(0.15)  # one pause (a collection, one slow step)
-    lag.check("Classify")  # nothing raised
-    for _ in range(3):
+    for late in (0.0,) * 8 + (0.5,) + (0.0,) * 3:  # one pause (a full collection, one slow step)
+        lag.observe(late)
+        lag.check("Classify")  # nothing raised
+    for _ in range(8):  # behind on every tick
         lag.observe(0.15)
     with pytest.raises(Exception, match="event loop runs"):
         lag.check("Classify")
     lag.check("AdaptHead")  # trainings and management calls always go through
     lag.check("ListHeads")
-    for _ in range(10):
-        lag.observe(0.0)
-    lag.check("Classify")  # caught up: nothing raised
+    lag.observe(0.0)
+    lag.check("Classify")  # one tick on time: caught up, nothing raised
 
 
 async def test_a_lagging_loop_sheds_data_calls_before_reading_them(tmp_path: Path) -> None:
@@ -42,13 +41,13 @@ async def test_a_lagging_loop_sheds_data_calls_before_reading_them(tmp_path: Pat
         await lag.stop()  # the test sets the lag itself
         async with AsyncClient(s.target, retries=0) as client:
             await client.adapt_head("t", ["red apple", "green leaf"] * 4, ["red", "green"] * 4)
-            for _ in range(20):
+            for _ in range(8):
                 lag.observe(0.4)
             for call in (client.embed(["x"]), client.classify("t", ["red"])):
                 with pytest.raises(HeadswapError) as info:
                     await call
                 assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert re.search(r"event loop runs (399|400) ms behind", info.value.details)
+                assert "event loop runs 400 ms behind" in info.value.details
             # Refused before the request is even decoded: bytes that are no Embed request get the same answer.
             channel = client._channel
             raw = channel.unary_unary("/headswap.v1.HeadswapService/Embed")
@@ -58,8 +57,6 @@ async def test_a_lagging_loop_sheds_data_calls_before_reading_them(tmp_path: Pat
             assert lag.shed == 3
             assert [h.tenant for h in await client.list_heads()] == ["t"]  # management goes through
             lag.observe(0.0)
-            for _ in range(10):
-                lag.observe(0.0)
             assert (await client.embed(["x"])).shape == (1, 16)
         metrics = s.server.metrics.registry.get_sample_value("headswap_event_loop_lag_seconds")
         assert metrics is not None
