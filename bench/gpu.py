@@ -522,6 +522,8 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
     systems: list[tuple[str, dict[str, str], int]] = [
         (f"this commit, {w} worker{'s' if w > 1 else ''}", {}, w) for w in args.workers
     ]
+    if args.buckets_too:  # what shape buckets cost where they are off by default
+        systems.append(("this commit, shape buckets on", {}, args.workers[0]))
     old_backbone = backbone
     with contextlib.ExitStack() as stack:
         if args.baseline:
@@ -535,6 +537,8 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
             for name, env, workers in order:
                 # A baseline from before --workers knows no such flag; one worker is the default on a CPU.
                 flags = ["--precision", "fp32"] + (["--workers", str(workers)] if workers > 1 else [])
+                if "buckets on" in name:
+                    flags += ["--shape-buckets", "on"]
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
                     served = old_backbone if env else backbone
                     with server(
@@ -698,6 +702,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="NVIDIA GPU")
     parser.add_argument("--source", default="", help="what is measured (a commit), when git is not at hand")
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument(
+        "--buckets-too",
+        action="store_true",
+        help="--cpu/--fake-encoder: also this commit with shape buckets on",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy on a worker during the loads")
     parser.add_argument(
         "--embed-workers", default="", help="worker counts to measure Embed at (default: all)"
