@@ -30,6 +30,33 @@ __all__ = [
 ]
 
 
+def warn_if_readable_by_others(path: Path, what: str) -> bool:
+    """Log a warning when a secret's file can be read by other users (as ssh does for private keys): by
+    anyone, or by a group other than this process's own (Kubernetes' fsGroup mounts secrets group-readable
+    for the pod's own group, which is no one else). Returns whether it warned."""
+    import logging
+    import stat
+
+    try:
+        info = path.stat()
+    except OSError:
+        return False  # not there: reading it will say so
+    mode = stat.S_IMODE(info.st_mode)
+    open_to = []
+    if mode & stat.S_IROTH:
+        open_to.append("everyone")
+    if mode & stat.S_IRGRP and info.st_gid not in (os.getegid(), *os.getgroups()):
+        open_to.append(f"group {info.st_gid}")
+    if not open_to:
+        return False
+    logging.getLogger("headswap.server.config").warning(
+        "%s %s is readable by %s (mode %04o): `chmod 600 %s` (Kubernetes: mount its Secret with "
+        "defaultMode 0400)",
+        what, path, " and ".join(open_to), mode, path,
+    )  # fmt: skip
+    return True
+
+
 def default_home() -> Path:
     """Where headswap keeps its data when not told otherwise."""
     if "HEADSWAP_HOME" in os.environ:
@@ -112,6 +139,7 @@ class AuthConfig:
         if self.mode == "none":
             return None
         if self.pepper_file is not None:
+            warn_if_readable_by_others(self.pepper_file, "the auth pepper file")
             raw = self.pepper_file.read_bytes().strip()
         elif self.pepper:
             raw = self.pepper.encode()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from headswap.server.config import TlsConfig
+from headswap.server.config import TlsConfig, warn_if_readable_by_others
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class CertificateFiles:
             raise ValueError("TLS needs a certificate and a key")
         self.cert, self.key, self.client_ca = tls.cert, tls.key, tls.client_ca
         self._stamp: tuple[tuple[int, int], ...] = ()
+        warn_if_readable_by_others(self.key, "the TLS private key")
 
     def _paths(self) -> list[Path]:
         return [p for p in (self.cert, self.key, self.client_ca) if p is not None]
