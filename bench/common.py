@@ -408,7 +408,8 @@ def thread_groups(threads: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-_LIMITS = re.compile(r"batches of at most (\d+) inputs and (\d+) padded tokens")
+# The server's start-up line; older servers said "and N padded tokens".
+_LIMITS = re.compile(r"batches of at most (\d+) inputs and (?:a cost of )?(\d+)")
 
 
 def batch_limits_from_log(text: str) -> tuple[int, int] | None:

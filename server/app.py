@@ -103,12 +103,17 @@ class Server:
             lane.batcher.start()
         if self.rpc.interceptor.lag is not None:
             self.rpc.interceptor.lag.start()
+        started = time.perf_counter()
         for lane in self.lanes:
             await self._warm_up(lane)
+        warm_s = time.perf_counter() - started
         self._follow = asyncio.get_running_loop().create_task(self._follow_store(), name="headswap-follow")
         await self.rpc.serving()
-        served = ", ".join(f"{lane.name} on {lane.backbone.encoder.provider}" for lane in self.lanes)
-        log.info("SERVING on port %d (backbones: %s)", self.port, served)
+        served = ", ".join(
+            f"{lane.name} on {lane.backbone.encoder.provider} in {lane.backbone.encoder.precision}"
+            for lane in self.lanes
+        )
+        log.info("SERVING on port %d (backbones: %s; warmed up in %.1fs)", self.port, served, warm_s)
         return self.port
 
     async def _warm_up(self, lane: Lane) -> None:
@@ -127,7 +132,7 @@ class Server:
         for _ in range(self.config.warmup_rounds):
             for inputs in lane.backbone.preprocessor.warm_up_batches(items):
                 await lane.batcher.submit(inputs)
-        log.info("backbone %s warm-up done in %.2fs", lane.name, time.perf_counter() - started)
+        log.debug("backbone %s warm-up done in %.2fs", lane.name, time.perf_counter() - started)
 
     async def _follow_store(self) -> None:
         """Apply every change the store publishes (here or, with a shared store, on another replica)."""

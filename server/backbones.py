@@ -22,16 +22,16 @@ def ensure_backbone(config: ServerConfig, directory: Path | None = None) -> Path
     if directory.resolve() == config.default_image_backbone_dir.resolve():
         from headswap.server.export.image import export_mobilenet
 
-        log.info("image backbone not found at %s: exporting MobileNetV2 (once)", directory)
+        log.info("image backbone not found at %s: exporting MobileNetV2 once (fp32 and fp16)", directory)
         report = export_mobilenet(directory, cache=config.home / "cache")
     elif directory.resolve() == config.default_backbone_dir.resolve():
         from headswap.server.export.text import export_backbone
 
-        log.info("default backbone not found at %s: exporting it (once)", directory)
+        log.info("default backbone not found at %s: exporting it once (fp32, fp16 and int8)", directory)
         report = export_backbone(directory)
     else:
         return directory
-    log.info("exported %s in %.1fs", report.manifest.name, report.seconds)
+    log.info(report.summary())
     return directory
 
 

@@ -31,8 +31,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# Warnings from libraries that ask nothing of the user: ONNX Runtime's quantiser advises pre-processing,
+# which the export's recipe does not need (server/export/quantize.py).
+QUIET = ("Please consider to run pre-processing before quantization",)
+
+
+class OwnRecords(logging.Filter):
+    """At INFO and above, what headswap says and libraries' warnings; libraries' INFO (ONNX Runtime's fusion
+    notes: a dozen lines per export) only at DEBUG."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose:
+            return True
+        if record.name.startswith("headswap"):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not any(str(record.msg).startswith(text) for text in QUIET)
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(OwnRecords(level.upper() == "DEBUG"))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -114,7 +114,7 @@ def _manifest(
 def _check_parity(reference: np.ndarray, work: Path, pixels: np.ndarray) -> tuple[float, float]:
     cos32 = _min_cosine(reference, _run(work / MODEL_FP32, pixels, ["embedding"])[0])
     cos16 = _min_cosine(reference, _run(work / MODEL_FP16, pixels, ["embedding"])[0])
-    log.info("parity on %d photos: min cosine fp32 %.6f, fp16 %.6f", len(pixels), cos32, cos16)
+    log.debug("parity on %d photos: min cosine fp32 %.6f, fp16 %.6f", len(pixels), cos32, cos16)
     if not cos32 >= MIN_COSINE_FP32:
         raise ExportError(f"fp32 parity failed: min cosine {cos32:.6f} < {MIN_COSINE_FP32}")
     if not cos16 >= MIN_COSINE_FP16:

@@ -135,7 +135,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, recipe: Int8Recipe = DEFAULT_
     counts = quantized_operator_counts(out_path)
     if counts.get("QAttention", 0) == 0 and "Attention" in recipe.op_types:
         raise Int8ParityError(f"quantisation kept no fused attention (operators: {counts})")
-    log.info("int8 model: %s; %d nodes left in fp32", counts, len(excluded))
+    log.debug("int8 model: %s; %d nodes left in fp32", counts, len(excluded))
     return recipe.describe(excluded)
 
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,19 @@ class ExportReport:
     out: Path
     manifest: BackboneManifest
     seconds: float
+    steps: tuple[tuple[str, float], ...] = ()  # (what, seconds), in order
+
+    def summary(self) -> str:
+        """One line: what was made, how long each part took, and the parity it passed."""
+        parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.steps)
+        parts = f" ({parts})" if parts else ""
+        m = self.manifest
+        parity = f"parity with PyTorch min cosine fp32 {m.parity_min_cosine_fp32:.6f}"
+        if m.model_fp16:
+            parity += f", fp16 {m.parity_min_cosine_fp16:.6f}"
+        if m.model_int8:
+            parity += f", int8 {m.parity_min_cosine_int8:.5f}"
+        return f"exported {m.name} in {self.seconds:.1f}s{parts}; {parity}"
 
 
 def bundled_model_dir() -> Path:
@@ -164,7 +178,7 @@ def _int8(work: Path, model_dir: Path, tokenizer: Any) -> tuple[dict[str, str], 
         return np.asarray(out, dtype=np.float32)
 
     parity = measure_parity(texts, reference, embed)
-    log.info(
+    log.debug(
         "int8 parity against PyTorch (%s kernels): mean cosine %.5f, min %.5f (%r)",
         int8_kernels(read_cpu_flags()),
         parity.mean_cosine,
@@ -176,6 +190,14 @@ def _int8(work: Path, model_dir: Path, tokenizer: Any) -> tuple[dict[str, str], 
     except Int8ParityError as exc:
         raise ExportError(str(exc)) from None
     return recipe, parity.mean_cosine, parity.min_cosine
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars (three per export) and no notes from transformers on the console."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,7 +218,10 @@ def _export_onnx(model_dir: Path, raw_path: Path) -> Any:
         name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "token_type_ids")
     }
     dynamic_axes["sentence_embedding"] = {0: "batch"}
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # the tracer's notes (TracerWarning, advanced indexing) are not the user's
         torch.onnx.export(
             wrapper,
             dummy,
@@ -253,11 +278,21 @@ def export_backbone(
     if (out / MANIFEST_NAME).exists() and not force:
         raise ExportError(f"{out} already holds a backbone; pass --force to replace it")
     model_dir = bundled_model_dir()
+    _quiet_transformers()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    steps: list[tuple[str, float]] = []
+    mark = time.perf_counter()
+
+    def done(what: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        steps.append((what, now - mark))
+        mark = now
+
     try:
         raw = work / "raw.onnx"
-        log.info("exporting %s from %s", DEFAULT_NAME, model_dir)
+        log.debug("exporting %s from %s", DEFAULT_NAME, model_dir)
         step("exporting")
         config = _export_onnx(model_dir, raw)
         step("fusing")
@@ -268,7 +303,8 @@ def export_backbone(
             step("fp16")
             optimized.convert_float_to_float16(keep_io_types=True)
             optimized.save_model_to_file(str(work / MODEL_FP16))
-        log.info("fused operators: %s", stats)
+        log.debug("fused operators: %s", stats)
+        done("fp32 and fp16 ONNX, fused" if "fp16" in precisions else "fp32 ONNX, fused")
 
         tokenizer = _load_tokenizer(model_dir / TOKENIZER, max_length)
         tokenizer.save(str(work / TOKENIZER))
@@ -280,15 +316,17 @@ def export_backbone(
         cos16 = (
             _min_cosine(reference, _onnx_embeddings(work / MODEL_FP16, batch)) if "fp16" in precisions else 0
         )
-        log.info("parity against PyTorch: min cosine fp32 %.6f, fp16 %.6f", cos32, cos16)
+        log.debug("parity against PyTorch: min cosine fp32 %.6f, fp16 %.6f", cos32, cos16)
         if not cos32 >= MIN_COSINE_FP32:
             raise ExportError(f"fp32 parity failed: min cosine {cos32:.6f} < {MIN_COSINE_FP32}")
         if "fp16" in precisions and not cos16 >= MIN_COSINE_FP16:
             raise ExportError(f"fp16 parity failed: min cosine {cos16:.6f} < {MIN_COSINE_FP16}")
         recipe: dict[str, str] = {}
         mean8 = min8 = 0.0
+        done("parity checked")
         if "int8" in precisions:
             recipe, mean8, min8 = _int8(work, model_dir, tokenizer)
+            done("int8 model, quantised and checked")
 
         settings = {
             "name": DEFAULT_NAME,
@@ -326,7 +364,7 @@ def export_backbone(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportReport(out=out, manifest=manifest, seconds=time.perf_counter() - started)
+    return ExportReport(out=out, manifest=manifest, seconds=time.perf_counter() - started, steps=tuple(steps))
 
 
 def _replace_dir(new: Path, target: Path) -> None:

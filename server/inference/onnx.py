@@ -125,7 +125,7 @@ def load_backbone(
         intra_op_spin=intra_op_spin,
     )
     backbone = Backbone(manifest, preprocessor, encoder)
-    log.info(
+    log.debug(
         "backbone %s loaded: provider=%s precision=%s fingerprint=%s",
         manifest.name,
         encoder.provider,

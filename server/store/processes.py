@@ -116,10 +116,18 @@ class ProcessShared:
                 chunk = handle.read()
                 if chunk:
                     partial = self._publish(partial + chunk)
-                # Rotated: finish the old file (read above), then go on from the new one's start.
+                # Rotated: finish the old file (read above), then go on from the new one's start; if it was
+                # rotated again meanwhile (it is the ".1" now), read that one whole first.
                 if os.stat(self.log_path).st_ino != os.fstat(handle.fileno()).st_ino:
                     partial = self._publish(partial + handle.read())
+                    old_ino = os.fstat(handle.fileno()).st_ino
                     handle.close()
+                    previous = self.log_path.with_name(LOG_NAME + ".1")
+                    try:
+                        if os.stat(previous).st_ino != old_ino:
+                            partial = self._publish(partial + previous.read_text(encoding="utf-8"))
+                    except FileNotFoundError:
+                        pass
                     handle = self.log_path.open("r", encoding="utf-8")
                     assert isinstance(handle, io.TextIOWrapper)
             except FileNotFoundError:

@@ -215,6 +215,8 @@ def test_batch_limits_from_the_server_log() -> None:
         "tokens\n"
     )
     assert batch_limits_from_log(log) == (16, 4096)
+    today = "INFO headswap.server.app: text: batches of at most 256 inputs and a cost of 65536, padding at most 30%"
+    assert batch_limits_from_log(today) == (256, 65536)
     assert batch_limits_from_log("an older server that does not say") is None
 
 

@@ -71,6 +71,7 @@ async def test_followers_go_on_across_a_rotation(tmp_path: Path, monkeypatch: py
         await asyncio.sleep(0.05)
         for i in range(12):
             a.commit_version(f"t{i}", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
+            await asyncio.sleep(processes.POLL_S)  # a rotation per few polls, as with 1 MiB logs
         changes = await seen
         assert [c.tenant for c in changes] == [f"t{i}" for i in range(12)]
         assert (tmp_path / "changes.log.1").exists()
