@@ -65,6 +65,11 @@ class Metrics:
             "headswap_batch_requests", "calls sharing one forward pass", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("headswap_queue_depth_items", "inputs waiting for the backbone", registry=r)
+        self.calls_in_flight = Gauge(
+            "headswap_calls_in_flight",
+            "calls of the headswap service being handled (on SIGTERM it falls to 0 as the server drains)",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "headswap_embedding_cache_hits_total",
             "training examples found in the embedding cache",
