@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -170,13 +171,22 @@ def test_the_client_rides_out_a_restart(backbone_dir: Path, tmp_path: Path) -> N
     worker = threading.Thread(target=call)
     worker.start()
     try:
-        time.sleep(1.0)
+        until(lambda: len(results) >= 10, "calls answered before the restart")
         assert proc.terminate() == 0
         proc = serve(backbone_dir, store, tmp_path / "2.log", "--port", str(port)).wait_serving()
-        time.sleep(1.0)
+        restarted = len(results)
+        until(lambda: len(results) >= restarted + 10, "calls answered by the new process")
     finally:
         stop.set()
         worker.join(60)
         proc.terminate()
     failures = [r for r in results if r != (1, 384)]
-    assert len(results) > 20 and failures == [], failures[:3]
+    assert failures == [], failures[:3]
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    """Poll `condition`; `timeout` only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
+        time.sleep(0.02)
