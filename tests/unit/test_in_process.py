@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -287,19 +289,36 @@ async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, clien
         await client.classify("feed", ["red"])
 
 
-async def test_an_expired_call_costs_no_encoder_work(server: InProcess) -> None:
+async def test_an_expired_call_costs_no_encoder_work(
+    server: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     encoder = server.server.backbone.encoder
     assert isinstance(encoder, FakeEncoder)
+    entered = threading.Event()
+    run = encoder.run
+
+    def watched(feeds: Any) -> Any:
+        entered.set()
+        return run(feeds)
+
+    monkeypatch.setattr(encoder, "run", watched)
     encoder.gate.clear()
+    count = server.server.metrics.registry.get_sample_value
     try:
         async with AsyncClient(server.target, retries=0, timeout=5) as slow:
             first = asyncio.create_task(slow.embed(["first"]))
-            await asyncio.sleep(0.1)  # the encoder holds "first"
+            await until(entered.is_set)  # the encoder holds "first"
+            cancelled = count("headswap_requests_total", {"rpc": "Embed", "code": "CANCELLED"}) or 0
             async with AsyncClient(server.target, retries=0, timeout=0.2) as hasty:
                 with pytest.raises(HeadswapError) as info:
                     await hasty.embed(["doomed", "doomed too"])
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.sleep(0.1)
+            # The server has ended the expired call too, before the encoder is let go.
+            await until(
+                lambda: (
+                    (count("headswap_requests_total", {"rpc": "Embed", "code": "CANCELLED"}) or 0) > cancelled
+                )
+            )
             encoder.gate.set()
             assert (await first).shape == (1, 16)
             assert (await slow.embed(["after"])).shape == (1, 16)
@@ -358,11 +377,21 @@ async def test_a_call_is_freed_when_it_ends_not_by_the_cycle_collector(client: A
             code, _ = await code_of(client.embed([]))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert (await client.embed(["x"])).shape == (1, 16)
-        await asyncio.sleep(0.2)
-        after = live_call_states()
+        # States are let go as each call's last reference goes (just after its reply): wait for that, not
+        # for a fixed time; states held in cycles never go while the collector is off.
+        leftover = [live_call_states() - before]
+
+        def freed() -> bool:
+            leftover[0] = live_call_states() - before
+            return leftover[0] < 10
+
+        try:
+            await until(freed, timeout=10.0)
+        except AssertionError:
+            pass
     finally:
         gc.enable()
-    assert after - before < 10, f"{after - before} states of 120 finished calls wait for the cycle collector"
+    assert leftover[0] < 10, f"{leftover[0]} states of 120 finished calls wait for the cycle collector"
 
 
 async def test_memory_gauges_follow_the_cache_and_the_head_stacks(
@@ -383,3 +412,11 @@ async def test_memory_gauges_follow_the_cache_and_the_head_stacks(
     assert gauge("headswap_heads_allocated_bytes") >= gauge("headswap_heads_resident_bytes") > 0
     await client.delete_head("gauges")
     assert gauge("headswap_embedding_cache_entries") == entries
+
+
+async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `condition`; `timeout` only bounds a hang."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never came true"
+        await asyncio.sleep(0.01)
