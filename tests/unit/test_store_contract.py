@@ -68,15 +68,17 @@ def test_put_examples_stores_without_a_version(store: HeadStore) -> None:
                 seen.append(change)
 
         task = asyncio.ensure_future(follow())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # subscribed
         state = await asyncio.to_thread(store.put_examples, "new", EXAMPLES[:1])
         assert (state.active_version, state.versions) == (0, ())
-        await asyncio.sleep(0.1)
+        # A commit afterwards publishes: a change of the examples' call would have come before it.
+        await asyncio.to_thread(store.commit_version, "later", NewVersion(MANIFEST, b"w", EXAMPLES, True))
+        await until(lambda: bool(seen))
         task.cancel()
 
     asyncio.run(watch())
-    assert seen == [], "storing examples moved no pointer: nothing to publish"
-    assert store.tenants() == ["new"] and store.examples("new") == EXAMPLES[:1]
+    assert [c.tenant for c in seen] == ["later"], "storing examples moved no pointer: nothing to publish"
+    assert store.tenants() == ["later", "new"] and store.examples("new") == EXAMPLES[:1]
     store.put_examples("new", EXAMPLES)
     assert store.examples("new") == EXAMPLES
     committed = store.commit_version("new", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
