@@ -6,8 +6,6 @@ import base64
 import json
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,11 +14,9 @@ import pytest
 
 from headswap.client import Client, HeadswapError, _health
 from tests.gated_serve import Gate
-from tests.helpers import ServerProcess
+from tests.helpers import HANG, ServerProcess, until
 
 pytestmark = pytest.mark.integration
-
-HANG = 60.0  # seconds: a bound on a hang, never a claim about speed
 
 
 def grpcurl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -103,10 +99,3 @@ def test_serving_only_after_warm_up(backbone_dir: Path, tmp_path: Path) -> None:
     assert (first, during) == ("NOT_SERVING", "NOT_SERVING")
     assert info.value.code == grpc.StatusCode.UNAVAILABLE and "warming up" in info.value.details
     assert log.index("warm-up done") < log.index("SERVING on port")
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {HANG:.0f} s"
-        time.sleep(0.02)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ import pytest
 
 from headswap.client import Client, DataLoss, HeadswapError
 from headswap.server.store.faults import POINTS
-from tests.helpers import ServerProcess, free_port
+from tests.helpers import ServerProcess, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -182,11 +181,3 @@ def test_the_client_rides_out_a_restart(backbone_dir: Path, tmp_path: Path) -> N
         proc.terminate()
     failures = [r for r in results if r != (1, 384)]
     assert failures == [], failures[:3]
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    """Poll `condition`; `timeout` only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
-        time.sleep(0.02)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from headswap.client import AsyncClient, Client, HeadswapError
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -365,10 +364,10 @@ async def test_retrain_under_concurrent_classify(server: ServerProcess, banking7
 
         workers = [asyncio.create_task(hammer(n, t)) for n, t in enumerate(callers)]
         try:
-            await until(lambda: all(seen) or bool(failures), "every caller answered before the swap")
+            await eventually(lambda: all(seen) or bool(failures), "every caller answered before the swap")
             new = await client.adapt_head(target, *examples(banking77, INTENTS[3:6], 8), replace=True)
             on_target = [n for n, t in enumerate(callers) if t == target]
-            await until(
+            await eventually(
                 lambda: all(seen[n][-1] == new.version for n in on_target) or bool(failures),
                 "every caller of the retrained tenant answered by the new version",
             )
@@ -384,11 +383,3 @@ async def test_retrain_under_concurrent_classify(server: ServerProcess, banking7
             assert set(seen[n][:switched]) == {before[target]} and set(seen[n][switched:]) == {new.version}
         else:
             assert set(seen[n]) == {before[tenant]}
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    """Poll `condition`; `timeout` only bounds a hang."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not after {timeout:.0f} s"
-        await asyncio.sleep(0.01)

@@ -10,7 +10,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,7 @@ import pytest
 
 from headswap.client import Client, HeadswapError
 from tests.gated_serve import Gate
-from tests.helpers import REPO, ServerProcess, free_port
+from tests.helpers import HANG, REPO, ServerProcess, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -133,16 +132,6 @@ def test_real_prometheus_scrape(
             prometheus.terminate()
             prometheus.wait(30)
         assert server.terminate() == 0
-
-
-HANG = 60.0  # seconds: a bound on a hang, never a claim about speed
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {HANG:.0f} s"
-        time.sleep(0.02)
 
 
 def gated_server(backbone_dir: Path, tmp_path: Path, *args: str) -> tuple[ServerProcess, Gate, int]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,7 +18,7 @@ import pytest
 
 from headswap.client import Client, HeadswapError, NotFound
 from headswap.server.testing_postgres import PostgresServer
-from tests.helpers import ServerProcess
+from tests.helpers import HANG, ServerProcess, until
 
 pytestmark = pytest.mark.integration
 
@@ -67,18 +67,6 @@ def cluster(
                 s.terminate()
         for s in servers:
             assert PASSWORD not in s.log(), "the store's password reached a log"
-
-
-HANG = 20.0  # seconds: only a bound on a hang; how fast a change spreads is measured by bench/replicas.py
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = HANG) -> None:
-    """Poll `condition` until it holds; fail (saying `what`) only if it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout:.0f} s")
-        time.sleep(0.02)
 
 
 def wait_for_version(target: str, tenant: str, version: int, timeout: float = HANG) -> None:

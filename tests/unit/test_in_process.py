@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
+from tests.helpers import eventually
 
 WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -307,14 +308,14 @@ async def test_an_expired_call_costs_no_encoder_work(
     try:
         async with AsyncClient(server.target, retries=0, timeout=5) as slow:
             first = asyncio.create_task(slow.embed(["first"]))
-            await until(entered.is_set)  # the encoder holds "first"
+            await eventually(entered.is_set)  # the encoder holds "first"
             cancelled = count("headswap_requests_total", {"rpc": "Embed", "code": "CANCELLED"}) or 0
             async with AsyncClient(server.target, retries=0, timeout=0.2) as hasty:
                 with pytest.raises(HeadswapError) as info:
                     await hasty.embed(["doomed", "doomed too"])
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             # The server has ended the expired call too, before the encoder is let go.
-            await until(
+            await eventually(
                 lambda: (
                     (count("headswap_requests_total", {"rpc": "Embed", "code": "CANCELLED"}) or 0) > cancelled
                 )
@@ -386,7 +387,7 @@ async def test_a_call_is_freed_when_it_ends_not_by_the_cycle_collector(client: A
             return leftover[0] < 10
 
         try:
-            await until(freed, timeout=10.0)
+            await eventually(freed, timeout=10.0)
         except AssertionError:
             pass
     finally:
@@ -412,11 +413,3 @@ async def test_memory_gauges_follow_the_cache_and_the_head_stacks(
     assert gauge("headswap_heads_allocated_bytes") >= gauge("headswap_heads_resident_bytes") > 0
     await client.delete_head("gauges")
     assert gauge("headswap_embedding_cache_entries") == entries
-
-
-async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll `condition`; `timeout` only bounds a hang."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "the condition never came true"
-        await asyncio.sleep(0.01)

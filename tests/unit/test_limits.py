@@ -30,6 +30,7 @@ from headswap.server.services.locks import TenantLocks
 from headswap.server.store.local import LocalStore
 from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import in_process
+from tests.helpers import eventually
 
 TEXTS = [f"{c} w{i} x{i % 4}" for c in ("red", "blue", "green") for i in range(6)]
 LABELS = [t.split()[0] for t in TEXTS]
@@ -150,7 +151,7 @@ async def test_others_are_not_held_behind_a_big_training(
     ) as s:
         async with AsyncClient(s.target, retries=0) as client:
             slow = asyncio.create_task(client.adapt_head("slow", big, big_labels, validation_fraction=0))
-            await until(started.is_set, "the big training started")
+            await eventually(started.is_set, "the big training started")
             # The big one never ends by itself: a small training held behind it would end only by the bound.
             quick = await asyncio.wait_for(
                 client.adapt_head("quick", TEXTS, LABELS, validation_fraction=0), timeout=60
@@ -179,14 +180,6 @@ async def test_a_training_over_budget_stops_and_commits_nothing(
             assert code == grpc.StatusCode.INVALID_ARGUMENT
         runs = s.server.metrics.registry.get_sample_value
         assert runs("headswap_training_runs_total", {"outcome": "failed"}) == 1
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Poll `condition`; `timeout` only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
-        await asyncio.sleep(0.01)
 
 
 async def test_versions_are_retained_up_to_the_limit_and_can_be_deleted(tmp_path: Path) -> None:
@@ -256,7 +249,7 @@ async def test_overload_is_refused_at_once_not_timed_out(tmp_path: Path) -> None
             encoder.gate.clear()
             held = [asyncio.create_task(client.embed([f"word {i} another"])) for i in range(10)]
             # The first batch is in the (held) encoder, the rest of the calls wait in the queue behind it.
-            await until(lambda: s.server.batcher.queue_depth >= 1, "calls queued behind the held batch")
+            await eventually(lambda: s.server.batcher.queue_depth >= 1, "calls queued behind the held batch")
             s.server.batcher.admission.rate = 10.0  # as if measured on a slow machine: 10 tokens a second
             code, details = await status(client.embed(["one more call"]))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in details
@@ -298,7 +291,7 @@ async def test_listing_and_reading_during_deletes_never_fail_oddly(tmp_path: Pat
                 asyncio.create_task(read()) for _ in range(2)
             ]
             # Enough rounds of each, counted rather than timed.
-            await until(
+            await eventually(
                 lambda: (min(cycles) >= 15 and reads[0] >= 60) or any(t.done() for t in tasks), "churn"
             )
             stop.set()

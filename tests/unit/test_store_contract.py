@@ -15,6 +15,7 @@ from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from headswap.server.store import Change, HeadStore, NewVersion
 from headswap.server.store.local import LocalStore
 from headswap.server.store.memory import MemoryStore
+from tests.helpers import eventually
 
 MANIFEST = {"labels": ["a", "b"], "backbone_fingerprint": "f" * 64}
 EXAMPLES = [Example(Input(text="one"), "a"), Example(Input(image=b"\x89PNG bytes"), "b")]
@@ -73,7 +74,7 @@ def test_put_examples_stores_without_a_version(store: HeadStore) -> None:
         assert (state.active_version, state.versions) == (0, ())
         # A commit afterwards publishes: a change of the examples' call would have come before it.
         await asyncio.to_thread(store.commit_version, "later", NewVersion(MANIFEST, b"w", EXAMPLES, True))
-        await until(lambda: bool(seen))
+        await eventually(lambda: bool(seen))
         task.cancel()
 
     asyncio.run(watch())
@@ -126,7 +127,7 @@ async def test_every_pointer_change_is_published_in_order(store: HeadStore) -> N
     await loop.run_in_executor(None, store.activate, "t", 2)
     await loop.run_in_executor(None, store.delete_version, "t", 3)
     await loop.run_in_executor(None, store.delete, "t")
-    await until(lambda: len(seen) >= 6)
+    await eventually(lambda: len(seen) >= 6)
     task.cancel()
     assert [(c.tenant, c.active_version, c.deleted) for c in seen] == [
         ("t", 1, False),
@@ -137,15 +138,6 @@ async def test_every_pointer_change_is_published_in_order(store: HeadStore) -> N
         ("t", 0, True),
     ]
     assert [c.seq for c in seen] == sorted({c.seq for c in seen})
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for `condition` (a change through PostgreSQL arrives via its listener thread); fail past `timeout`,
-    which only bounds a hang: nothing is asserted about how long it took."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "the condition never came true"
-        await asyncio.sleep(0.01)
 
 
 def test_version_numbers_are_never_reused(store: HeadStore) -> None:
@@ -187,7 +179,7 @@ async def test_deleting_a_version_is_published(store: HeadStore) -> None:
     state = await loop.run_in_executor(None, store.delete_version, "t", 2)
     assert (state.versions, state.active_version) == ((1,), 1) and state.seq > before.seq
     assert store.state("t") == state
-    await until(lambda: any(c.seq == state.seq for c in seen))
+    await eventually(lambda: any(c.seq == state.seq for c in seen))
     task.cancel()
     (change,) = [c for c in seen if c.seq == state.seq]
     assert (change.tenant, change.active_version, change.deleted) == ("t", 1, False)

@@ -25,6 +25,7 @@ from headswap.server.inference.fake import fake_backbone
 from headswap.server.services import training as training_module
 from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
+from tests.helpers import HANG, eventually
 
 TEXTS = [f"{c} w{i} x{i % 4}" for c in ("red", "blue", "green") for i in range(6)]
 LABELS = [t.split()[0] for t in TEXTS]
@@ -32,20 +33,12 @@ NEW = ["red q1", "blue q2", "green q3"]
 NEW_LABELS = ["red", "blue", "green"]
 BIG = [f"w{i} v{i % 97} u{i % 13}" for i in range(3000)]
 BIG_LABELS = [f"c{i % 50}" for i in range(3000)]
-HANG = 60.0  # seconds: a bound on a hang, never a claim about speed
 
 
 def config(tmp_path: Path) -> ServerConfig:
     # A budget far beyond any test: only the abandonment can stop these trainings.
     limits = replace(LimitsConfig(), max_train_seconds=600.0, train_workers=1)
     return ServerConfig(warmup_rounds=0, home=tmp_path, limits=limits)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + HANG
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not after {HANG:.0f} s"
-        await asyncio.sleep(0.01)
 
 
 def cancelled_trainings(s: InProcess) -> float:
@@ -95,7 +88,7 @@ async def test_a_cancelled_training_stops_and_commits_nothing(tmp_path: Path) ->
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
-            await until(lambda: cancelled_trainings(s) == 1, "the server saw the cancellation")
+            await eventually(lambda: cancelled_trainings(s) == 1, "the server saw the cancellation")
             await assert_freed(s, client, "t", [1])
 
 
@@ -121,6 +114,6 @@ async def test_a_training_past_its_callers_deadline_stops_and_commits_nothing(
             monkeypatch.undo()
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert started.is_set(), "the deadline passed before the training started"
-            await until(stopped.is_set, "the training was told to stop")
-            await until(lambda: cancelled_trainings(s) == 1, "the server counted it as cancelled")
+            await eventually(stopped.is_set, "the training was told to stop")
+            await eventually(lambda: cancelled_trainings(s) == 1, "the server counted it as cancelled")
             await assert_freed(s, client, "t", [1])
