@@ -23,7 +23,7 @@ from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
-from tests.helpers import eventually
+from tests.helpers import HANG, eventually
 
 WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -267,27 +267,37 @@ async def test_abstain_below_min_probability(client: AsyncClient) -> None:
 
 
 async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, client: AsyncClient) -> None:
-    """A pointer moved behind the server's back (as another replica would) is applied through the feed."""
+    """A pointer moved, a version deleted and a tenant deleted behind the server's back (as another replica
+    would) are applied through the feed."""
     texts, labels = labelled(4)
     await client.adapt_head("feed", texts, labels, validation_fraction=0)
     await client.adapt_head("feed", texts, labels, validation_fraction=0)
     assert (await client.classify("feed", ["red"]))[0].version == 2
     store = server.server.store
-    await asyncio.get_running_loop().run_in_executor(None, store.activate, "feed", 1)
-    for _ in range(100):
-        if (await client.classify("feed", ["red"]))[0].version == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert (await client.classify("feed", ["red"]))[0].version == 1
-    await asyncio.get_running_loop().run_in_executor(None, store.delete, "feed")
-    for _ in range(100):
+    loop = asyncio.get_running_loop()
+
+    async def answer(version: int = 0) -> int:
+        """The version that answers, or 0 for NOT_FOUND."""
         try:
-            await client.classify("feed", ["red"])
+            return (await client.classify("feed", ["red"], version=version))[0].version
         except NotFound:
-            break
-        await asyncio.sleep(0.01)
-    with pytest.raises(NotFound):
-        await client.classify("feed", ["red"])
+            return 0
+
+    async def until_answer(expected: int, version: int = 0) -> None:
+        deadline = loop.time() + HANG
+        while await answer(version) != expected:
+            assert loop.time() < deadline, f"still not {expected} after {HANG:.0f} s"
+            await asyncio.sleep(0.01)
+
+    await loop.run_in_executor(None, store.activate, "feed", 1)
+    await until_answer(1)
+    # A version held by number, then deleted elsewhere: refused here too.
+    assert await answer(version=2) == 2
+    await loop.run_in_executor(None, store.delete_version, "feed", 2)
+    await until_answer(0, version=2)
+    assert await answer() == 1
+    await loop.run_in_executor(None, store.delete, "feed")
+    await until_answer(0)
 
 
 async def test_an_expired_call_costs_no_encoder_work(
