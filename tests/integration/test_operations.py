@@ -10,6 +10,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -134,14 +136,21 @@ def test_real_prometheus_scrape(
         assert server.terminate() == 0
 
 
-def gated_server(backbone_dir: Path, tmp_path: Path, *args: str) -> tuple[ServerProcess, Gate, int]:
-    """The real server and backbone, its forward passes held while the gate is closed (tests/gated_serve.py)."""
+@contextmanager
+def gated_server(backbone_dir: Path, tmp_path: Path, *args: str) -> Iterator[tuple[ServerProcess, Gate, int]]:
+    """The real server and backbone, its forward passes held while the gate is closed (tests/gated_serve.py);
+    opened and stopped on the way out, whatever the test did."""
     gate, metrics_port = Gate(tmp_path / "gate"), free_port()
     server = ServerProcess(
         "--backbone", str(backbone_dir), "--store", str(tmp_path / "store"), "--warmup-rounds", "0", *args,
         log_path=tmp_path / "server.log", metrics_port=metrics_port, module="tests.gated_serve", env=gate.env,
     )  # fmt: skip
-    return server.wait_serving(), gate, metrics_port
+    try:
+        yield server.wait_serving(), gate, metrics_port
+    finally:
+        gate.open()
+        if server.proc.poll() is None:
+            server.kill()
 
 
 def gauge(metrics_port: int, name: str) -> float:
@@ -174,7 +183,14 @@ def test_sigterm_drains_calls_in_flight(backbone_dir: Path, tmp_path: Path) -> N
     """Calls in flight all finish, the ones held in the backbone and the ones queued behind them; a call after
     the signal gets UNAVAILABLE; the process exits 0. The calls are in flight for certain: the backbone is held
     until the test has seen every input in the server and sent the signal."""
-    server, gate, metrics_port = gated_server(backbone_dir, tmp_path, "--grace-seconds", "600")
+    with gated_server(backbone_dir, tmp_path, "--grace-seconds", "600") as (server, gate, metrics_port):
+        drain(server, gate, metrics_port)
+    log = server.log()
+    assert log.index("draining") < log.index("stopped")
+    assert "grace period ran out" not in log
+
+
+def drain(server: ServerProcess, gate: Gate, metrics_port: int) -> None:
     gate.close()
     texts = [[f"call {i} sentence {j} " + "with some more words " * 10 for j in range(48)] for i in range(8)]
     threads, results = callers(server, texts)
@@ -196,15 +212,20 @@ def test_sigterm_drains_calls_in_flight(backbone_dir: Path, tmp_path: Path) -> N
     server.terminate()
     assert results == [(48, 384)] * 8, results
     assert rc == 0
-    log = server.log()
-    assert log.index("draining") < log.index("stopped")
-    assert "grace period ran out" not in log
 
 
 def test_sigterm_grace_period_running_out(backbone_dir: Path, tmp_path: Path) -> None:
     """Calls still in flight when the grace period ends are cut off: their callers get UNAVAILABLE (so a client
     retries elsewhere) without waiting for them, the log says which calls were cut, and the process exits 0."""
-    server, gate, metrics_port = gated_server(backbone_dir, tmp_path, "--grace-seconds", "1")
+    with gated_server(backbone_dir, tmp_path, "--grace-seconds", "1") as (server, gate, metrics_port):
+        cut_off(server, gate, metrics_port, tmp_path / "gate" / "closed")
+    log = server.log()
+    cut = [line for line in log.splitlines() if "grace period ran out" in line]
+    assert len(cut) == 2 and all("WARNING" in line and "Embed CANCELLED" in line for line in cut), cut
+    assert log.index("draining") < log.index("grace period ran out") < log.index("stopped")
+
+
+def cut_off(server: ServerProcess, gate: Gate, metrics_port: int, closed: Path) -> None:
     gate.close()
     threads, results = callers(server, [["held in the backbone"] * 4, ["queued behind it"] * 4])
     until(lambda: gauge(metrics_port, "headswap_calls_in_flight") == 2, "the calls reached the server")
@@ -213,15 +234,11 @@ def test_sigterm_grace_period_running_out(backbone_dir: Path, tmp_path: Path) ->
     for t in threads:  # the backbone is still held: the calls end because the grace period ran out
         t.join(HANG)
     assert results == [grpc.StatusCode.UNAVAILABLE] * 2, results
-    assert (tmp_path / "gate" / "closed").exists()
+    assert closed.exists(), "the calls ended while the backbone was still held"
     gate.open()  # the forward pass in progress ends, and with it the process
     rc = server.proc.wait(HANG)
     server.terminate()
     assert rc == 0
-    log = server.log()
-    cut = [line for line in log.splitlines() if "grace period ran out" in line]
-    assert len(cut) == 2 and all("WARNING" in line and "Embed CANCELLED" in line for line in cut), cut
-    assert log.index("draining") < log.index("grace period ran out") < log.index("stopped")
 
 
 def test_json_logs_carry_request_ids(backbone_dir: Path, tmp_path: Path) -> None:

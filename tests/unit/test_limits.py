@@ -246,11 +246,16 @@ async def test_overload_is_refused_at_once_not_timed_out(tmp_path: Path) -> None
         assert isinstance(encoder, FakeEncoder)
         async with AsyncClient(s.target, retries=0, timeout=10) as client:
             await client.embed(["warm the rate up"] * 4)
+            admission = s.server.batcher.admission
+            # The held calls are admitted whatever this machine measured (a loaded one measures a low rate);
+            # no batch completes while the encoder is held, so nothing measures it again meanwhile.
+            admission.rate = 1e9
             encoder.gate.clear()
             held = [asyncio.create_task(client.embed([f"word {i} another"])) for i in range(10)]
-            # The first batch is in the (held) encoder, the rest of the calls wait in the queue behind it.
-            await eventually(lambda: s.server.batcher.queue_depth >= 1, "calls queued behind the held batch")
-            s.server.batcher.admission.rate = 10.0  # as if measured on a slow machine: 10 tokens a second
+            # Every held call is admitted (counted until its batch has run): the first batch in the held
+            # encoder, the rest queued behind it.
+            await eventually(lambda: admission.queued_inputs == 10, "the held calls admitted")
+            admission.rate = 10.0  # as if measured on a slow machine: 10 tokens a second
             code, details = await status(client.embed(["one more call"]))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in details
             # At once: refused while the encoder still holds every call queued before it, not timed out later.
