@@ -159,3 +159,26 @@ async def test_health_stays_open(server: tuple[InProcess, dict[str, str]]) -> No
 
         stub = channel.unary_unary("/grpc.health.v1.Health/Check")
         assert _health._decode_status(await stub(_health._encode_request(""), timeout=5)) == "SERVING"
+
+
+async def test_a_ttl_out_of_range_is_invalid_not_internal(server: tuple[InProcess, dict[str, str]]) -> None:
+    """Found by the fuzz test: a Duration past Python's timedelta overflowed (INTERNAL), and one of 10,000 years
+    was stored, then failed every reply that shows its expiry."""
+    from google.protobuf.duration_pb2 import Duration
+
+    from headswap.v1 import headswap_pb2 as pb
+    from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+    running, creds = server
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = pb_grpc.HeadswapServiceStub(channel)
+        metadata = (("authorization", f"Bearer {creds['admin']}"),)
+        for seconds in (-86399999913601, 0, 315576000000):
+            request = pb.CreateApiKeyRequest(
+                role=pb.API_KEY_ROLE_TENANT, tenant="tenant-a", ttl=Duration(seconds=seconds)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.CreateApiKey(request, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (seconds, info.value.details())
+        listed = await stub.ListApiKeys(pb.ListApiKeysRequest(), metadata=metadata)
+        assert len(listed.keys) == 5  # those of the fixture: nothing was stored
