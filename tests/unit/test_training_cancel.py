@@ -110,7 +110,7 @@ async def test_a_training_past_its_callers_deadline_stops_and_commits_nothing(
             await client.adapt_head("t", TEXTS, LABELS, validation_fraction=0)
             monkeypatch.setattr(training_module, "train_head", endless)
             with pytest.raises(HeadswapError) as info:
-                await client.adapt_head("t", NEW, NEW_LABELS, validation_fraction=0, timeout=2.0)
+                await client.adapt_head("t", NEW, NEW_LABELS, validation_fraction=0, timeout=5.0)
             monkeypatch.undo()
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert started.is_set(), "the deadline passed before the training started"
