@@ -103,6 +103,7 @@ class HeadBank:
         self._pinned_capacity = pinned_capacity
         self._bytes = 0  # of the heads in _active and _pinned
         self._seen: dict[str, int] = {}  # newest change sequence seen per tenant
+        self._changes = 0  # changes applied, any tenant: a version loaded across one is not kept
         self._lock = threading.Lock()
         self.on_swap: Callable[[], None] | None = None
         self.evictions = 0
@@ -184,12 +185,17 @@ class HeadBank:
             return self.check(active)
         if pinned is not None:
             return self.check(pinned)
+        with self._lock:
+            changes = self._changes
         head = self.load(tenant, version)  # NotFound for an unknown tenant or version
         with self._lock:
-            self._drop_pinned((tenant, version))
-            self._pinned[(tenant, version)] = head
-            self._bytes += head.nbytes
-            self._evict(keep=head)
+            # Kept only if no change came in while it loaded: that change may have deleted this version
+            # (this one request still gets it: it asked before the deletion was seen).
+            if self._changes == changes:
+                self._drop_pinned((tenant, version))
+                self._pinned[(tenant, version)] = head
+                self._bytes += head.nbytes
+                self._evict(keep=head)
         return self.check(head)
 
     def _active_head(self, tenant: str) -> LiveHead:
@@ -231,12 +237,16 @@ class HeadBank:
         with self._lock:
             if not newer(self._seen.get(tenant, -1)):
                 return
+            self._changes += 1
             current = self._active.get(tenant)
+            # Versions held by number go with any change of the tenant: it may have removed them (a
+            # DeleteHeadVersion, retention), here or on another replica. Asked for again, they load again
+            # from the store, which answers NOT_FOUND for one that is gone.
+            for key in [k for k in self._pinned if k[0] == tenant]:
+                self._drop_pinned(key)
             if change.deleted:
                 # Forget the tenant entirely: nothing per tenant outlives it.
                 self._drop_active(tenant)
-                for key in [k for k in self._pinned if k[0] == tenant]:
-                    self._drop_pinned(key)
                 self._seen.pop(tenant, None)
                 return
             if change.active_version == 0 or (current is None and stored is None):
@@ -264,6 +274,7 @@ class HeadBank:
             if not newer(self._seen.get(tenant, -1)):
                 return  # a newer change won the race while this one loaded
             self._seen[tenant] = change.seq
+            self._changes += 1
             self._drop_pinned((tenant, head.version))
             self._put_active(head)
         if self.on_swap is not None:

@@ -76,6 +76,11 @@ class Metrics:
             "how far behind the event loop runs what is due (calls are shed past --max-loop-lag-ms)",
             registry=r,
         )
+        self.calls_in_flight = Gauge(
+            "headswap_calls_in_flight",
+            "calls of the headswap service being handled (on SIGTERM it falls to 0 as the server drains)",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "headswap_embedding_cache_hits_total",
             "training examples found in the embedding cache",

@@ -1,8 +1,12 @@
-"""Test helpers: where the repository and the shared data are; servers come from headswap.server.testing."""
+"""Test helpers: where the repository and the shared data are, and waiting for an observable condition;
+servers come from headswap.server.testing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from headswap.server.testing import ServerProcess, free_port
@@ -10,4 +14,25 @@ from headswap.server.testing import ServerProcess, free_port
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HEADSWAP_DATA", REPO.parent / "shared" / "data"))
 
-__all__ = ["DATA", "REPO", "ServerProcess", "free_port"]
+HANG = 60.0  # seconds: a bound on a hang, never a claim about speed (figures are bench/'s)
+
+
+def until(condition: Callable[[], bool], what: str = "the condition", timeout: float = HANG) -> None:
+    """Poll `condition` until it holds; fail, saying `what`, only if it never does within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+async def eventually(
+    condition: Callable[[], bool], what: str = "the condition", timeout: float = HANG
+) -> None:
+    """`until` for a test on the event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
+        await asyncio.sleep(0.01)
+
+
+__all__ = ["DATA", "HANG", "REPO", "ServerProcess", "eventually", "free_port", "until"]

@@ -320,7 +320,9 @@ _ROLE_CODES = {v: k for k, v in _ROLES.items()}
 def create_key_from_pb(request: pb.CreateApiKeyRequest, caller: d.Caller) -> d.CreateKeyRequest:
     if request.role not in _ROLES:
         raise InvalidArgument(f"role must be API_KEY_ROLE_TENANT or API_KEY_ROLE_ADMIN, not {request.role}")
-    ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
+    # Seconds read as they came: a Duration past timedelta's range (found by the fuzz test) is a bad ttl for
+    # the service to refuse, not an OverflowError here.
+    ttl = request.ttl.seconds + request.ttl.nanos / 1e9 if request.HasField("ttl") else None
     return d.CreateKeyRequest(_ROLES[request.role], request.tenant or None, request.name, ttl, caller)
 
 

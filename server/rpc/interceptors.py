@@ -91,11 +91,14 @@ class CallInterceptor(aio.ServerInterceptor):
         self.authenticate = authenticate
         self.open = open
         self.lag = lag
+        self.draining = False  # from SIGTERM on: new calls get UNAVAILABLE, calls in flight finish
+        self.grace_ends: float | None = None  # set when draining: calls cancelled past it were cut off
 
     def _done(self, rpc: str, request_id: str, code: grpc.StatusCode, started: float, message: str) -> None:
         seconds = time.perf_counter() - started
         self.metrics.call_done(rpc, code.name, seconds)
-        level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) else logging.WARNING
+        quiet = code == grpc.StatusCode.OK or (code == grpc.StatusCode.CANCELLED and not message)
+        level = logging.INFO if quiet else logging.WARNING
         if code == grpc.StatusCode.INTERNAL:
             level = logging.ERROR
         if access.isEnabledFor(level):
@@ -125,6 +128,8 @@ class CallInterceptor(aio.ServerInterceptor):
         _caller.set(ANONYMOUS)
         remaining = context.time_remaining()
         call_deadline.set(None if remaining is None else time.monotonic() + remaining)
+        if ours:
+            self.metrics.calls_in_flight.inc()
         try:
             yield
         except aio.AbortError:
@@ -137,15 +142,21 @@ class CallInterceptor(aio.ServerInterceptor):
             log.error("unexpected error in %s (request %s)", rpc, request_id, exc_info=exc)
             code, message = grpc.StatusCode.INTERNAL, type(exc).__name__
             _fail(context, code, f"internal error in {rpc} (request id {request_id}): {message}")
-        except BaseException:  # cancelled: the caller went away or its deadline passed
+        except BaseException:  # cancelled: the caller went away or its deadline passed, or the drain ended
             code = grpc.StatusCode.CANCELLED
+            if self.grace_ends is not None and time.monotonic() >= self.grace_ends - 0.05:
+                message = "still in flight when the grace period ran out (the caller got UNAVAILABLE)"
             raise
         finally:
+            if ours:
+                self.metrics.calls_in_flight.dec()
             self._done(rpc, request_id, code, started, message)
 
     async def _admit(self, ours: bool, context: aio.ServicerContext, rpc: str = "") -> None:
-        """Run first inside the scope: the readiness gate, load shedding and the caller (UNAVAILABLE,
-        RESOURCE_EXHAUSTED, UNAUTHENTICATED)."""
+        """Run first inside the scope: the drain and readiness gates, load shedding and the caller
+        (UNAVAILABLE, RESOURCE_EXHAUSTED, UNAUTHENTICATED)."""
+        if ours and self.draining:
+            raise errors.Unavailable("the server is shutting down; retry (another replica will answer)")
         if ours and not self.open:
             raise errors.Unavailable("the server is still loading and warming up its backbone; retry shortly")
         if ours and self.lag is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -98,8 +99,10 @@ class GrpcServer:
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, let calls in flight finish within `grace` seconds."""
+        self.interceptor.draining = True  # before any await: a call that comes in from now on is refused
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        self.interceptor.grace_ends = time.monotonic() + grace
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

@@ -3,13 +3,19 @@
 gRPC's dynamic server credentials ask `fetch` for a new configuration on every new connection; it returns
 one only when a file's modification time or size changed (a cert-manager Secret update swaps the files), so
 a renewed certificate serves new connections without a restart, and connections already open keep theirs.
-A file caught half-written is retried on the next connection, with the old certificate meanwhile.
+A configuration is checked before gRPC gets it (the key matches the certificate, every file parses): files
+caught half-way through a rotation, or damaged, are reported once in the log and retried on the next
+connection, and new connections keep the certificate in use meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import ssl
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,6 +32,7 @@ class CertificateFiles:
         self.cert, self.key, self.client_ca = tls.cert, tls.key, tls.client_ca
         self._stamp: tuple[tuple[int, int], ...] = ()
         warn_if_readable_by_others(self.key, "the TLS private key")
+        self._refused: tuple[tuple[int, int], ...] = ()  # files found unusable: reported once
 
     def _paths(self) -> list[Path]:
         return [p for p in (self.cert, self.key, self.client_ca) if p is not None]
@@ -35,22 +42,29 @@ class CertificateFiles:
         return tuple((s.st_mtime_ns, s.st_size) for s in stats)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        pair = (self.key.read_bytes(), self.cert.read_bytes())
+        key, cert = self.key.read_bytes(), self.cert.read_bytes()
         ca = self.client_ca.read_bytes() if self.client_ca is not None else None
-        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+        check(cert, key, ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def initial(self) -> grpc.ServerCertificateConfiguration:
         self._stamp = self._stamp_now()
         return self._configuration()
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        stamp: tuple[tuple[int, int], ...] = ()
         try:
             stamp = self._stamp_now()
-            if stamp == self._stamp:
+            if stamp in (self._stamp, self._refused):
                 return None
             configuration = self._configuration()
-        except (OSError, ValueError) as exc:
-            log.warning("TLS files not reloaded (%s); new connections keep the previous certificate", exc)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._refused = stamp
+            log.warning(
+                "TLS files not reloaded (%s: %s); new connections keep the previous certificate",
+                type(exc).__name__,
+                exc,
+            )
             return None
         self._stamp = stamp
         log.info("TLS certificate reloaded from %s", self.cert)
@@ -60,3 +74,31 @@ class CertificateFiles:
         return grpc.dynamic_ssl_server_credentials(
             self.initial(), self.fetch, require_client_authentication=self.client_ca is not None
         )
+
+
+def check(cert: bytes, key: bytes, ca: bytes | None) -> None:
+    """Raise ssl.SSLError (or ValueError) unless `cert` and `key` parse and belong together and `ca` parses."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with _as_file(cert) as cert_path, _as_file(key) as key_path:
+        context.load_cert_chain(cert_path, key_path)
+    if ca is not None:
+        context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+
+
+@contextlib.contextmanager
+def _as_file(data: bytes) -> Iterator[str]:
+    """`data` under a path `ssl` can read: an anonymous memory file on Linux (a key never touches a disk),
+    else a private temporary file."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("headswap-tls")
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="headswap-tls-") as directory:
+        path = Path(directory) / "pem"
+        path.touch(mode=0o600)
+        path.write_bytes(data)
+        yield str(path)

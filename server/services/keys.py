@@ -25,6 +25,8 @@ from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
 
+MAX_TTL_S = 100 * 365 * 86400  # a key that should outlive a century should not expire at all
+
 CACHE_SIZE = 10_000
 UNKNOWN_TTL_S = 5.0
 
@@ -98,8 +100,12 @@ class KeyService:
         tenant = check_tenant(request.tenant or "") if request.role == "tenant" else None
         if request.role == "admin" and request.tenant:
             raise InvalidArgument("an admin key acts for every tenant: leave `tenant` empty")
-        if request.ttl_s is not None and request.ttl_s <= 0:
-            raise InvalidArgument("ttl must be positive (or unset for a key that does not expire)")
+        if request.ttl_s is not None and not 0 < request.ttl_s <= MAX_TTL_S:
+            # The upper bound keeps every expiry a valid timestamp (years 1 to 9999) in replies and listings.
+            raise InvalidArgument(
+                f"ttl must be positive and at most {MAX_TTL_S // 86400} days (or unset for a key that does not "
+                "expire)"
+            )
         if len(request.name) > 200:
             raise InvalidArgument("name must be at most 200 characters")
         expires = time.time() + request.ttl_s if request.ttl_s is not None else None

@@ -2,9 +2,11 @@
 
 A store keeps, per tenant: immutable head versions (manifest + safetensors weights), the active pointer,
 the labelled examples and cached embeddings. Every method is atomic. Every change of a tenant's active
-pointer (a commit, an activation, a deletion) is published on the store's change feed with a sequence
-number that grows with each change, so that every head bank — in this process or, with a shared store,
-in another replica — reaches the same state through the same `reconcile` path.
+pointer (a commit, an activation, a deletion) and every removal of a version (DeleteHeadVersion) is
+published on the store's change feed with a sequence number that grows with each change, so that every
+head bank — in this process or, with a shared store, in another replica — reaches the same state through
+the same `reconcile` path. A version number is never given out twice while the tenant exists: a version
+deleted stays deleted, and the next training gets a new number.
 """
 
 from __future__ import annotations
@@ -160,8 +162,9 @@ class HeadStore(abc.ABC):
 
     @abc.abstractmethod
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
-        """Store a new version (numbered by the store) with the examples it was trained on, and move the
-        active pointer to it when `new.activate`. All or nothing."""
+        """Store a new version with the examples it was trained on, and move the active pointer to it when
+        `new.activate`. All or nothing. The store numbers it one past the highest number the tenant was
+        ever given, so a number is never reused, not even after that version was deleted."""
 
     @abc.abstractmethod
     def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
@@ -174,7 +177,8 @@ class HeadStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_version(self, tenant: str, version: int) -> TenantState:
-        """Remove one version that is not the active one."""
+        """Remove one version that is not the active one, and publish a change (the active version as it
+        is, a new sequence number) so that every head bank drops whatever it holds of the removed one."""
 
     @abc.abstractmethod
     def delete(self, tenant: str) -> tuple[Deletion, Change]:

@@ -46,7 +46,7 @@ def copy_tenant(source: LocalStore, target: PostgresStore, tenant: str) -> Copie
             )
         conn.execute(
             "INSERT INTO headswap_tenants (tenant, next_version) VALUES (%s, %s)",
-            (tenant, max(state.versions, default=0) + 1),
+            (tenant, source.last_version(tenant) + 1),  # numbers given out before are never reused
         )
         example_id = conn.execute(
             "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",

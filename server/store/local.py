@@ -9,7 +9,8 @@ A tenant whose files cannot be read is quarantined (DataLoss for that tenant alo
 
 Layout:
     tenants/<tenant>/state.json                         {"active_version", "previous_version",
-                                                         "versions": [...], "examples": "<sha256>", "seq"}
+                                                         "versions": [...], "last_version",
+                                                         "examples": "<sha256>", "seq"}
     tenants/<tenant>/versions/<N>/head.json             manifest (labels, fingerprint, metrics, weights_sha256)
     tenants/<tenant>/versions/<N>/weights.safetensors
     tenants/<tenant>/examples/<sha256>.json             labelled example sets, content-addressed
@@ -233,7 +234,8 @@ class LocalStore(LocalExtras, HeadStore):
         versions_dir = tenant_dir / "versions"
         versions_dir.mkdir(parents=True, exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
-        version = max([*state.versions, *existing, 0]) + 1
+        # Never a number given out before, even to a version deleted since: state.json keeps the highest.
+        version = max([*state.versions, *existing, recorded_last_version(raw_state)]) + 1
         manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
@@ -283,14 +285,25 @@ class LocalStore(LocalExtras, HeadStore):
         self._prune(state, ref, raw_state.get("examples"))
         return state
 
+    def last_version(self, tenant: str) -> int:
+        """The highest version number the tenant was ever given (0 for none), deleted versions included."""
+        raw = self.raw_state(tenant)
+        return max([recorded_last_version(raw), *(int(v) for v in raw["versions"])])
+
     def write_state(self, state: TenantState, examples: str) -> None:
+        path = self.tenant_dir(state.tenant) / "state.json"
+        try:  # the number given out last survives every rewrite (a deletion, a repair)
+            before = recorded_last_version(json.loads(path.read_bytes()))
+        except (OSError, ValueError, TypeError, AttributeError):
+            before = 0
         atomic_write(
-            self.tenant_dir(state.tenant) / "state.json",
+            path,
             json_bytes(
                 {
                     "active_version": state.active_version,
                     "previous_version": state.previous_version,
                     "versions": list(state.versions),
+                    "last_version": max([before, *state.versions]),
                     "examples": examples,
                     "seq": state.seq,
                     "updated_at": time.time(),
@@ -340,6 +353,10 @@ class LocalStore(LocalExtras, HeadStore):
         updated = TenantState(tenant, state.active_version, versions, next_seq(state.seq), previous)
         self.write_state(updated, self.examples_ref(tenant))
         shutil.rmtree(self.version_dir(tenant, version), ignore_errors=True)
+        active_sha = ""
+        if updated.active_version:
+            active_sha = str(self.manifest(tenant, updated.active_version).get("weights_sha256", ""))
+        self.feed.publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=active_sha))
         return updated
 
     @exclusive
@@ -366,3 +383,11 @@ class LocalStore(LocalExtras, HeadStore):
         change = Change(tenant, 0, next_seq(seq), deleted=True)
         self._publish(change)
         return Deletion(tenant, versions, examples), change
+
+
+def recorded_last_version(raw_state: dict[str, Any]) -> int:
+    """The highest version number state.json records as given out (0 when it predates the record)."""
+    try:
+        return int(raw_state.get("last_version", 0))
+    except (TypeError, ValueError):
+        return 0

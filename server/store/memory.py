@@ -38,6 +38,7 @@ class MemoryStore(HeadStore):
         self._keys: dict[str, ApiKey] = {}
         self._lock = threading.Lock()
         self._seq = 0
+        self._last_version: dict[str, int] = {}  # highest number given out per tenant, deleted ones included
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -75,7 +76,8 @@ class MemoryStore(HeadStore):
         check_tenant(tenant)
         with self._lock:
             state = self._states.get(tenant, TenantState(tenant, 0, ()))
-            version = max(state.versions, default=0) + 1
+            version = max([self._last_version.get(tenant, 0), *state.versions]) + 1
+            self._last_version[tenant] = version
             manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
             self._versions[(tenant, version)] = StoredVersion(
                 version, copy.deepcopy(manifest), bytes(new.weights)
@@ -129,12 +131,14 @@ class MemoryStore(HeadStore):
             updated = TenantState(tenant, state.active_version, versions, self._next_seq(), previous)
             del self._versions[(tenant, version)]
             self._states[tenant] = updated
+        self.feed.publish(Change(tenant, updated.active_version, updated.seq))
         return updated
 
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         with self._lock:
             state = self._state(tenant)
             del self._states[tenant]
+            self._last_version.pop(tenant, None)
             for v in state.versions:
                 self._versions.pop((tenant, v), None)
             examples = len(self._examples.pop(tenant, []))

@@ -309,11 +309,19 @@ class PostgresStore(PostgresExtras, HeadStore):
             conn.execute(
                 "DELETE FROM headswap_versions WHERE tenant = %s AND version = %s", (tenant, version)
             )
+            seq = self.tick(conn)
             conn.execute(
-                "UPDATE headswap_tenants SET previous_version = %s WHERE tenant = %s", (previous, tenant)
+                "UPDATE headswap_tenants SET previous_version = %s, seq = %s, updated_at = now() WHERE tenant = %s",
+                (previous, seq, tenant),
+            )
+            # Recorded like a swap to the same version: every replica drops what it holds of the tenant's
+            # other versions, so the deleted one is refused everywhere (even when asked for by number).
+            active = state.active_version
+            self.record_change(
+                conn, Change(tenant, active, seq, weights_sha256=self._sha(conn, tenant, active))
             )
             versions = tuple(v for v in state.versions if v != version)
-        return TenantState(tenant, state.active_version, versions, state.seq, previous)
+        return TenantState(tenant, active, versions, seq, previous)
 
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         with self.transaction("delete a tenant") as conn:

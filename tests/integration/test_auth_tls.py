@@ -189,3 +189,52 @@ def test_mutual_tls(backbone_dir: Path, pki: dict[str, Path], tmp_path: Path) ->
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         assert proc.terminate() == 0
+
+
+def test_a_failed_certificate_reload_keeps_the_old_certificate(
+    backbone_dir: Path, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """A rotation caught half-way (a new certificate beside the old key) or a damaged file: new connections
+    keep being served with the certificate in use, the server says why in its log, and the rotation takes
+    effect once the files agree again."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(pki["cert"].read_bytes())
+    key.write_bytes(pki["key"].read_bytes())
+    proc = ServerProcess(
+        "--backbone", str(backbone_dir), "--warmup-rounds", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+        log_path=tmp_path / "log",
+    )  # fmt: skip
+    target = f"localhost:{proc.port}"
+    old_ca, new_ca = pki["ca"].read_bytes(), pki["other_ca"].read_bytes()
+
+    def served_by(ca: bytes) -> bool:
+        """A new connection (a new client) trusting only `ca` is served."""
+        with Client(target, root_certificates=ca, retries=0, timeout=10) as client:
+            try:
+                return bool(client.embed(["hello"]).shape == (1, 384))
+            except HeadswapError as exc:
+                assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+                return False
+
+    try:
+        with Client(target, root_certificates=old_ca) as client:
+            client.wait_ready(120)
+        assert served_by(old_ca) and not served_by(new_ca)
+        # Mid-rotation: the new certificate is written, its key not yet.
+        cert.write_bytes(pki["renewed_cert"].read_bytes())
+        assert served_by(old_ca) and not served_by(new_ca)
+        assert "TLS files not reloaded" in proc.log()
+        # A damaged file: not PEM at all.
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nthis is not a key\n-----END PRIVATE KEY-----\n")
+        assert served_by(old_ca) and not served_by(new_ca)
+        # The files agree again: the renewed certificate serves new connections.
+        key.write_bytes(pki["renewed_key"].read_bytes())
+        assert served_by(new_ca) and not served_by(old_ca)
+        assert "TLS certificate reloaded" in proc.log()
+    finally:
+        assert proc.terminate() == 0
+    log = proc.log_path.read_text()
+    assert "Traceback" not in log
+    assert log.count("TLS files not reloaded") == 2, (
+        "a bad file is reported once per change, not per connection"
+    )

@@ -6,8 +6,6 @@ import base64
 import json
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +13,8 @@ import numpy as np
 import pytest
 
 from headswap.client import Client, HeadswapError, _health
-from tests.helpers import ServerProcess
+from tests.gated_serve import Gate
+from tests.helpers import HANG, ServerProcess, until
 
 pytestmark = pytest.mark.integration
 
@@ -74,67 +73,29 @@ def test_grpcurl_health(server: ServerProcess) -> None:
 
 
 def test_serving_only_after_warm_up(backbone_dir: Path, tmp_path: Path) -> None:
-    """Health says NOT_SERVING while the backbone loads and warms up, and Embed is UNAVAILABLE meanwhile."""
+    """Health says NOT_SERVING while the backbone warms up, and Embed is UNAVAILABLE meanwhile. The warm-up is
+    held at a gate (tests/gated_serve.py) until the test has asked, so the first answer is NOT_SERVING on any
+    machine, however fast."""
+    gate = Gate(tmp_path / "gate")
+    gate.close()
     proc = ServerProcess(
-        "--backbone",
-        str(backbone_dir),
-        "--warmup-rounds",
-        "12",
-        "--store",
-        str(tmp_path / "store"),
-        log_path=tmp_path / "server.log",
-    )
-    seen: list[tuple[float, str]] = []
-    early_embed: list[grpc.StatusCode] = []
+        "--backbone", str(backbone_dir), "--warmup-rounds", "1", "--store", str(tmp_path / "store"),
+        log_path=tmp_path / "server.log", module="tests.gated_serve", env=gate.env,
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        with grpc.insecure_channel(proc.target) as channel:
-            while time.monotonic() < deadline:
-                try:
-                    status = _health.check(channel, timeout=1.0)
-                except grpc.RpcError:
-                    time.sleep(0.02)  # not listening yet
-                    continue
-                seen.append((time.monotonic(), status))
-                if status == "SERVING":
-                    break
-                if not early_embed:
-                    with Client(proc.target, retries=0) as client:
-                        try:
-                            client.embed(["too early"])
-                        except HeadswapError as exc:
-                            early_embed.append(exc.code)
-                time.sleep(0.02)
+        with grpc.insecure_channel(proc.target) as channel:  # proc.target: once the port is listening
+            first = _health.check(channel, timeout=HANG)
+            until(lambda: bool(gate.held()), "the warm-up reached the backbone")
+            during = _health.check(channel, timeout=HANG)
+            with Client(proc.target, retries=0) as client, pytest.raises(HeadswapError) as info:
+                client.embed(["too early"])
+            assert "SERVING on port" not in proc.log()
+            gate.open()
+            until(lambda: _health.check(channel, timeout=HANG) == "SERVING", "SERVING after the warm-up")
         log = proc.log()
     finally:
+        gate.open()
         assert proc.terminate() == 0
-    statuses = [s for _, s in seen]
-    assert statuses[0] == "NOT_SERVING", statuses
-    assert statuses[-1] == "SERVING", statuses
-    assert early_embed == [grpc.StatusCode.UNAVAILABLE]
+    assert (first, during) == ("NOT_SERVING", "NOT_SERVING")
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "warming up" in info.value.details
     assert log.index("warm-up done") < log.index("SERVING on port")
-
-
-def test_sigterm_drains_in_flight_calls(backbone_dir: Path, tmp_path: Path) -> None:
-    proc = ServerProcess(
-        "--backbone", str(backbone_dir), "--store", str(tmp_path / "s"), log_path=tmp_path / "l"
-    )
-    proc.wait_serving()
-    texts = ["a sentence long enough to take the backbone some time " * 6] * 512
-    outcome: list[object] = []
-
-    def call() -> None:
-        with Client(proc.target, retries=0) as client:
-            try:
-                outcome.append(client.embed(texts).shape)
-            except HeadswapError as exc:
-                outcome.append(exc.code)
-
-    worker = threading.Thread(target=call)
-    worker.start()
-    time.sleep(0.5)  # the call is in the backbone now
-    rc = proc.terminate()
-    worker.join(60)
-    assert rc == 0, proc.log()
-    assert outcome == [(512, 384)], proc.log()
-    assert "draining" in proc.log_path.read_text()

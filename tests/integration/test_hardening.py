@@ -4,6 +4,7 @@ and the client rides out a restart."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 
 from headswap.client import Client, DataLoss, HeadswapError
 from headswap.server.store.faults import POINTS
-from tests.helpers import ServerProcess, free_port
+from tests.helpers import ServerProcess, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -112,22 +113,42 @@ def test_a_kill_at_each_step_of_a_commit_leaves_a_consistent_tenant(
         assert proc.terminate() == 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used (user + system), from /proc: work done, whatever the machine's load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_huge_texts_cost_little(backbone_dir: Path, tmp_path: Path) -> None:
+    """Six texts of about 1 MB cost the server about what six texts as long as it embeds from anyway do:
+    they are cut before tokenizing (whole, they cost 3.2 s of CPU against 0.4 s on the 2-core test
+    machine). Cost is the server's CPU time, not wall time, compared with a reference call on the same
+    process, so the machine's load does not enter; the bound leaves a margin of three times the reference."""
     huge = ["money transfer " * 70_000] * 6  # six texts of about 1 MB, 6 MB in all
+    cut = ["money transfer " * 1_100] * 6  # ~16 KB each: what the server embeds of a text anyway
     with (
         serve(backbone_dir, tmp_path / "s", tmp_path / "log").wait_serving() as proc,
         Client(proc.target) as client,
     ):
-        started = time.monotonic()
+        client.embed(cut)  # warm: first-call costs fall on neither measurement
+
+        def cost(texts: list[str]) -> float:
+            before = cpu_seconds(proc.pid)
+            client.embed_full(texts)
+            return cpu_seconds(proc.pid) - before
+
+        reference = min(cost(cut) for _ in range(3))
+        spent = min(cost(huge) for _ in range(3))
+        assert spent <= 3 * reference + 0.3, (
+            f"6 x 1 MB cost {spent:.2f} s of CPU, 6 x 16 KB {reference:.2f} s"
+        )
         result = client.embed_full(huge)
-        seconds = time.monotonic() - started
         assert result.embeddings.shape == (6, 384) and all(result.truncated)
-        reference = client.embed(["money transfer " * 2000])  # the same 256 tokens, from a text cut by hand
-        assert float(result.embeddings[0] @ reference[0]) > 0.9999
+        reference_vectors = client.embed(["money transfer " * 2000])  # the same 256 tokens, cut by hand
+        assert float(result.embeddings[0] @ reference_vectors[0]) > 0.9999
         with pytest.raises(HeadswapError) as info:
             client.embed(["money transfer " * 70_000] * 9)  # 9.5 MB: over the 8 MiB request limit
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in info.value.details
-    print(f"6 x 1 MB Embed took {seconds:.2f}s")  # the issue measured 15 s before texts were cut
 
 
 def test_the_client_rides_out_a_restart(backbone_dir: Path, tmp_path: Path) -> None:
@@ -149,13 +170,14 @@ def test_the_client_rides_out_a_restart(backbone_dir: Path, tmp_path: Path) -> N
     worker = threading.Thread(target=call)
     worker.start()
     try:
-        time.sleep(1.0)
+        until(lambda: len(results) >= 10, "calls answered before the restart")
         assert proc.terminate() == 0
         proc = serve(backbone_dir, store, tmp_path / "2.log", "--port", str(port)).wait_serving()
-        time.sleep(1.0)
+        restarted = len(results)
+        until(lambda: len(results) >= restarted + 10, "calls answered by the new process")
     finally:
         stop.set()
         worker.join(60)
         proc.terminate()
     failures = [r for r in results if r != (1, 384)]
-    assert len(results) > 20 and failures == [], failures[:3]
+    assert failures == [], failures[:3]

@@ -12,7 +12,7 @@ import pytest
 from headswap.client import AsyncClient, Client, HeadswapError
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -338,41 +338,50 @@ def test_bad_classify_and_management_input(server: ServerProcess, banking77: Dat
 
 
 async def test_retrain_under_concurrent_classify(server: ServerProcess, banking77: Data) -> None:
+    """A retrain swaps the head while callers keep classifying: every call is answered, each caller sees the
+    old version, then the new one, never back, and the other tenants keep theirs. The callers are running
+    before the swap and go on until each has been answered by the new version, so the swap happens under
+    them on any machine."""
     tenants = {f"swap-{i}": INTENTS[i : i + 3] for i in range(3)}
+    target = "swap-0"
     async with AsyncClient(server.target, retries=0) as client:
         before = {}
         for tenant, intents in tenants.items():
             before[tenant] = (
                 await client.adapt_head(tenant, *examples(banking77, intents, 8), replace=True)
             ).version
-        target = "swap-0"
         stop = asyncio.Event()
-        replies: list[tuple[str, int]] = []
+        callers = [*tenants, target, target, target]
+        seen: list[list[int]] = [[] for _ in callers]
         failures: list[BaseException] = []
 
-        async def hammer(tenant: str) -> None:
-            while not stop.is_set() or len(replies) < 300:
+        async def hammer(n: int, tenant: str) -> None:
+            while not stop.is_set():
                 try:
                     p = await client.classify(tenant, ["I lost my card", "what rate do you give for euros?"])
-                    replies.append((tenant, p[0].version))
-                    assert p[0].version == p[1].version
                 except BaseException as exc:
                     failures.append(exc)
                     return
-                if len(replies) > 2000:
-                    return
+                seen[n].append(p[0].version)
 
-        workers = [asyncio.create_task(hammer(t)) for t in [*tenants, target, target, target]]
-        await asyncio.sleep(0.3)
-        new = await client.adapt_head(target, *examples(banking77, INTENTS[3:6], 8), replace=True)
-        after_swap = await client.classify(target, ["x"])
-        stop.set()
-        await asyncio.gather(*workers)
+        workers = [asyncio.create_task(hammer(n, t)) for n, t in enumerate(callers)]
+        try:
+            await eventually(lambda: all(seen) or bool(failures), "every caller answered before the swap")
+            new = await client.adapt_head(target, *examples(banking77, INTENTS[3:6], 8), replace=True)
+            on_target = [n for n, t in enumerate(callers) if t == target]
+            await eventually(
+                lambda: all(seen[n][-1] == new.version for n in on_target) or bool(failures),
+                "every caller of the retrained tenant answered by the new version",
+            )
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
     assert not failures, failures[:3]
-    assert len(replies) >= 300
-    seen = {v for t, v in replies if t == target}
-    assert seen <= {before[target], new.version} and new.version in seen | {after_swap[0].version}
-    assert after_swap[0].version == new.version
-    for tenant in tenants:
-        if tenant != target:
-            assert {v for t, v in replies if t == tenant} == {before[tenant]}
+    assert new.version != before[target]
+    for n, tenant in enumerate(callers):
+        if tenant == target:
+            switched = seen[n].index(new.version)
+            assert switched > 0, "a caller was never answered by the old version: the swap was not under load"
+            assert set(seen[n][:switched]) == {before[target]} and set(seen[n][switched:]) == {new.version}
+        else:
+            assert set(seen[n]) == {before[tenant]}

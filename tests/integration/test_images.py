@@ -169,26 +169,16 @@ def bad_images(photo: bytes) -> dict[str, tuple[bytes, str]]:
     }
 
 
-def rss_peak_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def test_bad_images_are_refused_by_index_and_the_server_keeps_serving(
     both: ServerProcess, cats_vs_dogs: tuple[float, Pets]
 ) -> None:
+    # That no bomb is decoded is measured where decoding happens, not in the server's peak memory (which
+    # depends on its allocator): tests/unit/test_image_preprocessing.py spies on the decoders. Here, the
+    # sizes in the messages come from the headers, and the server goes on serving.
     good = cats_vs_dogs[1][0][0].read_bytes()
-    peak_before = rss_peak_kib(both.pid)
     with Client(both.target, timeout=60) as client:
         before = client.get_head("pets")
         for name, (data, message) in bad_images(good).items():
-            if name == "png claiming 400 megapixels":
-                # The memory bound is about decoding. The requests before this one are refused before any
-                # decoding, but the 8 MiB ones leave the allocator's arenas larger (gRPC buffers, protobuf
-                # copies): 163 MiB of peak in one CI run here, where the bound is 150.
-                peak_before = rss_peak_kib(both.pid)
             for call in (
                 lambda data=data: client.embed(images=[good, data]),
                 lambda data=data: client.classify("pets", images=[good, data]),
@@ -208,8 +198,6 @@ def test_bad_images_are_refused_by_index_and_the_server_keeps_serving(
             assert client.embed(images=[good]).shape == (1, 1280), f"not serving after {name}"
         after = client.get_head("pets")
     assert after == before, "a refused AdaptHead changed the tenant"
-    grown_mib = (rss_peak_kib(both.pid) - peak_before) / 1024
-    assert grown_mib < 150, f"the server's peak memory grew by {grown_mib:.0f} MiB on bad images"
 
 
 def test_animated_image_gives_its_first_frame(both: ServerProcess) -> None:

@@ -1,13 +1,17 @@
-"""What an operator relies on: a real Prometheus scrape, promtool, the drain on SIGTERM, structured logs."""
+"""What an operator relies on: a real Prometheus scrape, promtool, the drain on SIGTERM (calls held in flight
+for certain, and a grace period that runs out), structured logs."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -15,7 +19,8 @@ import numpy as np
 import pytest
 
 from headswap.client import Client, HeadswapError
-from tests.helpers import REPO, ServerProcess, free_port
+from tests.gated_serve import Gate
+from tests.helpers import HANG, REPO, ServerProcess, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -131,55 +136,109 @@ def test_real_prometheus_scrape(
         assert server.terminate() == 0
 
 
-def test_sigterm_during_a_burst(backbone_dir: Path, tmp_path: Path) -> None:
-    """In-flight calls all finish; calls after the signal get UNAVAILABLE; the process exits 0."""
+@contextmanager
+def gated_server(backbone_dir: Path, tmp_path: Path, *args: str) -> Iterator[tuple[ServerProcess, Gate, int]]:
+    """The real server and backbone, its forward passes held while the gate is closed (tests/gated_serve.py);
+    opened and stopped on the way out, whatever the test did."""
+    gate, metrics_port = Gate(tmp_path / "gate"), free_port()
     server = ServerProcess(
-        "--backbone",
-        str(backbone_dir),
-        "--store",
-        str(tmp_path / "store"),
-        "--warmup-rounds",
-        "0",
-        "--grace-seconds",
-        "30",
-        log_path=tmp_path / "server.log",
-    )
-    server.wait_serving()
+        "--backbone", str(backbone_dir), "--store", str(tmp_path / "store"), "--warmup-rounds", "0", *args,
+        log_path=tmp_path / "server.log", metrics_port=metrics_port, module="tests.gated_serve", env=gate.env,
+    )  # fmt: skip
+    try:
+        yield server.wait_serving(), gate, metrics_port
+    finally:
+        gate.open()
+        if server.proc.poll() is None:
+            server.kill()
+
+
+def gauge(metrics_port: int, name: str) -> float:
+    for line in http_get(f"http://127.0.0.1:{metrics_port}/metrics").splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def callers(server: ServerProcess, texts: list[list[str]]) -> tuple[list[threading.Thread], list[object]]:
     results: list[object] = []
     lock = threading.Lock()
-    started = threading.Barrier(9)
 
-    def caller(i: int) -> None:
-        texts = [f"call {i} sentence {j} " + "with some more words " * 10 for j in range(48)]
-        with Client(server.target, retries=0, timeout=60) as client:
-            started.wait()
+    def call(batch: list[str]) -> None:
+        with Client(server.target, retries=0, timeout=HANG) as client:
             try:
-                out = client.embed(texts)
-                with lock:
-                    results.append(out.shape)
+                out: object = client.embed(batch).shape
             except HeadswapError as exc:
-                with lock:
-                    results.append(exc.code)
+                out = exc.code
+            with lock:
+                results.append(out)
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=call, args=(batch,)) for batch in texts]
     for t in threads:
         t.start()
-    started.wait()
-    time.sleep(0.3)  # the burst is in the server: queued and running
-    server.proc.send_signal(15)
-    time.sleep(0.2)
-    with Client(server.target, retries=0, timeout=5) as late:
-        with pytest.raises(HeadswapError) as info:
-            late.embed(["too late"])
-    for t in threads:
-        t.join(60)
-    rc = server.proc.wait(60)
-    server.terminate()
-    assert results == [(48, 384)] * 8, results
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    assert rc == 0
+    return threads, results
+
+
+def test_sigterm_drains_calls_in_flight(backbone_dir: Path, tmp_path: Path) -> None:
+    """Calls in flight all finish, the ones held in the backbone and the ones queued behind them; a call after
+    the signal gets UNAVAILABLE; the process exits 0. The calls are in flight for certain: the backbone is held
+    until the test has seen every input in the server and sent the signal."""
+    with gated_server(backbone_dir, tmp_path, "--grace-seconds", "600") as (server, gate, metrics_port):
+        drain(server, gate, metrics_port)
     log = server.log()
     assert log.index("draining") < log.index("stopped")
+    assert "grace period ran out" not in log
+
+
+def drain(server: ServerProcess, gate: Gate, metrics_port: int) -> None:
+    gate.close()
+    texts = [[f"call {i} sentence {j} " + "with some more words " * 10 for j in range(48)] for i in range(8)]
+    threads, results = callers(server, texts)
+    # Every call is in the server: one batch held in the backbone, inputs queued behind it.
+    until(lambda: gauge(metrics_port, "headswap_calls_in_flight") == 8, "the calls reached the server")
+    until(
+        lambda: bool(gate.held()) and gauge(metrics_port, "headswap_queue_depth_items") > 0, "inputs queued"
+    )
+    server.proc.send_signal(signal.SIGTERM)
+    until(lambda: "draining" in server.log(), "the server began draining")
+    with Client(server.target, retries=0, timeout=10) as late, pytest.raises(HeadswapError) as info:
+        late.embed(["too late"])
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert results == [] and server.proc.poll() is None, "nothing finishes while the backbone is held"
+    gate.open()
+    for t in threads:
+        t.join(HANG)
+    rc = server.proc.wait(HANG)
+    server.terminate()
+    assert results == [(48, 384)] * 8, results
+    assert rc == 0
+
+
+def test_sigterm_grace_period_running_out(backbone_dir: Path, tmp_path: Path) -> None:
+    """Calls still in flight when the grace period ends are cut off: their callers get UNAVAILABLE (so a client
+    retries elsewhere) without waiting for them, the log says which calls were cut, and the process exits 0."""
+    with gated_server(backbone_dir, tmp_path, "--grace-seconds", "1") as (server, gate, metrics_port):
+        cut_off(server, gate, metrics_port, tmp_path / "gate" / "closed")
+    log = server.log()
+    cut = [line for line in log.splitlines() if "grace period ran out" in line]
+    assert len(cut) == 2 and all("WARNING" in line and "Embed CANCELLED" in line for line in cut), cut
+    assert log.index("draining") < log.index("grace period ran out") < log.index("stopped")
+
+
+def cut_off(server: ServerProcess, gate: Gate, metrics_port: int, closed: Path) -> None:
+    gate.close()
+    threads, results = callers(server, [["held in the backbone"] * 4, ["queued behind it"] * 4])
+    until(lambda: gauge(metrics_port, "headswap_calls_in_flight") == 2, "the calls reached the server")
+    until(lambda: bool(gate.held()), "a call reached the backbone")
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:  # the backbone is still held: the calls end because the grace period ran out
+        t.join(HANG)
+    assert results == [grpc.StatusCode.UNAVAILABLE] * 2, results
+    assert closed.exists(), "the calls ended while the backbone was still held"
+    gate.open()  # the forward pass in progress ends, and with it the process
+    rc = server.proc.wait(HANG)
+    server.terminate()
+    assert rc == 0
 
 
 def test_json_logs_carry_request_ids(backbone_dir: Path, tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
-"""Several replicas on one real PostgreSQL: every swap is seen everywhere within a second, versions never
-collide, a lost listener or a PostgreSQL restart costs resident heads nothing, and a late replica is right."""
+"""Several replicas on one real PostgreSQL: every swap and every deleted version is seen everywhere, versions
+never collide, a lost listener or a PostgreSQL restart costs resident heads nothing, and a late replica is
+right. Waits are for observable conditions (an answer, a lock seen in pg_stat_activity); how fast a change
+reaches the other replicas is a figure, measured by `python -m bench.replicas`, not asserted here."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from headswap.client import Client, HeadswapError
+from headswap.client import Client, HeadswapError, NotFound
 from headswap.server.testing_postgres import PostgresServer
-from tests.helpers import ServerProcess
+from tests.helpers import HANG, ServerProcess, until
 
 pytestmark = pytest.mark.integration
 
@@ -67,19 +69,17 @@ def cluster(
             assert PASSWORD not in s.log(), "the store's password reached a log"
 
 
-def wait_for_version(target: str, tenant: str, version: int, timeout: float = 5.0) -> float:
-    """Seconds until `target` answers with `version` for the tenant."""
-    started = time.monotonic()
+def wait_for_version(target: str, tenant: str, version: int, timeout: float = HANG) -> None:
+    """Until `target` answers with `version` for the tenant."""
     with Client(target, retries=0) as client:
-        while True:
-            if client.classify(tenant, ["where is my card?"])[0].version == version:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout:
-                raise AssertionError(f"{target} still serves an older version of {tenant} after {timeout}s")
-            time.sleep(0.02)
+        until(
+            lambda: client.classify(tenant, ["where is my card?"])[0].version == version,
+            f"{target} still serves an older version of {tenant} than {version}",
+            timeout,
+        )
 
 
-def test_trained_on_one_replica_served_by_all_within_a_second(cluster, banking77: Data) -> None:  # type: ignore[no-untyped-def]
+def test_trained_on_one_replica_served_by_all(cluster, banking77: Data) -> None:  # type: ignore[no-untyped-def]
     _, (a, b, c) = cluster
     with Client(a.target) as client:
         v1 = client.adapt_head("shared", *examples(banking77, 6))
@@ -87,8 +87,37 @@ def test_trained_on_one_replica_served_by_all_within_a_second(cluster, banking77
         wait_for_version(other.target, "shared", v1.version)  # resident on b and c now
     with Client(a.target) as client:
         v2 = client.adapt_head("shared", *examples(banking77, 6, offset=6))
-    delays = [wait_for_version(other.target, "shared", v2.version) for other in (b, c)]
-    assert max(delays) < 1.0, delays
+    for other in (b, c):  # a resident head is swapped by the change feed alone: nothing else reloads it
+        wait_for_version(other.target, "shared", v2.version)
+
+
+def test_a_deleted_version_is_refused_on_every_replica(cluster, banking77: Data) -> None:  # type: ignore[no-untyped-def]
+    _, (a, b, c) = cluster
+    with Client(a.target) as client:
+        v1 = client.adapt_head("pruned", *examples(banking77, 5)).version
+        v2 = client.adapt_head("pruned", *examples(banking77, 5, offset=5), force_activate=True).version
+    for other in (b, c):  # each replica holds version 1, asked for by number
+        with Client(other.target, retries=0) as client:
+            assert client.classify("pruned", ["lost card"], version=v1)[0].version == v1
+
+    def refused(target: str) -> bool:
+        with Client(target, retries=0) as client:
+            try:
+                client.classify("pruned", ["lost card"], version=v1)
+            except NotFound:
+                return True
+            return False
+
+    with Client(a.target) as client:
+        assert [v.version for v in client.delete_head_version("pruned", v1).versions] == [v2]
+    assert refused(a.target), "the replica that deleted it refuses it at once"
+    for other in (b, c):
+        until(lambda t=other.target: refused(t), f"{other.target} still serves deleted version {v1}")
+        with Client(other.target, retries=0) as client:  # the active version is untouched
+            assert client.classify("pruned", ["lost card"])[0].version == v2
+    with Client(b.target) as client:  # and its number is never given out again, whichever replica trains
+        v3 = client.adapt_head("pruned", *examples(banking77, 5, offset=10)).version
+    assert v3 == v2 + 1
 
 
 def test_twenty_swaps_under_load(cluster, banking77: Data) -> None:  # type: ignore[no-untyped-def]
@@ -96,12 +125,11 @@ def test_twenty_swaps_under_load(cluster, banking77: Data) -> None:  # type: ign
     with Client(a.target) as client:
         first = client.adapt_head("swapper", *examples(banking77, 5)).version
     active = {first}
-    seen: dict[int, list[int]] = {}
+    seen: dict[int, list[int]] = {n: [] for n in range(4)}
     failures: list[str] = []
     stop = threading.Event()
 
     def caller(n: int, target: str) -> None:
-        seen[n] = []
         with Client(target, retries=0) as client:
             while not stop.is_set():
                 try:
@@ -113,41 +141,68 @@ def test_twenty_swaps_under_load(cluster, banking77: Data) -> None:  # type: ign
     for t in threads:
         t.start()
     try:
+        until(lambda: all(seen.values()), "every caller answered once before the swaps")
         with Client(a.target) as client:
             for i in range(20):
                 texts, labels = examples(banking77, 1, offset=10 + i)
                 active.add(client.adapt_head("swapper", texts, labels).version)
-        time.sleep(1.0)
+        newest = max(active)
+        # Every caller goes on until it has been answered by the newest version: the swaps were seen live.
+        until(lambda: all(v and v[-1] == newest for v in seen.values()), "every caller saw the last swap")
     finally:
         stop.set()
         for t in threads:
             t.join(30)
     assert failures == []
     for versions in seen.values():
-        assert len(versions) > 20
         assert set(versions) <= active, set(versions) - active
         assert versions == sorted(versions), "a caller saw a version older than one it had seen"
-        assert versions[-1] == max(active)
+        assert versions[0] == first and versions[-1] == newest
 
 
-def test_concurrent_trainings_of_one_tenant_get_distinct_versions(cluster, banking77: Data) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_commits_of_one_tenant_get_distinct_versions(  # type: ignore[no-untyped-def]
+    cluster, postgres_server: PostgresServer, banking77: Data
+) -> None:
+    """Two replicas commit one tenant's trainings at the same moment. The moment is made, not hoped for:
+    the test holds the tenant's row locked while both train, sees both commits wait (pg_stat_activity), then
+    lets them go together. The commit's own row lock is what numbers them apart: without it both read the
+    same next number and the second commit fails on the versions' primary key."""
+    import psycopg
+
     _, (a, b, _) = cluster
+    postgres_server.sql("INSERT INTO headswap_tenants (tenant) VALUES ('race')", "replicas")  # no version yet
     results: list[object] = []
+    errors: list[str] = []
 
     def train(server: ServerProcess, offset: int) -> None:
-        with Client(server.target) as client:
-            results.append(client.adapt_head("race", *examples(banking77, 5, offset=offset)))
+        try:
+            with Client(server.target, retries=0, timeout=120) as client:
+                results.append(client.adapt_head("race", *examples(banking77, 5, offset=offset)))
+        except HeadswapError as exc:
+            errors.append(f"{exc.code.name}: {exc.details}")
 
-    threads = [threading.Thread(target=train, args=(s, 5 * i)) for i, s in enumerate((a, b))]
-    for t in threads:
-        t.start()
+    with psycopg.connect(postgres_server.dsn("replicas")) as holder:
+        holder.execute("SELECT 1 FROM headswap_tenants WHERE tenant = 'race' FOR UPDATE")
+        threads = [threading.Thread(target=train, args=(s, 5 + 5 * i)) for i, s in enumerate((a, b))]
+        for t in threads:
+            t.start()
+
+        def waiting() -> int:
+            return len(
+                postgres_server.sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = 'replicas' AND wait_event_type = 'Lock'"
+                )
+            )
+
+        until(lambda: waiting() == 2 or bool(errors), "both commits reach the store and wait")
+        holder.rollback()  # both go at once
     for t in threads:
         t.join(120)
+    assert errors == []
     versions = sorted(r.version for r in results)  # type: ignore[attr-defined]
-    assert len(versions) == 2 and versions[0] != versions[1]
+    assert versions == [1, 2]
     with Client(a.target) as client:
         head = client.get_head("race")
-        assert head.active_version == versions[-1]  # the pointer is on the later commit
         assert [v.version for v in head.versions] == versions
         for v in versions:
             assert client.classify("race", ["exchange rate?"], version=v)[0].version == v  # both loadable
@@ -164,7 +219,7 @@ def test_a_lost_listener_catches_up(cluster, postgres_server: PostgresServer, ba
     assert len(killed) == 3
     with Client(a.target) as client:
         newer = client.adapt_head("listener", *examples(banking77, 5, offset=5)).version
-    assert wait_for_version(b.target, "listener", newer, timeout=3.0) < 2.0
+    wait_for_version(b.target, "listener", newer)  # b's head is resident: only its listener brings this
     assert "store listener reconnected" in b.log()
 
 
@@ -208,15 +263,14 @@ def test_postgres_restart_costs_resident_heads_nothing(
     for t in threads:
         t.start()
     try:
-        postgres_server.stop()
-        time.sleep(0.5)
+        postgres_server.stop()  # returns once PostgreSQL is down (pg_ctl -w)
         with Client(a.target, retries=0) as client, pytest.raises(HeadswapError) as info:
             client.adapt_head("steady", *examples(banking77, 2, offset=20))
         assert info.value.code == grpc.StatusCode.UNAVAILABLE and "unreachable" in info.value.details
         assert PASSWORD not in info.value.details
         during = calls[0]
-        time.sleep(1.0)
-        assert calls[0] > during, "resident heads stopped serving while PostgreSQL was down"
+        until(lambda: calls[0] > during + 20, "resident heads stopped serving while PostgreSQL was down")
+        assert failures == []
     finally:
         postgres_server.start()
     try:
@@ -275,14 +329,15 @@ def test_a_revocation_reaches_every_replica_within_a_second(
             assert on_b.classify("", ["card?"])[0].version == 1  # cached on b now
             with Client(a.target, api_key=admin) as on_a:
                 on_a.revoke_api_key(key.info.id)
-            started = time.monotonic()
-            while True:
+
+            def refused() -> bool:
                 try:
                     on_b.classify("", ["card?"])
                 except Unauthenticated:
-                    break
-                assert time.monotonic() - started < 1.0, "b still accepts a key revoked on a"
-                time.sleep(0.02)
+                    return True
+                return False
+
+            until(refused, "b still accepts a key revoked on a")
     finally:
         a.terminate()
         b.terminate()

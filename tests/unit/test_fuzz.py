@@ -97,8 +97,10 @@ def _cls(descriptor: Descriptor) -> type[Message]:
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One server for every example, on a loop of its own (Hypothesis drives plain functions)."""
     home: Path = tmp_path_factory.mktemp("fuzz")
+    # Warmed up (PyTorch included: a cold first training took 3 s of the 5 s budget on a loaded machine, and
+    # the training after the fuzz ran out of it); the budget keeps the fuzz's own trainings short.
     config = ServerConfig(
-        warmup_rounds=0, home=home, limits=LimitsConfig(max_batch_inputs=16, max_train_seconds=5)
+        warmup_rounds=1, home=home, limits=LimitsConfig(max_batch_inputs=16, max_train_seconds=5)
     )
     ready, stop, address = threading.Event(), threading.Event(), []
 

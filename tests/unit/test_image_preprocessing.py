@@ -4,12 +4,16 @@ the header. Uses the real exported backbone's manifest (size, resize, mean, std)
 from __future__ import annotations
 
 import io
+import struct
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageFile
 
 from headswap.server.domain import Input
 from headswap.server.inference.image import IMAGE_COST, ImagePreprocessor, InputError
@@ -105,19 +109,48 @@ def test_animated_gif_gives_the_first_frame(pre: ImagePreprocessor) -> None:
 def test_limits_come_from_the_header_before_decoding(
     image_backbone_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def never(*_: object) -> np.ndarray:
-        raise AssertionError("decoded an image that the header already refused")
+    """No decoded bomb, measured where it happens: no decoder runs on an image its header already refuses
+    (the server's peak memory would depend on its allocator; whether a decoder ran does not)."""
+    decoded: list[str] = []
 
+    def spy(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            decoded.append(name)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy("simplejpeg", simplejpeg.decode_jpeg))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy("pillow", ImageFile.ImageFile.load))
     pre = ImagePreprocessor(
         BackboneManifest.load(image_backbone_dir), max_bytes=50_000_000, max_pixels=4_000_000
     )
-    big = Image.new("RGB", (2100, 2000))  # 4.2 megapixels, over the fixture's 4
-    encoded = {fmt: encode(big, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP")}
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", never)
-    monkeypatch.setattr(Image.Image, "load", never)
-    for data in encoded.values():
-        with pytest.raises(InputError, match=r"inputs\[0\] is 2100x2000 pixels, more than .* 4000000"):
+    small = Image.new("RGB", (64, 48), (10, 200, 30))
+    for fmt, decoder in (("JPEG", "simplejpeg"), ("PNG", "pillow")):  # the spies see every decode
+        decoded.clear()
+        pre.prepare([Input(image=encode(small, fmt))])
+        assert decoder in decoded, (fmt, decoded)
+    big = Image.new("RGB", (2100, 2000))  # 4.2 megapixels, over the limit of 4
+    bombs = {fmt: (encode(big, fmt), "2100x2000") for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP")}
+    row = b"\x00" + bytes(8000 * 3)
+    bombs["64-megapixel png bomb, 64 KB"] = (png_claiming(8000, 8000, row * 8000), "8000x8000")
+    bombs["png claiming 400 megapixels"] = (png_claiming(20000, 20000, bytes(16)), "400000000 pixels")
+    for name, (data, size) in bombs.items():
+        decoded.clear()
+        with pytest.raises(InputError, match=rf"inputs\[0\] is {size}( pixels)?, more than .* 4000000"):
             pre.prepare([Input(image=data)])
+        assert decoded == [], f"{name}: decoded before it was refused"
+
+
+def png_claiming(width: int, height: int, rows: bytes) -> bytes:
+    """A PNG whose header says `width` x `height`, with `rows` (compressed) as its pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(rows, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_refusals_name_the_input(pre: ImagePreprocessor, photo: Image.Image) -> None:

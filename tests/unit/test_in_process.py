@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,6 +23,7 @@ from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
+from tests.helpers import HANG, eventually
 
 WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -264,42 +267,69 @@ async def test_abstain_below_min_probability(client: AsyncClient) -> None:
 
 
 async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, client: AsyncClient) -> None:
-    """A pointer moved behind the server's back (as another replica would) is applied through the feed."""
+    """A pointer moved, a version deleted and a tenant deleted behind the server's back (as another replica
+    would) are applied through the feed."""
     texts, labels = labelled(4)
     await client.adapt_head("feed", texts, labels, validation_fraction=0)
     await client.adapt_head("feed", texts, labels, validation_fraction=0)
     assert (await client.classify("feed", ["red"]))[0].version == 2
     store = server.server.store
-    await asyncio.get_running_loop().run_in_executor(None, store.activate, "feed", 1)
-    for _ in range(100):
-        if (await client.classify("feed", ["red"]))[0].version == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert (await client.classify("feed", ["red"]))[0].version == 1
-    await asyncio.get_running_loop().run_in_executor(None, store.delete, "feed")
-    for _ in range(100):
+    loop = asyncio.get_running_loop()
+
+    async def answer(version: int = 0) -> int:
+        """The version that answers, or 0 for NOT_FOUND."""
         try:
-            await client.classify("feed", ["red"])
+            return (await client.classify("feed", ["red"], version=version))[0].version
         except NotFound:
-            break
-        await asyncio.sleep(0.01)
-    with pytest.raises(NotFound):
-        await client.classify("feed", ["red"])
+            return 0
+
+    async def until_answer(expected: int, version: int = 0) -> None:
+        deadline = loop.time() + HANG
+        while await answer(version) != expected:
+            assert loop.time() < deadline, f"still not {expected} after {HANG:.0f} s"
+            await asyncio.sleep(0.01)
+
+    await loop.run_in_executor(None, store.activate, "feed", 1)
+    await until_answer(1)
+    # A version held by number, then deleted elsewhere: refused here too.
+    assert await answer(version=2) == 2
+    await loop.run_in_executor(None, store.delete_version, "feed", 2)
+    await until_answer(0, version=2)
+    assert await answer() == 1
+    await loop.run_in_executor(None, store.delete, "feed")
+    await until_answer(0)
 
 
-async def test_an_expired_call_costs_no_encoder_work(server: InProcess) -> None:
+async def test_an_expired_call_costs_no_encoder_work(
+    server: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     encoder = server.server.backbone.encoder
     assert isinstance(encoder, FakeEncoder)
+    entered = threading.Event()
+    run = encoder.run
+
+    def watched(feeds: Any) -> Any:
+        entered.set()
+        return run(feeds)
+
+    monkeypatch.setattr(encoder, "run", watched)
     encoder.gate.clear()
+    count = server.server.metrics.registry.get_sample_value
     try:
         async with AsyncClient(server.target, retries=0, timeout=5) as slow:
             first = asyncio.create_task(slow.embed(["first"]))
-            await asyncio.sleep(0.1)  # the encoder holds "first"
+            await eventually(entered.is_set)  # the encoder holds "first"
+            cancelled = count("headswap_requests_total", {"rpc": "Embed", "code": "CANCELLED"}) or 0
             async with AsyncClient(server.target, retries=0, timeout=0.2) as hasty:
                 with pytest.raises(HeadswapError) as info:
                     await hasty.embed(["doomed", "doomed too"])
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.sleep(0.1)
+            # The server has ended the expired call too, before the encoder is let go.
+            await eventually(
+                lambda: (
+                    (count("headswap_requests_total", {"rpc": "Embed", "code": "CANCELLED"}) or 0) > cancelled
+                )
+            )
             encoder.gate.set()
             assert (await first).shape == (1, 16)
             assert (await slow.embed(["after"])).shape == (1, 16)
@@ -358,11 +388,21 @@ async def test_a_call_is_freed_when_it_ends_not_by_the_cycle_collector(client: A
             code, _ = await code_of(client.embed([]))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert (await client.embed(["x"])).shape == (1, 16)
-        await asyncio.sleep(0.2)
-        after = live_call_states()
+        # States are let go as each call's last reference goes (just after its reply): wait for that, not
+        # for a fixed time; states held in cycles never go while the collector is off.
+        leftover = [live_call_states() - before]
+
+        def freed() -> bool:
+            leftover[0] = live_call_states() - before
+            return leftover[0] < 10
+
+        try:
+            await eventually(freed, timeout=10.0)
+        except AssertionError:
+            pass
     finally:
         gc.enable()
-    assert after - before < 10, f"{after - before} states of 120 finished calls wait for the cycle collector"
+    assert leftover[0] < 10, f"{leftover[0]} states of 120 finished calls wait for the cycle collector"
 
 
 async def test_memory_gauges_follow_the_cache_and_the_head_stacks(

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from headswap.server.domain import Example, Input
-from headswap.server.errors import InvalidArgument, NotFound
+from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from headswap.server.store import Change, HeadStore, NewVersion
 from headswap.server.store.local import LocalStore
 from headswap.server.store.memory import MemoryStore
+from tests.helpers import eventually
 
 MANIFEST = {"labels": ["a", "b"], "backbone_fingerprint": "f" * 64}
 EXAMPLES = [Example(Input(text="one"), "a"), Example(Input(image=b"\x89PNG bytes"), "b")]
@@ -68,15 +69,17 @@ def test_put_examples_stores_without_a_version(store: HeadStore) -> None:
                 seen.append(change)
 
         task = asyncio.ensure_future(follow())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # subscribed
         state = await asyncio.to_thread(store.put_examples, "new", EXAMPLES[:1])
         assert (state.active_version, state.versions) == (0, ())
-        await asyncio.sleep(0.1)
+        # A commit afterwards publishes: a change of the examples' call would have come before it.
+        await asyncio.to_thread(store.commit_version, "later", NewVersion(MANIFEST, b"w", EXAMPLES, True))
+        await eventually(lambda: bool(seen))
         task.cancel()
 
     asyncio.run(watch())
-    assert seen == [], "storing examples moved no pointer: nothing to publish"
-    assert store.tenants() == ["new"] and store.examples("new") == EXAMPLES[:1]
+    assert [c.tenant for c in seen] == ["later"], "storing examples moved no pointer: nothing to publish"
+    assert store.tenants() == ["later", "new"] and store.examples("new") == EXAMPLES[:1]
     store.put_examples("new", EXAMPLES)
     assert store.examples("new") == EXAMPLES
     committed = store.commit_version("new", NewVersion(MANIFEST, b"w", EXAMPLES, activate=True))
@@ -116,24 +119,80 @@ async def test_every_pointer_change_is_published_in_order(store: HeadStore) -> N
             seen.append(change)
 
     task = asyncio.create_task(listen())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the listener runs up to its first wait: subscribed
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, store.commit_version, "t", NewVersion(MANIFEST, b"w", EXAMPLES, True))
     await loop.run_in_executor(None, store.commit_version, "t", NewVersion(MANIFEST, b"w", EXAMPLES, False))
+    await loop.run_in_executor(None, store.commit_version, "t", NewVersion(MANIFEST, b"w", EXAMPLES, False))
     await loop.run_in_executor(None, store.activate, "t", 2)
+    await loop.run_in_executor(None, store.delete_version, "t", 3)
     await loop.run_in_executor(None, store.delete, "t")
-    for _ in range(100):
-        if len(seen) == 4:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(seen) >= 6)
     task.cancel()
     assert [(c.tenant, c.active_version, c.deleted) for c in seen] == [
         ("t", 1, False),
         ("t", 1, False),
+        ("t", 1, False),
         ("t", 2, False),
+        ("t", 2, False),  # the version deletion: every head bank drops what it holds of version 3
         ("t", 0, True),
     ]
     assert [c.seq for c in seen] == sorted({c.seq for c in seen})
+
+
+def test_version_numbers_are_never_reused(store: HeadStore) -> None:
+    """Clients, caches, logs and "never older than a version seen" rely on a number naming one head."""
+    store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, activate=True))
+    store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES, activate=True))
+    store.activate("t", 1)
+    store.delete_version("t", 2)
+    state = store.commit_version("t", NewVersion(MANIFEST, b"w3", EXAMPLES, activate=False))
+    assert state.versions == (1, 3), "version 2 was deleted: its number is not given out again"
+    assert store.load_version("t", 3).weights == b"w3" and store.manifest("t", 3)["version"] == 3
+    with pytest.raises(NotFound):
+        store.load_version("t", 2)
+    # Deleting the newest version, and every version but the active one, changes nothing either.
+    store.delete_version("t", 3)
+    assert store.commit_version("t", NewVersion(MANIFEST, b"w4", EXAMPLES, activate=True)).versions == (1, 4)
+    store.delete_version("t", 1)
+    assert store.commit_version("t", NewVersion(MANIFEST, b"w5", EXAMPLES, activate=False)).versions == (4, 5)
+    store.put_examples("t", EXAMPLES[:1])  # a rewrite of the state that trains nothing keeps the count too
+    store.delete_version("t", 5)
+    assert store.commit_version("t", NewVersion(MANIFEST, b"w6", EXAMPLES, activate=False)).versions == (4, 6)
+
+
+async def test_deleting_a_version_is_published(store: HeadStore) -> None:
+    seen: list[Change] = []
+
+    async def listen() -> None:
+        async for change in store.changes():
+            seen.append(change)
+
+    loop = asyncio.get_running_loop()
+    s1 = await loop.run_in_executor(
+        None, store.commit_version, "t", NewVersion(MANIFEST, b"w1", EXAMPLES, True)
+    )
+    await loop.run_in_executor(None, store.commit_version, "t", NewVersion(MANIFEST, b"w2", EXAMPLES, False))
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0)  # subscribed
+    before = await loop.run_in_executor(None, store.state, "t")
+    state = await loop.run_in_executor(None, store.delete_version, "t", 2)
+    assert (state.versions, state.active_version) == ((1,), 1) and state.seq > before.seq
+    assert store.state("t") == state
+    await eventually(lambda: any(c.seq == state.seq for c in seen))
+    task.cancel()
+    (change,) = [c for c in seen if c.seq == state.seq]
+    assert (change.tenant, change.active_version, change.deleted) == ("t", 1, False)
+    assert change.weights_sha256 in ("", store.manifest("t", 1)["weights_sha256"])
+    assert s1.seq < change.seq
+    with pytest.raises(NotFound):
+        store.load_version("t", 2)
+    with pytest.raises(NotFound):
+        store.delete_version("t", 2)
+    with pytest.raises(FailedPrecondition, match="active version"):
+        store.delete_version("t", 1)
+    with pytest.raises(NotFound):
+        store.delete_version("nobody", 1)
 
 
 def test_retention_keeps_the_newest_the_active_and_its_predecessor(store: HeadStore) -> None:
@@ -147,3 +206,20 @@ def test_retention_keeps_the_newest_the_active_and_its_predecessor(store: HeadSt
     assert (state.versions, state.active_version, state.previous_version) == ((1, 5, 6, 7), 5, 1)
     with pytest.raises(NotFound):
         store.load_version("t", 4)
+
+
+def test_a_local_store_remembers_numbers_across_a_restart_and_a_repair(tmp_path: Path) -> None:
+    from headswap.server.store.check import check_store
+
+    store = LocalStore(tmp_path)
+    for i in range(3):
+        store.commit_version("t", NewVersion(MANIFEST, f"w{i}".encode(), EXAMPLES, activate=i == 0))
+    store.delete_version("t", 3)
+    reopened = LocalStore(tmp_path)  # a restart: the sweep runs, nothing is lost
+    assert reopened.last_version("t") == 3
+    (tmp_path / "tenants" / "t" / "versions" / "2" / "weights.safetensors").write_bytes(b"damaged")
+    # The check drops every version here (these weights are no heads it can load), the highest included.
+    assert check_store(tmp_path, repair=True)
+    repaired = LocalStore(tmp_path)
+    assert repaired.state("t").versions == ()
+    assert repaired.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False)).versions == (4,)

@@ -47,6 +47,11 @@ def test_copy_a_local_store_over_idempotently(postgres_dsn: str, tmp_path: Path)
                 tenant, NewVersion({"labels": ["neg", "pos"], "n": i}, f"w{i}".encode(), EXAMPLES, True)
             )
     local.activate("alpha", 2)
+    for i in range(2):  # gamma's version 2 was deleted: the shared store must not give its number out again
+        local.commit_version(
+            "gamma", NewVersion({"labels": ["neg", "pos"]}, f"g{i}".encode(), EXAMPLES, i == 0)
+        )
+    local.delete_version("gamma", 2)
     key = Input(text="good").content_key()
     local.save_embeddings("alpha", "f" * 64, {key: np.arange(4, dtype=np.float32)})
     out = cli("store", "copy", "--from", str(tmp_path / "local"), "--to", postgres_dsn)
@@ -63,6 +68,9 @@ def test_copy_a_local_store_over_idempotently(postgres_dsn: str, tmp_path: Path)
         again = cli("store", "copy", "--from", str(tmp_path / "local"), "--to", postgres_dsn)
         assert again.returncode == 0 and "alpha: already there" in again.stdout
         assert store.state("alpha").versions == (1, 2, 3)
+        assert store.state("gamma").versions == (1,)
+        new = NewVersion({"labels": ["neg", "pos"]}, b"g2", EXAMPLES, False)
+        assert store.commit_version("gamma", new).versions == (1, 3)
     finally:
         store.close()
 
