@@ -14,6 +14,7 @@ from headswap.server.errors import InvalidArgument, ResourceExhausted
 from headswap.server.inference.batcher import Batcher, BatchPolicy, BatchStats
 from headswap.server.inference.protocols import Backbone, Prepared
 from headswap.server.manifest import BackboneManifest
+from tests.helpers import eventually
 
 
 class FakeBackbone:
@@ -220,14 +221,14 @@ async def test_flows_take_turns_so_one_big_call_does_not_starve_the_others(pools
     await asyncio.get_running_loop().run_in_executor(None, backbone.entered.wait, 5)
     big_inputs = [Input(text=f"a{i:03d}") for i in range(200)]
     big = asyncio.create_task(batcher.batcher.submit(big_inputs, flow="big"))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(batcher.pending) >= 60, "the big call's first slice queued")
     # The big call entered the queue in a slice, not whole: its memory is what is in flight.
     assert len(batcher.pending) <= batcher.slice_inputs < len(big_inputs)
     small = [
         asyncio.create_task(batcher.batcher.submit([Input(text="b")], flow="s1")),
         asyncio.create_task(batcher.batcher.submit([Input(text="c")], flow="s2")),
     ]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(batcher.pending) >= 62, "the small calls queued")
     backbone.gate.set()
     await asyncio.gather(blocker, big, *small)
     await batcher.stop()
