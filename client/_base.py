@@ -227,6 +227,17 @@ class BaseClient(abc.ABC):
         return report
 
     @staticmethod
+    def _whole_call(results: Sequence[r.AdaptResult]) -> r.AdaptResult:
+        """The last call's result, counted for the whole upload: `embedded` is what every call embedded, and
+        `cache_hits` the trained examples whose vectors were cached before the first call."""
+        last = results[-1]
+        if len(results) == 1:
+            return last
+        embedded = sum(x.embedded for x in results)
+        trained = last.embedded + last.cache_hits
+        return dataclasses.replace(last, embedded=embedded, cache_hits=max(0, trained - embedded))
+
+    @staticmethod
     def _adapt_event(
         reply: pb.AdaptHeadResponse, on_progress: Callable[[r.AdaptProgress], None] | None
     ) -> r.AdaptResult | None:

@@ -113,7 +113,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                 "l2_source": result.head.l2_source,
                 "temperature": round(result.head.temperature, 4),
                 "expected_calibration_error": m.expected_calibration_error,
-                "held_back_by": result.held_back_by,
+                "held_back_by": result.held_back_by or None,  # null when activated
                 "checks": [{"rule": c.rule, "passed": c.passed, "detail": c.detail} for c in result.checks],
             }
         )

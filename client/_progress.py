@@ -34,6 +34,13 @@ class ProgressReporter:
         if self.quiet:
             return
         shown = {k: f"{v:.4g}" for k, v in postfix.items() if v is not None}
+        if total == 0:  # a stage with nothing to do (every example's vector cached): said in words, not 0/0
+            if stage != self._stage:
+                self.close()
+                self._stage, self._first, self._done, self._total = stage, (0, 0), 0, 0
+                what = "all cached" if stage == "embedding" else "nothing to do"
+                print(f"{stage}: {what}", file=self.stream, flush=True)
+            return
         if self._tqdm is not None:
             self._draw(stage, done, total, shown)
             return

@@ -122,7 +122,7 @@ class Client(BaseClient):
         """
         requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
         deadline = None if timeout is None else time.monotonic() + timeout
-        result = None
+        results: list[AdaptResult] = []
         try:
             for i, request in enumerate(requests):
                 result, report = None, self._chunk_progress(on_progress, requests, i)
@@ -130,9 +130,11 @@ class Client(BaseClient):
                     request, timeout=self._remaining(deadline), metadata=self._metadata
                 ):  # to its end: the call ends OK
                     result = self._adapt_event(reply, report) or result
+                if result is not None:
+                    results.append(result)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
-        return result or self._no_result()
+        return self._whole_call(results) if len(results) == len(requests) else self._no_result()
 
     def classify(
         self,
@@ -256,7 +258,7 @@ class AsyncClient(BaseClient):
     ) -> AdaptResult:
         requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
         deadline = None if timeout is None else time.monotonic() + timeout
-        result = None
+        results: list[AdaptResult] = []
         try:
             for i, request in enumerate(requests):
                 result, report = None, self._chunk_progress(on_progress, requests, i)
@@ -264,9 +266,11 @@ class AsyncClient(BaseClient):
                     request, timeout=self._remaining(deadline), metadata=self._metadata
                 ):
                     result = self._adapt_event(reply, report) or result
+                if result is not None:
+                    results.append(result)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
-        return result or self._no_result()
+        return self._whole_call(results) if len(results) == len(requests) else self._no_result()
 
     async def classify(
         self,

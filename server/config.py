@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from headswap.server.options import OPTIONS, Option
+from headswap.server.parsers import boolean
 
 __all__ = [
     "OPTIONS",
@@ -233,6 +234,24 @@ class ServerConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for opt in OPTIONS:
+            if opt.parse is boolean:  # `--flag` / `--no-flag`, as argparse users expect; `--flag false` too
+                parser.add_argument(
+                    opt.flag,
+                    dest=opt.key,
+                    default=None,
+                    nargs="?",
+                    const="true",
+                    metavar="BOOL",
+                    help=f"{opt.help} [{opt.env}]",
+                )
+                parser.add_argument(
+                    "--no-" + opt.flag[2:],
+                    dest=opt.key,
+                    action="store_const",
+                    const="false",
+                    help=f"turn {opt.flag} off",
+                )
+                continue
             action = "append" if opt.repeat else "store"
             parser.add_argument(
                 opt.flag, dest=opt.key, default=None, action=action, help=f"{opt.help} [{opt.env}]"

@@ -132,6 +132,36 @@ def test_progress_plain_lines_when_not_a_terminal() -> None:
     ]
 
 
+def test_progress_says_all_cached_instead_of_zero_of_zero() -> None:
+    out = io.StringIO()
+    with ProgressReporter(out) as progress:
+        progress.update("embedding", 0, 0)
+        progress.update("training", 1, 100, loss=0.5)
+        progress.update("training", 100, 100, loss=0.1)
+    assert out.getvalue().splitlines() == [
+        "embedding: all cached",
+        "training: 1/100",
+        "training: 100/100 loss=0.1",
+    ]
+
+
+def test_counts_of_a_chunked_upload_are_the_whole_calls() -> None:
+    """370 photos in three calls: the first two embed and store theirs, the last trains on all 370 (369 of
+    them cached by the first two calls): the result says 370 embedded, 0 cache hits, not 1 and 369."""
+    from headswap.client._base import BaseClient
+    from headswap.client.results import AdaptResult
+
+    parts = [
+        AdaptResult("pets", None, False, 0, embedded=150, cache_hits=0),
+        AdaptResult("pets", None, False, 0, embedded=219, cache_hits=0),
+        AdaptResult("pets", None, True, 1, embedded=1, cache_hits=369, stored_examples=370),
+    ]
+    whole = BaseClient._whole_call(parts)
+    assert (whole.embedded, whole.cache_hits, whole.stored_examples, whole.activated) == (370, 0, 370, True)
+    again = [AdaptResult("pets", None, False, 0, 0, 150), AdaptResult("pets", None, True, 1, 0, 370)]
+    assert (BaseClient._whole_call(again).embedded, BaseClient._whole_call(again).cache_hits) == (0, 370)
+
+
 def test_progress_one_bar_on_a_terminal() -> None:
     out = Terminal()
     with ProgressReporter(out) as progress:

@@ -53,6 +53,21 @@ def test_cpu_serving_options() -> None:
     assert config.precision == "int8" and config.intra_op_spin and config.batching.max_padding == 0.5
 
 
+def test_boolean_settings_are_flags() -> None:
+    """`--store-migrate` alone turns it on and `--no-store-migrate` off, over the environment; a value still works."""
+    on = {"HEADSWAP_STORE_MIGRATE": "true", "HEADSWAP_STRICT_PRECISION": "true"}
+    config = ServerConfig.from_sources(parse(["--store-migrate", "--strict-precision"]), environ={})
+    assert config.store.migrate and config.strict_precision
+    config = ServerConfig.from_sources(parse(["--no-store-migrate", "--no-strict-precision"]), environ=on)
+    assert not config.store.migrate and not config.strict_precision
+    config = ServerConfig.from_sources(
+        parse(["--intra-op-spin", "false"]), environ={"HEADSWAP_INTRA_OP_SPIN": "1"}
+    )
+    assert not config.intra_op_spin
+    with pytest.raises(SystemExit):  # argparse refuses a value after --no-...
+        parse(["--no-store-migrate", "true"])
+
+
 def test_every_field_has_an_env_variable_and_help() -> None:
     from headswap.server.config import OPTIONS
 
