@@ -32,7 +32,7 @@ from headswap.server.domain import (
 from headswap.server.errors import DataLoss, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
 from headswap.server.services.embedding import EmbeddingService, timings
-from headswap.server.services.locks import TenantLocks
+from headswap.server.services.locks import TenantLock, TenantLocks
 from headswap.server.store import Change, HeadStore, StoredVersion
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,15 @@ class HeadService:
     async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """`fn(*args)` on the store's threads (blocking I/O never runs on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
+    async def run_held(
+        self, lock: TenantLock, fn: Callable[[*Ts], T], *args: *Ts, executor: Executor | None = None
+    ) -> T:
+        """`fn(*args)` on the store's threads (or `executor`'s), as work of the tenant's `lock`: should the
+        call go away while it runs, the lock stays held until it ends (services/locks.py)."""
+        work = (executor or self.io).submit(fn, *args)
+        lock.hold(work)
+        return await asyncio.wrap_future(work)
 
     # -- swaps: every one, local or from the store's feed, takes this path -----------------------------------
 
@@ -186,12 +195,12 @@ class HeadService:
         tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
-        async with self.locks(tenant):
+        async with (lock := self.locks(tenant)):
             stored = await self.run_io(self.store.load_version, tenant, version)  # NOT_FOUND if unknown
             self.bank.check(
                 await self.run_io(self.bank.load, tenant, version, stored)
             )  # before anything moves
-            state, previous = await self.run_io(self.store.activate, tenant, version)
+            state, previous = await self.run_held(lock, self.store.activate, tenant, version)
             await self.apply(Change(tenant, state.active_version, state.seq), stored)
         return Activation(tenant, state.active_version, previous)
 
@@ -199,14 +208,15 @@ class HeadService:
         tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
-        async with self.locks(tenant):
-            await self.run_io(self.store.delete_version, tenant, version)  # NOT_FOUND, FAILED_PRECONDITION
+        async with (lock := self.locks(tenant)):
+            # NOT_FOUND, FAILED_PRECONDITION
+            await self.run_held(lock, self.store.delete_version, tenant, version)
             self.bank.forget_version(tenant, version)
         return await self.get_head(TenantRequest(tenant, request.caller))
 
     async def delete(self, request: TenantRequest) -> Deletion:
         tenant = request.caller.tenant_for(request.tenant)
-        async with self.locks(tenant):
-            deletion, change = await self.run_io(self.store.delete, tenant)  # NOT_FOUND if unknown
+        async with (lock := self.locks(tenant)):
+            deletion, change = await self.run_held(lock, self.store.delete, tenant)  # NOT_FOUND if unknown
             await self.apply(change)
         return deletion

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from headswap.server.domain import Deletion, Example, Input
-from headswap.server.errors import DataLoss, NotFound
+from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.keys import ApiKey
 
 
@@ -43,6 +43,9 @@ class NewVersion:
     weights: bytes
     examples: Sequence[Example]
     activate: bool
+    # The tenant's `seq` when the training read its examples (0: a new tenant), or None: no expectation. A
+    # store refuses the commit when the tenant has changed since (deleted, say): see `check_expected`.
+    expect_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,16 @@ class Change:
 
 def no_head(tenant: str) -> NotFound:
     return NotFound(f"tenant {tenant!r} has no head: train one with AdaptHead first")
+
+
+def check_expected(state: TenantState, expect_seq: int | None) -> None:
+    """A write of work started on the tenant's state `expect_seq` (0: none) refuses to land on another state:
+    the tenant was deleted, or changed, while the work ran."""
+    if expect_seq is not None and state.seq != expect_seq:
+        gone = "deleted" if not state.seq else "changed"
+        raise FailedPrecondition(
+            f"tenant {state.tenant!r} was {gone} while this call ran: nothing was stored; call again"
+        )
 
 
 def damaged(tenant: str, what: str) -> DataLoss:
@@ -167,9 +180,12 @@ class HeadStore(abc.ABC):
         ever given, so a number is never reused, not even after that version was deleted."""
 
     @abc.abstractmethod
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
         """Make `examples` the tenant's stored examples (creating the tenant if need be), leaving its versions
-        and active pointer as they are: nothing is published. All or nothing."""
+        and active pointer as they are: nothing is published. All or nothing. `expect_seq`: as
+        `NewVersion.expect_seq`."""
 
     @abc.abstractmethod
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:

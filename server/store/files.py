@@ -20,8 +20,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader (or a crash) sees the old bytes or the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `path` so that a reader (or a crash) sees the old bytes or the new, never a mix.
+
+    The directory must exist: this never creates one (FileNotFoundError). A write that created its parents
+    would bring back a tenant deleted while it was on its way; whoever writes creates what it means to."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

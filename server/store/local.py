@@ -41,6 +41,7 @@ from headswap.server.store.base import (
     NewVersion,
     StoredVersion,
     TenantState,
+    check_expected,
     damaged,
     example_from_json,
     example_to_json,
@@ -223,16 +224,26 @@ class LocalStore(LocalExtras, HeadStore):
 
     # -- writing -----------------------------------------------------------------------------------------
 
-    @exclusive
-    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
-        tenant_dir = self.tenant_dir(tenant)
+    def _begin(self, tenant: str, expect_seq: int | None) -> tuple[dict[str, Any], TenantState]:
+        """The state a write starts from. Refuses when it is not the one the work was started on (a training
+        that outlived its call, committing after a DeleteHead): a write never brings a deleted tenant back.
+        A new tenant's directory is created here, and only here."""
         try:
             raw_state: dict[str, Any] = self.raw_state(tenant)
             state = self.state(tenant)
         except NotFound:
             raw_state, state = {}, TenantState(tenant, 0, ())
+        check_expected(state, expect_seq)
+        if not raw_state:
+            self.tenant_dir(tenant).mkdir(exist_ok=True)
+        return raw_state, state
+
+    @exclusive
+    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
+        tenant_dir = self.tenant_dir(tenant)
+        raw_state, state = self._begin(tenant, new.expect_seq)
         versions_dir = tenant_dir / "versions"
-        versions_dir.mkdir(parents=True, exist_ok=True)
+        versions_dir.mkdir(exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         # Never a number given out before, even to a version deleted since: state.json keeps the highest.
         version = max([*state.versions, *existing, recorded_last_version(raw_state)]) + 1
@@ -270,16 +281,18 @@ class LocalStore(LocalExtras, HeadStore):
         """Write an example set under its sha256 (rewritten: a damaged copy may be there); returns the sha256."""
         data = compact_json_bytes({"examples": [example_to_json(e) for e in examples]})
         ref = hashlib.sha256(data).hexdigest()
-        atomic_write(self.tenant_dir(tenant) / "examples" / f"{ref}.json", data)
+        directory = self.tenant_dir(tenant) / "examples"
+        directory.mkdir(exist_ok=True)
+        atomic_write(directory / f"{ref}.json", data)
         return ref
 
     @exclusive
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
-        try:
-            raw_state: dict[str, Any] = self.raw_state(tenant)
-            state = self.state(tenant)
-        except NotFound:
-            raw_state, state = {}, TenantState(tenant, 0, ())
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
+        raw_state, state = self._begin(tenant, expect_seq)
+        if not raw_state:  # a new tenant: a seq of its own, that a delete and a new start never repeat
+            state = TenantState(tenant, 0, (), next_seq(0))
         ref = self._write_examples(tenant, examples)
         self.write_state(state, ref)  # the commit point
         self._prune(state, ref, raw_state.get("examples"))

@@ -64,8 +64,12 @@ class LocalExtras:
             return
         keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
         vectors = np.stack(list(entries.values())).astype(np.float32)
+        path = self._embeddings_path(tenant, fingerprint)
         with self._writing():
-            atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
+            if not (path.parent.parent / "state.json").exists():
+                return  # no such tenant (deleted, or not yet committed): a cache never creates one
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, save({"keys": keys, "vectors": vectors}))
 
     # -- API keys: keys/<id>.json, written atomically ----------------------------------------------------
 
@@ -75,8 +79,10 @@ class LocalExtras:
         return self.root / "keys" / f"{key_id}.json"
 
     def put_key(self, key: ApiKey) -> None:
+        path = self._key_path(key.id)
         with self._writing():
-            atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, json_bytes(key_to_json(key)))
 
     def get_key(self, key_id: str) -> ApiKey | None:
         try:

@@ -19,6 +19,7 @@ from headswap.server.store.base import (
     NewVersion,
     StoredVersion,
     TenantState,
+    check_expected,
     no_head,
     no_key,
     retained,
@@ -76,6 +77,7 @@ class MemoryStore(HeadStore):
         check_tenant(tenant)
         with self._lock:
             state = self._states.get(tenant, TenantState(tenant, 0, ()))
+            check_expected(state, new.expect_seq)
             version = max([self._last_version.get(tenant, 0), *state.versions]) + 1
             self._last_version[tenant] = version
             manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
@@ -101,10 +103,13 @@ class MemoryStore(HeadStore):
         self.feed.publish(Change(tenant, updated.active_version, updated.seq))
         return updated
 
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
         check_tenant(tenant)
         with self._lock:
-            state = self._states.setdefault(tenant, TenantState(tenant, 0, ()))
+            check_expected(self._states.get(tenant, TenantState(tenant, 0, ())), expect_seq)
+            state = self._states.setdefault(tenant, TenantState(tenant, 0, (), self._next_seq()))
             self._examples[tenant] = list(examples)
         return state
 

@@ -26,6 +26,7 @@ from headswap.server.store.base import (
     NewVersion,
     StoredVersion,
     TenantState,
+    check_expected,
     example_from_json,
     example_to_json,
     no_head,
@@ -203,12 +204,14 @@ class PostgresStore(PostgresExtras, HeadStore):
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
             )
             row = conn.execute(
-                "SELECT t.active_version, t.previous_version, t.next_version, t.examples_id, e.examples "
+                "SELECT t.active_version, t.previous_version, t.next_version, t.examples_id, e.examples, t.seq "
                 "FROM headswap_tenants t LEFT JOIN headswap_example_sets e ON e.id = t.examples_id "
                 "WHERE t.tenant = %s FOR UPDATE OF t",
                 (tenant,),
             ).fetchone()
-            active, previous, version, examples_id, current_examples = row
+            active, previous, version, examples_id, current_examples, seq_before = row
+            # Rolled back with the row just inserted: a training that outlived a DeleteHead brings nothing back.
+            check_expected(TenantState(tenant, active, (), int(seq_before or 0)), new.expect_seq)
             manifest = {**new.manifest, "version": version, "weights_sha256": sha}
             conn.execute(
                 "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
@@ -247,14 +250,19 @@ class PostgresStore(PostgresExtras, HeadStore):
         self.damaged.pop(tenant, None)
         return state
 
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
         check_tenant(tenant)
         rows = [example_to_json(e) for e in examples]
         with self.transaction("store examples") as conn:
             conn.execute(
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
             )
-            conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
+            (seq_before,) = conn.execute(
+                "SELECT seq FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,)
+            ).fetchone()
+            check_expected(TenantState(tenant, 0, (), int(seq_before or 0)), expect_seq)
             examples_id = conn.execute(
                 "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
                 (tenant, jsonb(rows)),

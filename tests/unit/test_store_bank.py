@@ -119,6 +119,9 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
 def test_persisted_embeddings_round_trip_and_damage(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     entries = {content_key(t): np.full(4, i, np.float32) for i, t in enumerate(["a", "b", "c"])}
+    store.save_embeddings("acme", FP, entries)  # a cache never creates a tenant
+    assert store.cached_embeddings("acme", FP) == {} and not store.tenant_dir("acme").exists()
+    store.put_examples("acme", [])
     store.save_embeddings("acme", FP, entries)
     back = store.cached_embeddings("acme", FP)
     assert set(back) == set(entries) and all(np.array_equal(back[k], entries[k]) for k in entries)
