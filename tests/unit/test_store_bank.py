@@ -141,7 +141,7 @@ def test_embedding_cache_is_bounded_lru_and_keyed_by_fingerprint() -> None:
 
 
 def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> None:
-    cache = EmbeddingCache(capacity=10)
+    cache = EmbeddingCache(capacity=10, scope="shared")
     a, b = content_key("a"), content_key("b")
     cache.put_many(FP, {a: np.zeros(2), b: np.ones(2)}, tenant="t1")
     cache.get_many(FP, [b], tenant="t2")  # t2 uses b too
@@ -151,7 +151,7 @@ def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> N
 
 
 def test_embedding_cache_keeps_its_rows_not_the_batches_they_came_from() -> None:
-    cache = EmbeddingCache(capacity=10)
+    cache = EmbeddingCache(capacity=10, scope="shared")
     a, b, c = (content_key(t) for t in "abc")
     batch = np.arange(3 * 384, dtype=np.float32).reshape(3, 384)
     batch_alive = weakref.ref(batch)
