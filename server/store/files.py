@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from headswap.server.errors import DiskFull
+
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def disk_full_is_exhaustion(what: str) -> Iterator[None]:
+    """A write that finds the disk (or the quota) full is the domain's DiskFull (RESOURCE_EXHAUSTED), not an
+    OSError that would reach the caller as INTERNAL. Every write is atomic, so the store is as it was."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in FULL:
+            raise DiskFull(what) from exc
+        raise
 
 
 def fsync_dir(path: Path) -> None:

@@ -55,6 +55,7 @@ from headswap.server.store.files import (
     EXAMPLES_REF,
     atomic_write,
     compact_json_bytes,
+    disk_full_is_exhaustion,
     fsync_dir,
     json_bytes,
     next_seq,
@@ -75,7 +76,7 @@ def exclusive(method: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with args[0]._writing():  # type: ignore[attr-defined]
+        with args[0]._writing(), disk_full_is_exhaustion(method.__name__.replace("_", " ")):  # type: ignore[attr-defined]
             return method(*args, **kwargs)
 
     return wrapper
@@ -261,21 +262,32 @@ class LocalStore(LocalExtras, HeadStore):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        fsync_dir(versions_dir)
-        crash_point("version-written")
-        ref = self._write_examples(tenant, new.examples)
-        crash_point("examples-written")
         active = version if new.activate else state.active_version
         previous = state.active_version if new.activate and state.active_version else state.previous_version
         updated = TenantState(tenant, active, (*state.versions, version), next_seq(state.seq), previous)
-        # The commit point: until state.json names the version and the examples, a restart sweeps them away.
-        self.write_state(updated, ref)
+        try:
+            fsync_dir(versions_dir)
+            crash_point("version-written")
+            ref = self._write_examples(tenant, new.examples)
+            crash_point("examples-written")
+            # The commit point: until state.json names the version and the examples, a restart sweeps them.
+            self.write_state(updated, ref)
+        except OSError:  # a full disk, say: leave nothing the state does not name (the sweep would, later)
+            if version not in self._named_versions(tenant):
+                shutil.rmtree(versions_dir / str(version), ignore_errors=True)
+            raise
         crash_point("state-written")
         self._prune(updated, ref, raw_state.get("examples"))
         self.damaged.pop(tenant, None)
         sha = manifest["weights_sha256"] if updated.active_version == version else ""
         self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
         return self.state(tenant)
+
+    def _named_versions(self, tenant: str) -> set[int]:
+        try:
+            return set(self.state(tenant).versions)
+        except (NotFound, DataLoss):
+            return set()
 
     def _write_examples(self, tenant: str, examples: Sequence[Example]) -> str:
         """Write an example set under its sha256 (rewritten: a damaged copy may be there); returns the sha256."""

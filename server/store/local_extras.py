@@ -21,7 +21,7 @@ import numpy as np
 from headswap.server.errors import NotFound
 from headswap.server.keys import ApiKey
 from headswap.server.store.base import Change, ChangeFeed, key_from_json, key_to_json, no_key
-from headswap.server.store.files import atomic_write, json_bytes, next_seq
+from headswap.server.store.files import atomic_write, disk_full_is_exhaustion, json_bytes, next_seq
 
 KEY_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -80,7 +80,7 @@ class LocalExtras:
 
     def put_key(self, key: ApiKey) -> None:
         path = self._key_path(key.id)
-        with self._writing():
+        with self._writing(), disk_full_is_exhaustion("store an API key"):
             path.parent.mkdir(exist_ok=True)
             atomic_write(path, json_bytes(key_to_json(key)))
 

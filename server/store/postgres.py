@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import FailedPrecondition, Unavailable
+from headswap.server.errors import DiskFull, FailedPrecondition, Unavailable
 from headswap.server.store.base import (
     Change,
     HeadStore,
@@ -100,6 +100,8 @@ class PostgresStore(PostgresExtras, HeadStore):
 
         try:
             yield
+        except psycopg.errors.DiskFull as exc:  # SQLSTATE 53100: the database's disk, not the network
+            raise DiskFull(f"PostgreSQL could not {what}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             raise Unavailable(
                 f"could not {what}: the head store at {self.where} is unreachable ({first_line(exc)}); retry shortly"
