@@ -71,3 +71,12 @@ EXAMPLES_REF = re.compile(r"(|[0-9a-f]{64})")
 def next_seq(previous: int) -> int:
     """Sequence numbers from the clock, so that they keep growing across a delete and a restart."""
     return max(time.time_ns(), previous + 1)
+
+
+def holds_data(tenant_dir: Path) -> bool:
+    """Whether a tenant directory holds a version or an example set (a cache or temporary files are not data)."""
+    return (
+        any(tenant_dir.glob("versions/*/head.json"))
+        or any(tenant_dir.glob("examples/*.json"))
+        or (tenant_dir / "examples.json").exists()  # the layout before content-addressing
+    )

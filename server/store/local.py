@@ -57,6 +57,7 @@ from headswap.server.store.files import (
     compact_json_bytes,
     disk_full_is_exhaustion,
     fsync_dir,
+    holds_data,
     json_bytes,
     next_seq,
 )
@@ -83,16 +84,21 @@ def exclusive(method: Callable[P, R]) -> Callable[P, R]:
 
 
 class LocalStore(LocalExtras, HeadStore):
-    def __init__(self, root: Path, max_versions: int = 50, shared: bool = False) -> None:
-        """`shared`: several processes of one server (its workers) use the store at once."""
+    def __init__(
+        self, root: Path, max_versions: int = 50, shared: bool = False, sweep_at_start: bool = True
+    ) -> None:
+        """`shared`: several processes of one server (its workers) use the store at once.
+        `sweep_at_start=False`: change nothing on disk when opening (`headswap store check`)."""
         super().__init__(max_versions)
         self.root = root
         self.tenants_dir = root / "tenants"
-        self.tenants_dir.mkdir(parents=True, exist_ok=True)
+        if sweep_at_start:
+            self.tenants_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self.shared = ProcessShared(root, self.feed) if shared else None
-        with self._writing():
-            sweep(self)
+        if sweep_at_start:
+            with self._writing():
+                sweep(self)
         if self.shared is not None:
             self.shared.start()
 
@@ -143,16 +149,25 @@ class LocalStore(LocalExtras, HeadStore):
     # -- reading -----------------------------------------------------------------------------------------
 
     def tenants(self) -> list[str]:
-        # A name starting with "." is a delete in progress or a temporary directory, never a tenant.
+        # A name starting with "." is a delete in progress or a temporary directory, never a tenant. One whose
+        # state.json is missing but whose data is there is a tenant (quarantined), never nothing.
+        if not self.tenants_dir.is_dir():
+            return []
         return sorted(
             p.name
             for p in self.tenants_dir.iterdir()
-            if not p.name.startswith(".") and (p / "state.json").exists()
+            if not p.name.startswith(".") and ((p / "state.json").exists() or holds_data(p))
         )
+
+    def exists(self, tenant: str) -> bool:
+        directory = self.tenant_dir(tenant)
+        return (directory / "state.json").exists() or holds_data(directory)
 
     def raw_state(self, tenant: str) -> dict[str, Any]:
         path = self.tenant_dir(tenant) / "state.json"
         if not path.exists():
+            if holds_data(path.parent):  # a lost pointer is damage to report, never a reason to forget data
+                raise self._quarantine(tenant, "state.json is missing")
             raise no_head(tenant)
         raw = self._read_json(tenant, path, "state.json")
         try:
@@ -163,6 +178,10 @@ class LocalStore(LocalExtras, HeadStore):
                 int(raw.get(key, 0))
             if sorted(set(versions)) != versions:
                 raise ValueError
+            if int(raw.get("active_version", 0)) not in (0, *versions):
+                raise self._quarantine(
+                    tenant, f"state.json names active version {raw['active_version']}, which it does not list"
+                )
         except (TypeError, KeyError, ValueError):
             raise self._quarantine(tenant, "state.json does not describe a state") from None
         return dict(raw)
@@ -236,7 +255,11 @@ class LocalStore(LocalExtras, HeadStore):
             raw_state, state = {}, TenantState(tenant, 0, ())
         check_expected(state, expect_seq)
         if not raw_state:
+            # A new tenant: its directory, and a state that names nothing yet, before any of its files: a
+            # tenant directory without state.json is then always damage (the sweep removes a state that names
+            # nothing, left by a crash before the first commit point).
             self.tenant_dir(tenant).mkdir(exist_ok=True)
+            self.write_state(state, "")
         return raw_state, state
 
     @exclusive
@@ -388,7 +411,7 @@ class LocalStore(LocalExtras, HeadStore):
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         """Works on a quarantined tenant too: whatever can be counted is, and everything goes."""
         tenant_dir = self.tenant_dir(tenant)
-        if not (tenant_dir / "state.json").exists():
+        if not self.exists(tenant):
             raise no_head(tenant)
         try:
             state = self.state(tenant)
