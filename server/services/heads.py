@@ -34,6 +34,7 @@ from headswap.server.headbank import HeadBank
 from headswap.server.services.embedding import EmbeddingService, timings
 from headswap.server.services.locks import TenantLock, TenantLocks
 from headswap.server.store import Change, HeadStore, StoredVersion
+from headswap.server.store.base import damaged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,7 +166,7 @@ class HeadService:
                     state.active_version,
                     len(state.versions),
                     tuple(m["labels"]),
-                    m["backbone_fingerprint"],
+                    str(m.get("backbone_fingerprint", "")),
                 )
             except NotFound:
                 return None  # deleted while listing
@@ -186,10 +187,20 @@ class HeadService:
         def work() -> HeadOverview:
             state = self.store.state(tenant)
             bindings = self.bank.bindings
-            versions = tuple(version_info(self.store.manifest(tenant, v), bindings) for v in state.versions)
+            versions = tuple(self._version_info(tenant, v, bindings) for v in state.versions)
             return HeadOverview(tenant, state.active_version, versions, len(self.store.examples(tenant)))
 
         return await self.run_io(work)
+
+    def _version_info(self, tenant: str, version: int, bindings: Bindings) -> VersionInfo:
+        manifest = self.store.manifest(tenant, version)
+        try:
+            return version_info(manifest, bindings)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A manifest written before its seal, with a field missing or of a type no check caught.
+            problem = f"version {version}'s head.json cannot be read ({type(exc).__name__}: {exc})"
+            self.store.damaged[tenant] = problem
+            raise damaged(tenant, problem) from None
 
     async def activate(self, request: ActivateRequest) -> Activation:
         tenant, version = request.caller.tenant_for(request.tenant), request.version

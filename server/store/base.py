@@ -16,6 +16,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import json
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,63 @@ def damaged(tenant: str, what: str) -> DataLoss:
 
 def weights_digest(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()
+
+
+# The seal: the sha256 of the manifest's canonical JSON (every field but the seal; sorted keys, no spaces). The
+# manifest records the weights' sha256, so the seal binds the labels, the metrics and everything else serving
+# reads to the weights. A manifest written before the seal has none: it is checked as before (the weights'
+# sha256 and the field types below), so a label swapped in such a manifest goes unseen until it is retrained.
+SEAL = "manifest_sha256"
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "spec": (dict,),
+    "metrics": (dict,),
+    "created_at": (int, float),
+    "example_count": (int,),
+    "backbone_fingerprint": (str,),
+    "weights_sha256": (str,),
+    "version": (int,),
+}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as committed: with its seal (computed last, over everything else)."""
+    return {**manifest, SEAL: manifest_digest(manifest)}
+
+
+def manifest_problem(version: int, manifest: Any) -> str | None:
+    """What is wrong with a stored manifest (None: nothing): a broken seal, or a field serving reads that has
+    the wrong type. Raised by the stores as DataLoss: bytes that do not say what was committed are never
+    served."""
+    what = f"version {version}'s head.json"
+    if not isinstance(manifest, dict):
+        return f"{what} is not a manifest"
+    seal = manifest.get(SEAL)
+    if seal is not None:
+        try:
+            intact = seal == manifest_digest(manifest)
+        except (TypeError, ValueError):
+            intact = False
+        if not intact:
+            return f"{what} does not match the sha256 recorded at commit (its labels or fields were changed)"
+    labels = manifest.get("labels")
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(label, str) for label in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        return f"{what} has no list of distinct labels"
+    for key, kinds in FIELD_TYPES.items():
+        value = manifest.get(key)
+        if key in manifest and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{what} has a {key} of the wrong type ({type(value).__name__})"
+    return None
 
 
 def verify_weights(tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> None:

@@ -45,8 +45,10 @@ from headswap.server.store.base import (
     damaged,
     example_from_json,
     example_to_json,
+    manifest_problem,
     no_head,
     retained,
+    sealed,
     verify_weights,
     weights_digest,
 )
@@ -201,9 +203,10 @@ class LocalStore(LocalExtras, HeadStore):
         data = self._read_json(
             tenant, self.version_dir(tenant, version) / "head.json", f"version {version}'s head.json"
         )
-        if not isinstance(data, dict):
-            raise self._quarantine(tenant, f"version {version}'s head.json is not a manifest")
-        return data
+        problem = manifest_problem(version, data)
+        if problem:
+            raise self._quarantine(tenant, problem)
+        return dict(data)
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         manifest = self.manifest(tenant, version)
@@ -271,7 +274,7 @@ class LocalStore(LocalExtras, HeadStore):
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         # Never a number given out before, even to a version deleted since: state.json keeps the highest.
         version = max([*state.versions, *existing, recorded_last_version(raw_state)]) + 1
-        manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+        manifest = sealed({**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)})
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:

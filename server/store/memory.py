@@ -20,9 +20,12 @@ from headswap.server.store.base import (
     StoredVersion,
     TenantState,
     check_expected,
+    damaged,
+    manifest_problem,
     no_head,
     no_key,
     retained,
+    sealed,
     verify_weights,
     weights_digest,
 )
@@ -66,6 +69,10 @@ class MemoryStore(HeadStore):
         with self._lock:
             self._state(tenant).require(version)
             stored = self._versions[(tenant, version)]
+        problem = manifest_problem(version, stored.manifest)
+        if problem:
+            self.damaged[tenant] = problem
+            raise damaged(tenant, problem)
         verify_weights(tenant, version, stored.manifest, stored.weights)
         return StoredVersion(stored.version, copy.deepcopy(stored.manifest), stored.weights)
 
@@ -80,7 +87,9 @@ class MemoryStore(HeadStore):
             check_expected(state, new.expect_seq)
             version = max([self._last_version.get(tenant, 0), *state.versions]) + 1
             self._last_version[tenant] = version
-            manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+            manifest = sealed(
+                {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+            )
             self._versions[(tenant, version)] = StoredVersion(
                 version, copy.deepcopy(manifest), bytes(new.weights)
             )

@@ -27,10 +27,13 @@ from headswap.server.store.base import (
     StoredVersion,
     TenantState,
     check_expected,
+    damaged,
     example_from_json,
     example_to_json,
+    manifest_problem,
     no_head,
     retained,
+    sealed,
     verify_weights,
     weights_digest,
 )
@@ -167,7 +170,14 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             if row is None:
                 self._state(conn, tenant)[0].require(version)
-            return dict(row[0])
+        return self._checked(tenant, version, row[0])
+
+    def _checked(self, tenant: str, version: int, manifest: Any) -> dict[str, Any]:
+        problem = manifest_problem(version, manifest)
+        if problem:
+            self.damaged[tenant] = problem
+            raise damaged(tenant, problem)
+        return dict(manifest)
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         with self.transaction("read a head") as conn:
@@ -178,7 +188,7 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             if row is None:
                 self._state(conn, tenant)[0].require(version)
-        manifest, weights = dict(row[0]), bytes(row[1])
+        manifest, weights = self._checked(tenant, version, row[0]), bytes(row[1])
         try:
             verify_weights(tenant, version, manifest, weights)
         except Exception:
@@ -215,7 +225,7 @@ class PostgresStore(PostgresExtras, HeadStore):
             active, previous, version, examples_id, current_examples, seq_before = row
             # Rolled back with the row just inserted: a training that outlived a DeleteHead brings nothing back.
             check_expected(TenantState(tenant, active, (), int(seq_before or 0)), new.expect_seq)
-            manifest = {**new.manifest, "version": version, "weights_sha256": sha}
+            manifest = sealed({**new.manifest, "version": version, "weights_sha256": sha})
             conn.execute(
                 "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
                 (tenant, version, jsonb(manifest), new.weights, sha),
