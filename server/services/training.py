@@ -83,6 +83,11 @@ class TrainingService:
         found = self.cache.get_many(cache_key, keys, tenant)
         if len(found) < len(set(keys)):
             stored = await self.heads.run_io(self.store.cached_embeddings, tenant, cache_key)
+            if dropped := getattr(stored, "dropped", 0):
+                self.metrics.cache_damaged.inc(dropped)
+                log.warning(
+                    "tenant %s: %d damaged cached embedding(s) dropped, embedded again", tenant, dropped
+                )
             found.update({k: v for k, v in stored.items() if k not in found})
         missing: dict[bytes, Input] = {}
         for key, item in zip(keys, inputs, strict=True):

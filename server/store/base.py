@@ -165,6 +165,20 @@ def verify_weights(tenant: str, version: int, manifest: dict[str, Any], weights:
         raise damaged(tenant, f"version {version}'s weights do not match the sha256 recorded at commit")
 
 
+class CachedVectors(dict[bytes, np.ndarray]):
+    """Cached vectors by input key, and how many stored rows were found damaged and left out (`dropped`)."""
+
+    def __init__(self, dropped: int = 0) -> None:
+        super().__init__()
+        self.dropped = dropped
+
+
+def row_check(key: bytes, vector: np.ndarray) -> bytes:
+    """A cached row's checksum, bound to its key: a garbled vector, or a sound one moved to another key's row
+    (permuted rows: finite unit vectors that would train a wrong head), fails it."""
+    return hashlib.sha256(key + np.asarray(vector, dtype="<f4").tobytes()).digest()
+
+
 def retained(state: TenantState, keep_newest: int) -> tuple[int, ...]:
     """The versions a retention limit keeps: the newest `keep_newest`, the active one and its predecessor."""
     keep = set(state.versions[-keep_newest:]) | ({state.active_version, state.previous_version} - {0})
