@@ -45,7 +45,9 @@ class NewVersion:
     examples: Sequence[Example]
     activate: bool
     # The tenant's `seq` when the training read its examples (0: a new tenant), or None: no expectation. A
-    # store refuses the commit when the tenant has changed since (deleted, say): see `check_expected`.
+    # store refuses the commit when the tenant was deleted since (`check_expected`); the local and memory
+    # stores, whose tenants change only under the tenant lock, when it changed at all. PostgreSQL refuses
+    # only a deletion: replicas may train one tenant at once.
     expect_seq: int | None = None
 
 

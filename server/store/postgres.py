@@ -213,18 +213,19 @@ class PostgresStore(PostgresExtras, HeadStore):
         examples = [example_to_json(e) for e in new.examples]
         examples_sha = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
         with self.transaction("store a new head version") as conn:
-            conn.execute(
+            created = conn.execute(
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
-            )
+            ).rowcount
+            # Rolled back with the row just inserted: a training that outlived a DeleteHead brings nothing back.
+            # (Only a deletion is refused: replicas may train one tenant at once, each getting its version.)
+            check_expected(TenantState(tenant, 0, (), 0 if created else new.expect_seq or 0), new.expect_seq)
             row = conn.execute(
-                "SELECT t.active_version, t.previous_version, t.next_version, t.examples_id, e.examples, t.seq "
+                "SELECT t.active_version, t.previous_version, t.next_version, t.examples_id, e.examples "
                 "FROM headswap_tenants t LEFT JOIN headswap_example_sets e ON e.id = t.examples_id "
                 "WHERE t.tenant = %s FOR UPDATE OF t",
                 (tenant,),
             ).fetchone()
-            active, previous, version, examples_id, current_examples, seq_before = row
-            # Rolled back with the row just inserted: a training that outlived a DeleteHead brings nothing back.
-            check_expected(TenantState(tenant, active, (), int(seq_before or 0)), new.expect_seq)
+            active, previous, version, examples_id, current_examples = row
             manifest = sealed({**new.manifest, "version": version, "weights_sha256": sha})
             conn.execute(
                 "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
@@ -269,13 +270,11 @@ class PostgresStore(PostgresExtras, HeadStore):
         check_tenant(tenant)
         rows = [example_to_json(e) for e in examples]
         with self.transaction("store examples") as conn:
-            conn.execute(
+            created = conn.execute(
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
-            )
-            (seq_before,) = conn.execute(
-                "SELECT seq FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,)
-            ).fetchone()
-            check_expected(TenantState(tenant, 0, (), int(seq_before or 0)), expect_seq)
+            ).rowcount
+            check_expected(TenantState(tenant, 0, (), 0 if created else expect_seq or 0), expect_seq)
+            conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
             examples_id = conn.execute(
                 "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
                 (tenant, jsonb(rows)),

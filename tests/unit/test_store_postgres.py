@@ -222,3 +222,16 @@ def test_a_failed_prune_is_logged_not_a_lost_connection(caplog: pytest.LogCaptur
     listener = Listener("postgresql://unused", "test", None, 0)  # type: ignore[arg-type]
     listener._prune(Refusing())  # returns: the listener goes on following changes
     assert "change log not pruned (permission denied for table headswap_changes)" in caplog.text
+
+
+def test_replicas_training_one_tenant_at_once_both_commit(postgres_dsn: str) -> None:
+    """Only a deletion refuses a commit (issue 23, item 1): two replicas' trainings that started on one state
+    each commit a version."""
+    store = PostgresStore(postgres_dsn, migrate_schema=True)
+    try:
+        seq = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"w", EXAMPLES, True)).seq
+        first = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"a", EXAMPLES, True, seq))
+        second = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"b", EXAMPLES, True, seq))
+        assert first.versions == (1, 2) and second.versions == (1, 2, 3)
+    finally:
+        store.close()
