@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from headswap.server.errors import DiskFull
 
+P = ParamSpec("P")
+R = TypeVar("R")
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -80,3 +83,23 @@ def holds_data(tenant_dir: Path) -> bool:
         or any(tenant_dir.glob("examples/*.json"))
         or (tenant_dir / "examples.json").exists()  # the layout before content-addressing
     )
+
+
+def exclusive(method: Callable[P, R]) -> Callable[P, R]:
+    """A write of the store: one at a time across this process's threads and, when shared, the server's
+    other processes (store/processes.py)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0]._writing(), disk_full_is_exhaustion(method.__name__.replace("_", " ")):  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+def recorded_last_version(raw_state: dict[str, Any]) -> int:
+    """The highest version number state.json records as given out (0 when it predates the record)."""
+    try:
+        return int(raw_state.get("last_version", 0))
+    except (TypeError, ValueError):
+        return 0

@@ -20,7 +20,6 @@ Layout:
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -29,9 +28,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
@@ -57,11 +56,12 @@ from headswap.server.store.files import (
     EXAMPLES_REF,
     atomic_write,
     compact_json_bytes,
-    disk_full_is_exhaustion,
+    exclusive,
     fsync_dir,
     holds_data,
     json_bytes,
     next_seq,
+    recorded_last_version,
 )
 from headswap.server.store.local_extras import LocalExtras
 from headswap.server.store.processes import ProcessShared
@@ -69,20 +69,6 @@ from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def exclusive(method: Callable[P, R]) -> Callable[P, R]:
-    """A write of the store: one at a time across this process's threads and, when shared, the server's
-    other processes (store/processes.py)."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with args[0]._writing(), disk_full_is_exhaustion(method.__name__.replace("_", " ")):  # type: ignore[attr-defined]
-            return method(*args, **kwargs)
-
-    return wrapper
 
 
 class LocalStore(LocalExtras, HeadStore):
@@ -434,11 +420,3 @@ class LocalStore(LocalExtras, HeadStore):
         change = Change(tenant, 0, next_seq(seq), deleted=True)
         self._publish(change)
         return Deletion(tenant, versions, examples), change
-
-
-def recorded_last_version(raw_state: dict[str, Any]) -> int:
-    """The highest version number state.json records as given out (0 when it predates the record)."""
-    try:
-        return int(raw_state.get("last_version", 0))
-    except (TypeError, ValueError):
-        return 0
