@@ -13,6 +13,9 @@ from .heads import HEAD_KINDS
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MAX_SEED = 2**63 - 1
+# Far past any useful penalty (selection.L2_GRID stops at 100: at 1e6 the weights are all but zero), and far
+# below where float32 arithmetic overflows in the solver (1e30 made the linear head's fit fail).
+MAX_L2 = 1e6
 
 
 class TrainingInputError(ValueError):
@@ -85,8 +88,10 @@ class TrainConfig:
             raise ValueError(f"validation_fraction must be at least 0 and below 0.9, got {fraction!r}")
         if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED:
             raise ValueError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
-        if self.l2 is not None and (not _is_real(self.l2) or self.l2 < 0):
-            raise ValueError(f"l2 must be a finite number >= 0, got {self.l2!r}")
+        if self.l2 is not None and (not _is_real(self.l2) or not 0 <= self.l2 <= MAX_L2):
+            raise ValueError(
+                f"l2 must be between 0 and {MAX_L2:g} (0: chosen by validation), got {self.l2!r}"
+            )
         if not _is_int(self.max_epochs) or self.max_epochs < 1:
             raise ValueError(f"max_epochs must be an integer >= 1, got {self.max_epochs!r}")
         if not _is_int(self.patience) or self.patience < 1:

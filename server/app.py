@@ -274,7 +274,7 @@ def build(
         config.limits.max_resident_head_bytes,
         bindings=bindings,
     )
-    cache = EmbeddingCache(config.store.cache_capacity)
+    cache = EmbeddingCache(config.store.cache_capacity, config.store.cache_scope)
     embedding = EmbeddingService(served_lanes, config.limits, metrics)
     # A local store shared by several workers locks tenants across processes too (services/locks.py).
     lock_dir = store.root / "locks" if isinstance(store, LocalStore) and store.shared else None

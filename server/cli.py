@@ -230,6 +230,11 @@ def run_store_copy(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def clamp_epoch(seconds: float) -> float:
+    """Seconds since the epoch within years 1 to 9999 (what timestamps and datetimes can say)."""
+    return min(max(seconds, -62135596800.0), 253402300799.0)
+
+
 def offline_keys(
     url: str, action: str, args: argparse.Namespace, ttl: float | None
 ) -> tuple[list[dict[str, object]], str | None]:
@@ -240,15 +245,22 @@ def offline_keys(
     import time
 
     from headswap.server import keys
+    from headswap.server.services.keys import MAX_TTL_S
     from headswap.server.store import open_store
 
+    if action == "create" and ttl is not None and not 0 < ttl <= MAX_TTL_S:
+        # Checked before anything is stored, as the server checks CreateApiKey (a key past year 9999 was stored,
+        # then every listing failed).
+        raise ValueError(
+            f"--ttl-days must be above 0 and at most {MAX_TTL_S // 86400} (or unset: never expires)"
+        )
     config = ServerConfig.from_sources()
     pepper = replace(config.auth, mode="keys").load_pepper()
     assert pepper is not None
     store = open_store(url, migrate=True)
 
-    def when(t: float | None) -> str | None:
-        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat() if t is not None else None
+    def when(t: float | None) -> str | None:  # any stored expiry lists (clamped to the years datetime knows)
+        return dt.datetime.fromtimestamp(clamp_epoch(t), dt.UTC).isoformat() if t is not None else None
 
     def row(k: keys.ApiKey) -> dict[str, object]:
         return {

@@ -118,6 +118,8 @@ class StoreConfig:
     # hold a password.
     url: str | None = field(default=None, repr=False)
     cache_capacity: int = 200_000  # embeddings kept in memory (LRU)
+    # "tenant": no tenant sees another's cached vectors; "shared": for tenants of one organisation.
+    cache_scope: str = "tenant"
     migrate: bool = False  # create or migrate a PostgreSQL store's schema at start
 
     @property

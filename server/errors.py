@@ -9,6 +9,7 @@ becomes INTERNAL with a logged traceback.
      ├── NotFound             unknown tenant or version
      ├── FailedPrecondition   valid, but not in this state (a head from another backbone, none active)
      ├── ResourceExhausted    over a configured bound (queue, batch, reply size)
+     │    └── DiskFull        the store's disk is full (counted: headswap_store_disk_full_total)
      ├── Unavailable          not now: starting up, draining; safe to retry
      ├── Unauthenticated      no API key, or one the server does not accept (unknown, revoked, expired)
      ├── PermissionDenied     a valid key that may not do this (another tenant, an admin-only call)
@@ -40,6 +41,17 @@ class FailedPrecondition(HeadswapError):
 
 class ResourceExhausted(HeadswapError):
     """Over a configured bound; the message says which and what to do."""
+
+
+class DiskFull(ResourceExhausted):
+    """The store's disk (or the database's) is full: nothing was changed; free space, then retry."""
+
+    def __init__(self, what: str = "") -> None:
+        super().__init__(
+            "the store's disk is full"
+            + (f" ({what})" if what else "")
+            + ": nothing was changed; retry once the operator has freed space"
+        )
 
 
 class Unavailable(HeadswapError):

@@ -123,6 +123,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.store_disk_full = Counter(
+            "headswap_store_disk_full_total",
+            "writes refused because the store's disk was full (answered RESOURCE_EXHAUSTED, nothing changed)",
+            registry=r,
+        )
+        self.cache_damaged = Counter(
+            "headswap_embedding_cache_damaged_total",
+            "stored cached embeddings found damaged (rows failing their checksum; a file that does not parse "
+            "counts once): dropped and embedded again",
+            registry=r,
+        )
         self.cache_write_errors = Counter(
             "headswap_embedding_cache_write_errors_total",
             "embedding cache saves that failed (the training went on without them)",

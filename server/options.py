@@ -255,6 +255,15 @@ OPTIONS: tuple[Option, ...] = (
         "embeddings kept in memory by the embedding cache (LRU)",
     ),
     Option(
+        "cache_scope",
+        "store",
+        "cache_scope",
+        choice("tenant", "shared"),
+        "tenant (default: a tenant never sees, not even as a hit count or a faster AdaptHead, what another "
+        "embedded) or shared (tenants reuse each other's cached embeddings: only where all tenants are one "
+        "organisation)",
+    ),
+    Option(
         "train_threads",
         None,
         "train_threads",

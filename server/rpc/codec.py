@@ -330,7 +330,8 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
     ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
+    # Clamped to the years a Timestamp can say (1 to 9999): a key stored with any expiry still lists.
+    ts.FromNanoseconds(int(min(max(seconds, -62135596800.0), 253402300799.0) * 1e9))
     return ts
 
 

@@ -137,6 +137,8 @@ class CallInterceptor(aio.ServerInterceptor):
             raise
         except errors.HeadswapError as exc:
             code, message = status_of(exc), exc.message
+            if isinstance(exc, errors.DiskFull):
+                self.metrics.store_disk_full.inc()
             _fail(context, code, message)
         except Exception as exc:
             log.error("unexpected error in %s (request %s)", rpc, request_id, exc_info=exc)

@@ -32,8 +32,9 @@ from headswap.server.domain import (
 from headswap.server.errors import DataLoss, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
 from headswap.server.services.embedding import EmbeddingService, timings
-from headswap.server.services.locks import TenantLocks
+from headswap.server.services.locks import TenantLock, TenantLocks
 from headswap.server.store import Change, HeadStore, StoredVersion
+from headswap.server.store.base import damaged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +75,15 @@ class HeadService:
     async def run_io(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """`fn(*args)` on the store's threads (blocking I/O never runs on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
+    async def run_held(
+        self, lock: TenantLock, fn: Callable[[*Ts], T], *args: *Ts, executor: Executor | None = None
+    ) -> T:
+        """`fn(*args)` on the store's threads (or `executor`'s), as work of the tenant's `lock`: should the
+        call go away while it runs, the lock stays held until it ends (services/locks.py)."""
+        work = (executor or self.io).submit(fn, *args)
+        lock.hold(work)
+        return await asyncio.wrap_future(work)
 
     # -- swaps: every one, local or from the store's feed, takes this path -----------------------------------
 
@@ -156,7 +166,7 @@ class HeadService:
                     state.active_version,
                     len(state.versions),
                     tuple(m["labels"]),
-                    m["backbone_fingerprint"],
+                    str(m.get("backbone_fingerprint", "")),
                 )
             except NotFound:
                 return None  # deleted while listing
@@ -177,21 +187,31 @@ class HeadService:
         def work() -> HeadOverview:
             state = self.store.state(tenant)
             bindings = self.bank.bindings
-            versions = tuple(version_info(self.store.manifest(tenant, v), bindings) for v in state.versions)
+            versions = tuple(self._version_info(tenant, v, bindings) for v in state.versions)
             return HeadOverview(tenant, state.active_version, versions, len(self.store.examples(tenant)))
 
         return await self.run_io(work)
+
+    def _version_info(self, tenant: str, version: int, bindings: Bindings) -> VersionInfo:
+        manifest = self.store.manifest(tenant, version)
+        try:
+            return version_info(manifest, bindings)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A manifest written before its seal, with a field missing or of a type no check caught.
+            problem = f"version {version}'s head.json cannot be read ({type(exc).__name__}: {exc})"
+            self.store.damaged[tenant] = problem
+            raise damaged(tenant, problem) from None
 
     async def activate(self, request: ActivateRequest) -> Activation:
         tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
-        async with self.locks(tenant):
+        async with (lock := self.locks(tenant)):
             stored = await self.run_io(self.store.load_version, tenant, version)  # NOT_FOUND if unknown
             self.bank.check(
                 await self.run_io(self.bank.load, tenant, version, stored)
             )  # before anything moves
-            state, previous = await self.run_io(self.store.activate, tenant, version)
+            state, previous = await self.run_held(lock, self.store.activate, tenant, version)
             await self.apply(Change(tenant, state.active_version, state.seq), stored)
         return Activation(tenant, state.active_version, previous)
 
@@ -199,14 +219,15 @@ class HeadService:
         tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")
-        async with self.locks(tenant):
-            await self.run_io(self.store.delete_version, tenant, version)  # NOT_FOUND, FAILED_PRECONDITION
+        async with (lock := self.locks(tenant)):
+            # NOT_FOUND, FAILED_PRECONDITION
+            await self.run_held(lock, self.store.delete_version, tenant, version)
             self.bank.forget_version(tenant, version)
         return await self.get_head(TenantRequest(tenant, request.caller))
 
     async def delete(self, request: TenantRequest) -> Deletion:
         tenant = request.caller.tenant_for(request.tenant)
-        async with self.locks(tenant):
-            deletion, change = await self.run_io(self.store.delete, tenant)  # NOT_FOUND if unknown
+        async with (lock := self.locks(tenant)):
+            deletion, change = await self.run_held(lock, self.store.delete, tenant)  # NOT_FOUND if unknown
             await self.apply(change)
         return deletion

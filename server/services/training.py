@@ -27,12 +27,19 @@ from headswap.server.binding import binding_fields
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import LimitsConfig
 from headswap.server.domain import AdaptOutcome, AdaptRequest, Example, Input, Progress
-from headswap.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from headswap.server.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from headswap.server.inference.image import InputError
 from headswap.server.inference.lanes import Lane
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
+from headswap.server.services.locks import TenantLock
 from headswap.server.services.promotion import compare_with_active, trained_on
 from headswap.server.services.training_input import check_examples, check_new_examples, train_config
 from headswap.server.store import Change, HeadStore, NewVersion, StoredVersion
@@ -64,10 +71,11 @@ class TrainingService:
         report: Callable[[Progress], None],
         deadline: float,
         name: Callable[[int], str] = lambda i: f"examples[{i}]",
-    ) -> tuple[np.ndarray, int, int]:
-        """Vectors for `inputs`, from the cache where possible; returns (vectors, embedded, hits)."""
+    ) -> tuple[np.ndarray, int, int, dict[bytes, np.ndarray]]:
+        """Vectors for `inputs`, from the cache where possible; returns (vectors, embedded, hits, and the
+        vectors for the store's cache: empty when nothing new was embedded)."""
         if not inputs:  # a store_only call that only replaces the examples with none
-            return np.zeros((0, lane.backbone.dim), dtype=np.float32), 0, 0
+            return np.zeros((0, lane.backbone.dim), dtype=np.float32), 0, 0, {}
         # One key per precision: a training's vectors all come from the precision this lane serves, never a
         # mix of fp32 and int8 ones cached by replicas of the fleet that serve another.
         cache_key = lane.backbone.embedding_key
@@ -75,6 +83,11 @@ class TrainingService:
         found = self.cache.get_many(cache_key, keys, tenant)
         if len(found) < len(set(keys)):
             stored = await self.heads.run_io(self.store.cached_embeddings, tenant, cache_key)
+            if dropped := getattr(stored, "dropped", 0):
+                self.metrics.cache_damaged.inc(dropped)
+                log.warning(
+                    "tenant %s: %d damaged cached embedding(s) dropped, embedded again", tenant, dropped
+                )
             found.update({k: v for k, v in stored.items() if k not in found})
         missing: dict[bytes, Input] = {}
         for key, item in zip(keys, inputs, strict=True):
@@ -104,14 +117,23 @@ class TrainingService:
         self.cache.put_many(cache_key, {**found, **fresh}, tenant)
         found.update(fresh)
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
-        if todo:  # nothing new embedded: the stored cache has nothing to gain (10,000 vectors are 15 MB)
-            per_example = dict(zip(keys, vectors, strict=True))
-            try:
-                await self.heads.run_io(self.store.save_embeddings, tenant, cache_key, per_example)
-            except Exception as exc:  # a cache: failing to keep it costs time later, never this training
-                self.metrics.cache_write_errors.inc()
-                log.warning("tenant %s: embedding cache not saved (%s); the training goes on", tenant, exc)
-        return vectors, len(todo), hits
+        # Nothing new embedded: the stored cache has nothing to gain (10,000 vectors are 15 MB).
+        to_save = dict(zip(keys, vectors, strict=True)) if todo else {}
+        return vectors, len(todo), hits, to_save
+
+    async def _save_embeddings(
+        self, lock: TenantLock, tenant: str, lane: Lane, entries: dict[bytes, np.ndarray]
+    ) -> None:
+        """Keep the vectors in the store, after the commit (the store never creates a tenant for a cache)."""
+        if not entries:
+            return
+        try:
+            await self.heads.run_held(
+                lock, self.store.save_embeddings, tenant, lane.backbone.embedding_key, entries
+            )
+        except Exception as exc:  # a cache: failing to keep it costs time later, never this training
+            self.metrics.cache_write_errors.inc()
+            log.warning("tenant %s: embedding cache not saved (%s)", tenant, exc)
 
     async def adapt(self, request: AdaptRequest) -> AsyncIterator[Progress | AdaptOutcome]:
         """Train a new version; yields progress, then the outcome. Cancelling the iteration cancels it."""
@@ -138,6 +160,17 @@ class TrainingService:
             if outcome:
                 self._count(outcome, started)
 
+    def _starting_point(self, tenant: str, replace: bool) -> tuple[list[Example], int | None]:
+        """The stored examples a training adds to, and the tenant's seq it starts from (0: a new tenant;
+        None: a quarantined one, whose commit decides), so that its commit can refuse to land elsewhere."""
+        try:
+            seq: int | None = self.store.state(tenant).seq
+        except NotFound:
+            seq = 0
+        except DataLoss:
+            seq = None
+        return ([] if replace else self.store.examples(tenant)), seq
+
     def _count(self, outcome: str, started: float) -> None:
         self.metrics.training_runs.labels(outcome).inc()
         self.metrics.training_duration.observe(time.perf_counter() - started)
@@ -156,7 +189,7 @@ class TrainingService:
             log.info("AdaptHead for %s waits for the tenant's previous training", tenant)
         async with lock:
             deadline = time.monotonic() + self.limits.max_train_seconds
-            stored = [] if request.replace else await self.heads.run_io(self.store.examples, tenant)
+            stored, expect_seq = await self.heads.run_io(self._starting_point, tenant, request.replace)
             lane = self.embedding.lanes.for_inputs(
                 [e.input for e in [*request.examples, *stored]], request.backbone
             )
@@ -182,11 +215,12 @@ class TrainingService:
             try:
                 async for event in _drain(events, vectors_task):
                     yield event
-                vectors, embedded, hits = vectors_task.result()
+                vectors, embedded, hits, to_save = vectors_task.result()
             finally:
                 vectors_task.cancel()
             if request.store_only:
-                state = await self.heads.run_io(self.store.put_examples, tenant, examples)
+                state = await self.heads.run_held(lock, self.store.put_examples, tenant, examples, expect_seq)
+                await self._save_embeddings(lock, tenant, lane, to_save)
                 log.info(
                     "tenant %s: %d examples stored (%d new), no training", tenant, len(examples), len(new)
                 )
@@ -218,7 +252,10 @@ class TrainingService:
                     label_names=labels,
                 )
 
-            training = loop.run_in_executor(self.train_executor, train)
+            # Work of the lock: a training that goes on after its caller left keeps the tenant locked.
+            work = self.train_executor.submit(train)
+            lock.hold(work)
+            training = asyncio.wrap_future(work)
             # A cancelled training ends in TrainingCancelled that nobody awaits; retrieve it so asyncio
             # does not log it as lost.
             training.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -275,8 +312,9 @@ class TrainingService:
                 },
                 weights_metadata=trained_on(examples),
             )
-            committed = NewVersion(manifest, weights, examples, activate)
-            state = await self.heads.run_io(self.store.commit_version, tenant, committed)
+            committed = NewVersion(manifest, weights, examples, activate, expect_seq)
+            state = await self.heads.run_held(lock, self.store.commit_version, tenant, committed)
+            await self._save_embeddings(lock, tenant, lane, to_save)
             version = state.versions[-1]
             manifest["version"] = version
             if activate:

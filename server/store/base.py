@@ -16,6 +16,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import json
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from headswap.server.domain import Deletion, Example, Input
-from headswap.server.errors import DataLoss, NotFound
+from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.keys import ApiKey
 
 
@@ -43,6 +44,11 @@ class NewVersion:
     weights: bytes
     examples: Sequence[Example]
     activate: bool
+    # The tenant's `seq` when the training read its examples (0: a new tenant), or None: no expectation. A
+    # store refuses the commit when the tenant was deleted since (`check_expected`); the local and memory
+    # stores, whose tenants change only under the tenant lock, when it changed at all. PostgreSQL refuses
+    # only a deletion: replicas may train one tenant at once.
+    expect_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,16 @@ def no_head(tenant: str) -> NotFound:
     return NotFound(f"tenant {tenant!r} has no head: train one with AdaptHead first")
 
 
+def check_expected(state: TenantState, expect_seq: int | None) -> None:
+    """A write of work started on the tenant's state `expect_seq` (0: none) refuses to land on another state:
+    the tenant was deleted, or changed, while the work ran."""
+    if expect_seq is not None and state.seq != expect_seq:
+        gone = "deleted" if not state.seq else "changed"
+        raise FailedPrecondition(
+            f"tenant {state.tenant!r} was {gone} while this call ran: nothing was stored; call again"
+        )
+
+
 def damaged(tenant: str, what: str) -> DataLoss:
     return DataLoss(
         f"tenant {tenant!r} is quarantined: {what}; run `headswap store check --repair` on the store, or "
@@ -87,11 +103,82 @@ def weights_digest(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()
 
 
+# The seal: the sha256 of the manifest's canonical JSON (every field but the seal; sorted keys, no spaces). The
+# manifest records the weights' sha256, so the seal binds the labels, the metrics and everything else serving
+# reads to the weights. A manifest written before the seal has none: it is checked as before (the weights'
+# sha256 and the field types below), so a label swapped in such a manifest goes unseen until it is retrained.
+SEAL = "manifest_sha256"
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "spec": (dict,),
+    "metrics": (dict,),
+    "created_at": (int, float),
+    "example_count": (int,),
+    "backbone_fingerprint": (str,),
+    "weights_sha256": (str,),
+    "version": (int,),
+}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as committed: with its seal (computed last, over everything else)."""
+    return {**manifest, SEAL: manifest_digest(manifest)}
+
+
+def manifest_problem(version: int, manifest: Any) -> str | None:
+    """What is wrong with a stored manifest (None: nothing): a broken seal, or a field serving reads that has
+    the wrong type. Raised by the stores as DataLoss: bytes that do not say what was committed are never
+    served."""
+    what = f"version {version}'s head.json"
+    if not isinstance(manifest, dict):
+        return f"{what} is not a manifest"
+    seal = manifest.get(SEAL)
+    if seal is not None:
+        try:
+            intact = seal == manifest_digest(manifest)
+        except (TypeError, ValueError):
+            intact = False
+        if not intact:
+            return f"{what} does not match the sha256 recorded at commit (its labels or fields were changed)"
+    labels = manifest.get("labels")
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(label, str) for label in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        return f"{what} has no list of distinct labels"
+    for key, kinds in FIELD_TYPES.items():
+        value = manifest.get(key)
+        if key in manifest and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{what} has a {key} of the wrong type ({type(value).__name__})"
+    return None
+
+
 def verify_weights(tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> None:
     """Weights must be the bytes committed: their sha256 was recorded in the manifest at commit."""
     recorded = manifest.get("weights_sha256")
     if recorded is not None and recorded != weights_digest(weights):
         raise damaged(tenant, f"version {version}'s weights do not match the sha256 recorded at commit")
+
+
+class CachedVectors(dict[bytes, np.ndarray]):
+    """Cached vectors by input key, and how many stored rows were found damaged and left out (`dropped`)."""
+
+    def __init__(self, dropped: int = 0) -> None:
+        super().__init__()
+        self.dropped = dropped
+
+
+def row_check(key: bytes, vector: np.ndarray) -> bytes:
+    """A cached row's checksum, bound to its key: a garbled vector, or a sound one moved to another key's row
+    (permuted rows: finite unit vectors that would train a wrong head), fails it."""
+    return hashlib.sha256(key + np.asarray(vector, dtype="<f4").tobytes()).digest()
 
 
 def retained(state: TenantState, keep_newest: int) -> tuple[int, ...]:
@@ -167,9 +254,12 @@ class HeadStore(abc.ABC):
         ever given, so a number is never reused, not even after that version was deleted."""
 
     @abc.abstractmethod
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
         """Make `examples` the tenant's stored examples (creating the tenant if need be), leaving its versions
-        and active pointer as they are: nothing is published. All or nothing."""
+        and active pointer as they are: nothing is published. All or nothing. `expect_seq`: as
+        `NewVersion.expect_seq`."""
 
     @abc.abstractmethod
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:

@@ -4,12 +4,14 @@ Checked per tenant: state.json parses and describes a state; every version it na
 parses, weights whose sha256 matches the one recorded at commit and that load as a head; the example set it
 names parses. Repairs never invent data: a damaged version is dropped (and if it was the active one, the
 predecessor is activated when intact, otherwise none is), a damaged example set is forgotten (the heads
-stay; the next training needs examples), an unreadable state is rebuilt from the intact versions with none
-active. The tenant's owner then activates or retrains; DeleteHead works on any tenant.
+stay; the next training needs examples), an unreadable or missing state is rebuilt from the intact versions
+with none active (and the example set, when exactly one intact one is there). Without `--repair` nothing on
+disk changes. The tenant's owner then activates or retrains; DeleteHead works on any tenant.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,17 +97,29 @@ def _rebuild(store: LocalStore, tenant: str, message: str, repair: bool) -> Find
         if versions_dir.is_dir()
         else []
     )
-    store.write_state(TenantState(tenant, 0, tuple(numbers), next_seq(0)), "")  # lets the versions be read
+    examples = _lone_example_set(store, tenant)
+    store.write_state(TenantState(tenant, 0, tuple(numbers), next_seq(0)), examples)  # lets them be read
     intact = tuple(v for v in numbers if _version_problem(store, tenant, v) is None)
-    store.write_state(TenantState(tenant, 0, intact, next_seq(0)), "")
+    store.write_state(TenantState(tenant, 0, intact, next_seq(0)), examples)
     for version in set(numbers) - set(intact):
         shutil.rmtree(store.version_dir(tenant, version), ignore_errors=True)
     store.damaged.pop(tenant, None)
     return finding
 
 
+def _lone_example_set(store: LocalStore, tenant: str) -> str:
+    """The tenant's example set when exactly one intact one is on disk (its name is its sha256), else ""."""
+    found = [
+        p.stem
+        for p in (store.tenant_dir(tenant) / "examples").glob("*.json")
+        if hashlib.sha256(p.read_bytes()).hexdigest() == p.stem
+    ]
+    return found[0] if len(found) == 1 else ""
+
+
 def check_store(root: Path, repair: bool = False) -> list[Finding]:
-    store = LocalStore(root)
+    """Without `repair`, nothing on disk changes (not even the start-up sweep a server does)."""
+    store = LocalStore(root, sweep_at_start=repair)
     findings: list[Finding] = []
     for tenant in store.tenants():
         findings.extend(check_tenant(store, tenant, repair))

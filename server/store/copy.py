@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from headswap.server.store.base import Change, TenantState, example_to_json, weights_digest
+from headswap.server.store.base import Change, TenantState, example_to_json, sealed, weights_digest
 from headswap.server.store.local import LocalStore
 from headswap.server.store.postgres import PostgresStore
 from headswap.server.store.postgres_schema import jsonb
@@ -53,7 +53,7 @@ def copy_tenant(source: LocalStore, target: PostgresStore, tenant: str) -> Copie
             (tenant, jsonb([example_to_json(e) for e in examples])),
         ).fetchone()[0]
         for v in versions:
-            manifest = {**v.manifest, "version": v.version, "weights_sha256": shas[v.version]}
+            manifest = sealed({**v.manifest, "version": v.version, "weights_sha256": shas[v.version]})
             conn.execute(
                 "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) "
                 "VALUES (%s, %s, %s, %b, %s)",

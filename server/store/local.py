@@ -20,7 +20,6 @@ Layout:
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -29,9 +28,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
@@ -41,11 +40,14 @@ from headswap.server.store.base import (
     NewVersion,
     StoredVersion,
     TenantState,
+    check_expected,
     damaged,
     example_from_json,
     example_to_json,
+    manifest_problem,
     no_head,
     retained,
+    sealed,
     verify_weights,
     weights_digest,
 )
@@ -54,9 +56,12 @@ from headswap.server.store.files import (
     EXAMPLES_REF,
     atomic_write,
     compact_json_bytes,
+    exclusive,
     fsync_dir,
+    holds_data,
     json_bytes,
     next_seq,
+    recorded_last_version,
 )
 from headswap.server.store.local_extras import LocalExtras
 from headswap.server.store.processes import ProcessShared
@@ -64,33 +69,24 @@ from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def exclusive(method: Callable[P, R]) -> Callable[P, R]:
-    """A write of the store: one at a time across this process's threads and, when shared, the server's
-    other processes (store/processes.py)."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with args[0]._writing():  # type: ignore[attr-defined]
-            return method(*args, **kwargs)
-
-    return wrapper
 
 
 class LocalStore(LocalExtras, HeadStore):
-    def __init__(self, root: Path, max_versions: int = 50, shared: bool = False) -> None:
-        """`shared`: several processes of one server (its workers) use the store at once."""
+    def __init__(
+        self, root: Path, max_versions: int = 50, shared: bool = False, sweep_at_start: bool = True
+    ) -> None:
+        """`shared`: several processes of one server (its workers) use the store at once.
+        `sweep_at_start=False`: change nothing on disk when opening (`headswap store check`)."""
         super().__init__(max_versions)
         self.root = root
         self.tenants_dir = root / "tenants"
-        self.tenants_dir.mkdir(parents=True, exist_ok=True)
+        if sweep_at_start:
+            self.tenants_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self.shared = ProcessShared(root, self.feed) if shared else None
-        with self._writing():
-            sweep(self)
+        if sweep_at_start:
+            with self._writing():
+                sweep(self)
         if self.shared is not None:
             self.shared.start()
 
@@ -141,16 +137,25 @@ class LocalStore(LocalExtras, HeadStore):
     # -- reading -----------------------------------------------------------------------------------------
 
     def tenants(self) -> list[str]:
-        # A name starting with "." is a delete in progress or a temporary directory, never a tenant.
+        # A name starting with "." is a delete in progress or a temporary directory, never a tenant. One whose
+        # state.json is missing but whose data is there is a tenant (quarantined), never nothing.
+        if not self.tenants_dir.is_dir():
+            return []
         return sorted(
             p.name
             for p in self.tenants_dir.iterdir()
-            if not p.name.startswith(".") and (p / "state.json").exists()
+            if not p.name.startswith(".") and ((p / "state.json").exists() or holds_data(p))
         )
+
+    def exists(self, tenant: str) -> bool:
+        directory = self.tenant_dir(tenant)
+        return (directory / "state.json").exists() or holds_data(directory)
 
     def raw_state(self, tenant: str) -> dict[str, Any]:
         path = self.tenant_dir(tenant) / "state.json"
         if not path.exists():
+            if holds_data(path.parent):  # a lost pointer is damage to report, never a reason to forget data
+                raise self._quarantine(tenant, "state.json is missing")
             raise no_head(tenant)
         raw = self._read_json(tenant, path, "state.json")
         try:
@@ -161,6 +166,10 @@ class LocalStore(LocalExtras, HeadStore):
                 int(raw.get(key, 0))
             if sorted(set(versions)) != versions:
                 raise ValueError
+            if int(raw.get("active_version", 0)) not in (0, *versions):
+                raise self._quarantine(
+                    tenant, f"state.json names active version {raw['active_version']}, which it does not list"
+                )
         except (TypeError, KeyError, ValueError):
             raise self._quarantine(tenant, "state.json does not describe a state") from None
         return dict(raw)
@@ -180,9 +189,10 @@ class LocalStore(LocalExtras, HeadStore):
         data = self._read_json(
             tenant, self.version_dir(tenant, version) / "head.json", f"version {version}'s head.json"
         )
-        if not isinstance(data, dict):
-            raise self._quarantine(tenant, f"version {version}'s head.json is not a manifest")
-        return data
+        problem = manifest_problem(version, data)
+        if problem:
+            raise self._quarantine(tenant, problem)
+        return dict(data)
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         manifest = self.manifest(tenant, version)
@@ -223,20 +233,34 @@ class LocalStore(LocalExtras, HeadStore):
 
     # -- writing -----------------------------------------------------------------------------------------
 
-    @exclusive
-    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
-        tenant_dir = self.tenant_dir(tenant)
+    def _begin(self, tenant: str, expect_seq: int | None) -> tuple[dict[str, Any], TenantState]:
+        """The state a write starts from. Refuses when it is not the one the work was started on (a training
+        that outlived its call, committing after a DeleteHead): a write never brings a deleted tenant back.
+        A new tenant's directory is created here, and only here."""
         try:
             raw_state: dict[str, Any] = self.raw_state(tenant)
             state = self.state(tenant)
         except NotFound:
             raw_state, state = {}, TenantState(tenant, 0, ())
+        check_expected(state, expect_seq)
+        if not raw_state:
+            # A new tenant: its directory, and a state that names nothing yet, before any of its files: a
+            # tenant directory without state.json is then always damage (the sweep removes a state that names
+            # nothing, left by a crash before the first commit point).
+            self.tenant_dir(tenant).mkdir(exist_ok=True)
+            self.write_state(state, "")
+        return raw_state, state
+
+    @exclusive
+    def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
+        tenant_dir = self.tenant_dir(tenant)
+        raw_state, state = self._begin(tenant, new.expect_seq)
         versions_dir = tenant_dir / "versions"
-        versions_dir.mkdir(parents=True, exist_ok=True)
+        versions_dir.mkdir(exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         # Never a number given out before, even to a version deleted since: state.json keeps the highest.
         version = max([*state.versions, *existing, recorded_last_version(raw_state)]) + 1
-        manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+        manifest = sealed({**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)})
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:
@@ -250,15 +274,20 @@ class LocalStore(LocalExtras, HeadStore):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        fsync_dir(versions_dir)
-        crash_point("version-written")
-        ref = self._write_examples(tenant, new.examples)
-        crash_point("examples-written")
         active = version if new.activate else state.active_version
         previous = state.active_version if new.activate and state.active_version else state.previous_version
         updated = TenantState(tenant, active, (*state.versions, version), next_seq(state.seq), previous)
-        # The commit point: until state.json names the version and the examples, a restart sweeps them away.
-        self.write_state(updated, ref)
+        try:
+            fsync_dir(versions_dir)
+            crash_point("version-written")
+            ref = self._write_examples(tenant, new.examples)
+            crash_point("examples-written")
+            # The commit point: until state.json names the version and the examples, a restart sweeps them.
+            self.write_state(updated, ref)
+        except OSError:  # a full disk, say: leave nothing the state does not name (the sweep would, later)
+            if version not in self._named_versions(tenant):
+                shutil.rmtree(versions_dir / str(version), ignore_errors=True)
+            raise
         crash_point("state-written")
         self._prune(updated, ref, raw_state.get("examples"))
         self.damaged.pop(tenant, None)
@@ -266,20 +295,28 @@ class LocalStore(LocalExtras, HeadStore):
         self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
         return self.state(tenant)
 
+    def _named_versions(self, tenant: str) -> set[int]:
+        try:
+            return set(self.state(tenant).versions)
+        except (NotFound, DataLoss):
+            return set()
+
     def _write_examples(self, tenant: str, examples: Sequence[Example]) -> str:
         """Write an example set under its sha256 (rewritten: a damaged copy may be there); returns the sha256."""
         data = compact_json_bytes({"examples": [example_to_json(e) for e in examples]})
         ref = hashlib.sha256(data).hexdigest()
-        atomic_write(self.tenant_dir(tenant) / "examples" / f"{ref}.json", data)
+        directory = self.tenant_dir(tenant) / "examples"
+        directory.mkdir(exist_ok=True)
+        atomic_write(directory / f"{ref}.json", data)
         return ref
 
     @exclusive
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
-        try:
-            raw_state: dict[str, Any] = self.raw_state(tenant)
-            state = self.state(tenant)
-        except NotFound:
-            raw_state, state = {}, TenantState(tenant, 0, ())
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
+        raw_state, state = self._begin(tenant, expect_seq)
+        if not raw_state:  # a new tenant: a seq of its own, that a delete and a new start never repeat
+            state = TenantState(tenant, 0, (), next_seq(0))
         ref = self._write_examples(tenant, examples)
         self.write_state(state, ref)  # the commit point
         self._prune(state, ref, raw_state.get("examples"))
@@ -363,7 +400,7 @@ class LocalStore(LocalExtras, HeadStore):
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         """Works on a quarantined tenant too: whatever can be counted is, and everything goes."""
         tenant_dir = self.tenant_dir(tenant)
-        if not (tenant_dir / "state.json").exists():
+        if not self.exists(tenant):
             raise no_head(tenant)
         try:
             state = self.state(tenant)
@@ -383,11 +420,3 @@ class LocalStore(LocalExtras, HeadStore):
         change = Change(tenant, 0, next_seq(seq), deleted=True)
         self._publish(change)
         return Deletion(tenant, versions, examples), change
-
-
-def recorded_last_version(raw_state: dict[str, Any]) -> int:
-    """The highest version number state.json records as given out (0 when it predates the record)."""
-    try:
-        return int(raw_state.get("last_version", 0))
-    except (TypeError, ValueError):
-        return 0

@@ -2,7 +2,8 @@
 `tenant_dir` and `feed`), like `postgres_extras.py` for the PostgreSQL store.
 
 Layout:
-    tenants/<tenant>/embeddings/<fingerprint>.safetensors   cached embeddings of a tenant's examples
+    tenants/<tenant>/embeddings/<fingerprint>.safetensors   cached embeddings of a tenant's examples: keys,
+                                                             vectors, and per row the sha256 of key + vector
     keys/<id>.json                                           API keys (HMACs of their secrets, never secrets)
 """
 
@@ -20,8 +21,16 @@ import numpy as np
 
 from headswap.server.errors import NotFound
 from headswap.server.keys import ApiKey
-from headswap.server.store.base import Change, ChangeFeed, key_from_json, key_to_json, no_key
-from headswap.server.store.files import atomic_write, json_bytes, next_seq
+from headswap.server.store.base import (
+    CachedVectors,
+    Change,
+    ChangeFeed,
+    key_from_json,
+    key_to_json,
+    no_key,
+    row_check,
+)
+from headswap.server.store.files import atomic_write, disk_full_is_exhaustion, json_bytes, next_seq
 
 KEY_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -46,16 +55,37 @@ class LocalExtras:
         directory = self.tenant_dir(tenant) / "embeddings"
         return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
 
-    def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
+    def cached_embeddings(self, tenant: str, fingerprint: str) -> CachedVectors:
+        """The tenant's cached vectors whose row checksum holds; `.dropped` counts the rows (or the file, once,
+        when it does not parse) found damaged: they are embedded again, and saved back sound."""
         from safetensors.numpy import load
 
         path = self._embeddings_path(tenant, fingerprint)
         try:
-            tensors = load(path.read_bytes())
-            keys, vectors = tensors["keys"], tensors["vectors"]
-            return {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
-        except Exception:  # missing or damaged: a cache costs time, never correctness
-            return {}
+            data = path.read_bytes()
+        except OSError:  # none yet
+            return CachedVectors()
+        try:
+            tensors = load(data)
+            keys, vectors, checks = tensors["keys"], tensors["vectors"], tensors["checks"]
+            if (
+                not (len(keys) == len(vectors) == len(checks))
+                or vectors.ndim != 2
+                or checks.shape[1:] != (32,)
+            ):
+                raise ValueError("rows of different counts")
+        except (
+            Exception
+        ):  # damaged, or written before rows had checksums: a cache costs time, never correctness
+            return CachedVectors(dropped=1)
+        found = CachedVectors()
+        for key, vector, check in zip(keys, vectors, checks, strict=True):
+            key_bytes = bytes(key)
+            if row_check(key_bytes, vector) == bytes(check):
+                found[key_bytes] = vector
+            else:  # garbled, or moved to another key's row: both fail the check, bound to the key
+                found.dropped += 1
+        return found
 
     def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
         from safetensors.numpy import save
@@ -64,8 +94,15 @@ class LocalExtras:
             return
         keys = np.frombuffer(b"".join(entries), dtype=np.uint8).reshape(len(entries), -1)
         vectors = np.stack(list(entries.values())).astype(np.float32)
+        checks = np.frombuffer(
+            b"".join(row_check(k, v) for k, v in zip(entries, vectors, strict=True)), dtype=np.uint8
+        ).reshape(len(entries), 32)
+        path = self._embeddings_path(tenant, fingerprint)
         with self._writing():
-            atomic_write(self._embeddings_path(tenant, fingerprint), save({"keys": keys, "vectors": vectors}))
+            if not (path.parent.parent / "state.json").exists():
+                return  # no such tenant (deleted, or not yet committed): a cache never creates one
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, save({"keys": keys, "vectors": vectors, "checks": checks}))
 
     # -- API keys: keys/<id>.json, written atomically ----------------------------------------------------
 
@@ -75,8 +112,10 @@ class LocalExtras:
         return self.root / "keys" / f"{key_id}.json"
 
     def put_key(self, key: ApiKey) -> None:
-        with self._writing():
-            atomic_write(self._key_path(key.id), json_bytes(key_to_json(key)))
+        path = self._key_path(key.id)
+        with self._writing(), disk_full_is_exhaustion("store an API key"):
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, json_bytes(key_to_json(key)))
 
     def get_key(self, key_id: str) -> ApiKey | None:
         try:

@@ -19,9 +19,13 @@ from headswap.server.store.base import (
     NewVersion,
     StoredVersion,
     TenantState,
+    check_expected,
+    damaged,
+    manifest_problem,
     no_head,
     no_key,
     retained,
+    sealed,
     verify_weights,
     weights_digest,
 )
@@ -65,6 +69,10 @@ class MemoryStore(HeadStore):
         with self._lock:
             self._state(tenant).require(version)
             stored = self._versions[(tenant, version)]
+        problem = manifest_problem(version, stored.manifest)
+        if problem:
+            self.damaged[tenant] = problem
+            raise damaged(tenant, problem)
         verify_weights(tenant, version, stored.manifest, stored.weights)
         return StoredVersion(stored.version, copy.deepcopy(stored.manifest), stored.weights)
 
@@ -76,9 +84,12 @@ class MemoryStore(HeadStore):
         check_tenant(tenant)
         with self._lock:
             state = self._states.get(tenant, TenantState(tenant, 0, ()))
+            check_expected(state, new.expect_seq)
             version = max([self._last_version.get(tenant, 0), *state.versions]) + 1
             self._last_version[tenant] = version
-            manifest = {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+            manifest = sealed(
+                {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
+            )
             self._versions[(tenant, version)] = StoredVersion(
                 version, copy.deepcopy(manifest), bytes(new.weights)
             )
@@ -101,10 +112,13 @@ class MemoryStore(HeadStore):
         self.feed.publish(Change(tenant, updated.active_version, updated.seq))
         return updated
 
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
         check_tenant(tenant)
         with self._lock:
-            state = self._states.setdefault(tenant, TenantState(tenant, 0, ()))
+            check_expected(self._states.get(tenant, TenantState(tenant, 0, ())), expect_seq)
+            state = self._states.setdefault(tenant, TenantState(tenant, 0, (), self._next_seq()))
             self._examples[tenant] = list(examples)
         return state
 

@@ -19,17 +19,21 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import FailedPrecondition, Unavailable
+from headswap.server.errors import DiskFull, FailedPrecondition, Unavailable
 from headswap.server.store.base import (
     Change,
     HeadStore,
     NewVersion,
     StoredVersion,
     TenantState,
+    check_expected,
+    damaged,
     example_from_json,
     example_to_json,
+    manifest_problem,
     no_head,
     retained,
+    sealed,
     verify_weights,
     weights_digest,
 )
@@ -46,12 +50,13 @@ class PostgresStore(PostgresExtras, HeadStore):
     def __init__(
         self, url: str, max_versions: int = 50, migrate_schema: bool = False, listen: bool = True
     ) -> None:
-        import psycopg_pool
+        from headswap.server.store.postgres_pool import BoundedPool
 
         super().__init__(max_versions)
         self.url = url
         self.where = redact(url)
-        self._pool = psycopg_pool.ConnectionPool(
+        # Reconnection attempts at most 0.25 s apart: writes are back within 2 s of the database.
+        self._pool = BoundedPool(
             url,
             min_size=1,
             max_size=8,
@@ -99,6 +104,8 @@ class PostgresStore(PostgresExtras, HeadStore):
 
         try:
             yield
+        except psycopg.errors.DiskFull as exc:  # SQLSTATE 53100: the database's disk, not the network
+            raise DiskFull(f"PostgreSQL could not {what}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             raise Unavailable(
                 f"could not {what}: the head store at {self.where} is unreachable ({first_line(exc)}); retry shortly"
@@ -163,7 +170,14 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             if row is None:
                 self._state(conn, tenant)[0].require(version)
-            return dict(row[0])
+        return self._checked(tenant, version, row[0])
+
+    def _checked(self, tenant: str, version: int, manifest: Any) -> dict[str, Any]:
+        problem = manifest_problem(version, manifest)
+        if problem:
+            self.damaged[tenant] = problem
+            raise damaged(tenant, problem)
+        return dict(manifest)
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         with self.transaction("read a head") as conn:
@@ -174,7 +188,7 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             if row is None:
                 self._state(conn, tenant)[0].require(version)
-        manifest, weights = dict(row[0]), bytes(row[1])
+        manifest, weights = self._checked(tenant, version, row[0]), bytes(row[1])
         try:
             verify_weights(tenant, version, manifest, weights)
         except Exception:
@@ -199,9 +213,12 @@ class PostgresStore(PostgresExtras, HeadStore):
         examples = [example_to_json(e) for e in new.examples]
         examples_sha = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
         with self.transaction("store a new head version") as conn:
-            conn.execute(
+            created = conn.execute(
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
-            )
+            ).rowcount
+            # Rolled back with the row just inserted: a training that outlived a DeleteHead brings nothing back.
+            # (Only a deletion is refused: replicas may train one tenant at once, each getting its version.)
+            check_expected(TenantState(tenant, 0, (), 0 if created else new.expect_seq or 0), new.expect_seq)
             row = conn.execute(
                 "SELECT t.active_version, t.previous_version, t.next_version, t.examples_id, e.examples "
                 "FROM headswap_tenants t LEFT JOIN headswap_example_sets e ON e.id = t.examples_id "
@@ -209,7 +226,7 @@ class PostgresStore(PostgresExtras, HeadStore):
                 (tenant,),
             ).fetchone()
             active, previous, version, examples_id, current_examples = row
-            manifest = {**new.manifest, "version": version, "weights_sha256": sha}
+            manifest = sealed({**new.manifest, "version": version, "weights_sha256": sha})
             conn.execute(
                 "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
                 (tenant, version, jsonb(manifest), new.weights, sha),
@@ -247,13 +264,16 @@ class PostgresStore(PostgresExtras, HeadStore):
         self.damaged.pop(tenant, None)
         return state
 
-    def put_examples(self, tenant: str, examples: Sequence[Example]) -> TenantState:
+    def put_examples(
+        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+    ) -> TenantState:
         check_tenant(tenant)
         rows = [example_to_json(e) for e in examples]
         with self.transaction("store examples") as conn:
-            conn.execute(
+            created = conn.execute(
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
-            )
+            ).rowcount
+            check_expected(TenantState(tenant, 0, (), 0 if created else expect_seq or 0), expect_seq)
             conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
             examples_id = conn.execute(
                 "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",

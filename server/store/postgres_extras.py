@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from headswap.server.keys import ApiKey
-from headswap.server.store.base import Change, no_key
+from headswap.server.store.base import CachedVectors, Change, no_key, row_check
 from headswap.server.validation import check_tenant
 
 
@@ -28,21 +28,33 @@ class _Store(Protocol):
 class PostgresExtras:
     # -- the embedding cache -----------------------------------------------------------------------------
 
-    def cached_embeddings(self: _Store, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
+    def cached_embeddings(self: _Store, tenant: str, fingerprint: str) -> CachedVectors:
+        """As the local store's: rows whose checksum fails are left out and counted in `.dropped` (an entry
+        that does not parse, or was written before the checksums, counts once)."""
         with self.transaction("read cached embeddings") as conn:
             row = conn.execute(
-                "SELECT dim, keys, vectors FROM headswap_embeddings WHERE tenant = %s AND fingerprint = %s",
+                "SELECT dim, keys, vectors, checks FROM headswap_embeddings WHERE tenant = %s AND fingerprint = %s",
                 (check_tenant(tenant), fingerprint),
                 binary=True,
             ).fetchone()
         if row is None:
-            return {}
+            return CachedVectors()
+        if row[3] is None:
+            return CachedVectors(dropped=1)
         dim, keys, vectors = int(row[0]), bytes(row[1]), np.frombuffer(bytes(row[2]), dtype="<f4")
+        checks = bytes(row[3])
         n = len(keys) // 32
-        if n * 32 != len(keys) or vectors.size != n * dim:
-            return {}  # a cache: a damaged entry costs time, never correctness
+        if n * 32 != len(keys) or vectors.size != n * dim or len(checks) != n * 32:
+            return CachedVectors(dropped=1)  # a cache: a damaged entry costs time, never correctness
         matrix = vectors.reshape(n, dim)
-        return {keys[i * 32 : (i + 1) * 32]: matrix[i] for i in range(n)}
+        found = CachedVectors()
+        for i in range(n):
+            key = keys[i * 32 : (i + 1) * 32]
+            if row_check(key, matrix[i]) == checks[i * 32 : (i + 1) * 32]:
+                found[key] = matrix[i]
+            else:
+                found.dropped += 1
+        return found
 
     def save_embeddings(
         self: _Store, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]
@@ -50,12 +62,21 @@ class PostgresExtras:
         if not entries:
             return
         vectors = np.stack(list(entries.values())).astype("<f4")
+        checks = b"".join(row_check(k, v) for k, v in zip(entries, vectors, strict=True))
         with self.transaction("save cached embeddings") as conn:
             conn.execute(
-                "INSERT INTO headswap_embeddings (tenant, fingerprint, dim, keys, vectors) VALUES (%s, %s, %s, %b, %b) "
+                "INSERT INTO headswap_embeddings (tenant, fingerprint, dim, keys, vectors, checks) "
+                "VALUES (%s, %s, %s, %b, %b, %b) "
                 "ON CONFLICT (tenant, fingerprint) DO UPDATE SET dim = EXCLUDED.dim, keys = EXCLUDED.keys, "
-                "vectors = EXCLUDED.vectors",
-                (check_tenant(tenant), fingerprint, vectors.shape[1], b"".join(entries), vectors.tobytes()),
+                "vectors = EXCLUDED.vectors, checks = EXCLUDED.checks",
+                (
+                    check_tenant(tenant),
+                    fingerprint,
+                    vectors.shape[1],
+                    b"".join(entries),
+                    vectors.tobytes(),
+                    checks,
+                ),
             )
 
     # -- API keys ----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 On a NOTIFY (or every second, in case one was lost) the listener reads the changes after the last it
 published, in sequence order, and publishes them on the store's feed; after losing its connection it
-reconnects with backoff and catches up the same way, so a replica that was cut off for a while applies
+reconnects (0.1 s, doubling, never more than RETRY_MAX_S apart) and catches up the same way, so a replica that was cut off for a while applies
 everything it missed, in order. Runs in its own thread, on its own connection (never one of the pool's).
 
 The change log is pruned as it goes (every listener, every 10 minutes): a change older than an hour goes
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "headswap-listener"
 PRUNE_EVERY_S = 600.0
+RETRY_MAX_S = 0.5  # reconnection attempts at most this far apart: swaps resume within 2 s of the database
 KEEP_S = 3600.0  # every change is kept at least this long
 
 
@@ -122,4 +123,4 @@ class Listener:
                     "store listener lost %s (%s); reconnecting in %.1fs", self.where, first_line(exc), backoff
                 )
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RETRY_MAX_S)

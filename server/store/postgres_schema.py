@@ -76,6 +76,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE headswap_changes ADD COLUMN key_id text NOT NULL DEFAULT '';
     """,
+    # 3: a checksum per cached embedding row, sha256(key + vector), bound to its key (NULL: written before it,
+    # not trusted: embedded again).
+    """
+    ALTER TABLE headswap_embeddings ADD COLUMN checks bytea;
+    """,
 )
 
 

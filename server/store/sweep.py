@@ -6,6 +6,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from headswap.server.errors import DataLoss, NotFound
+from headswap.server.store.files import holds_data
 
 if TYPE_CHECKING:
     from headswap.server.store.local import LocalStore
@@ -25,7 +26,10 @@ def sweep(store: LocalStore) -> None:
             else:
                 tmp.unlink(missing_ok=True)
         if not (tenant_dir / "state.json").exists():
-            shutil.rmtree(tenant_dir, ignore_errors=True)  # a first training that never committed
+            if not holds_data(tenant_dir):  # a cache, temporary files: nothing that is data
+                shutil.rmtree(tenant_dir, ignore_errors=True)
+            else:  # a lost pointer: quarantined and reported, never a reason to delete data
+                _quarantine_missing_state(store, tenant)
             continue
         try:
             raw = store.raw_state(tenant)
@@ -42,3 +46,13 @@ def sweep(store: LocalStore) -> None:
             for entry in (tenant_dir / "examples").iterdir():
                 if entry.name != f"{current}.json":
                     entry.unlink(missing_ok=True)
+        if not known and not current and not holds_data(tenant_dir):
+            # A state that names nothing: written before a new tenant's first commit, which never came.
+            shutil.rmtree(tenant_dir, ignore_errors=True)
+
+
+def _quarantine_missing_state(store: LocalStore, tenant: str) -> None:
+    try:
+        store.raw_state(tenant)
+    except DataLoss:
+        pass  # recorded in store.damaged, logged

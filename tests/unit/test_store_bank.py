@@ -119,6 +119,9 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
 def test_persisted_embeddings_round_trip_and_damage(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     entries = {content_key(t): np.full(4, i, np.float32) for i, t in enumerate(["a", "b", "c"])}
+    store.save_embeddings("acme", FP, entries)  # a cache never creates a tenant
+    assert store.cached_embeddings("acme", FP) == {} and not store.tenant_dir("acme").exists()
+    store.put_examples("acme", [])
     store.save_embeddings("acme", FP, entries)
     back = store.cached_embeddings("acme", FP)
     assert set(back) == set(entries) and all(np.array_equal(back[k], entries[k]) for k in entries)
@@ -138,7 +141,7 @@ def test_embedding_cache_is_bounded_lru_and_keyed_by_fingerprint() -> None:
 
 
 def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> None:
-    cache = EmbeddingCache(capacity=10)
+    cache = EmbeddingCache(capacity=10, scope="shared")
     a, b = content_key("a"), content_key("b")
     cache.put_many(FP, {a: np.zeros(2), b: np.ones(2)}, tenant="t1")
     cache.get_many(FP, [b], tenant="t2")  # t2 uses b too
@@ -148,7 +151,7 @@ def test_embedding_cache_forgets_a_deleted_tenant_but_not_what_others_use() -> N
 
 
 def test_embedding_cache_keeps_its_rows_not_the_batches_they_came_from() -> None:
-    cache = EmbeddingCache(capacity=10)
+    cache = EmbeddingCache(capacity=10, scope="shared")
     a, b, c = (content_key(t) for t in "abc")
     batch = np.arange(3 * 384, dtype=np.float32).reshape(3, 384)
     batch_alive = weakref.ref(batch)

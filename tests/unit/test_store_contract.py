@@ -223,3 +223,17 @@ def test_a_local_store_remembers_numbers_across_a_restart_and_a_repair(tmp_path:
     repaired = LocalStore(tmp_path)
     assert repaired.state("t").versions == ()
     assert repaired.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, activate=False)).versions == (4,)
+
+
+def test_a_commit_started_before_a_delete_brings_nothing_back(store: HeadStore) -> None:
+    """Issue 23, item 1: work that read the tenant before a DeleteHead (a training that outlived its call)
+    is refused when it commits; a new tenant's first commit (expect_seq 0) is not."""
+    seq = store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, True, expect_seq=0)).seq
+    store.delete("t")
+    with pytest.raises(FailedPrecondition, match="deleted"):
+        store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, True, expect_seq=seq))
+    with pytest.raises(FailedPrecondition, match="deleted"):
+        store.put_examples("t", EXAMPLES, expect_seq=seq)
+    assert "t" not in store.tenants() and store.examples("t") == []
+    with pytest.raises(NotFound):
+        store.state("t")

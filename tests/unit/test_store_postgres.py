@@ -222,3 +222,53 @@ def test_a_failed_prune_is_logged_not_a_lost_connection(caplog: pytest.LogCaptur
     listener = Listener("postgresql://unused", "test", None, 0)  # type: ignore[arg-type]
     listener._prune(Refusing())  # returns: the listener goes on following changes
     assert "change log not pruned (permission denied for table headswap_changes)" in caplog.text
+
+
+def test_replicas_training_one_tenant_at_once_both_commit(postgres_dsn: str) -> None:
+    """Only a deletion refuses a commit (issue 23, item 1): two replicas' trainings that started on one state
+    each commit a version."""
+    store = PostgresStore(postgres_dsn, migrate_schema=True)
+    try:
+        seq = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"w", EXAMPLES, True)).seq
+        first = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"a", EXAMPLES, True, seq))
+        second = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"b", EXAMPLES, True, seq))
+        assert first.versions == (1, 2) and second.versions == (1, 2, 3)
+    finally:
+        store.close()
+
+
+def test_cached_embeddings_carry_a_checksum_per_row(
+    postgres_dsn: str, postgres_server: PostgresServer
+) -> None:
+    """Issue 23, item 3: a garbled row, rows moved under other keys, or rows written before the checksums
+    are dropped and counted, never returned."""
+    store = PostgresStore(postgres_dsn, migrate_schema=True)
+    try:
+        keys = [bytes([i]) * 32 for i in range(4)]
+        entries = {k: np.full(8, i, np.float32) for i, k in enumerate(keys)}
+        store.save_embeddings("t", "fp", entries)
+        back = store.cached_embeddings("t", "fp")
+        assert set(back) == set(keys) and back.dropped == 0
+        database = postgres_dsn.split("///")[1].split("?")[0]
+        # 16 garbled bytes in the second row's vector.
+        postgres_server.sql(
+            "UPDATE headswap_embeddings SET vectors = overlay(vectors placing "
+            "'\\xffffffffffffffffffffffffffffffff'::bytea from 33)",
+            database,
+        )
+        back = store.cached_embeddings("t", "fp")
+        assert set(back) == {keys[0], keys[2], keys[3]} and back.dropped == 1
+        # Rows permuted: every vector under another key.
+        store.save_embeddings(
+            "t", "fp", dict(zip(keys, [entries[k] for k in keys[1:] + keys[:1]], strict=True))
+        )
+        postgres_server.sql(
+            "UPDATE headswap_embeddings SET vectors = substring(vectors from 33) || substring(vectors for 32)",
+            database,
+        )
+        assert store.cached_embeddings("t", "fp").dropped == 4
+        postgres_server.sql("UPDATE headswap_embeddings SET checks = NULL", database)  # as written before
+        back = store.cached_embeddings("t", "fp")
+        assert back == {} and back.dropped == 1
+    finally:
+        store.close()

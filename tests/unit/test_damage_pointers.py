@@ -1,0 +1,79 @@
+"""Issue 23, item 3: a lost or wrong pointer is damage to report and quarantine, never a reason to delete data.
+A missing state.json never wipes the tenant at start-up; `headswap store check` without --repair changes
+nothing and exits nonzero; a state.json naming an absent active version does not hide the tenant. Real files
+of a real LocalStore; the server runs in process on the fake encoder (fixtures of test_damage.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import grpc
+
+from headswap.client import AsyncClient
+from headswap.server.cli import run_store_check
+from headswap.server.config import ServerConfig
+from headswap.server.inference.fake import fake_backbone
+from headswap.server.store.check import check_store
+from headswap.server.store.local import LocalStore
+from headswap.server.testing import in_process
+from tests.unit.test_damage import code, store_root, tenant_dir  # noqa: F401 (a fixture)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def check_cli(root: Path, repair: bool = False) -> int:
+    return run_store_check(argparse.Namespace(store=str(root), repair=repair))
+
+
+async def test_a_missing_state_never_wipes_the_tenant(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    (tenant_dir(store_root) / "state.json").unlink()
+    before = snapshot(store_root)
+
+    # A check without --repair reports it, exits nonzero, and changes nothing.
+    findings = check_store(store_root)
+    assert [(f.tenant, f.problem) for f in findings] == [("broken", "state.json is missing")]
+    assert check_cli(store_root) == 1
+    assert snapshot(store_root) == before
+
+    # A start-up keeps every file, and quarantines the tenant: reported, never served, never hidden.
+    config = ServerConfig(warmup_rounds=0, home=tmp_path)
+    async with in_process(config, backbone=fake_backbone(), store=LocalStore(store_root)) as running:
+        async with AsyncClient(running.target, retries=0) as client:
+            heads = {h.tenant: h for h in await client.list_heads()}
+            assert (
+                heads["broken"].problem.endswith("state.json is missing") and heads["healthy"].problem == ""
+            )
+            assert await code(client.classify("broken", ["red"])) == grpc.StatusCode.DATA_LOSS
+            assert await code(client.get_head("broken")) == grpc.StatusCode.DATA_LOSS
+            assert (await client.classify("healthy", ["red word1"]))[0].label == "red"
+    assert snapshot(store_root) == before
+
+    # The repair rebuilds the pointer from what is there: both versions, none active, the examples kept.
+    assert check_cli(store_root, repair=True) == 0
+    state = json.loads((tenant_dir(store_root) / "state.json").read_text())
+    assert state["versions"] == [1, 2] and state["active_version"] == 0 and state["examples"]
+    assert check_store(store_root) == []
+    async with in_process(config, backbone=fake_backbone(), store=LocalStore(store_root)) as running:
+        async with AsyncClient(running.target, retries=0) as client:
+            assert (await client.activate_head_version("broken", 2)).active_version == 2
+            assert (await client.classify("broken", ["red word1"]))[0].label == "red"
+            assert (await client.get_head("broken")).example_count > 0
+
+
+async def test_a_state_naming_an_absent_active_version_is_reported(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    path = tenant_dir(store_root) / "state.json"
+    state = json.loads(path.read_text())
+    state["active_version"] = 7
+    path.write_text(json.dumps(state))
+    config = ServerConfig(warmup_rounds=0, home=tmp_path)
+    async with in_process(config, backbone=fake_backbone(), store=LocalStore(store_root)) as running:
+        async with AsyncClient(running.target, retries=0) as client:
+            heads = {h.tenant: h for h in await client.list_heads()}
+            assert "active version 7" in heads["broken"].problem
+            assert await code(client.get_head("broken")) == grpc.StatusCode.DATA_LOSS
+            assert await code(client.classify("broken", ["red"])) == grpc.StatusCode.DATA_LOSS
+    assert [f.tenant for f in check_store(store_root)] == ["broken"]
