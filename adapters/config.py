@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .heads import HEAD_KINDS
+from .spec import HEAD_KINDS
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MAX_SEED = 2**63 - 1

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .heads import HeadSpec, expected_state_shapes
+from .spec import HeadSpec, expected_state_shapes
 
 NEG_INF = float("-inf")
 _SLOT_BITS = 32  # a linear slot id is bucket << 32 | row in that bucket's slab

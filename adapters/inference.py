@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .heads import HeadSpec, build_head, expected_state_shapes
+from .heads import build_head
 from .results import TrainedHead
 from .serialization import LoadedHead
+from .spec import HeadSpec, expected_state_shapes
 
 
 class HeadModule:

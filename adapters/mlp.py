@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import HeadSpec, MLPHead, build_head
+from .heads import MLPHead, build_head
+from .spec import HeadSpec
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .gate import GateCheck
-from .heads import HeadSpec
+from .spec import HeadSpec
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
+    from .config import TrainConfig
 
 EVALUATED_ON = ("cross_validation", "validation", "train")
 

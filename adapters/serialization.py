@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from .heads import HeadSpec, expected_state_shapes
 from .results import EVALUATED_ON, ClassMetrics, HeadMetrics, Selection, TrainedHead
+from .spec import HeadSpec, expected_state_shapes
 
 HEAD_FORMAT = "headswap.head/1"
 _RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics", "selection"})

@@ -25,10 +25,11 @@ from . import linear, mlp
 from .calibration import expected_calibration_error, fit_temperature, fold_temperature, softmax
 from .config import TrainConfig, TrainingCancelled, TrainingDivergedError, validate_inputs
 from .gate import majority_baseline_check
-from .heads import HeadSpec, build_head
+from .heads import build_head
 from .metrics import accuracy, f1_per_label, macro_f1
 from .results import ClassMetrics, HeadMetrics, HeldOut, Selection, TrainedHead, TrainProgress
 from .selection import DEFAULT_L2, L2_GRID, Plan, choose_l2, plan_evaluation
+from .spec import HeadSpec
 
 _DEFAULT_CONFIG = TrainConfig()
 _WHAT = {"cross_validation": "cross-validated", "validation": "held-out", "train": "training-set"}
