@@ -102,3 +102,64 @@ def fold_temperature(state: dict[str, np.ndarray], kind: str, temperature: float
     for name in names:
         out[name] = np.ascontiguousarray(state[name] / np.float32(temperature), dtype=np.float32)
     return out
+
+
+def laplace_cap(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The most confidence the held-out record supports: max over j of (k_j + 1) / (j + 2), where k_j of the
+    j most confident held-out predictions are right (Laplace's rule of succession).
+
+    With n held-out predictions all right this is (n + 1) / (n + 2): 30 out of 30 supports 0.969, not 1.0.
+    Taking the best prefix rather than the whole record keeps a head that is wrong on hard inputs free to be
+    sure of easy ones (k of n right overall would cap every prediction of a 78%-accurate head at 0.78), while
+    one wrong answer among its most confident ones lowers what it may claim.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels)
+    order = np.argsort(-p.max(axis=1), kind="stable")
+    correct = (p.argmax(axis=1) == y)[order]
+    j = np.arange(1, correct.size + 1)
+    return float(np.max((np.cumsum(correct) + 1) / (j + 2)))
+
+
+def min_temperature(logits: np.ndarray, cap: float) -> float:
+    """The smallest temperature at which no row of softmax(logits / T) has a top probability above ``cap``
+    (each row's top probability falls as T grows); bisection on log T within the temperature bounds."""
+    z = np.asarray(logits, dtype=np.float64)
+
+    def top(temperature: float) -> float:
+        return float(np.exp(log_softmax(z / temperature).max(axis=1)).max())
+
+    if top(MIN_TEMPERATURE) <= cap:
+        return MIN_TEMPERATURE
+    if top(MAX_TEMPERATURE) > cap:
+        return MAX_TEMPERATURE
+    low, high = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
+    for _ in range(60):
+        middle = (low + high) / 2
+        if top(math.exp(middle)) > cap:
+            low = middle
+        else:
+            high = middle
+    return math.exp(high)
+
+
+BOOTSTRAP_DRAWS = 200
+
+
+def bootstrap_interval(
+    probabilities: np.ndarray, labels: np.ndarray, score: str, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of ``score`` ('log_loss' or 'ece') over the held-out predictions:
+    on a few dozen examples these are estimates with wide errors, and the interval says how wide."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(BOOTSTRAP_DRAWS):
+        idx = rng.integers(0, y.size, y.size)
+        if score == "ece":
+            values.append(expected_calibration_error(p[idx], y[idx]))
+        else:
+            values.append(float(-np.mean(np.log(np.maximum(p[idx, y[idx]], 1e-300)))))
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

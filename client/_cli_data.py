@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 top_k=args.top_k,
                 version=args.version,
                 min_probability=args.min_probability,
+                ignore_ood=args.ignore_ood,
             )
         else:
             names, predictions = [str(p) for p in paths], []
@@ -142,9 +144,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                     top_k=args.top_k,
                     version=args.version,
                     min_probability=args.min_probability,
+                    ignore_ood=args.ignore_ood,
                 )
     key = "text" if paths is None else "image"
     for name, p in zip(names, predictions, strict=True):
         labels = [{"label": s.label, "probability": round(s.probability, 4)} for s in p.labels]
-        print(json.dumps({key: name, "version": p.version, "labels": labels, "abstained": p.abstained}))
+        row = {key: name, "version": p.version, "labels": labels, "abstained": p.abstained}
+        # NaN (a head stored without its examples) is not JSON: printed as null.
+        row["ood_score"] = round(p.ood_score, 4) if math.isfinite(p.ood_score) else None
+        row["out_of_distribution"] = p.out_of_distribution
+        print(json.dumps(row))
     return 0
