@@ -290,6 +290,44 @@ async def test_out_of_distribution_inputs_are_scored_flagged_and_abstained(clien
     assert all(p.abstained for p in both if p.probability < 1.0)
 
 
+async def test_a_head_stored_before_ood_scores_keeps_serving(server: InProcess, client: AsyncClient) -> None:
+    """A version written before issue 24 (no stored examples, no threshold in its manifest) still loads and
+    answers: ood_score NaN (nothing to compare with; 0 would claim the input is a training example) and
+    out_of_distribution false, so nothing it answered before is abstained now."""
+    import safetensors.numpy
+
+    from headswap.adapters import read_weights_metadata
+    from headswap.server.store import NewVersion
+
+    texts, labels = labelled(6)
+    await client.adapt_head("legacy", texts, labels)
+    store = server.server.store
+    stored = store.load_version("legacy", 1)
+    tensors = safetensors.numpy.load(stored.weights)
+    del tensors["ood.references"]
+    weights = safetensors.numpy.save(tensors, metadata=read_weights_metadata(stored.weights))
+    manifest = {k: v for k, v in stored.manifest.items() if k not in ("ood", "version", "weights_sha256")}
+    for name in ("ood_threshold", "ood_flagged_share", "confidence_cap", "log_loss_interval"):
+        manifest["metrics"].pop(name)
+    manifest["metrics"].pop("expected_calibration_error_interval")
+    manifest["selection"].pop("fitted_temperature")
+    loop = asyncio.get_running_loop()
+    state = await loop.run_in_executor(
+        None, store.commit_version, "legacy", NewVersion(manifest, weights, store.examples("legacy"), False)
+    )
+    old = state.versions[-1]
+    got = await client.classify("legacy", [texts[0], "pizza pasta espresso tiramisu"], version=old)
+    assert [p.version for p in got] == [old, old]
+    assert all(np.isnan(p.ood_score) for p in got)
+    assert not any(p.out_of_distribution or p.abstained for p in got)
+    described = (await client.get_head("legacy")).versions[-1]
+    assert described.metrics.ood_threshold is None and described.metrics.confidence_cap is None
+    # The version trained now flags the same off-topic input.
+    assert [
+        p.out_of_distribution for p in await client.classify("legacy", ["pizza pasta espresso tiramisu"])
+    ] == [True]
+
+
 async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, client: AsyncClient) -> None:
     """A pointer moved, a version deleted and a tenant deleted behind the server's back (as another replica
     would) are applied through the feed."""
