@@ -202,11 +202,11 @@ def train_head(
     cap: float | None = None
     if held_logits is not None:
         # No more confidence than the held-out record supports (30 right out of 30 supports 31/32, not 1.0):
-        # the temperature is raised until neither a held-out prediction nor the served head on its own
-        # examples (refit on every example, it is surer than any fold) claims more than the Laplace cap.
+        # the temperature is raised until the held-out predictions' mean top probability is within the
+        # Laplace cap. Log loss alone drives it towards 0 when every held-out prediction is right.
         held_y = y_np[plan.held_out]
         cap = laplace_cap(softmax(held_logits / selection.temperature), held_y)
-        floor = max(min_temperature(held_logits, cap), min_temperature(_logits(spec, state, x_np), cap))
+        floor = min_temperature(held_logits, cap)
         selection = replace(
             selection, temperature=max(selection.temperature, floor), fitted_temperature=selection.temperature
         )
