@@ -114,6 +114,14 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                 "l2_source": result.head.l2_source,
                 "temperature": round(result.head.temperature, 4),
                 "expected_calibration_error": m.expected_calibration_error,
+                # How uncertain the two are on this many held-out predictions (95% bootstrap).
+                "expected_calibration_error_interval": m.expected_calibration_error_interval,
+                "log_loss": m.log_loss,
+                "log_loss_interval": m.log_loss_interval,
+                "validation_examples": m.validation_examples,
+                "confidence_cap": m.confidence_cap,
+                "ood_threshold": m.ood_threshold,
+                "ood_flagged_share": m.ood_flagged_share,
                 "held_back_by": result.held_back_by,
                 "checks": [{"rule": c.rule, "passed": c.passed, "detail": c.detail} for c in result.checks],
             }

@@ -85,3 +85,11 @@ def test_a_small_banking_head_abstains_on_pizza_and_weather(
     finally:
         assert replica.terminate() == 0
         assert proc.terminate() == 0
+
+
+def test_the_evaluation_runs_quick(backbone_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.ood import main
+
+    assert main(["--quick", "--backbone", str(backbone_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 intents, 10-shot | 30 |" in out and "AUROC" in out
