@@ -113,8 +113,9 @@ def laplace_cap(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return (k + 1) / (y.size + 2)
 
 
-def min_temperature(logits: np.ndarray, cap: float) -> float:
-    """The smallest temperature at which the mean top probability of softmax(logits / T) is at most ``cap``.
+def min_temperature(logits: np.ndarray, cap: float, statistic: str = "mean") -> float:
+    """The smallest temperature at which the mean (``statistic="max"``: the largest) top probability of
+    softmax(logits / T) is at most ``cap``.
 
     The mean, not the largest: a head may be surer of some inputs than of others, but on average it may not
     claim to be right more often than its record supports. (Holding every held-out prediction to the cap
@@ -123,9 +124,10 @@ def min_temperature(logits: np.ndarray, cap: float) -> float:
     grows, so their mean does too: bisection on log T within the temperature bounds.
     """
     z = np.asarray(logits, dtype=np.float64)
+    reduce = np.mean if statistic == "mean" else np.max
 
     def mean_top(temperature: float) -> float:
-        return float(np.exp(log_softmax(z / temperature).max(axis=1)).mean())
+        return float(reduce(np.exp(log_softmax(z / temperature).max(axis=1))))
 
     if mean_top(MIN_TEMPERATURE) <= cap:
         return MIN_TEMPERATURE

@@ -44,6 +44,11 @@ from .results import ClassMetrics, HeadMetrics, HeldOut, Selection, TrainedHead,
 from .selection import DEFAULT_L2, L2_GRID, Plan, choose_l2, plan_evaluation
 
 _DEFAULT_CONFIG = TrainConfig()
+# Held-out records of at most this many predictions also hold each prediction to (n + 1) / (n + 2), not only
+# their mean to (k + 1) / (n + 2). On larger ones the fitted temperature is well determined and the largest of
+# hundreds of held-out probabilities is an outlier: holding it to the cap raised the test ECE of Banking77
+# heads from 0.020 to 0.045 (8-shot, 616 held out) and from 0.009 to 0.074 (all examples).
+SMALL_RECORD = 100
 _WHAT = {"cross_validation": "cross-validated", "validation": "held-out", "train": "training-set"}
 
 
@@ -201,12 +206,15 @@ def train_head(
         )
     cap: float | None = None
     if held_logits is not None:
-        # No more confidence than the held-out record supports (30 right out of 30 supports 31/32, not 1.0):
-        # the temperature is raised until the held-out predictions' mean top probability is within the
-        # Laplace cap. Log loss alone drives it towards 0 when every held-out prediction is right.
+        # No more confidence than the held-out record supports. Log loss alone drives the temperature towards
+        # 0 when (nearly) every held-out prediction is right; Laplace's rule bounds it from below instead.
         held_y = y_np[plan.held_out]
         cap = laplace_cap(softmax(held_logits / selection.temperature), held_y)
         floor = min_temperature(held_logits, cap)
+        n = held_y.size
+        if n <= SMALL_RECORD:
+            # On a small record no single prediction may claim more than a perfect record of n supports.
+            floor = max(floor, min_temperature(held_logits, (n + 1) / (n + 2), "max"))
         selection = replace(
             selection, temperature=max(selection.temperature, floor), fitted_temperature=selection.temperature
         )

@@ -66,6 +66,7 @@ class Row:
     threshold: float | None
     held_out_flagged: float | None
     confidence_cap: float | None
+    held_out: int
     max_off_topic_probability: float
 
 
@@ -140,6 +141,7 @@ def score(
         threshold=m.ood_threshold,
         held_out_flagged=m.ood_flagged_share,
         confidence_cap=m.confidence_cap,
+        held_out=m.validation_examples,
         max_off_topic_probability=float(top_out.max()),
     )
 
@@ -229,13 +231,17 @@ def _pct(value: float | None) -> str:
 HEADER = (
     "| head | examples | in-domain / off-topic inputs | AUROC ood_score | AUROC top prob. (baseline) | "
     "off-topic flagged | in-domain flagged (held-out) | accuracy: all / unflagged | threshold | "
-    "confidence cap / max off-topic prob. |\n|---|---|---|---|---|---|---|---|---|---|"
+    "Laplace (k+1)/(n+2) / (n+1)/(n+2) / max off-topic prob. |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def format_row(r: Row) -> str:
     threshold = "–" if r.threshold is None else f"{r.threshold:.3f}"
-    cap = "–" if r.confidence_cap is None else f"{r.confidence_cap:.3f}"
+    cap = (
+        "–"
+        if r.confidence_cap is None
+        else f"{r.confidence_cap:.3f} / {(r.held_out + 1) / (r.held_out + 2):.3f}"
+    )
     return (
         f"| {r.setting} | {r.examples} | {r.in_domain} / {r.off_topic} | {r.auroc_ood:.4f} | {r.auroc_top:.4f} | "
         f"{_pct(r.off_flagged)} | {_pct(r.in_flagged)} ({_pct(r.held_out_flagged)}) | "
@@ -278,7 +284,9 @@ def render(rows: Sequence[Row], where: str, minutes: float) -> str:
         "intents (77-intent heads: SST-2 only). Few-shot examples drawn with seed 24; the 10 intents drawn the "
         "same way. ood_score is 1 - the cosine similarity to the nearest stored training example; flagged: "
         "above the threshold learned on the head's held-out folds (in brackets: the share of held-out "
-        "examples it flagged at training). AUROC: off-topic inputs scored above in-domain ones.",
+        "examples it flagged at training). AUROC: off-topic inputs scored above in-domain ones. Last column: "
+        "with k of n held-out predictions right, their mean top probability is held to (k+1)/(n+2) and, for "
+        "n <= 100, each one to (n+1)/(n+2); beside them the largest top probability any off-topic input got.",
         "",
         HEADER,
         *[format_row(r) for r in rows],

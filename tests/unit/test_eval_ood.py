@@ -21,7 +21,7 @@ def row(setting: str, **changes: float) -> Row:
     base = dict(
         setting=setting, examples=30, in_domain=120, off_topic=4000, auroc_ood=0.99, auroc_top=0.9,
         off_flagged=0.96, in_flagged=0.04, accuracy_all=0.9, accuracy_unflagged=0.92, threshold=0.4,
-        held_out_flagged=0.03, confidence_cap=0.97, max_off_topic_probability=0.9,
+        held_out_flagged=0.03, confidence_cap=0.97, held_out=30, max_off_topic_probability=0.9,
     )  # fmt: skip
     base.update(changes)
     return Row(**base)  # type: ignore[arg-type]
