@@ -86,7 +86,7 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 def _classify(client: Any, tenant: str, texts: Sequence[str] = (), images: Sequence[bytes] = ()) -> list[Any]:
     out: list[Any] = []
-    items = list(texts) or list(images)
+    items: list[Any] = list(texts) or list(images)
     chunk = CALL_CHUNK if texts else 32
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
