@@ -10,8 +10,8 @@ batch the same way (they are rare and larger, so they are not kept in a slab).
 
 A head may come with references: unit-norm training embeddings (adapters/ood.py). `apply_scored` then adds,
 in the same pass, each row's out-of-distribution score (1 - cosine similarity to the nearest reference of
-its own head): one batched matrix multiply over the heads in the batch, padded to the most references any
-of them has, so a row costs a dot product per reference of its head and nothing per other tenant.
+its own head): one matrix product per head in the batch over its own rows, so a row costs a dot product per
+reference of its head and nothing per other tenant.
 
 Slots are copy-on-write: a new head version gets a new slot, and a slot is reused only after `release`,
 which the owner calls once nothing can use the old version any more. So a request that took a version keeps
@@ -230,7 +230,12 @@ class HeadStack:
     @torch.inference_mode()
     def ood_scores(self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]) -> np.ndarray:
         """Each row's out-of-distribution score under the head in `slots[row]`: 1 - its cosine similarity to
-        the nearest of that head's references; NaN for a head stored without references."""
+        the nearest of that head's references; NaN for a head stored without references.
+
+        One matrix product per head in the batch, over its own rows and references only: a row costs a dot
+        product per reference of its head, whatever other tenants keep. (Padding every head's references to
+        the most any of them has, for one batched product, copied them all on every batch: measured 1.3 s for
+        256 rows of 256 different 77-class heads, against 0.2 s for their probabilities.)"""
         x = torch.as_tensor(embeddings, dtype=torch.float32).to(self.device)
         out = np.full(len(slots), np.nan, dtype=np.float32)
         with self._lock:
@@ -238,31 +243,29 @@ class HeadStack:
         if not refs or x.shape[0] == 0:
             return out
         x = torch.nn.functional.normalize(x, dim=1)
-        slot_arr = np.asarray(slots, dtype=np.int64)
         if len(refs) == 1 and len(set(slots)) == 1:  # one head: one matrix product
             (r,) = refs.values()
             out[:] = (1.0 - (x @ r.T).amax(dim=1)).cpu().numpy()
             return out
-        rows = np.flatnonzero(np.isin(slot_arr, list(refs)))
-        uniq, inverse = np.unique(slot_arr[rows], return_inverse=True)
-        grouped, rank = _group_rows(x[torch.as_tensor(rows, device=self.device)], inverse, len(uniq))
-        heads = [refs[int(s)] for s in uniq]
-        padded = torch.nn.utils.rnn.pad_sequence(heads, batch_first=True)  # (heads, most refs, dim)
-        counts = torch.as_tensor([h.shape[0] for h in heads], device=self.device)
-        similarity = torch.bmm(grouped, padded.transpose(1, 2))  # (heads, most rows, most refs)
-        padding = torch.arange(padded.shape[1], device=self.device)[None, None, :] >= counts[:, None, None]
-        nearest = similarity.masked_fill(padding, NEG_INF).amax(dim=2)
-        picked = nearest[
-            torch.as_tensor(inverse, device=self.device), torch.as_tensor(rank, device=self.device)
-        ]
-        out[rows] = (1.0 - picked).cpu().numpy()
+        slot_arr = np.asarray(slots, dtype=np.int64)
+        order = np.argsort(slot_arr, kind="stable")
+        uniq, starts, counts = np.unique(slot_arr[order], return_index=True, return_counts=True)
+        grouped = x[torch.as_tensor(order, device=self.device)]  # rows of one head side by side: views below
+        parts, rows = [], []
+        for slot, start, count in zip(uniq.tolist(), starts.tolist(), counts.tolist(), strict=True):
+            if slot in refs:
+                parts.append((grouped[start : start + count] @ refs[slot].T).amax(dim=1))
+                rows.append(order[start : start + count])
+        out[np.concatenate(rows)] = (1.0 - torch.cat(parts)).cpu().numpy()
         return out
 
-    def apply_scored(self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]) -> list[np.ndarray]:
-        """`apply`'s probabilities with each row's out-of-distribution score appended as its last element."""
+    def apply_scored(
+        self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]
+    ) -> list[tuple[np.ndarray, float]]:
+        """`apply`'s probabilities, each row with its out-of-distribution score."""
         probs = self.apply(embeddings, slots)
-        scores = self.ood_scores(embeddings, slots)
-        return [np.append(p, np.float32(s)) for p, s in zip(probs, scores, strict=True)]
+        scores = self.ood_scores(embeddings, slots).tolist()
+        return list(zip(probs, scores, strict=True))
 
     def _apply_one(self, x: torch.Tensor, slot: int, n: int) -> list[np.ndarray]:
         """Every row under one linear head (a single-tenant batch, a lone Classify): one matrix product and

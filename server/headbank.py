@@ -86,13 +86,13 @@ def live_head(
 
 
 class ScoredHeads:
-    """What the batcher applies to a lane's Classify rows: each row is the head's probabilities followed by
-    the input's out-of-distribution score (`HeadStack.apply_scored`), both from one pass."""
+    """What the batcher applies to a lane's Classify rows: each row is (the head's probabilities, the input's
+    out-of-distribution score), both from one pass (`HeadStack.apply_scored`)."""
 
     def __init__(self, stack: HeadStack) -> None:
         self.stack = stack
 
-    def apply(self, embeddings: np.ndarray, slots: list[int]) -> list[np.ndarray]:
+    def apply(self, embeddings: np.ndarray, slots: list[int]) -> list[tuple[np.ndarray, float]]:
         return self.stack.apply_scored(embeddings, slots)
 
 

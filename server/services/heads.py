@@ -121,8 +121,8 @@ class HeadService:
         labels, abstained, ood_scores, ood_flags = [], [], [], []
         threshold = head.ood_threshold
         for row in result.rows:
-            # The row: the head's probabilities, then the input's out-of-distribution score (one pass).
-            probs, ood = np.asarray(row[:-1]), float(row[-1])
+            # The head's probabilities and the input's out-of-distribution score, from one pass.
+            probs, ood = np.asarray(row[0]), float(row[1])
             flagged = threshold is not None and math.isfinite(ood) and ood > threshold
             ood_scores.append(ood)
             ood_flags.append(flagged)

@@ -159,7 +159,7 @@ def test_stack_scores_each_row_against_its_own_head_in_one_pass() -> None:
     rows = stack.apply_scored(x, slots)
     want = {a: nearest_distance(refs_a, x), b: nearest_distance(refs_b, x)}
     for i, slot in enumerate(slots):
-        probs, score = rows[i][:-1], rows[i][-1]
+        probs, score = rows[i]
         np.testing.assert_allclose(probs, stack.apply(x[i : i + 1], [slot])[0], atol=1e-6)
         if slot == legacy:
             assert np.isnan(score)
