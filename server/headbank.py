@@ -68,7 +68,8 @@ def live_head(
 ) -> LiveHead:
     loaded = head_from_bytes(weights, manifest)
     slot = stack.add(loaded.spec, loaded.state, loaded.references)
-    threshold = manifest.get("metrics", {}).get("ood_threshold")
+    metrics = manifest.get("metrics")
+    threshold = metrics.get("ood_threshold") if isinstance(metrics, dict) else None
     head = LiveHead(
         tenant=tenant,
         version=version,
