@@ -8,6 +8,11 @@ would pad a thousand 4-class heads to the widest). Scoring a batch gathers the s
 and runs one batched matrix multiply per bucket over "rows grouped by head". MLP heads are stacked per
 batch the same way (they are rare and larger, so they are not kept in a slab).
 
+A head may come with references: unit-norm training embeddings (adapters/ood.py). `apply_scored` then adds,
+in the same pass, each row's out-of-distribution score (1 - cosine similarity to the nearest reference of
+its own head): one matrix product per head in the batch over its own rows, so a row costs a dot product per
+reference of its head and nothing per other tenant.
+
 Slots are copy-on-write: a new head version gets a new slot, and a slot is reused only after `release`,
 which the owner calls once nothing can use the old version any more. So a request that took a version keeps
 reading exactly that version's weights while newer versions are added beside it.
@@ -64,6 +69,7 @@ class HeadStack:
         self._slabs: dict[int, _Slab] = {}
         self._classes: dict[int, int] = {}  # slot -> number of classes
         self._mlp: dict[int, _MLPWeights] = {}
+        self._refs: dict[int, torch.Tensor] = {}  # slot -> (m, dim) unit-norm training embeddings
         self._next_mlp = -1  # MLP heads get negative ids: they have no slab row
 
     def __len__(self) -> int:
@@ -102,8 +108,23 @@ class HeadStack:
             slab.weight, slab.bias = slab.weight[:size].clone(), slab.bias[:size].clone()
             slab.free = [row for row in range(size) if row not in slab.used]  # ascending: already a heap
 
-    def add(self, spec: HeadSpec, state: Mapping[str, np.ndarray]) -> int:
-        """Place a head's weights; returns its slot id."""
+    def add(
+        self, spec: HeadSpec, state: Mapping[str, np.ndarray], references: np.ndarray | None = None
+    ) -> int:
+        """Place a head's weights (and its unit-norm training embeddings, if any); returns its slot id."""
+        slot = self._add(spec, state)
+        if references is not None and len(references):
+            if np.shape(references)[1:] != (self.input_dim,):
+                self.release(slot)
+                raise ValueError(
+                    f"references have shape {np.shape(references)}, expected (m, {self.input_dim})"
+                )
+            refs = torch.as_tensor(np.asarray(references, dtype=np.float32), device=self.device)
+            with self._lock:
+                self._refs[slot] = refs
+        return slot
+
+    def _add(self, spec: HeadSpec, state: Mapping[str, np.ndarray]) -> int:
         if spec.input_dim != self.input_dim:
             raise ValueError(f"head input dim {spec.input_dim} != stack dim {self.input_dim}")
         expected = expected_state_shapes(spec)
@@ -140,6 +161,7 @@ class HeadStack:
 
     def release(self, slot: int) -> None:
         with self._lock:
+            self._refs.pop(slot, None)
             if self._classes.pop(slot, None) is None:
                 return
             if slot < 0:
@@ -154,17 +176,20 @@ class HeadStack:
         return self._classes[slot]
 
     def nbytes(self, slot: int) -> int:
+        refs = self._refs.get(slot)
+        extra = 0 if refs is None else refs.numel() * refs.element_size()
         if slot < 0:
             m = self._mlp[slot]
-            return sum(t.numel() * t.element_size() for t in (m.w1, m.b1, m.w2, m.b2))
-        return (slot >> _SLOT_BITS) * (self.input_dim + 1) * 4
+            return extra + sum(t.numel() * t.element_size() for t in (m.w1, m.b1, m.w2, m.b2))
+        return extra + (slot >> _SLOT_BITS) * (self.input_dim + 1) * 4
 
     def allocated_bytes(self) -> int:
         """Everything the stack holds on its device, free slab rows included."""
         with self._lock:
             slabs = sum(s.weight.numel() * 4 + s.bias.numel() * 4 for s in self._slabs.values())
             mlps = sum(self.nbytes(slot) for slot in self._mlp)
-        return slabs + mlps
+            refs = sum(t.numel() * t.element_size() for t in self._refs.values())
+        return slabs + mlps + refs
 
     @torch.inference_mode()
     def apply(self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]) -> list[np.ndarray]:
@@ -201,6 +226,46 @@ class HeadStack:
             for i, row in enumerate(rows):
                 out[row] = host[i, : classes[int(slot_arr[row])]]
         return out
+
+    @torch.inference_mode()
+    def ood_scores(self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]) -> np.ndarray:
+        """Each row's out-of-distribution score under the head in `slots[row]`: 1 - its cosine similarity to
+        the nearest of that head's references; NaN for a head stored without references.
+
+        One matrix product per head in the batch, over its own rows and references only: a row costs a dot
+        product per reference of its head, whatever other tenants keep. (Padding every head's references to
+        the most any of them has, for one batched product, copied them all on every batch: measured 1.3 s for
+        256 rows of 256 different 77-class heads, against 0.2 s for their probabilities.)"""
+        x = torch.as_tensor(embeddings, dtype=torch.float32).to(self.device)
+        out = np.full(len(slots), np.nan, dtype=np.float32)
+        with self._lock:
+            refs = {s: self._refs[s] for s in set(slots) if s in self._refs}
+        if not refs or x.shape[0] == 0:
+            return out
+        x = torch.nn.functional.normalize(x, dim=1)
+        if len(refs) == 1 and len(set(slots)) == 1:  # one head: one matrix product
+            (r,) = refs.values()
+            out[:] = (1.0 - (x @ r.T).amax(dim=1)).cpu().numpy()
+            return out
+        slot_arr = np.asarray(slots, dtype=np.int64)
+        order = np.argsort(slot_arr, kind="stable")
+        uniq, starts, counts = np.unique(slot_arr[order], return_index=True, return_counts=True)
+        grouped = x[torch.as_tensor(order, device=self.device)]  # rows of one head side by side: views below
+        parts, rows = [], []
+        for slot, start, count in zip(uniq.tolist(), starts.tolist(), counts.tolist(), strict=True):
+            if slot in refs:
+                parts.append((grouped[start : start + count] @ refs[slot].T).amax(dim=1))
+                rows.append(order[start : start + count])
+        out[np.concatenate(rows)] = (1.0 - torch.cat(parts)).cpu().numpy()
+        return out
+
+    def apply_scored(
+        self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]
+    ) -> list[tuple[np.ndarray, float]]:
+        """`apply`'s probabilities, each row with its out-of-distribution score."""
+        probs = self.apply(embeddings, slots)
+        scores = self.ood_scores(embeddings, slots).tolist()
+        return list(zip(probs, scores, strict=True))
 
     def _apply_one(self, x: torch.Tensor, slot: int, n: int) -> list[np.ndarray]:
         """Every row under one linear head (a single-tenant batch, a lone Classify): one matrix product and

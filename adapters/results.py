@@ -66,6 +66,17 @@ class HeadMetrics:
     # versions trained before these were recorded.
     log_loss: float | None = None
     expected_calibration_error: float | None = None
+    # 95% percentile-bootstrap intervals of the two over the held-out predictions: on a few dozen examples
+    # the point values are noisy (30 right answers give a log loss near 0 that means little).
+    log_loss_interval: tuple[float, float] | None = None
+    expected_calibration_error_interval: tuple[float, float] | None = None
+    # Out-of-distribution threshold learned on the held-out folds (adapters/ood.py), and the share of the
+    # held-out in-domain examples above it; None without held-out predictions or for older versions.
+    ood_threshold: float | None = None
+    ood_flagged_share: float | None = None
+    # The top probability the held-out record supports (calibration.laplace_cap); the temperature was
+    # raised, if need be, so that no held-out prediction claims more. None for older versions.
+    confidence_cap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,8 @@ class Selection:
     temperature: float
     grid: tuple[float, ...] = ()  # L2 values tried, strong to weak
     grid_log_loss: tuple[float, ...] = ()  # mean held-out log loss at each, after its own temperature
+    # The temperature the held-out log loss chose, before the confidence cap raised it (if it did).
+    fitted_temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,3 +112,5 @@ class TrainedHead:
     selection: Selection
     held_out: HeldOut | None  # None when trained without validation
     baseline_check: GateCheck  # the gate's majority-baseline rule
+    # Unit-norm training embeddings kept for out-of-distribution scores (adapters/ood.py), float32 (m, dim).
+    ood_references: np.ndarray | None = None

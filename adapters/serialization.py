@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from .ood import OOD_SCORE, REFERENCES_TENSOR
 from .results import EVALUATED_ON, ClassMetrics, HeadMetrics, Selection, TrainedHead
 from .spec import HeadSpec, expected_state_shapes
 
 HEAD_FORMAT = "headswap.head/1"
-_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics", "selection"})
+_RESERVED_KEYS = frozenset({"format", "spec", "config", "metrics", "selection", "ood"})
 
 
 class HeadFormatError(ValueError):
@@ -32,12 +33,18 @@ class LoadedHead:
     spec: HeadSpec
     state: dict[str, np.ndarray]  # float32, validated against spec
     manifest: dict[str, Any]  # a deep, JSON-only copy of the manifest it was loaded with
+    # Unit-norm training embeddings for out-of-distribution scores (float32 (m, input_dim)); None for a
+    # version stored without them (trained before they were kept).
+    references: np.ndarray | None = None
 
 
 def _metrics_to_json(metrics: HeadMetrics) -> dict[str, Any]:
     as_dict = asdict(metrics)
     # asdict keeps tuples; lists are what JSON will give back, so use them from the start.
     as_dict["per_class"] = [asdict(item) for item in metrics.per_class]
+    for name in ("log_loss_interval", "expected_calibration_error_interval"):
+        if as_dict[name] is not None:
+            as_dict[name] = list(as_dict[name])
     return as_dict
 
 
@@ -64,6 +71,13 @@ def head_to_bytes(
     if set(head.state) != set(expected):
         raise ValueError(f"head state has tensors {sorted(head.state)}, its spec expects {sorted(expected)}")
     tensors = {name: np.ascontiguousarray(head.state[name], dtype=np.float32) for name in sorted(expected)}
+    ood: dict[str, Any] = {}
+    if head.ood_references is not None:
+        refs = np.ascontiguousarray(head.ood_references, dtype=np.float32)
+        if refs.ndim != 2 or refs.shape[1] != head.spec.input_dim:
+            raise ValueError(f"ood references have shape {refs.shape}, expected (m, {head.spec.input_dim})")
+        tensors[REFERENCES_TENSOR] = refs
+        ood = {"ood": {"score": OOD_SCORE, "references": int(refs.shape[0])}}
     weights = safetensors.numpy.save(tensors, metadata=metadata)
     manifest: dict[str, Any] = {
         "format": HEAD_FORMAT,
@@ -71,6 +85,7 @@ def head_to_bytes(
         "config": asdict(head.config),
         "metrics": _metrics_to_json(head.metrics),
         "selection": asdict(head.selection),
+        **ood,
         **extra,
     }
     try:
@@ -116,7 +131,8 @@ def head_from_bytes(weights: bytes, manifest: Mapping[str, Any]) -> LoadedHead:
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise HeadFormatError(f"weights lack tensor(s) {', '.join(missing)} required by a {spec.kind} head")
-    unexpected = sorted(set(loaded) - set(expected))
+    references = _references(loaded, spec, manifest_copy)
+    unexpected = sorted(set(loaded) - set(expected) - {REFERENCES_TENSOR})
     if unexpected:
         raise HeadFormatError(f"weights hold unexpected tensor(s) {', '.join(unexpected)}")
     state: dict[str, np.ndarray] = {}
@@ -129,7 +145,36 @@ def head_from_bytes(weights: bytes, manifest: Mapping[str, Any]) -> LoadedHead:
         if not np.all(np.isfinite(array)):
             raise HeadFormatError(f"tensor {name} contains NaN or infinite values")
         state[name] = np.ascontiguousarray(array)
-    return LoadedHead(spec=spec, state=state, manifest=manifest_copy)
+    return LoadedHead(spec=spec, state=state, manifest=manifest_copy, references=references)
+
+
+def _references(
+    loaded: Mapping[str, np.ndarray], spec: HeadSpec, manifest: Mapping[str, Any]
+) -> np.ndarray | None:
+    """The stored training embeddings, validated; None when the version has none."""
+    ood = manifest.get("ood")
+    if REFERENCES_TENSOR not in loaded:
+        if ood is not None:
+            raise HeadFormatError(
+                f"manifest records out-of-distribution references, the weights lack {REFERENCES_TENSOR}"
+            )
+        return None
+    if not isinstance(ood, Mapping) or ood.get("score") != OOD_SCORE:
+        raise HeadFormatError(
+            f"weights hold {REFERENCES_TENSOR} but the manifest's 'ood' does not describe them"
+        )
+    array = loaded[REFERENCES_TENSOR]
+    if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != spec.input_dim:
+        raise HeadFormatError(
+            f"tensor {REFERENCES_TENSOR} is {array.dtype} {tuple(array.shape)}, expected float32 (m, {spec.input_dim})"
+        )
+    if ood.get("references") != array.shape[0]:
+        raise HeadFormatError(
+            f"manifest says {ood.get('references')!r} references, the weights hold {array.shape[0]}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise HeadFormatError(f"tensor {REFERENCES_TENSOR} contains NaN or infinite values")
+    return np.ascontiguousarray(array)
 
 
 def read_weights_metadata(weights: bytes) -> dict[str, str]:
@@ -206,13 +251,31 @@ def metrics_from_manifest(manifest: Mapping[str, Any]) -> HeadMetrics:
         folds=_field(raw, "folds", int, "metrics") if "folds" in raw else 0,
         log_loss=_optional_number(raw, "log_loss"),
         expected_calibration_error=_optional_number(raw, "expected_calibration_error"),
+        log_loss_interval=_optional_interval(raw, "log_loss_interval"),
+        expected_calibration_error_interval=_optional_interval(raw, "expected_calibration_error_interval"),
+        ood_threshold=_optional_number(raw, "ood_threshold"),
+        ood_flagged_share=_optional_number(raw, "ood_flagged_share"),
+        confidence_cap=_optional_number(raw, "confidence_cap"),
     )
 
 
-def _optional_number(raw: Mapping[str, Any], name: str) -> float | None:
+def _optional_number(raw: Mapping[str, Any], name: str, where: str = "metrics") -> float | None:
     if raw.get(name) is None:
         return None
-    return float(_field(raw, name, (int, float), "metrics"))
+    return float(_field(raw, name, (int, float), where))
+
+
+def _optional_interval(raw: Mapping[str, Any], name: str) -> tuple[float, float] | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
+        raise HeadFormatError(f"metrics.{name} must be two finite numbers, got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def selection_from_manifest(manifest: Mapping[str, Any]) -> Selection:
@@ -244,4 +307,5 @@ def selection_from_manifest(manifest: Mapping[str, Any]) -> Selection:
         temperature=temperature,
         grid=tuple(float(v) for v in grid),
         grid_log_loss=tuple(float(v) for v in losses),
+        fitted_temperature=_optional_number(raw, "fitted_temperature", "selection"),
     )

@@ -5,10 +5,13 @@
 2. Select on the held-out predictions: the linear head walks an L2 grid with warm starts
    (linear.py) and keeps the default unless another value is clearly better; the mlp picks its number
    of epochs by early stopping on each fold (mlp.py).
-3. Calibrate: one temperature fitted on the held-out logits (calibration.py).
+3. Calibrate: one temperature fitted on the held-out logits, raised if need be so that no held-out
+   prediction claims more than the record supports (Laplace's rule; calibration.py).
 4. Refit on every example with the chosen settings and fold the temperature into the weights.
-5. Report metrics of the held-out predictions, labelled as such, and the gate's majority-baseline
-   rule on them (gate.py).
+5. Report metrics of the held-out predictions, labelled as such (with bootstrap intervals), and the
+   gate's majority-baseline rule on them (gate.py).
+6. Keep (a capped share of) the normalised training embeddings and learn the out-of-distribution
+   threshold on the same folds (ood.py).
 """
 
 from __future__ import annotations
@@ -16,22 +19,37 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import linear, mlp
-from .calibration import expected_calibration_error, fit_temperature, fold_temperature, softmax
+from .calibration import (
+    bootstrap_interval,
+    expected_calibration_error,
+    fit_temperature,
+    fold_temperature,
+    laplace_cap,
+    min_temperature,
+    softmax,
+)
 from .config import TrainConfig, TrainingCancelled, TrainingDivergedError, validate_inputs
 from .gate import majority_baseline_check
 from .heads import build_head
 from .metrics import accuracy, f1_per_label, macro_f1
+from .ood import fit_ood
 from .results import ClassMetrics, HeadMetrics, HeldOut, Selection, TrainedHead, TrainProgress
 from .selection import DEFAULT_L2, L2_GRID, Plan, choose_l2, plan_evaluation
 from .spec import HeadSpec
 
 _DEFAULT_CONFIG = TrainConfig()
+# Held-out records of at most this many predictions also hold each prediction to (n + 1) / (n + 2), not only
+# their mean to (k + 1) / (n + 2). On larger ones the fitted temperature is well determined and the largest of
+# hundreds of held-out probabilities is an outlier: holding it to the cap raised the test ECE of Banking77
+# heads from 0.020 to 0.045 (8-shot, 616 held out) and from 0.009 to 0.074 (all examples).
+SMALL_RECORD = 100
 _WHAT = {"cross_validation": "cross-validated", "validation": "held-out", "train": "training-set"}
 
 
@@ -187,6 +205,20 @@ def train_head(
         raise TrainingDivergedError(
             "training diverged (non-finite weights); try a smaller learning_rate or a larger l2"
         )
+    cap: float | None = None
+    if held_logits is not None:
+        # No more confidence than the held-out record supports. Log loss alone drives the temperature towards
+        # 0 when (nearly) every held-out prediction is right; Laplace's rule bounds it from below instead.
+        held_y = y_np[plan.held_out]
+        cap = laplace_cap(softmax(held_logits / selection.temperature), held_y)
+        floor = min_temperature(held_logits, cap)
+        n = held_y.size
+        if n <= SMALL_RECORD:
+            # On a small record no single prediction may claim more than a perfect record of n supports.
+            floor = max(floor, min_temperature(held_logits, (n + 1) / (n + 2), "max"))
+        selection = replace(
+            selection, temperature=max(selection.temperature, floor), fitted_temperature=selection.temperature
+        )
     state = fold_temperature(state, config.kind, selection.temperature)
     if held_logits is None:
         # No held-out predictions: score the served head on its own training examples.
@@ -198,6 +230,7 @@ def train_head(
     check = majority_baseline_check(
         predictions == y_eval, _majority_correct(y_np, plan, num_classes), _WHAT[plan.method]
     )
+    ood = fit_ood(x_np, y_np, num_classes, plan, config.seed)
     scored = np.union1d(y_eval, predictions)
     f1s = dict(zip(scored.tolist(), f1_per_label(y_eval, predictions, scored).tolist(), strict=True))
     counts, held_counts = np.bincount(y_np, minlength=num_classes), np.bincount(y_eval, minlength=num_classes)
@@ -219,9 +252,14 @@ def train_head(
         folds=folds,
         log_loss=float(-np.mean(np.log(np.maximum(probabilities[np.arange(y_eval.size), y_eval], 1e-300)))),
         expected_calibration_error=expected_calibration_error(probabilities, y_eval),
+        log_loss_interval=bootstrap_interval(probabilities, y_eval, "log_loss", config.seed),
+        expected_calibration_error_interval=bootstrap_interval(probabilities, y_eval, "ece", config.seed),
+        ood_threshold=ood.threshold,
+        ood_flagged_share=ood.flagged_share,
+        confidence_cap=cap,
     )
     held_out = HeldOut(held_idx, predictions) if plan.folds else None
-    return TrainedHead(spec, state, metrics, config, selection, held_out, check)
+    return TrainedHead(spec, state, metrics, config, selection, held_out, check, ood.references)
 
 
 def _logits(spec: HeadSpec, state: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -154,8 +154,9 @@ class BaseClient(abc.ABC):
         top_k: int,
         version: int,
         min_probability: float = 0.0,
+        ignore_ood: bool = False,
     ) -> Call[list[r.Prediction]]:
-        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability)
+        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
         return Call("Classify", request, _codec.predictions)
 
     def _list_heads(self) -> Call[list[r.HeadSummary]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,14 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                 "l2_source": result.head.l2_source,
                 "temperature": round(result.head.temperature, 4),
                 "expected_calibration_error": m.expected_calibration_error,
+                # How uncertain the two are on this many held-out predictions (95% bootstrap).
+                "expected_calibration_error_interval": m.expected_calibration_error_interval,
+                "log_loss": m.log_loss,
+                "log_loss_interval": m.log_loss_interval,
+                "validation_examples": m.validation_examples,
+                "confidence_cap": m.confidence_cap,
+                "ood_threshold": m.ood_threshold,
+                "ood_flagged_share": m.ood_flagged_share,
                 "held_back_by": result.held_back_by or None,  # null when activated
                 "checks": [{"rule": c.rule, "passed": c.passed, "detail": c.detail} for c in result.checks],
             }
@@ -132,6 +141,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 top_k=args.top_k,
                 version=args.version,
                 min_probability=args.min_probability,
+                ignore_ood=args.ignore_ood,
             )
         else:
             names, predictions = [str(p) for p in paths], []
@@ -142,9 +152,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                     top_k=args.top_k,
                     version=args.version,
                     min_probability=args.min_probability,
+                    ignore_ood=args.ignore_ood,
                 )
     key = "text" if paths is None else "image"
     for name, p in zip(names, predictions, strict=True):
         labels = [{"label": s.label, "probability": round(s.probability, 4)} for s in p.labels]
-        print(json.dumps({key: name, "version": p.version, "labels": labels, "abstained": p.abstained}))
+        row = {key: name, "version": p.version, "labels": labels, "abstained": p.abstained}
+        # NaN (a head stored without its examples) is not JSON: printed as null.
+        row["ood_score"] = round(p.ood_score, 4) if math.isfinite(p.ood_score) else None
+        row["out_of_distribution"] = p.out_of_distribution
+        print(json.dumps(row))
     return 0

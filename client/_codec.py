@@ -202,6 +202,15 @@ def head_metrics(m: pb.HeadMetrics) -> r.HeadMetrics:
         expected_calibration_error=(
             m.expected_calibration_error if m.HasField("expected_calibration_error") else None
         ),
+        log_loss_interval=(m.log_loss_low, m.log_loss_high) if m.HasField("log_loss_low") else None,
+        expected_calibration_error_interval=(
+            (m.expected_calibration_error_low, m.expected_calibration_error_high)
+            if m.HasField("expected_calibration_error_low")
+            else None
+        ),
+        ood_threshold=m.ood_threshold if m.HasField("ood_threshold") else None,
+        ood_flagged_share=m.ood_flagged_share if m.HasField("ood_flagged_share") else None,
+        confidence_cap=m.confidence_cap if m.HasField("confidence_cap") else None,
     )
 
 
@@ -275,6 +284,7 @@ def classify_request(
     top_k: int,
     version: int,
     min_probability: float = 0.0,
+    ignore_ood: bool = False,
 ) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(
         tenant=tenant,
@@ -282,6 +292,7 @@ def classify_request(
         top_k=top_k,
         version=version,
         min_probability=min_probability,
+        ignore_ood=ignore_ood,
     )
 
 
@@ -294,6 +305,8 @@ def predictions(reply: pb.ClassifyResponse) -> list[r.Prediction]:
             p.abstained,
             reply.backbone.precision,
             reply.trained_precision,
+            p.ood_score,
+            p.out_of_distribution,
         )
         for p in reply.predictions
     ]

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--min-probability", type=float, default=0.0, help="mark predictions below this probability abstained"
     )
+    classify.add_argument(
+        "--ignore-ood",
+        action="store_true",
+        help="do not mark out-of-distribution inputs abstained (ood_score and out_of_distribution still shown)",
+    )
     classify.set_defaults(func=_cmd_classify)
 
     heads = sub.add_parser("heads", help="list tenants with heads, or describe one with --tenant")

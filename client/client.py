@@ -145,12 +145,15 @@ class Client(BaseClient):
         images: Sequence[ImageLike] | None = None,
         version: int = 0,
         min_probability: float = 0.0,
+        ignore_ood: bool = False,
     ) -> list[Prediction]:
         """Per input (texts, or `images` as bytes or paths: what the tenant's head was trained on), the
         `top_k` most probable labels of the tenant's head (its active version, or `version`), and the
         version that answered. Probabilities are calibrated; a prediction whose top probability is below
-        `min_probability` comes back with `abstained=True` (labels still listed)."""
-        return self._send(self._classify(tenant, texts, images, top_k, version, min_probability))
+        `min_probability`, or whose input is unlike every training example (`out_of_distribution`, see
+        `ood_score`), comes back with `abstained=True` (labels still listed); `ignore_ood=True` abstains by
+        `min_probability` alone."""
+        return self._send(self._classify(tenant, texts, images, top_k, version, min_probability, ignore_ood))
 
     def list_heads(self) -> list[HeadSummary]:
         return self._send(self._list_heads())
@@ -281,8 +284,11 @@ class AsyncClient(BaseClient):
         images: Sequence[ImageLike] | None = None,
         version: int = 0,
         min_probability: float = 0.0,
+        ignore_ood: bool = False,
     ) -> list[Prediction]:
-        return await self._send(self._classify(tenant, texts, images, top_k, version, min_probability))
+        return await self._send(
+            self._classify(tenant, texts, images, top_k, version, min_probability, ignore_ood)
+        )
 
     async def list_heads(self) -> list[HeadSummary]:
         return await self._send(self._list_heads())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -71,6 +72,14 @@ class HeadMetrics:
     folds: int = 0  # cross-validation folds; 1 for a held-out split; 0 without validation
     log_loss: float | None = None  # of the calibrated held-out probabilities
     expected_calibration_error: float | None = None
+    # 95% bootstrap intervals of the two: on a few dozen held-out predictions they are wide.
+    log_loss_interval: tuple[float, float] | None = None
+    expected_calibration_error_interval: tuple[float, float] | None = None
+    # Prediction.ood_score above this: out_of_distribution. None: the head has no threshold (no validation,
+    # or trained before thresholds were learned).
+    ood_threshold: float | None = None
+    ood_flagged_share: float | None = None  # of the held-out in-domain examples, by that threshold
+    confidence_cap: float | None = None  # the top probability the held-out record supports (Laplace)
 
 
 @dataclass(frozen=True)
@@ -152,9 +161,15 @@ class Prediction:
     labels: tuple[LabelScore, ...]  # most probable first, top_k of them
     version: int  # the head version that answered
     truncated: bool
-    abstained: bool = False  # top probability below the call's min_probability: ask a person
+    # Top probability below the call's min_probability, or out_of_distribution (unless ignore_ood): ask a person.
+    abstained: bool = False
     precision: str = ""  # of the backbone that answered ("fp32", "fp16", "int8"); "" from older servers
     trained_precision: str = ""  # of the embeddings the head was trained on; "" when not recorded
+    # 1 - cosine similarity to the nearest stored training example (0: identical; up to 2); NaN when the head
+    # stores no examples (trained before they were kept).
+    ood_score: float = math.nan
+    # ood_score above the head's ood_threshold: the input looks like nothing the head was trained on.
+    out_of_distribution: bool = False
 
     @property
     def cross_precision(self) -> bool:

@@ -384,14 +384,17 @@ def render_section(report: Report) -> str:
 
 
 @contextmanager
-def local_server(backbone: Path, log_path: Path | None = None, timeout: float = 300.0) -> Iterator[str]:
+def local_server(
+    backbone: Path, log_path: Path | None = None, timeout: float = 300.0, extra_backbones: Sequence[str] = ()
+) -> Iterator[str]:
     """``headswap serve`` on a free loopback port with a temporary store (headswap.server.testing); yields
     its target. The server's output goes to ``log_path`` when given; it is stopped with SIGTERM at the end."""
     from headswap.server.testing import ServerProcess
 
     if not (backbone / "manifest.json").is_file():
         raise DataError(f"no exported backbone at {backbone} (manifest.json missing); run `headswap export`")
-    server = ServerProcess("--backbone", str(backbone), log_path=log_path)
+    more = [arg for extra in extra_backbones for arg in ("--backbone", extra)]
+    server = ServerProcess("--backbone", str(backbone), *more, log_path=log_path)
     try:
         server.wait_serving(timeout)
         print(f"server pid {server.pid} SERVING on {server.target} (log {server.log_path})", flush=True)

@@ -21,7 +21,7 @@ from headswap.server.binding import Bindings, ServedBackbone
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.errors import HeadswapError
-from headswap.server.headbank import HeadBank
+from headswap.server.headbank import HeadBank, ScoredHeads
 from headswap.server.inference.batcher import Batcher, BatchPolicy
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
@@ -254,7 +254,7 @@ def build(
             policy,
             pools.preprocess,
             pools.backbone(name),
-            stack,
+            ScoredHeads(stack),
             metrics.observe_batch,
             buckets=buckets,
             prepare_workers=config.worker_threads,

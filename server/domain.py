@@ -213,6 +213,8 @@ class ClassifyRequest:
     version: int = 0  # 0: the active version
     caller: Caller = ANONYMOUS
     min_probability: float = 0.0  # below this top probability a prediction is marked abstained; 0: never
+    # False (default): an out_of_distribution input is abstained too; True: only min_probability abstains.
+    ignore_ood: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ class Classified:
     backbone: BackboneDescription  # its precision is the one that answered
     abstained: list[bool] = field(default_factory=list)  # per input
     trained_precision: str = ""  # of the embeddings the head was trained on; "" not recorded (fp32 or fp16)
+    # per input: 1 - cosine similarity to the nearest stored training example (NaN: the head stores none)
+    ood_scores: list[float] = field(default_factory=list)
+    out_of_distribution: list[bool] = field(default_factory=list)  # per input: ood_score above the threshold
 
 
 @dataclass(frozen=True)

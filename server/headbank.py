@@ -42,6 +42,9 @@ class LiveHead:
     stack: HeadStack
     max_label_bytes: int  # to size a reply before it is built
     weights_sha256: str  # with the version, the head's identity
+    # Above this out-of-distribution score an input is out_of_distribution (learned on the held-out folds);
+    # None for a version without one (trained without validation, or before thresholds were learned).
+    ood_threshold: float | None = None
 
     @property
     def weights(self) -> str:
@@ -64,7 +67,9 @@ def live_head(
     binding: HeadBinding,
 ) -> LiveHead:
     loaded = head_from_bytes(weights, manifest)
-    slot = stack.add(loaded.spec, loaded.state)
+    slot = stack.add(loaded.spec, loaded.state, loaded.references)
+    metrics = manifest.get("metrics")
+    threshold = metrics.get("ood_threshold") if isinstance(metrics, dict) else None
     head = LiveHead(
         tenant=tenant,
         version=version,
@@ -74,9 +79,22 @@ def live_head(
         stack=stack,
         max_label_bytes=max(len(str(label).encode()) for label in manifest["labels"]),
         weights_sha256=str(manifest.get("weights_sha256", "")),
+        # Only with the references it was learned for: a threshold alone could not be applied.
+        ood_threshold=float(threshold) if threshold is not None and loaded.references is not None else None,
     )
     weakref.finalize(head, stack.release, slot)
     return head
+
+
+class ScoredHeads:
+    """What the batcher applies to a lane's Classify rows: each row is (the head's probabilities, the input's
+    out-of-distribution score), both from one pass (`HeadStack.apply_scored`)."""
+
+    def __init__(self, stack: HeadStack) -> None:
+        self.stack = stack
+
+    def apply(self, embeddings: np.ndarray, slots: list[int]) -> list[tuple[np.ndarray, float]]:
+        return self.stack.apply_scored(embeddings, slots)
 
 
 class HeadBank:

@@ -55,7 +55,8 @@ TURN_S = 0.1
 
 
 class GroupedHeads(Protocol):
-    def apply(self, embeddings: np.ndarray, slots: list[int]) -> list[np.ndarray]: ...
+    # One row per embedding: what the tenant's head answers (the server's: probabilities and an OOD score).
+    def apply(self, embeddings: np.ndarray, slots: list[int]) -> Sequence[Any]: ...
 
 
 @dataclass(frozen=True)

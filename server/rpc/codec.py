@@ -158,6 +158,17 @@ def metrics_to_pb(m: HeadMetrics, labels: Sequence[str]) -> pb.HeadMetrics:
         folds=m.folds,
         log_loss=m.log_loss,
         expected_calibration_error=m.expected_calibration_error,
+        log_loss_low=m.log_loss_interval[0] if m.log_loss_interval else None,
+        log_loss_high=m.log_loss_interval[1] if m.log_loss_interval else None,
+        expected_calibration_error_low=(
+            m.expected_calibration_error_interval[0] if m.expected_calibration_error_interval else None
+        ),
+        expected_calibration_error_high=(
+            m.expected_calibration_error_interval[1] if m.expected_calibration_error_interval else None
+        ),
+        ood_threshold=m.ood_threshold,
+        ood_flagged_share=m.ood_flagged_share,
+        confidence_cap=m.confidence_cap,
     )
 
 
@@ -231,6 +242,7 @@ def classify_from_pb(request: pb.ClassifyRequest, caller: d.Caller) -> d.Classif
         request.version,
         caller,
         min_probability=request.min_probability,
+        ignore_ood=request.ignore_ood,
     )
 
 
@@ -241,8 +253,17 @@ def classified_to_pb(result: d.Classified, total_s: float) -> pb.ClassifyRespons
                 labels=[pb.LabelScore(label=name, probability=p) for name, p in row],
                 truncated=bool(cut),
                 abstained=abstained,
+                ood_score=ood,
+                out_of_distribution=flagged,
             )
-            for row, cut, abstained in zip(result.labels, result.truncated, result.abstained, strict=True)
+            for row, cut, abstained, ood, flagged in zip(
+                result.labels,
+                result.truncated,
+                result.abstained,
+                result.ood_scores,
+                result.out_of_distribution,
+                strict=True,
+            )
         ],
         version=result.version,
         backbone=backbone_to_pb(result.backbone),

@@ -128,20 +128,28 @@ class HeadService:
         result = await lane.batcher.submit(
             request.inputs, slot=head.slot, deadline=call_deadline.get(), flow=f"tenant:{tenant}"
         )
-        labels, abstained = [], []
-        for probs in result.rows:
+        labels, abstained, ood_scores, ood_flags = [], [], [], []
+        threshold = head.ood_threshold
+        for row in result.rows:
+            # The head's probabilities and the input's out-of-distribution score, from one pass.
+            probs, ood = np.asarray(row[0]), float(row[1])
+            flagged = threshold is not None and math.isfinite(ood) and ood > threshold
+            ood_scores.append(ood)
+            ood_flags.append(flagged)
             if (
                 k == 1
             ):  # the usual reply: the best label alone (argmax keeps the lowest index on ties, as top_k)
                 best = int(np.argmax(probs))
                 labels.append([(head.labels[best], float(probs[best]))])
-                abstained.append(float(probs[best]) < request.min_probability)
-                continue
-            indices, scores = top_k(np.asarray(probs), k)
-            labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
+                top = float(probs[best])
+            else:
+                indices, scores = top_k(probs, k)
+                labels.append([(head.labels[int(i)], float(p)) for i, p in zip(indices, scores, strict=True)])
+                top = float(scores[0])
             # The head's probabilities are calibrated (its temperature is folded into its weights), so the
-            # threshold means what it says: predictions kept at 0.9 are right at least about 9 times in 10.
-            abstained.append(float(scores[0]) < request.min_probability)
+            # threshold means what it says: predictions kept at 0.9 are right at least about 9 times in 10 on
+            # inputs like its examples; an input like none of them is abstained unless the caller says not to.
+            abstained.append(top < request.min_probability or (flagged and not request.ignore_ood))
         t = timings(result)
         metrics = self.embedding.metrics
         metrics.observe_stages(t.queue_s, t.preprocess_s, t.backbone_s, t.head_s)
@@ -149,7 +157,17 @@ class HeadService:
         trained = head.binding.precision
         if self.bank.bindings.is_cross(head.binding, self.bank.bindings.served[head.weights]):
             metrics.cross_precision.labels(trained or UNRECORDED, served).inc(len(request.inputs))
-        return Classified(labels, result.truncated, head.version, t, lane.describe(), abstained, trained)
+        return Classified(
+            labels,
+            result.truncated,
+            head.version,
+            t,
+            lane.describe(),
+            abstained,
+            trained,
+            ood_scores,
+            ood_flags,
+        )
 
     # -- management ------------------------------------------------------------------------------------------
 

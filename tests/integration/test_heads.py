@@ -156,8 +156,9 @@ def test_gate_refuses_shuffled_labels_and_accepts_real_ones(server: ServerProces
         predictions = [
             p
             for start in range(0, len(test_texts), 512)  # the session server takes 512 inputs a call
+            # ignore_ood: abstention by probability alone (test_ood.py covers out-of-distribution inputs).
             for p in client.classify(
-                "b77-real", test_texts[start : start + 512], top_k=3, min_probability=0.5
+                "b77-real", test_texts[start : start + 512], top_k=3, min_probability=0.5, ignore_ood=True
             )
         ]
     correct = np.array([p.label == y for p, y in zip(predictions, test_labels, strict=True)])

@@ -77,6 +77,31 @@ def test_cats_vs_dogs_on_half_the_photos(cats_vs_dogs: tuple[float, Pets]) -> No
     assert score >= 0.96
 
 
+def test_image_heads_score_out_of_distribution_inputs(
+    both: ServerProcess, cats_vs_dogs: tuple[float, Pets]
+) -> None:
+    """The pets head keeps its training photos' embeddings: a photo that is neither cat nor dog (scikit-learn's
+    sample photos: a temple, a flower) is out of distribution; the pets' own test photos mostly are not."""
+    from io import BytesIO
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    _, test = cats_vs_dogs
+    off = []
+    for array in load_sample_images().images:
+        buffer = BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG")
+        off.append(buffer.getvalue())
+    with Client(both.target, timeout=300) as client:
+        threshold = client.get_head("pets").versions[-1].metrics.ood_threshold
+        assert threshold is not None
+        others = client.classify("pets", images=off)
+        assert all(p.out_of_distribution and p.abstained and p.ood_score > threshold for p in others)
+        inside = client.classify("pets", images=[p[0] for p in test[:32]])
+        assert sum(p.out_of_distribution for p in inside) <= 4
+
+
 def test_37_breeds_with_five_photos_each(both: ServerProcess, pets: Pets) -> None:
     train, test = split(pets, 5)
     with Client(both.target, timeout=300) as client:

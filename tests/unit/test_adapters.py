@@ -44,6 +44,7 @@ from headswap.adapters import (
     top_k,
     train_head,
 )
+from headswap.adapters.ood import REFERENCES_TENSOR
 
 DIM = 384
 
@@ -459,7 +460,9 @@ def test_safetensors_payload_holds_only_raw_float32(trained_heads: dict[str, Tra
     (header_len,) = struct.unpack("<Q", weights[:8])
     header = json.loads(weights[8 : 8 + header_len])
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    assert set(tensors) == set(expected_state_shapes(head.spec))
+    # The weights, and the training embeddings kept for out-of-distribution scores.
+    assert set(tensors) == set(expected_state_shapes(head.spec)) | {REFERENCES_TENSOR}
+    arrays = {**head.state, REFERENCES_TENSOR: head.ood_references}
     # Header + back-to-back little-endian float32 buffers and nothing else: no room for a pickle.
     offset = 0
     body = weights[8 + header_len :]
@@ -467,7 +470,7 @@ def test_safetensors_payload_holds_only_raw_float32(trained_heads: dict[str, Tra
         assert info["dtype"] == "F32"
         start, end = info["data_offsets"]
         assert start == offset
-        assert body[start:end] == head.state[name].astype("<f4").tobytes()
+        assert body[start:end] == np.asarray(arrays[name]).astype("<f4").tobytes()
         offset = end
     assert offset == len(body)
     for source in Path(sys.modules["headswap.adapters"].__file__ or "").parent.glob("*.py"):

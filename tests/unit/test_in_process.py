@@ -252,10 +252,11 @@ async def test_abstain_below_min_probability(client: AsyncClient) -> None:
     texts, labels = labelled(6)
     await client.adapt_head("unsure", texts, labels)
     inputs = [texts[0], "omicron pi rho", texts[7]]
-    plain = await client.classify("unsure", inputs, top_k=2)
+    # By min_probability alone (ignore_ood: the behaviour before out-of-distribution abstention).
+    plain = await client.classify("unsure", inputs, top_k=2, ignore_ood=True)
     assert not any(p.abstained for p in plain)
     threshold = sorted(p.probability for p in plain)[1]
-    marked = await client.classify("unsure", inputs, top_k=2, min_probability=threshold)
+    marked = await client.classify("unsure", inputs, top_k=2, min_probability=threshold, ignore_ood=True)
     assert [p.abstained for p in marked] == [p.probability < threshold for p in plain]
     assert any(p.abstained for p in marked) and not all(p.abstained for p in marked)
     assert all(len(p.labels) == 2 for p in marked)  # abstained predictions still list their labels
@@ -264,6 +265,67 @@ async def test_abstain_below_min_probability(client: AsyncClient) -> None:
     for bad in (-0.1, 1.5, float("nan")):
         code, details = await code_of(client.classify("unsure", inputs, min_probability=bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_probability" in details
+
+
+async def test_out_of_distribution_inputs_are_scored_flagged_and_abstained(client: AsyncClient) -> None:
+    texts, labels = labelled(6)
+    adapted = await client.adapt_head("ood", texts, labels)
+    metrics = adapted.metrics
+    assert metrics.ood_threshold is not None and 0 < metrics.ood_threshold < 2
+    assert metrics.ood_flagged_share is not None and metrics.ood_flagged_share <= 0.05
+    assert metrics.confidence_cap is not None and metrics.expected_calibration_error_interval is not None
+    details = await client.get_head("ood")
+    assert details.versions[-1].metrics.ood_threshold == metrics.ood_threshold
+    inputs = [texts[0], "pizza pasta espresso tiramisu", texts[13]]
+    got = await client.classify("ood", inputs, top_k=2)
+    assert [p.out_of_distribution for p in got] == [False, True, False]
+    assert got[0].ood_score == pytest.approx(0.0, abs=1e-5)  # a training example is its own neighbour
+    assert got[1].ood_score > metrics.ood_threshold
+    assert [p.abstained for p in got] == [False, True, False]
+    assert len(got[1].labels) == 2  # still answered, labels listed
+    kept = await client.classify("ood", inputs, ignore_ood=True)
+    assert [p.abstained for p in kept] == [False, False, False]
+    assert [p.out_of_distribution for p in kept] == [False, True, False]  # still reported
+    both = await client.classify("ood", inputs, min_probability=1.0, ignore_ood=True)
+    assert all(p.abstained for p in both if p.probability < 1.0)
+
+
+async def test_a_head_stored_before_ood_scores_keeps_serving(server: InProcess, client: AsyncClient) -> None:
+    """A version written before issue 24 (no stored examples, no threshold in its manifest) still loads and
+    answers: ood_score NaN (nothing to compare with; 0 would claim the input is a training example) and
+    out_of_distribution false, so nothing it answered before is abstained now."""
+    import safetensors.numpy
+
+    from headswap.adapters import read_weights_metadata
+    from headswap.server.store import NewVersion
+
+    texts, labels = labelled(6)
+    await client.adapt_head("legacy", texts, labels)
+    store = server.server.store
+    stored = store.load_version("legacy", 1)
+    tensors = safetensors.numpy.load(stored.weights)
+    del tensors["ood.references"]
+    weights = safetensors.numpy.save(tensors, metadata=read_weights_metadata(stored.weights))
+    manifest = {k: v for k, v in stored.manifest.items() if k not in ("ood", "version", "weights_sha256")}
+    for name in ("ood_threshold", "ood_flagged_share", "confidence_cap", "log_loss_interval"):
+        manifest["metrics"].pop(name)
+    manifest["metrics"].pop("expected_calibration_error_interval")
+    manifest["selection"].pop("fitted_temperature")
+    loop = asyncio.get_running_loop()
+    state = await loop.run_in_executor(
+        None, store.commit_version, "legacy", NewVersion(manifest, weights, store.examples("legacy"), False)
+    )
+    old = state.versions[-1]
+    got = await client.classify("legacy", [texts[0], "pizza pasta espresso tiramisu"], version=old)
+    assert [p.version for p in got] == [old, old]
+    assert all(np.isnan(p.ood_score) for p in got)
+    assert not any(p.out_of_distribution or p.abstained for p in got)
+    described = (await client.get_head("legacy")).versions[-1]
+    assert described.metrics.ood_threshold is None and described.metrics.confidence_cap is None
+    # The version trained now flags the same off-topic input.
+    assert [
+        p.out_of_distribution for p in await client.classify("legacy", ["pizza pasta espresso tiramisu"])
+    ] == [True]
 
 
 async def test_a_change_from_the_store_reaches_the_bank(server: InProcess, client: AsyncClient) -> None:

@@ -50,18 +50,20 @@ async def status(call: object) -> tuple[grpc.StatusCode, str]:
 
 
 async def test_resident_heads_stay_within_their_byte_budget(tmp_path: Path) -> None:
-    # A 3-class head on the fake 16-d backbone is one bucket-4 slab row: 4 x 17 floats = 272 bytes.
+    # A 3-class head on the fake 16-d backbone is one bucket-4 slab row, 4 x 17 floats = 272 bytes, and its
+    # 18 training embeddings kept for out-of-distribution scores, 18 x 16 floats = 1152 bytes.
+    head = 272 + 1152
     async with in_process(
-        config(tmp_path, max_resident_head_bytes=272 * 5), backbone=fake_backbone(), store=MemoryStore()
+        config(tmp_path, max_resident_head_bytes=head * 5), backbone=fake_backbone(), store=MemoryStore()
     ) as s:
         bank = s.server.bank
         async with AsyncClient(s.target, retries=0) as client:
             for i in range(12):
                 await client.adapt_head(f"t{i}", TEXTS, LABELS, validation_fraction=0)
-            assert bank.resident() == (5, 272 * 5) and bank.evictions >= 7
+            assert bank.resident() == (5, head * 5) and bank.evictions >= 7
             for i in range(12):  # every tenant still answers: an evicted head loads again on demand
                 assert (await client.classify(f"t{i}", ["red w1"]))[0].label == "red"
-            assert bank.resident()[1] <= 272 * 5
+            assert bank.resident()[1] <= head * 5
 
 
 async def test_per_tenant_state_goes_with_the_tenant(tmp_path: Path) -> None:

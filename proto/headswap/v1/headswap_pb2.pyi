@@ -198,7 +198,7 @@ class ClassMetrics(_message.Message):
     def __init__(self, label: _Optional[str] = ..., train_count: _Optional[int] = ..., validation_count: _Optional[int] = ..., f1: _Optional[float] = ...) -> None: ...
 
 class HeadMetrics(_message.Message):
-    __slots__ = ("evaluated_on", "accuracy", "macro_f1", "majority_baseline_accuracy", "negative_transfer", "per_class", "epochs", "train_seconds", "train_examples", "validation_examples", "folds", "log_loss", "expected_calibration_error")
+    __slots__ = ("evaluated_on", "accuracy", "macro_f1", "majority_baseline_accuracy", "negative_transfer", "per_class", "epochs", "train_seconds", "train_examples", "validation_examples", "folds", "log_loss", "expected_calibration_error", "log_loss_low", "log_loss_high", "expected_calibration_error_low", "expected_calibration_error_high", "ood_threshold", "ood_flagged_share", "confidence_cap")
     EVALUATED_ON_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MACRO_F1_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,13 @@ class HeadMetrics(_message.Message):
     FOLDS_FIELD_NUMBER: _ClassVar[int]
     LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_LOW_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_HIGH_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CALIBRATION_ERROR_LOW_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CALIBRATION_ERROR_HIGH_FIELD_NUMBER: _ClassVar[int]
+    OOD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OOD_FLAGGED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_CAP_FIELD_NUMBER: _ClassVar[int]
     evaluated_on: str
     accuracy: float
     macro_f1: float
@@ -225,7 +232,14 @@ class HeadMetrics(_message.Message):
     folds: int
     log_loss: float
     expected_calibration_error: float
-    def __init__(self, evaluated_on: _Optional[str] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., majority_baseline_accuracy: _Optional[float] = ..., negative_transfer: _Optional[bool] = ..., per_class: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., epochs: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., folds: _Optional[int] = ..., log_loss: _Optional[float] = ..., expected_calibration_error: _Optional[float] = ...) -> None: ...
+    log_loss_low: float
+    log_loss_high: float
+    expected_calibration_error_low: float
+    expected_calibration_error_high: float
+    ood_threshold: float
+    ood_flagged_share: float
+    confidence_cap: float
+    def __init__(self, evaluated_on: _Optional[str] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., majority_baseline_accuracy: _Optional[float] = ..., negative_transfer: _Optional[bool] = ..., per_class: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., epochs: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., folds: _Optional[int] = ..., log_loss: _Optional[float] = ..., expected_calibration_error: _Optional[float] = ..., log_loss_low: _Optional[float] = ..., log_loss_high: _Optional[float] = ..., expected_calibration_error_low: _Optional[float] = ..., expected_calibration_error_high: _Optional[float] = ..., ood_threshold: _Optional[float] = ..., ood_flagged_share: _Optional[float] = ..., confidence_cap: _Optional[float] = ...) -> None: ...
 
 class HeadVersion(_message.Message):
     __slots__ = ("version", "kind", "labels", "metrics", "created_at_unix", "backbone_fingerprint", "example_count", "created_at", "l2", "l2_source", "temperature", "trained_precision", "weights_fingerprint", "served_precision")
@@ -310,18 +324,20 @@ class AdaptHeadResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[AdaptHeadProgress, _Mapping]] = ..., result: _Optional[_Union[AdaptHeadResult, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("tenant", "inputs", "top_k", "version", "min_probability")
+    __slots__ = ("tenant", "inputs", "top_k", "version", "min_probability", "ignore_ood")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_OOD_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     top_k: int
     version: int
     min_probability: float
-    def __init__(self, tenant: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., version: _Optional[int] = ..., min_probability: _Optional[float] = ...) -> None: ...
+    ignore_ood: bool
+    def __init__(self, tenant: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., version: _Optional[int] = ..., min_probability: _Optional[float] = ..., ignore_ood: _Optional[bool] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -332,14 +348,18 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("labels", "truncated", "abstained")
+    __slots__ = ("labels", "truncated", "abstained", "ood_score", "out_of_distribution")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     ABSTAINED_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
     truncated: bool
     abstained: bool
-    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ..., abstained: _Optional[bool] = ...) -> None: ...
+    ood_score: float
+    out_of_distribution: bool
+    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ..., abstained: _Optional[bool] = ..., ood_score: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("predictions", "version", "backbone", "timings", "trained_precision")
