@@ -219,7 +219,7 @@ def test_negative_transfer_is_a_statistical_verdict() -> None:
 
 def test_diverging_training_is_reported() -> None:
     x, y = separable_task(seed=9)
-    config = TrainConfig(kind="mlp", l2=1e35, learning_rate=1.0, max_epochs=3, validation_fraction=0.0)
+    config = TrainConfig(kind="mlp", l2=1e6, learning_rate=1.0, max_epochs=3, validation_fraction=0.0)
     with pytest.raises(TrainingDivergedError):
         train_head(x, y, 4, config)
 
