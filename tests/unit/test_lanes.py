@@ -117,7 +117,10 @@ async def test_a_set_too_large_for_one_call_is_stored_in_parts_then_trained_once
                 on_progress=lambda p: seen.append((p.stage, p.done, p.total)),
             )
             details = await client.get_head("t")
-        assert result.version == 1 and result.stored_examples == 60 and result.cache_hits >= 40
+        assert result.version == 1 and result.stored_examples == 60
+        # Counted for the whole upload: every example embedded once (by the part that carried it), none of
+        # them cached before the upload began; the last call's own count would say 40+ cache hits.
+        assert (result.embedded, result.cache_hits) == (60, 0)
         assert [v.version for v in details.versions] == [1] and details.example_count == 60
         embedding = [(d, t) for s, d, t in seen if s == "embedding"]
         assert embedding[-1] == (60, 60) and all(t == 60 for _, t in embedding)
