@@ -76,8 +76,9 @@ class BatchingConfig:
     max_queue_items: int = 8192
     max_queue_wait_ms: float = 1000.0  # expected wait past which calls are refused at once
     # How far behind the event loop may run before new Embed and Classify calls are refused at the door
-    # (rpc/overload.py); 0: never.
-    max_loop_lag_ms: float = 50.0
+    # (rpc/overload.py); 0: never, the default (bench.overload, 2026-12-07: at 3x capacity on 2 cores,
+    # shedding at 50 ms made refusals slower, p50 132-381 ms against 34 ms without it, for no more goodput).
+    max_loop_lag_ms: float = 0.0
     # Most padding a forward pass may carry, as a share of the tokens it computes (1 = no cap): an input whose
     # length would push a batch past it waits for a batch of its own length instead.
     max_padding: float = 0.3

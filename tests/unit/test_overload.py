@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from headswap.client import AsyncClient, HeadswapError
-from headswap.server.config import ServerConfig
+from headswap.server.config import BatchingConfig, ServerConfig
 from headswap.server.inference.fake import fake_backbone
 from headswap.server.rpc.overload import LoopLag
 from headswap.server.store.memory import MemoryStore
@@ -34,7 +34,7 @@ def test_one_pause_sheds_nothing_a_run_of_late_ticks_does() -> None:
 
 
 async def test_a_lagging_loop_sheds_data_calls_before_reading_them(tmp_path: Path) -> None:
-    config = ServerConfig(warmup_rounds=0, home=tmp_path)
+    config = ServerConfig(warmup_rounds=0, home=tmp_path, batching=BatchingConfig(max_loop_lag_ms=50.0))
     async with in_process(config, backbone=fake_backbone(), store=MemoryStore()) as s:
         lag = s.server.rpc.interceptor.lag
         assert lag is not None and lag.limit_s == pytest.approx(0.05)
@@ -75,3 +75,8 @@ async def test_the_ticker_measures_a_blocked_loop() -> None:
     await lag.stop()
     assert seen[ticks] > 0.1
     assert max(seen[:ticks], default=0.0) < seen[ticks]
+
+
+async def test_shedding_is_off_by_default(tmp_path: Path) -> None:
+    async with in_process(ServerConfig(warmup_rounds=0, home=tmp_path), backbone=fake_backbone()) as s:
+        assert s.server.rpc.interceptor.lag is None
