@@ -14,7 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from headswap.adapters import GateCheck, HeadMetrics
+from headswap.adapters.gate import GateCheck
+from headswap.adapters.results import HeadMetrics
 
 InputKind = Literal["text", "image"]
 

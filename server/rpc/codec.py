@@ -7,7 +7,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from headswap.adapters import GateCheck, HeadMetrics
+from headswap.adapters.gate import GateCheck
+from headswap.adapters.results import HeadMetrics
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
 from headswap.server.keys import ApiKey

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -83,10 +84,9 @@ class TenantLock:
                 self._release()
 
         def on_done(work: concurrent.futures.Future[Any]) -> None:
-            try:
+            # RuntimeError: the loop is closed: the server is gone, and its locks with it.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(ended, work)
-            except RuntimeError:  # the loop is closed: the server is gone, and its locks with it
-                pass
 
         for work in pending:
             work.add_done_callback(on_done)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,5 @@ def sweep(store: LocalStore) -> None:
 
 
 def _quarantine_missing_state(store: LocalStore, tenant: str) -> None:
-    try:
+    with contextlib.suppress(DataLoss):  # recorded in store.damaged, logged
         store.raw_state(tenant)
-    except DataLoss:
-        pass  # recorded in store.damaged, logged
