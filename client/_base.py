@@ -34,6 +34,10 @@ class AdaptOptions(TypedDict, total=False):
     replace: bool  # drop the tenant's stored examples first (by default new examples are added to them)
     force_activate: bool  # promote the new version even when the promotion gate holds it back
     backbone: str  # the served backbone to train on (its served_as name); "": the one for the inputs' kind
+    # Idempotency key of this training (default: a new random one): the call is retried with it when the
+    # server went away, and a retry is answered with the first outcome, never trained or stored twice; pass
+    # your own to retry across processes; "" sends none (and the call is then never retried).
+    request_id: str
     chunk_bytes: int  # examples per call at most (default 4 MiB): a larger set goes in several calls
     on_progress: Callable[[r.AdaptProgress], None]  # called with each progress message
     timeout: float | None  # deadline of the whole training, seconds (default 600)
@@ -205,6 +209,11 @@ class BaseClient(abc.ABC):
         request = _codec.adapt_request(tenant, texts, images, labels, rest)
         requests = _codec.split_adapt(request, options.get("chunk_bytes", _codec.CHUNK_BYTES))
         return requests, options.get("on_progress"), options.get("timeout", 600.0)
+
+    @staticmethod
+    def _adapt_call(request: pb.AdaptHeadRequest) -> Call[None]:
+        """For the retry rule: an AdaptHead with an idempotency key is safe to repeat."""
+        return Call("AdaptHead", request, lambda _: None, retry=bool(request.request_id))
 
     @staticmethod
     def _chunk_progress(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def embed_result(reply: pb.EmbedResponse) -> r.EmbedResult:
 _KINDS = {pb.HEAD_KIND_LINEAR: "linear", pb.HEAD_KIND_MLP: "mlp"}
 _KIND_CODES = {"linear": pb.HEAD_KIND_LINEAR, "mlp": pb.HEAD_KIND_MLP}
 _OPTION_NAMES = {"kind", "validation_fraction", "seed", "l2", "max_epochs", "hidden_dim", "dropout"}
-_REQUEST_OPTIONS = {"replace", "force_activate", "backbone"}
+_REQUEST_OPTIONS = {"replace", "force_activate", "backbone", "request_id"}
 CHUNK_BYTES = 4 * 1024 * 1024  # examples per AdaptHead call: half a server's default limit of 8 MiB
 
 
@@ -131,6 +132,8 @@ def split_adapt(request: pb.AdaptHeadRequest, chunk_bytes: int = CHUNK_BYTES) ->
         if i > 0:
             part.mode = pb.EXAMPLE_MODE_ADD
         part.store_only = i < len(chunks) - 1
+        if request.request_id:  # each call of the upload is its own call, retried on its own
+            part.request_id = f"{request.request_id}/{i + 1}"
         parts.append(part)
     return parts
 
@@ -142,9 +145,12 @@ def adapt_request(
     labels: Sequence[str] | None,
     options: Mapping[str, Any],
 ) -> pb.AdaptHeadRequest:
-    """`options`: the training options, `replace`, `force_activate` and `backbone`."""
+    """`options`: the training options, `replace`, `force_activate`, `backbone` and `request_id` (the
+    idempotency key; default: a new random one; "": none)."""
     replace, force_activate = bool(options.get("replace")), bool(options.get("force_activate"))
     backbone = str(options.get("backbone", ""))
+    request_id = options.get("request_id")
+    request_id = uuid.uuid4().hex if request_id is None else str(request_id)
     options = {k: v for k, v in options.items() if k not in _REQUEST_OPTIONS}
     if labels is None or isinstance(labels, str):
         raise TypeError("labels must be a sequence of strings, one per example")
@@ -179,6 +185,7 @@ def adapt_request(
         mode=pb.EXAMPLE_MODE_REPLACE if replace else pb.EXAMPLE_MODE_ADD,
         force_activate=force_activate,
         backbone=backbone,
+        request_id=request_id,
     )
 
 

@@ -2,7 +2,7 @@
 
 Both build their calls in `BaseClient` and only send them: `Client` blocks, `AsyncClient` awaits. A call
 is retried only when the server answers UNAVAILABLE, with exponential backoff, and only when it is safe to
-repeat; failures raise a `headswap.client.errors.HeadswapError` subclass for the status.
+repeat (AdaptHead is, by its idempotency key); failures raise a `headswap.client.errors.HeadswapError` subclass for the status.
 """
 
 from __future__ import annotations
@@ -118,22 +118,32 @@ class Client(BaseClient):
         timeout, and the training options kind ("linear" or "mlp"), validation_fraction (one held-out split
         instead of cross-validation; 0 trains on everything), seed, l2 (1/C; chosen when not given),
         max_epochs, hidden_dim, dropout. Examples past `chunk_bytes` (4 MiB) go in several calls: all but
-        the last only store theirs. Not retried: a training is not idempotent.
+        the last only store theirs. Each call carries an idempotency key (`request_id`, a new random one by
+        default) and is retried like the other calls when the server went away (UNAVAILABLE: a restart, a
+        drain, PostgreSQL down): the server answers a retry of a call it already committed with that
+        call's outcome, so examples are stored and heads trained once.
         """
         requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
         deadline = None if timeout is None else time.monotonic() + timeout
         results: list[AdaptResult] = []
-        try:
-            for i, request in enumerate(requests):
-                result, report = None, self._chunk_progress(on_progress, requests, i)
-                for reply in self._stub.AdaptHead(
-                    request, timeout=self._remaining(deadline), metadata=self._metadata
-                ):  # to its end: the call ends OK
-                    result = self._adapt_event(reply, report) or result
-                if result is not None:
-                    results.append(result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        for i, request in enumerate(requests):
+            report, attempt = self._chunk_progress(on_progress, requests, i), 0
+            while True:
+                try:
+                    result = None
+                    for reply in self._stub.AdaptHead(
+                        request, timeout=self._remaining(deadline), metadata=self._metadata
+                    ):  # to its end: the call ends OK
+                        result = self._adapt_event(reply, report) or result
+                    break
+                except grpc.RpcError as exc:
+                    delay = self._retry_delay(self._adapt_call(request), exc, attempt, deadline)
+                    if delay is None:
+                        raise from_rpc_error(exc) from exc
+                    time.sleep(delay)
+                    attempt += 1
+            if result is not None:
+                results.append(result)
         return self._whole_call(results) if len(results) == len(requests) else self._no_result()
 
     def classify(
@@ -262,17 +272,24 @@ class AsyncClient(BaseClient):
         requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
         deadline = None if timeout is None else time.monotonic() + timeout
         results: list[AdaptResult] = []
-        try:
-            for i, request in enumerate(requests):
-                result, report = None, self._chunk_progress(on_progress, requests, i)
-                async for reply in self._stub.AdaptHead(
-                    request, timeout=self._remaining(deadline), metadata=self._metadata
-                ):
-                    result = self._adapt_event(reply, report) or result
-                if result is not None:
-                    results.append(result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        for i, request in enumerate(requests):
+            report, attempt = self._chunk_progress(on_progress, requests, i), 0
+            while True:
+                try:
+                    result = None
+                    async for reply in self._stub.AdaptHead(
+                        request, timeout=self._remaining(deadline), metadata=self._metadata
+                    ):
+                        result = self._adapt_event(reply, report) or result
+                    break
+                except grpc.RpcError as exc:
+                    delay = self._retry_delay(self._adapt_call(request), exc, attempt, deadline)
+                    if delay is None:
+                        raise from_rpc_error(exc) from exc
+                    await asyncio.sleep(delay)
+                    attempt += 1
+            if result is not None:
+                results.append(result)
         return self._whole_call(results) if len(results) == len(requests) else self._no_result()
 
     async def classify(

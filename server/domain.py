@@ -164,6 +164,7 @@ class AdaptRequest:
     caller: Caller = ANONYMOUS
     backbone: str = ""  # a served backbone's name; "": the one that takes the examples' kind
     store_only: bool = False  # store (and embed) the examples, train nothing: a large set in several calls
+    request_id: str = ""  # the caller's idempotency key: a retry is answered with the first outcome
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ class AdaptOutcome:
     stored_examples: int = 0
     held_back_by: str = ""  # the gate rule that kept the version from being activated; "" when activated
     checks: tuple[GateCheck, ...] = ()  # every gate rule that ran
+    replayed: bool = False  # a retry's answer: the first call's outcome (same request_id), nothing done again
 
 
 @dataclass(frozen=True)

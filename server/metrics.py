@@ -23,7 +23,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TRAINING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STAGES = ("queue", "tokenize", "backbone", "head")
-TRAINING_OUTCOMES = ("activated", "negative_transfer", "worse_than_active", "failed", "cancelled")
+# "replayed": a retry (the same request_id) answered with the first call's outcome, nothing trained again.
+TRAINING_OUTCOMES = ("activated", "negative_transfer", "worse_than_active", "failed", "cancelled", "replayed")
 AUTH_FAILURES = ("missing", "malformed", "unknown", "revoked", "expired")
 PRECISIONS = ("fp32", "fp16", "int8")
 TRAINED_PRECISIONS = (*PRECISIONS, "unrecorded")  # "unrecorded": a head stored before precisions were

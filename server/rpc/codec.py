@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -118,6 +119,18 @@ def options_from_pb(options: pb.TrainingOptions) -> d.TrainingOptions:
     )
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def check_request_id(request_id: str) -> str:
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument(
+            f"request_id {request_id[:140]!r} is not an idempotency key: use 1 to 128 characters from "
+            "[A-Za-z0-9._:/+=-] (a UUID, say), or leave it empty"
+        )
+    return request_id
+
+
 def adapt_from_pb(request: pb.AdaptHeadRequest, caller: d.Caller) -> d.AdaptRequest:
     if request.mode not in _MODES:
         raise InvalidArgument(
@@ -133,6 +146,7 @@ def adapt_from_pb(request: pb.AdaptHeadRequest, caller: d.Caller) -> d.AdaptRequ
         caller=caller,
         backbone=request.backbone,
         store_only=request.store_only,
+        request_id=check_request_id(request.request_id),
     )
 
 

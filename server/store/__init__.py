@@ -1,8 +1,26 @@
 """Where heads, versions, active pointers, labelled examples and cached embeddings live."""
 
-from headswap.server.store.base import Change, HeadStore, NewVersion, StoredVersion, TenantState
+from headswap.server.store.base import (
+    AlreadyDone,
+    Change,
+    HeadStore,
+    NewVersion,
+    RequestRecord,
+    StoredVersion,
+    TenantState,
+)
 
-__all__ = ["Change", "HeadStore", "NewVersion", "StoredVersion", "TenantState", "is_postgres", "open_store"]
+__all__ = [
+    "AlreadyDone",
+    "Change",
+    "HeadStore",
+    "NewVersion",
+    "RequestRecord",
+    "StoredVersion",
+    "TenantState",
+    "is_postgres",
+    "open_store",
+]
 
 
 def is_postgres(url: str) -> bool:

@@ -49,6 +49,59 @@ class NewVersion:
     # stores, whose tenants change only under the tenant lock, when it changed at all. PostgreSQL refuses
     # only a deletion: replicas may train one tenant at once.
     expect_seq: int | None = None
+    # The call's idempotency key, committed with the version (see `RequestRecord`); None: none sent.
+    request: RequestRecord | None = None
+
+
+REQUESTS_KEPT = 64  # a tenant's newest AdaptHead request ids a store remembers
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """An AdaptHead call's idempotency key (`request_id`, sent by the client), stored atomically with what the
+    call stored (a version, or examples), so that a retry of the call, on any replica and after any crash,
+    finds it and is answered with the first outcome instead of storing anything twice. `digest` identifies the
+    call's content (the same id with other content is the caller's mistake); `outcome` is what it answered,
+    as JSON, to which the store adds "version" (the number it gave; 0 for examples alone) and
+    "active_version". A store keeps a tenant's newest `REQUESTS_KEPT` records; a deletion removes them."""
+
+    request_id: str
+    digest: str
+    outcome: dict[str, Any]
+
+    def to_json(self, version: int, active_version: int) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "digest": self.digest,
+            "outcome": {**self.outcome, "version": version, "active_version": active_version},
+        }
+
+
+class AlreadyDone(Exception):
+    """Raised by a commit whose request id the tenant already has: nothing was stored, `record` (as
+    `RequestRecord.to_json` wrote it) says what the first call stored and answered."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(f"request {record.get('id')!r} was already done")
+        self.record = record
+
+
+def find_request(records: Any, request_id: str) -> dict[str, Any] | None:
+    """The record of `request_id` among a store's records (a list of `to_json` dicts), or None."""
+    if not isinstance(records, list):
+        return None
+    for record in records:
+        if isinstance(record, dict) and record.get("id") == request_id:
+            return record
+    return None
+
+
+def with_request(records: Any, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """`records` with `record` added last, keeping the newest `REQUESTS_KEPT`."""
+    kept = [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    if record is not None:
+        kept.append(record)
+    return kept[-REQUESTS_KEPT:]
 
 
 @dataclass(frozen=True)
@@ -251,15 +304,26 @@ class HeadStore(abc.ABC):
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
         """Store a new version with the examples it was trained on, and move the active pointer to it when
         `new.activate`. All or nothing. The store numbers it one past the highest number the tenant was
-        ever given, so a number is never reused, not even after that version was deleted."""
+        ever given, so a number is never reused, not even after that version was deleted. With
+        `new.request`, the request id is recorded in the same commit; a request id the tenant already has
+        raises `AlreadyDone` and stores nothing."""
 
     @abc.abstractmethod
     def put_examples(
-        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+        self,
+        tenant: str,
+        examples: Sequence[Example],
+        expect_seq: int | None = None,
+        request: RequestRecord | None = None,
     ) -> TenantState:
         """Make `examples` the tenant's stored examples (creating the tenant if need be), leaving its versions
         and active pointer as they are: nothing is published. All or nothing. `expect_seq`: as
-        `NewVersion.expect_seq`."""
+        `NewVersion.expect_seq`; `request`: as `NewVersion.request`."""
+
+    @abc.abstractmethod
+    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        """What the AdaptHead call with this idempotency key stored and answered (`RequestRecord.to_json`), or
+        None when the tenant has no such record (never sent, forgotten past `REQUESTS_KEPT`, or deleted)."""
 
     @abc.abstractmethod
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:

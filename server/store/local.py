@@ -10,7 +10,8 @@ A tenant whose files cannot be read is quarantined (DataLoss for that tenant alo
 Layout:
     tenants/<tenant>/state.json                         {"active_version", "previous_version",
                                                          "versions": [...], "last_version",
-                                                         "examples": "<sha256>", "seq"}
+                                                         "examples": "<sha256>", "seq",
+                                                         "requests": [AdaptHead idempotency keys]}
     tenants/<tenant>/versions/<N>/head.json             manifest (labels, fingerprint, metrics, weights_sha256)
     tenants/<tenant>/versions/<N>/weights.safetensors
     tenants/<tenant>/examples/<sha256>.json             labelled example sets, content-addressed
@@ -35,21 +36,25 @@ from typing import Any
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.store.base import (
+    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
+    RequestRecord,
     StoredVersion,
     TenantState,
     check_expected,
     damaged,
     example_from_json,
     example_to_json,
+    find_request,
     manifest_problem,
     no_head,
     retained,
     sealed,
     verify_weights,
     weights_digest,
+    with_request,
 )
 from headswap.server.store.faults import crash_point
 from headswap.server.store.files import (
@@ -233,16 +238,21 @@ class LocalStore(LocalExtras, HeadStore):
 
     # -- writing -----------------------------------------------------------------------------------------
 
-    def _begin(self, tenant: str, expect_seq: int | None) -> tuple[dict[str, Any], TenantState]:
+    def _begin(
+        self, tenant: str, expect_seq: int | None, request: RequestRecord | None
+    ) -> tuple[dict[str, Any], TenantState]:
         """The state a write starts from. Refuses when it is not the one the work was started on (a training
-        that outlived its call, committing after a DeleteHead): a write never brings a deleted tenant back.
-        A new tenant's directory is created here, and only here."""
+        that outlived its call, committing after a DeleteHead): a write never brings a deleted tenant back;
+        and when the tenant already has the write's request id (`AlreadyDone`). A new tenant's directory is
+        created here, and only here."""
         try:
             raw_state: dict[str, Any] = self.raw_state(tenant)
             state = self.state(tenant)
         except NotFound:
             raw_state, state = {}, TenantState(tenant, 0, ())
         check_expected(state, expect_seq)
+        if request is not None and (done := find_request(raw_state.get("requests"), request.request_id)):
+            raise AlreadyDone(done)
         if not raw_state:
             # A new tenant: its directory, and a state that names nothing yet, before any of its files: a
             # tenant directory without state.json is then always damage (the sweep removes a state that names
@@ -254,7 +264,7 @@ class LocalStore(LocalExtras, HeadStore):
     @exclusive
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
         tenant_dir = self.tenant_dir(tenant)
-        raw_state, state = self._begin(tenant, new.expect_seq)
+        raw_state, state = self._begin(tenant, new.expect_seq, new.request)
         versions_dir = tenant_dir / "versions"
         versions_dir.mkdir(exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
@@ -283,7 +293,8 @@ class LocalStore(LocalExtras, HeadStore):
             ref = self._write_examples(tenant, new.examples)
             crash_point("examples-written")
             # The commit point: until state.json names the version and the examples, a restart sweeps them.
-            self.write_state(updated, ref)
+            record = new.request.to_json(version, updated.active_version) if new.request else None
+            self.write_state(updated, ref, record)
         except OSError:  # a full disk, say: leave nothing the state does not name (the sweep would, later)
             if version not in self._named_versions(tenant):
                 shutil.rmtree(versions_dir / str(version), ignore_errors=True)
@@ -312,13 +323,18 @@ class LocalStore(LocalExtras, HeadStore):
 
     @exclusive
     def put_examples(
-        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+        self,
+        tenant: str,
+        examples: Sequence[Example],
+        expect_seq: int | None = None,
+        request: RequestRecord | None = None,
     ) -> TenantState:
-        raw_state, state = self._begin(tenant, expect_seq)
+        raw_state, state = self._begin(tenant, expect_seq, request)
         if not raw_state:  # a new tenant: a seq of its own, that a delete and a new start never repeat
             state = TenantState(tenant, 0, (), next_seq(0))
         ref = self._write_examples(tenant, examples)
-        self.write_state(state, ref)  # the commit point
+        record = request.to_json(0, state.active_version) if request else None
+        self.write_state(state, ref, record)  # the commit point
         self._prune(state, ref, raw_state.get("examples"))
         return state
 
@@ -327,12 +343,21 @@ class LocalStore(LocalExtras, HeadStore):
         raw = self.raw_state(tenant)
         return max([recorded_last_version(raw), *(int(v) for v in raw["versions"])])
 
-    def write_state(self, state: TenantState, examples: str) -> None:
+    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        try:
+            raw = self.raw_state(tenant)
+        except NotFound:
+            return None
+        return find_request(raw.get("requests"), request_id)
+
+    def write_state(self, state: TenantState, examples: str, request: dict[str, Any] | None = None) -> None:
+        """Write the tenant's state.json (its commit point), adding `request` to the request ids it keeps."""
         path = self.tenant_dir(state.tenant) / "state.json"
-        try:  # the number given out last survives every rewrite (a deletion, a repair)
-            before = recorded_last_version(json.loads(path.read_bytes()))
+        try:  # the number given out last, and the request ids, survive every rewrite (a deletion, a repair)
+            old = json.loads(path.read_bytes())
+            before, requests = recorded_last_version(old), old.get("requests")
         except (OSError, ValueError, TypeError, AttributeError):
-            before = 0
+            before, requests = 0, None
         atomic_write(
             path,
             json_bytes(
@@ -343,6 +368,7 @@ class LocalStore(LocalExtras, HeadStore):
                     "last_version": max([before, *state.versions]),
                     "examples": examples,
                     "seq": state.seq,
+                    "requests": with_request(requests, request),
                     "updated_at": time.time(),
                 }
             ),

@@ -14,13 +14,16 @@ from headswap.server.domain import Deletion, Example
 from headswap.server.errors import FailedPrecondition
 from headswap.server.keys import ApiKey
 from headswap.server.store.base import (
+    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
+    RequestRecord,
     StoredVersion,
     TenantState,
     check_expected,
     damaged,
+    find_request,
     manifest_problem,
     no_head,
     no_key,
@@ -28,6 +31,7 @@ from headswap.server.store.base import (
     sealed,
     verify_weights,
     weights_digest,
+    with_request,
 )
 from headswap.server.validation import check_tenant
 
@@ -43,6 +47,9 @@ class MemoryStore(HeadStore):
         self._lock = threading.Lock()
         self._seq = 0
         self._last_version: dict[str, int] = {}  # highest number given out per tenant, deleted ones included
+        self._requests: dict[
+            str, list[dict[str, Any]]
+        ] = {}  # per tenant, RequestRecord.to_json, oldest first
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -85,6 +92,7 @@ class MemoryStore(HeadStore):
         with self._lock:
             state = self._states.get(tenant, TenantState(tenant, 0, ()))
             check_expected(state, new.expect_seq)
+            self._check_request(tenant, new.request)
             version = max([self._last_version.get(tenant, 0), *state.versions]) + 1
             self._last_version[tenant] = version
             manifest = sealed(
@@ -109,17 +117,38 @@ class MemoryStore(HeadStore):
             updated = TenantState(tenant, updated.active_version, keep, updated.seq, previous)
             self._examples[tenant] = list(new.examples)
             self._states[tenant] = updated
+            self._record(tenant, new.request, version, updated.active_version)
         self.feed.publish(Change(tenant, updated.active_version, updated.seq))
         return updated
 
+    def _check_request(self, tenant: str, request: RequestRecord | None) -> None:
+        if request is not None and (done := find_request(self._requests.get(tenant), request.request_id)):
+            raise AlreadyDone(copy.deepcopy(done))
+
+    def _record(self, tenant: str, request: RequestRecord | None, version: int, active: int) -> None:
+        if request is not None:
+            record = request.to_json(version, active)
+            self._requests[tenant] = with_request(self._requests.get(tenant), copy.deepcopy(record))
+
+    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            done = find_request(self._requests.get(check_tenant(tenant)), request_id)
+            return copy.deepcopy(done)
+
     def put_examples(
-        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+        self,
+        tenant: str,
+        examples: Sequence[Example],
+        expect_seq: int | None = None,
+        request: RequestRecord | None = None,
     ) -> TenantState:
         check_tenant(tenant)
         with self._lock:
             check_expected(self._states.get(tenant, TenantState(tenant, 0, ())), expect_seq)
+            self._check_request(tenant, request)
             state = self._states.setdefault(tenant, TenantState(tenant, 0, (), self._next_seq()))
             self._examples[tenant] = list(examples)
+            self._record(tenant, request, 0, state.active_version)
         return state
 
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
@@ -153,6 +182,7 @@ class MemoryStore(HeadStore):
             state = self._state(tenant)
             del self._states[tenant]
             self._last_version.pop(tenant, None)
+            self._requests.pop(tenant, None)
             for v in state.versions:
                 self._versions.pop((tenant, v), None)
             examples = len(self._examples.pop(tenant, []))

@@ -21,9 +21,12 @@ from typing import Any
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DiskFull, FailedPrecondition, Unavailable
 from headswap.server.store.base import (
+    REQUESTS_KEPT,
+    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
+    RequestRecord,
     StoredVersion,
     TenantState,
     check_expected,
@@ -37,6 +40,7 @@ from headswap.server.store.base import (
     verify_weights,
     weights_digest,
 )
+from headswap.server.store.faults import crash_point
 from headswap.server.store.postgres_extras import PostgresExtras
 from headswap.server.store.postgres_schema import MIGRATIONS, current_version, jsonb, migrate, one, redact
 from headswap.server.validation import check_tenant
@@ -226,6 +230,7 @@ class PostgresStore(PostgresExtras, HeadStore):
                 (tenant,),
             ).fetchone()
             active, previous, version, examples_id, current_examples = row
+            self._check_request(conn, tenant, new.request)
             manifest = sealed({**new.manifest, "version": version, "weights_sha256": sha})
             conn.execute(
                 "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
@@ -261,11 +266,53 @@ class PostgresStore(PostgresExtras, HeadStore):
                 state = TenantState(tenant, active, keep, seq, previous)
             active_sha = sha if active == version else self._sha(conn, tenant, active)
             self.record_change(conn, Change(tenant, active, seq, weights_sha256=active_sha))
+            self._record_request(conn, tenant, new.request, version, active)
+        crash_point("state-written")
         self.damaged.pop(tenant, None)
         return state
 
+    def _check_request(self, conn: Any, tenant: str, request: RequestRecord | None) -> None:
+        """Under the tenant's row lock: a request id already recorded is a call already done. (Two replicas
+        committing one request at once take the lock in turn; the second sees the first's row.)"""
+        if request is None:
+            return
+        row = conn.execute(
+            "SELECT record FROM headswap_requests WHERE tenant = %s AND request_id = %s",
+            (tenant, request.request_id),
+        ).fetchone()
+        if row is not None:
+            raise AlreadyDone(dict(row[0]))
+
+    def _record_request(
+        self, conn: Any, tenant: str, request: RequestRecord | None, version: int, active: int
+    ) -> None:
+        if request is None:
+            return
+        conn.execute(
+            "INSERT INTO headswap_requests (tenant, request_id, record) VALUES (%s, %s, %s)",
+            (tenant, request.request_id, jsonb(request.to_json(version, active))),
+        )
+        conn.execute(
+            "DELETE FROM headswap_requests WHERE tenant = %s AND request_id NOT IN (SELECT request_id FROM "
+            "headswap_requests WHERE tenant = %s ORDER BY at DESC LIMIT %s)",
+            (tenant, tenant, REQUESTS_KEPT),
+        )
+
+    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        check_tenant(tenant)
+        with self.transaction("read a request id") as conn:
+            row = conn.execute(
+                "SELECT record FROM headswap_requests WHERE tenant = %s AND request_id = %s",
+                (tenant, request_id),
+            ).fetchone()
+        return dict(row[0]) if row is not None else None
+
     def put_examples(
-        self, tenant: str, examples: Sequence[Example], expect_seq: int | None = None
+        self,
+        tenant: str,
+        examples: Sequence[Example],
+        expect_seq: int | None = None,
+        request: RequestRecord | None = None,
     ) -> TenantState:
         check_tenant(tenant)
         rows = [example_to_json(e) for e in examples]
@@ -275,6 +322,7 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).rowcount
             check_expected(TenantState(tenant, 0, (), 0 if created else expect_seq or 0), expect_seq)
             conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
+            self._check_request(conn, tenant, request)
             examples_id = conn.execute(
                 "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
                 (tenant, jsonb(rows)),
@@ -286,7 +334,10 @@ class PostgresStore(PostgresExtras, HeadStore):
                 "UPDATE headswap_tenants SET examples_id = %s, updated_at = now() WHERE tenant = %s",
                 (examples_id, tenant),
             )
-            return self._state(conn, tenant)[0]
+            state = self._state(conn, tenant)[0]
+            self._record_request(conn, tenant, request, 0, state.active_version)
+        crash_point("state-written")
+        return state
 
     def _sha(self, conn: Any, tenant: str, version: int) -> str:
         row = conn.execute(

@@ -81,6 +81,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE headswap_embeddings ADD COLUMN checks bytea;
     """,
+    # 4: AdaptHead idempotency keys, inserted in the transaction that stores what the call stored (a version,
+    # or examples): the primary key makes a second commit of one request fail, on any replica.
+    """
+    CREATE TABLE headswap_requests (
+        tenant text NOT NULL REFERENCES headswap_tenants ON DELETE CASCADE,
+        request_id text NOT NULL,
+        record jsonb NOT NULL,
+        at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (tenant, request_id)
+    );
+    """,
 )
 
 

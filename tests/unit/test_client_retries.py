@@ -22,6 +22,7 @@ class FlakyServicer(pb_grpc.HeadswapServiceServicer):
         self.failures: list[grpc.StatusCode] = []
         self.calls = 0
         self.delay = 0.0
+        self.adapt_ids: list[str] = []  # AdaptHead's request ids, one per attempt
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         self.calls += 1
@@ -34,6 +35,18 @@ class FlakyServicer(pb_grpc.HeadswapServiceServicer):
         return pb.EmbedResponse(
             embeddings=pb.Tensor(dtype=pb.ELEMENT_TYPE_FLOAT32, shape=[n, 4], data=data.tobytes()),
             truncated=[False] * n,
+        )
+
+    def AdaptHead(
+        self, request: pb.AdaptHeadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AdaptHeadResponse]:
+        self.adapt_ids.append(request.request_id)
+        yield pb.AdaptHeadResponse(progress=pb.AdaptHeadProgress(stage="embedding", done=0, total=1))
+        if self.failures:  # mid-stream, as a server that stops or loses its store would
+            context.abort(self.failures.pop(0), "flaky")
+        version = pb.HeadVersion(version=len(self.adapt_ids), labels=["a", "b"])
+        yield pb.AdaptHeadResponse(
+            result=pb.AdaptHeadResult(tenant=request.tenant, head=version, activated=True, active_version=1)
         )
 
 
@@ -102,3 +115,45 @@ def test_deadline_is_applied(fake: tuple[str, FlakyServicer]) -> None:
 def test_single_string_is_refused() -> None:
     with Client("127.0.0.1:1") as client, pytest.raises(TypeError, match="not a single string"):
         client.embed("oops")  # type: ignore[arg-type]
+
+
+def test_adapt_head_is_retried_with_its_request_id(fake: tuple[str, FlakyServicer]) -> None:
+    """AdaptHead carries an idempotency key (a new one per call by default), and every retry sends the same:
+    the server answers a retry of a committed call with its first outcome (tests/unit/test_idempotency.py)."""
+    target, servicer = fake
+    servicer.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    with Client(target, retries=3, backoff=0.01) as client:
+        result = client.adapt_head("t", ["x", "y"], ["a", "b"])
+        assert result.version == 3 and len(servicer.adapt_ids) == 3
+        first = servicer.adapt_ids[0]
+        assert len(first) == 32 and set(servicer.adapt_ids) == {first}
+        client.adapt_head("t", ["x", "y"], ["a", "b"], request_id="order-17")
+        assert servicer.adapt_ids[-1] == "order-17" and first != servicer.adapt_ids[3]
+        # request_id="" sends none: the call cannot be told from a new one, so it is not retried.
+        servicer.failures = [grpc.StatusCode.UNAVAILABLE]
+        with pytest.raises(HeadswapError) as info:
+            client.adapt_head("t", ["x", "y"], ["a", "b"], request_id="")
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and servicer.adapt_ids[-1] == ""
+        # Other codes are final, as for every call.
+        calls = len(servicer.adapt_ids)
+        servicer.failures = [grpc.StatusCode.FAILED_PRECONDITION]
+        with pytest.raises(HeadswapError):
+            client.adapt_head("t", ["x", "y"], ["a", "b"])
+        assert len(servicer.adapt_ids) == calls + 1
+
+
+async def test_async_client_retries_adapt_head(fake: tuple[str, FlakyServicer]) -> None:
+    target, servicer = fake
+    servicer.failures = [grpc.StatusCode.UNAVAILABLE]
+    async with AsyncClient(target, retries=3, backoff=0.01) as client:
+        result = await client.adapt_head("t", ["x", "y"], ["a", "b"], request_id="r-1")
+    assert result.version == 2 and servicer.adapt_ids == ["r-1", "r-1"]
+
+
+def test_a_chunked_upload_gives_each_call_its_own_request_id(fake: tuple[str, FlakyServicer]) -> None:
+    target, servicer = fake
+    with Client(target, retries=3, backoff=0.01) as client:
+        client.adapt_head(
+            "t", ["x" * 100, "y" * 100, "z" * 100], ["a", "b", "a"], chunk_bytes=150, request_id="up"
+        )
+    assert servicer.adapt_ids == ["up/1", "up/2", "up/3"]

@@ -12,7 +12,8 @@ import pytest
 
 from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from headswap.server.store import Change, HeadStore, NewVersion
+from headswap.server.store import AlreadyDone, Change, HeadStore, NewVersion, RequestRecord
+from headswap.server.store.base import REQUESTS_KEPT
 from headswap.server.store.local import LocalStore
 from headswap.server.store.memory import MemoryStore
 from tests.helpers import eventually
@@ -237,3 +238,67 @@ def test_a_commit_started_before_a_delete_brings_nothing_back(store: HeadStore) 
     assert "t" not in store.tenants() and store.examples("t") == []
     with pytest.raises(NotFound):
         store.state("t")
+
+
+# -- AdaptHead idempotency keys (issue 26): recorded in the commit, a second commit of one id stores nothing --
+
+
+def record(request_id: str, digest: str = "d1") -> RequestRecord:
+    return RequestRecord(request_id, digest, {"embedded": 2, "activated": True})
+
+
+def test_a_request_id_is_recorded_in_its_commit_and_refuses_a_second(store: HeadStore) -> None:
+    first = store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, True, request=record("r1")))
+    done = store.request_record("t", "r1")
+    assert done == {
+        "id": "r1",
+        "digest": "d1",
+        "outcome": {"embedded": 2, "activated": True, "version": 1, "active_version": 1},
+    }
+    with pytest.raises(AlreadyDone) as info:  # the retry's commit: nothing stored, the first one's record
+        store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES * 2, True, request=record("r1", "d2")))
+    assert info.value.record == done
+    assert store.state("t") == first and store.examples("t") == EXAMPLES
+    assert store.request_record("t", "other") is None and store.request_record("nobody", "r1") is None
+    # Another id commits as usual; a commit without one records nothing.
+    assert store.commit_version(
+        "t", NewVersion(MANIFEST, b"w2", EXAMPLES, False, request=record("r2"))
+    ).versions == (1, 2)
+    store.commit_version("t", NewVersion(MANIFEST, b"w3", EXAMPLES, False))
+    assert store.request_record("t", "r2")["outcome"]["version"] == 2  # type: ignore[index]
+
+
+def test_put_examples_records_its_request_id(store: HeadStore) -> None:
+    store.put_examples("t", EXAMPLES[:1], request=record("up-1"))
+    with pytest.raises(AlreadyDone):
+        store.put_examples("t", EXAMPLES[:1] * 2, request=record("up-1"))
+    assert store.examples("t") == EXAMPLES[:1]
+    assert store.request_record("t", "up-1")["outcome"]["version"] == 0  # type: ignore[index]
+    with pytest.raises(AlreadyDone):  # one id space per tenant, whichever call stored it
+        store.commit_version("t", NewVersion(MANIFEST, b"w", EXAMPLES, True, request=record("up-1")))
+    assert store.examples("t") == EXAMPLES[:1]
+
+
+def test_a_refused_commit_records_no_request_id(store: HeadStore) -> None:
+    state = store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, True))
+    store.delete("t")
+    with pytest.raises(FailedPrecondition):  # the training began before the delete
+        store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES, True, state.seq, record("late")))
+    assert store.request_record("t", "late") is None
+
+
+def test_request_ids_survive_other_writes_are_bounded_and_go_with_the_tenant(store: HeadStore) -> None:
+    for i in range(REQUESTS_KEPT + 3):
+        store.put_examples("t", EXAMPLES[:1], request=record(f"r{i}"))
+    store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, True, request=record("v1")))
+    store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES, True))
+    store.activate("t", 1)
+    store.delete_version("t", 2)
+    kept = [i for i in range(REQUESTS_KEPT + 3) if store.request_record("t", f"r{i}") is not None]
+    assert kept == list(range(4, REQUESTS_KEPT + 3))  # the newest, with "v1": REQUESTS_KEPT in all
+    assert store.request_record("t", "v1") is not None
+    store.delete("t")
+    assert store.request_record("t", "v1") is None
+    # A new tenant of that name starts with no ids: the same id is a new call.
+    store.put_examples("t", EXAMPLES, request=record("v1"))
+    assert store.examples("t") == EXAMPLES

@@ -152,7 +152,7 @@ class TrainingOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[HeadKind, str]] = ..., validation_fraction: _Optional[float] = ..., no_validation: _Optional[bool] = ..., seed: _Optional[int] = ..., l2: _Optional[float] = ..., max_epochs: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class AdaptHeadRequest(_message.Message):
-    __slots__ = ("tenant", "examples", "options", "mode", "force_activate", "backbone", "store_only")
+    __slots__ = ("tenant", "examples", "options", "mode", "force_activate", "backbone", "store_only", "request_id")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class AdaptHeadRequest(_message.Message):
     FORCE_ACTIVATE_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     STORE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     examples: _containers.RepeatedCompositeFieldContainer[LabelledExample]
     options: TrainingOptions
@@ -167,7 +168,8 @@ class AdaptHeadRequest(_message.Message):
     force_activate: bool
     backbone: str
     store_only: bool
-    def __init__(self, tenant: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[LabelledExample, _Mapping]]] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., mode: _Optional[_Union[ExampleMode, str]] = ..., force_activate: _Optional[bool] = ..., backbone: _Optional[str] = ..., store_only: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[LabelledExample, _Mapping]]] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., mode: _Optional[_Union[ExampleMode, str]] = ..., force_activate: _Optional[bool] = ..., backbone: _Optional[str] = ..., store_only: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AdaptHeadProgress(_message.Message):
     __slots__ = ("stage", "done", "total", "train_loss", "validation_loss", "validation_accuracy")
