@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -550,32 +551,62 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                     ) as proc:
                         wait_all_workers(proc, workers)
                         train_tenant(proc.target, "bench", 200)
+                        pid = proc.proc.pid
+                        classify = LoadSpec(
+                            proc.target,
+                            "classify_closed",
+                            texts,
+                            concurrency=64,
+                            seconds=seconds,
+                            tenant="bench",
+                            client="raw",
+                        )
                         figures = {
-                            "embed_r256": load_summary(
-                                run_load(_embed_spec(proc.target, texts, 256, seconds), args.clients)
+                            "embed_r256": with_cpu(
+                                pid,
+                                partial(
+                                    run_load, _embed_spec(proc.target, texts, 256, seconds), args.clients
+                                ),
                             ),
-                            "embed_r32": load_summary(
-                                run_load(_embed_spec(proc.target, texts, 32, seconds), args.clients)
+                            "embed_r32": with_cpu(
+                                pid,
+                                partial(run_load, _embed_spec(proc.target, texts, 32, seconds), args.clients),
                             ),
-                            "classify_1": load_summary(
-                                run_load(
-                                    LoadSpec(
-                                        proc.target,
-                                        "classify_closed",
-                                        texts,
-                                        concurrency=64,
-                                        seconds=seconds,
-                                        tenant="bench",
-                                        client="raw",
-                                    ),
-                                    args.clients,
-                                )
-                            ),
+                            "classify_1": with_cpu(pid, partial(run_load, classify, args.clients)),
                         }
                 rounds[name].append(figures)
                 out.put(f"free_{name}_round_{r}", figures)
         summary = {name: _median_rounds(runs) for name, runs in rounds.items()}
         out.put("free_summary", summary)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and every process below it (a server's workers)."""
+    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def with_cpu(pid: int, load: Callable[[], LoadResult]) -> dict[str, Any]:
+    """A load's summary with the server's CPU seconds during it, and what it answered per CPU-second: on a
+    machine whose cores the load processes share with the server, that (not the rate alone) is the server's
+    own cost, whatever share of the cores the load generator took."""
+    before = tree_cpu_seconds(pid)
+    result = load()
+    cpu = tree_cpu_seconds(pid) - before
+    out = load_summary(result)
+    out["server_cpu_s"] = round(cpu, 2)
+    out["inputs_per_cpu_s"] = round(result.inputs / cpu) if cpu > 0 else None
+    out["calls_per_cpu_s"] = round(result.calls / cpu) if cpu > 0 else None
+    return out
 
 
 def _embed_spec(target: str, texts: list[str], size: int, seconds: float) -> LoadSpec:
@@ -588,7 +619,12 @@ def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, float]:
         "embed_r32": "inputs_per_s",
         "classify_1": "calls_per_s",
     }
-    return {k: float(np.median([run[k][field] for run in runs])) for k, field in keys.items()}
+    out = {k: float(np.median([run[k][field] for run in runs])) for k, field in keys.items()}
+    for k, field in keys.items():  # the same per CPU-second of the server, where measured
+        per_cpu = [run[k].get(field.replace("_per_s", "_per_cpu_s")) for run in runs]
+        if per_cpu and all(v is not None for v in per_cpu):
+            out[f"{k}_per_cpu"] = float(np.median(per_cpu))
+    return out
 
 
 # -- the report ------------------------------------------------------------------------------------------
@@ -662,7 +698,12 @@ def report_free(data: dict[str, Any]) -> str:
         ("embed_r256", "Embed, requests of 256 short texts: texts/s"),
         ("embed_r32", "Embed, requests of 32 short texts: texts/s"),
         ("classify_1", "Classify, one text per call: calls/s"),
+        ("embed_r256_per_cpu", "Embed, requests of 256: texts per server CPU-second"),
+        ("embed_r32_per_cpu", "Embed, requests of 32: texts per server CPU-second"),
+        ("classify_1_per_cpu", "Classify, one text per call: calls per server CPU-second"),
     ):
+        if not all(key in summary[name] for name in names):
+            continue
         values = [summary[name][key] for name in names]
         ratios = [f"{v / values[0]:.2f}×" if values[0] else "—" for v in values[1:]]
         rows.append([label, *[_num(v) for v in values], *ratios])

@@ -1,0 +1,55 @@
+"""bench.gpu's accounting of the server's CPU time (the free-encoder ceiling on a shared machine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench.gpu import tree_cpu_seconds, with_cpu
+from bench.load import LoadResult
+
+BUSY = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
+
+
+def test_cpu_of_a_process_and_the_processes_below_it() -> None:
+    """A parent that waits on a child busy for 0.6 s of CPU: the tree used at least that, the parent alone
+    almost none (a server's workers are its children)."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {BUSY.format(s=0.6)!r}])\nimport time; time.sleep(30)",
+        ]
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while tree_cpu_seconds(parent.pid) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tree_cpu_seconds(parent.pid) >= 0.6
+    finally:
+        parent.kill()
+        parent.wait()
+    assert tree_cpu_seconds(parent.pid) == 0.0  # gone: nothing to count, no error
+
+
+def test_with_cpu_divides_what_was_answered_by_the_servers_cpu() -> None:
+    server = subprocess.Popen([sys.executable, "-c", BUSY.format(s=0.5) + "import time; time.sleep(30)"])
+    try:
+
+        def load() -> LoadResult:
+            import time
+
+            while tree_cpu_seconds(server.pid) < 0.45:
+                time.sleep(0.02)
+            return LoadResult(calls=100, inputs=1000, seconds=1.0)
+
+        out = with_cpu(server.pid, load)
+    finally:
+        server.kill()
+        server.wait()
+    assert 0.3 <= out["server_cpu_s"] <= 1.0
+    expected = 100 / out["server_cpu_s"]
+    assert abs(out["calls_per_cpu_s"] - expected) <= 0.05 * expected
+    assert abs(out["inputs_per_cpu_s"] - 10 * expected) <= 0.5 * expected
