@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +23,6 @@ from headswap.adapters import (
     head_to_bytes,
     train_head,
 )
-from headswap.adapters.gate import GateCheck
 from headswap.server.binding import binding_fields
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import LimitsConfig
@@ -43,10 +41,10 @@ from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.heads import HeadService, version_info
 from headswap.server.services.locks import TenantLock
 from headswap.server.services.promotion import compare_with_active, trained_on
+from headswap.server.services.replay import new_record, replayed, request_digest
 from headswap.server.services.training_input import (
     check_examples,
     check_new_examples,
-    request_digest,
     train_config,
 )
 from headswap.server.store import (
@@ -54,7 +52,6 @@ from headswap.server.store import (
     Change,
     HeadStore,
     NewVersion,
-    RequestRecord,
     StoredVersion,
 )
 
@@ -208,7 +205,7 @@ class TrainingService:
             if request.request_id:  # a retry of a call that was done (here or on another replica)
                 done = await self.heads.run_io(self.store.request_record, tenant, request.request_id)
                 if done is not None:
-                    yield await self._replay(tenant, request, digest, done)
+                    yield await replayed(self.heads, tenant, request, digest, done)
                     return
             deadline = time.monotonic() + self.limits.max_train_seconds
             stored, expect_seq = await self.heads.run_io(self._starting_point, tenant, request.replace)
@@ -241,13 +238,13 @@ class TrainingService:
             finally:
                 vectors_task.cancel()
             if request.store_only:
-                record = _record(request, digest, False, embedded, hits, len(examples), "", ())
+                record = new_record(request, digest, False, embedded, hits, len(examples), "", ())
                 try:
                     state = await self.heads.run_held(
                         lock, self.store.put_examples, tenant, examples, expect_seq, record
                     )
                 except AlreadyDone as already:  # a retry on another replica committed first
-                    yield await self._replay(tenant, request, digest, already.record)
+                    yield await replayed(self.heads, tenant, request, digest, already.record)
                     return
                 await self._save_embeddings(lock, tenant, lane, to_save)
                 log.info(
@@ -342,12 +339,14 @@ class TrainingService:
                 weights_metadata=trained_on(examples),
             )
             held_back_by = "" if activate else failed
-            record = _record(request, digest, activate, embedded, hits, len(examples), held_back_by, checks)
+            record = new_record(
+                request, digest, activate, embedded, hits, len(examples), held_back_by, checks
+            )
             committed = NewVersion(manifest, weights, examples, activate, expect_seq, record)
             try:
                 state = await self.heads.run_held(lock, self.store.commit_version, tenant, committed)
             except AlreadyDone as already:  # a retry on another replica committed first
-                yield await self._replay(tenant, request, digest, already.record)
+                yield await replayed(self.heads, tenant, request, digest, already.record)
                 return
             await self._save_embeddings(lock, tenant, lane, to_save)
             version = state.versions[-1]
@@ -378,80 +377,6 @@ class TrainingService:
                 held_back_by=held_back_by,
                 checks=checks,
             )
-
-    async def _replay(
-        self, tenant: str, request: AdaptRequest, digest: str, record: dict[str, Any]
-    ) -> AdaptOutcome:
-        """The outcome the first call with this request id had, as the store recorded it in its commit."""
-        rid = request.request_id
-        if record.get("digest") != digest:
-            raise InvalidArgument(
-                f"request_id {rid!r} was already used by another AdaptHead call for tenant {tenant!r}, with "
-                "other examples or options: a request_id names one call and its retries; send a new one"
-            )
-        try:
-            outcome = record["outcome"]
-            version = int(outcome["version"])
-            checks = tuple(GateCheck(**c) for c in outcome.get("checks", ()))
-            replayed = AdaptOutcome(
-                tenant=tenant,
-                head=None,
-                activated=bool(outcome["activated"]),
-                active_version=int(outcome["active_version"]),
-                embedded=int(outcome["embedded"]),
-                cache_hits=int(outcome["cache_hits"]),
-                stored_examples=int(outcome["stored_examples"]),
-                held_back_by=str(outcome["held_back_by"]),
-                checks=checks,
-                replayed=True,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataLoss(
-                f"tenant {tenant!r}: the record of request_id {rid!r} cannot be read ({exc!r}); send a new "
-                "request_id (GetHead shows what is stored)"
-            ) from None
-        if version:
-            try:
-                manifest = await self.heads.run_io(self.store.manifest, tenant, version)
-            except NotFound:
-                raise FailedPrecondition(
-                    f"the AdaptHead call with request_id {rid!r} trained version {version} of tenant "
-                    f"{tenant!r}, which was deleted since; nothing was trained again: send a new request_id "
-                    "to train again"
-                ) from None
-            replayed = dataclasses.replace(replayed, head=version_info(manifest, self.heads.bank.bindings))
-        log.info(
-            "tenant %s: AdaptHead request_id %s was done before (%s): its outcome answered again, nothing "
-            "stored twice",
-            tenant,
-            rid,
-            f"version {version}" if version else "examples stored",
-        )
-        return replayed
-
-
-def _record(
-    request: AdaptRequest,
-    digest: str,
-    activated: bool,
-    embedded: int,
-    hits: int,
-    stored_examples: int,
-    held_back_by: str,
-    checks: tuple[GateCheck, ...],
-) -> RequestRecord | None:
-    """What the store keeps of this call with what it stores (None: the caller sent no request id)."""
-    if not request.request_id:
-        return None
-    outcome = {
-        "activated": activated,
-        "embedded": embedded,
-        "cache_hits": hits,
-        "stored_examples": stored_examples,
-        "held_back_by": held_back_by,
-        "checks": [asdict(c) for c in checks],
-    }
-    return RequestRecord(request.request_id, digest, outcome)
 
 
 async def _drain(events: asyncio.Queue[Progress], task: asyncio.Future[Any]) -> AsyncIterator[Progress]:

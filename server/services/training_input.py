@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from headswap.adapters import TrainConfig, min_examples_per_class
 from headswap.server.config import LimitsConfig
-from headswap.server.domain import AdaptRequest, Example, TrainingOptions
+from headswap.server.domain import Example, TrainingOptions
 from headswap.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from headswap.server.validation import check_kind
 
@@ -110,24 +107,3 @@ def check_examples(
             "or train without validation (no_validation)"
         )
     return labels, y
-
-
-def request_digest(tenant: str, request: AdaptRequest) -> str:
-    """What identifies an AdaptHead call's content (not its caller or its request id): a retry carries the
-    same; another call reusing the id does not."""
-    digest = hashlib.sha256()
-    settings = [
-        tenant,
-        dataclasses.asdict(request.options),
-        request.replace,
-        request.store_only,
-        request.force_activate,
-        request.backbone,
-        len(request.examples),
-    ]
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    for example in request.examples:
-        digest.update(example.input.kind.encode())
-        digest.update(example.input.content_key())
-        digest.update(hashlib.sha256(example.label.encode("utf-8", "surrogatepass")).digest())
-    return digest.hexdigest()
