@@ -4,12 +4,14 @@ Python 3.11 does not give its threads OS-level names, and threads made by native
 intra-op pool, the tokenizers crate's rayon pool) inherit the name of the thread that created them. So
 before the server starts, this launcher:
 
-- names each Python thread at start after `Thread.name` (`headswap-tokenize_0`, `headswap-backbone_0`, ...);
+- names each Python thread at start after `Thread.name` (`headswap-preprocess_0`, `headswap-backbone-text_0`,
+  `headswap-io_0`, `headswap-train_0`, ...);
 - creates the rayon pool from a thread named `rayon-tokenize` (one throwaway `encode_batch`);
 - creates every ONNX Runtime session while the creating thread is named `ort-intra-op`.
 
 Nothing else changes: the server code and its flags are the ones `headswap serve` runs. Diagnostics only
-(`python -m bench.embed_throughput --profile`); the measured figures come from the plain `headswap serve`.
+(`python -m bench.embed_throughput --profile`, and the profile runs of `python -m bench.classify_latency`); the
+measured figures come from the plain `headswap serve`.
 
 Two opt-in extras, for diagnosis too:
 
