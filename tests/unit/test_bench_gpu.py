@@ -53,3 +53,20 @@ def test_with_cpu_divides_what_was_answered_by_the_servers_cpu() -> None:
     expected = 100 / out["server_cpu_s"]
     assert abs(out["calls_per_cpu_s"] - expected) <= 0.05 * expected
     assert abs(out["inputs_per_cpu_s"] - 10 * expected) <= 0.5 * expected
+
+
+def test_the_echo_server_answers_classify_with_its_fixed_reply() -> None:
+    """bench.grpc_floor's floor: a real grpc.aio server that the load tool and the client can call."""
+    from bench.grpc_floor import echo_server
+    from headswap.client import Client
+    from headswap.server.testing import free_port
+
+    port = free_port()
+    proc = echo_server(port)
+    try:
+        with Client(f"127.0.0.1:{port}", retries=0, timeout=30) as client:
+            (prediction,) = client.classify("bench", ["any text"])
+        assert prediction.labels[0].label == "a" and prediction.version == 1
+    finally:
+        proc.kill()
+        proc.wait()
