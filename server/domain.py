@@ -10,12 +10,14 @@ import contextvars
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from headswap.adapters.gate import GateCheck
-from headswap.adapters.results import HeadMetrics
+if TYPE_CHECKING:  # types only: the serving core never loads headswap.adapters
+    from headswap.adapters.gate import GateCheck
+    from headswap.adapters.results import HeadMetrics
+
 
 InputKind = Literal["text", "image"]
 
