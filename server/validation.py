@@ -57,3 +57,15 @@ def check_tenant(tenant: str) -> str:
             "starting with a letter or digit"
         )
     return tenant
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def check_request_id(request_id: str) -> str:
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument(
+            f"request_id {request_id[:140]!r} is not an idempotency key: use 1 to 128 characters from "
+            "[A-Za-z0-9._:/+=-] (a UUID, say), or leave it empty"
+        )
+    return request_id

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from headswap.adapters.gate import GateCheck
-from headswap.adapters.results import HeadMetrics
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
 from headswap.server.keys import ApiKey
+from headswap.server.validation import check_request_id
 from headswap.v1 import headswap_pb2 as pb
+
+if TYPE_CHECKING:  # types only: the serving core never loads headswap.adapters
+    from headswap.adapters.gate import GateCheck
+    from headswap.adapters.results import HeadMetrics
 
 # -- inputs and tensors ----------------------------------------------------------------------------------
 
@@ -117,18 +120,6 @@ def options_from_pb(options: pb.TrainingOptions) -> d.TrainingOptions:
         hidden_dim=options.hidden_dim,
         dropout=options.dropout,
     )
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
-def check_request_id(request_id: str) -> str:
-    if request_id and not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidArgument(
-            f"request_id {request_id[:140]!r} is not an idempotency key: use 1 to 128 characters from "
-            "[A-Za-z0-9._:/+=-] (a UUID, say), or leave it empty"
-        )
-    return request_id
 
 
 def adapt_from_pb(request: pb.AdaptHeadRequest, caller: d.Caller) -> d.AdaptRequest:
