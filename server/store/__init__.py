@@ -1,14 +1,13 @@
 """Where heads, versions, active pointers, labelled examples and cached embeddings live."""
 
 from headswap.server.store.base import (
-    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
-    RequestRecord,
     StoredVersion,
     TenantState,
 )
+from headswap.server.store.requests import AlreadyDone, RequestRecord
 
 __all__ = [
     "AlreadyDone",

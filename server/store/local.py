@@ -36,25 +36,21 @@ from typing import Any
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.store.base import (
-    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
-    RequestRecord,
     StoredVersion,
     TenantState,
     check_expected,
     damaged,
     example_from_json,
     example_to_json,
-    find_request,
     manifest_problem,
     no_head,
     retained,
     sealed,
     verify_weights,
     weights_digest,
-    with_request,
 )
 from headswap.server.store.faults import crash_point
 from headswap.server.store.files import (
@@ -70,6 +66,7 @@ from headswap.server.store.files import (
 )
 from headswap.server.store.local_extras import LocalExtras
 from headswap.server.store.processes import ProcessShared
+from headswap.server.store.requests import AlreadyDone, RequestRecord, find_request, with_request
 from headswap.server.store.sweep import sweep
 from headswap.server.validation import check_tenant
 

@@ -14,16 +14,13 @@ from headswap.server.domain import Deletion, Example
 from headswap.server.errors import FailedPrecondition
 from headswap.server.keys import ApiKey
 from headswap.server.store.base import (
-    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
-    RequestRecord,
     StoredVersion,
     TenantState,
     check_expected,
     damaged,
-    find_request,
     manifest_problem,
     no_head,
     no_key,
@@ -31,8 +28,8 @@ from headswap.server.store.base import (
     sealed,
     verify_weights,
     weights_digest,
-    with_request,
 )
+from headswap.server.store.requests import AlreadyDone, RequestRecord, find_request, with_request
 from headswap.server.validation import check_tenant
 
 

@@ -21,12 +21,9 @@ from typing import Any
 from headswap.server.domain import Deletion, Example
 from headswap.server.errors import DiskFull, FailedPrecondition, Unavailable
 from headswap.server.store.base import (
-    REQUESTS_KEPT,
-    AlreadyDone,
     Change,
     HeadStore,
     NewVersion,
-    RequestRecord,
     StoredVersion,
     TenantState,
     check_expected,
@@ -43,6 +40,7 @@ from headswap.server.store.base import (
 from headswap.server.store.faults import crash_point
 from headswap.server.store.postgres_extras import PostgresExtras
 from headswap.server.store.postgres_schema import MIGRATIONS, current_version, jsonb, migrate, one, redact
+from headswap.server.store.requests import RequestRecord
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
@@ -270,42 +268,6 @@ class PostgresStore(PostgresExtras, HeadStore):
         crash_point("state-written")
         self.damaged.pop(tenant, None)
         return state
-
-    def _check_request(self, conn: Any, tenant: str, request: RequestRecord | None) -> None:
-        """Under the tenant's row lock: a request id already recorded is a call already done. (Two replicas
-        committing one request at once take the lock in turn; the second sees the first's row.)"""
-        if request is None:
-            return
-        row = conn.execute(
-            "SELECT record FROM headswap_requests WHERE tenant = %s AND request_id = %s",
-            (tenant, request.request_id),
-        ).fetchone()
-        if row is not None:
-            raise AlreadyDone(dict(row[0]))
-
-    def _record_request(
-        self, conn: Any, tenant: str, request: RequestRecord | None, version: int, active: int
-    ) -> None:
-        if request is None:
-            return
-        conn.execute(
-            "INSERT INTO headswap_requests (tenant, request_id, record) VALUES (%s, %s, %s)",
-            (tenant, request.request_id, jsonb(request.to_json(version, active))),
-        )
-        conn.execute(
-            "DELETE FROM headswap_requests WHERE tenant = %s AND request_id NOT IN (SELECT request_id FROM "
-            "headswap_requests WHERE tenant = %s ORDER BY at DESC LIMIT %s)",
-            (tenant, tenant, REQUESTS_KEPT),
-        )
-
-    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
-        check_tenant(tenant)
-        with self.transaction("read a request id") as conn:
-            row = conn.execute(
-                "SELECT record FROM headswap_requests WHERE tenant = %s AND request_id = %s",
-                (tenant, request_id),
-            ).fetchone()
-        return dict(row[0]) if row is not None else None
 
     def put_examples(
         self,

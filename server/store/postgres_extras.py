@@ -1,4 +1,4 @@
-"""The PostgreSQL store's embedding cache and API keys, as a mixin of `PostgresStore` (which provides
+"""The PostgreSQL store's embedding cache, API keys and AdaptHead request ids, as a mixin of `PostgresStore` (which provides
 `transaction`, `tick` and `record_change`)."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import numpy as np
 
 from headswap.server.keys import ApiKey
 from headswap.server.store.base import CachedVectors, Change, no_key, row_check
+from headswap.server.store.postgres_schema import jsonb
+from headswap.server.store.requests import REQUESTS_KEPT, AlreadyDone, RequestRecord
 from headswap.server.validation import check_tenant
 
 
@@ -26,6 +28,44 @@ class _Store(Protocol):
 
 
 class PostgresExtras:
+    # -- AdaptHead request ids (idempotency keys), inserted in the commit's own transaction ------------
+
+    def _check_request(self: _Store, conn: Any, tenant: str, request: RequestRecord | None) -> None:
+        """Under the tenant's row lock: a request id already recorded is a call already done. (Two replicas
+        committing one request at once take the lock in turn; the second sees the first's row.)"""
+        if request is None:
+            return
+        row = conn.execute(
+            "SELECT record FROM headswap_requests WHERE tenant = %s AND request_id = %s",
+            (tenant, request.request_id),
+        ).fetchone()
+        if row is not None:
+            raise AlreadyDone(dict(row[0]))
+
+    def _record_request(
+        self: _Store, conn: Any, tenant: str, request: RequestRecord | None, version: int, active: int
+    ) -> None:
+        if request is None:
+            return
+        conn.execute(
+            "INSERT INTO headswap_requests (tenant, request_id, record) VALUES (%s, %s, %s)",
+            (tenant, request.request_id, jsonb(request.to_json(version, active))),
+        )
+        conn.execute(
+            "DELETE FROM headswap_requests WHERE tenant = %s AND request_id NOT IN (SELECT request_id FROM "
+            "headswap_requests WHERE tenant = %s ORDER BY at DESC LIMIT %s)",
+            (tenant, tenant, REQUESTS_KEPT),
+        )
+
+    def request_record(self: _Store, tenant: str, request_id: str) -> dict[str, Any] | None:
+        check_tenant(tenant)
+        with self.transaction("read a request id") as conn:
+            row = conn.execute(
+                "SELECT record FROM headswap_requests WHERE tenant = %s AND request_id = %s",
+                (tenant, request_id),
+            ).fetchone()
+        return dict(row[0]) if row is not None else None
+
     # -- the embedding cache -----------------------------------------------------------------------------
 
     def cached_embeddings(self: _Store, tenant: str, fingerprint: str) -> CachedVectors:

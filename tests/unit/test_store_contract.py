@@ -13,9 +13,9 @@ import pytest
 from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from headswap.server.store import AlreadyDone, Change, HeadStore, NewVersion, RequestRecord
-from headswap.server.store.base import REQUESTS_KEPT
 from headswap.server.store.local import LocalStore
 from headswap.server.store.memory import MemoryStore
+from headswap.server.store.requests import REQUESTS_KEPT
 from tests.helpers import eventually
 
 MANIFEST = {"labels": ["a", "b"], "backbone_fingerprint": "f" * 64}
