@@ -338,16 +338,7 @@ def classify_loads(
             connections=4,
         )
         out[f"rate_{int(rate)}"] = load_summary(run_load(spec, clients))
-    spec = LoadSpec(
-        target,
-        "classify_closed",
-        texts,
-        concurrency=64,
-        seconds=seconds,
-        tenant="bench",
-        client="raw",
-        connections=4,
-    )
+    spec = classify_saturation(target, texts, seconds, connections=4)
     with (
         profiled(pid, "classify-saturation", seconds - 1, load_delay(clients))
         if pid
@@ -552,15 +543,7 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                         wait_all_workers(proc, workers)
                         train_tenant(proc.target, "bench", 200)
                         pid = proc.proc.pid
-                        classify = LoadSpec(
-                            proc.target,
-                            "classify_closed",
-                            texts,
-                            concurrency=64,
-                            seconds=seconds,
-                            tenant="bench",
-                            client="raw",
-                        )
+                        classify = classify_saturation(proc.target, texts, seconds)
                         figures = {
                             "embed_r256": with_cpu(
                                 pid,
@@ -607,6 +590,20 @@ def with_cpu(pid: int, load: Callable[[], LoadResult]) -> dict[str, Any]:
     out["inputs_per_cpu_s"] = round(result.inputs / cpu) if cpu > 0 else None
     out["calls_per_cpu_s"] = round(result.calls / cpu) if cpu > 0 else None
     return out
+
+
+def classify_saturation(target: str, texts: list[str], seconds: float, connections: int = 1) -> LoadSpec:
+    """Single-text Classify to the tenant "bench" in a closed loop, 64 callers per load process."""
+    return LoadSpec(
+        target,
+        "classify_closed",
+        texts,
+        concurrency=64,
+        seconds=seconds,
+        tenant="bench",
+        client="raw",
+        connections=connections,
+    )
 
 
 def _embed_spec(target: str, texts: list[str], size: int, seconds: float) -> LoadSpec:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import DEFAULT_BACKBONE, DOCS, machine, markdown_table, source_version, write_section
-from bench.gpu import server, train_tenant, wait_all_workers, with_cpu, workloads
-from bench.load import LoadSpec, run_load
+from bench.gpu import classify_saturation, server, train_tenant, wait_all_workers, with_cpu, workloads
+from bench.load import run_load
 
 HEADING = "## The gRPC floor: a single-text Classify's server CPU beside grpc.aio alone"
 
@@ -43,10 +43,7 @@ def echo_server(port: int) -> subprocess.Popen[str]:
 
 
 def classify_load(target: str, texts: list[str], seconds: float, clients: int) -> Any:
-    spec = LoadSpec(
-        target, "classify_closed", texts, concurrency=64, seconds=seconds, tenant="bench", client="raw"
-    )
-    return partial(run_load, spec, clients)
+    return partial(run_load, classify_saturation(target, texts, seconds), clients)
 
 
 def main(argv: list[str] | None = None) -> int:
