@@ -17,16 +17,9 @@ from headswap.client import AdaptResult, Client, HeadswapError
 from headswap.server.store.faults import POINTS
 from headswap.server.testing_postgres import PostgresServer
 from tests.helpers import HANG, ServerProcess, free_port, until
+from tests.integration.test_hardening import Data, examples
 
 pytestmark = pytest.mark.integration
-
-Data = dict[str, dict[str, list[str]]]
-INTENTS = ["card_arrival", "exchange_rate", "lost_or_stolen_card"]
-
-
-def examples(banking77: Data, per: int, offset: int = 0) -> tuple[list[str], list[str]]:
-    pairs = [(t, i) for i in INTENTS for t in banking77["train"][i][offset : offset + per]]
-    return [t for t, _ in pairs], [y for _, y in pairs]
 
 
 def serve(
