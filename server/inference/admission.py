@@ -1,7 +1,8 @@
 """Admission control for the batcher: refuse at once the calls that cannot be served in time.
 
 The queue's bound is expressed in expected wait, not items: the work waiting (in cost units: tokens, or a
-cost per image) divided by the rate the encoder gets through it, measured as it runs. A call is refused
+cost per image) divided by the rate the server gets through it, measured as it runs (under load: from one
+batch's end to the next, not the encoder's time alone). A call is refused
 with RESOURCE_EXHAUSTED, in microseconds instead of timing out seconds later, when the expected wait is
 over the limit or when the call's own deadline would pass before its turn: under overload the server keeps
 serving what it admitted at full speed (goodput holds) and tells everyone else to back off.
@@ -30,6 +31,11 @@ class Admission:
     queued_cost: float = 0.0  # admitted and not yet finished: estimated until prepared, then exact
     queued_inputs: int = 0  # the same inputs, counted: 0 means idle, whatever the float sums left over
     rate: float = 0.0  # cost units per second of encoder time, a moving average (0: not measured yet)
+    # Cost units per second of the whole server's time while work was waiting: from one batch's end to the
+    # next's, so it counts what the encoder's own time does not (tokenizing, the heads, the event loop's
+    # decoding and replies, other threads on the same cores). Under load it is what sets the waits.
+    service_rate: float = 0.0
+    backlog_since: float = 0.0  # when the last batch ended with more work waiting (0: the queue was empty)
     item_cost: float = 0.0  # mean cost of one input, a moving average
     batch_cost: float = 0.0  # real cost of one batch, a moving average: what a turn gives a flow
     flow_cost: dict[str, float] = field(default_factory=dict)  # queued cost by flow
@@ -38,12 +44,13 @@ class Admission:
     def expected_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
         """Seconds until `extra_cost` more work of `flow` would be done, with turns taken between flows (0:
         until the flow's queued work is done and its next call starts)."""
-        if not self.rate:
+        rate = min(self.rate, self.service_rate) if self.service_rate else self.rate
+        if not rate:
             return 0.0
         own = self.flow_cost.get(flow, 0.0) + extra_cost
         turn = max(self.batch_cost, self.item_cost)
         others = sum(min(cost, own + turn) for name, cost in self.flow_cost.items() if name != flow)
-        return (own + others) / self.rate
+        return (own + others) / rate
 
     def admit(
         self, n: int, queued_items: int, deadline: float | None, flow: str = "", holds: int | None = None
@@ -97,8 +104,22 @@ class Admission:
             self.flow_inputs.pop(flow, None)
             self.flow_cost.pop(flow, None)
 
-    def ran(self, cost: float, seconds: float) -> None:
+    def ran(self, cost: float, seconds: float, started: float = 0.0, now: float | None = None) -> None:
+        """A batch of `cost` took the encoder `seconds`; it was handed to the encoder at `started` and ended
+        at `now` (perf_counter), after `release`. What it cost the server is the time from then, or, while
+        work kept waiting, from the previous batch's end: the expected waits follow that rate, so an accepted
+        call's wait stays near the bound however much of a call's time is spent outside the encoder (issue
+        23.6: the heads, tokenizing, the event loop)."""
+        now = time.perf_counter() if now is None else now
         if seconds > 0 and cost > 0:
             rate = cost / seconds
             self.rate = rate if not self.rate else 0.8 * self.rate + 0.2 * rate
             self.batch_cost = cost if not self.batch_cost else 0.9 * self.batch_cost + 0.1 * cost
+            since = max(started, self.backlog_since)
+            span = max(seconds, now - since) if since else seconds
+            served = cost / span
+            # Averaged as time per cost unit, so that slow batches weigh as much as they cost.
+            self.service_rate = (
+                served if not self.service_rate else 1 / (0.8 / self.service_rate + 0.2 / served)
+            )
+        self.backlog_since = now if self.queued_inputs else 0.0

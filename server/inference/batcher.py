@@ -21,6 +21,7 @@ are applied in one grouped operation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -155,6 +156,7 @@ class Batcher:
         self._reserved = 0  # inputs of slices being prepared
         self.admission = Admission(policy.max_queue_items, policy.max_queue_wait_s)
         self._wake = asyncio.Event()
+        self._ended = asyncio.Event()  # set as each batch ends
         self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
@@ -305,6 +307,7 @@ class Batcher:
                 self._slots.release()
                 continue
             request = leader.request  # type: ignore[attr-defined]
+            ran = self.batches_run
             deadline = request.enqueued + request.preprocess_s + self.policy.max_wait_s
             # An idle encoder starts at once: waiting for company only pays while another batch runs.
             while not idle and not self._full():
@@ -320,8 +323,9 @@ class Batcher:
                 # The next batch is formed just before the running one should end, not as soon as a slot is
                 # free: a call arriving meanwhile (another flow's) can still lead it, instead of waiting
                 # behind a batch already formed from a big call's items (issue 23: 2 batches of long texts
-                # are a second on a CPU).
-                await asyncio.sleep(max(0.0, self._busy_until - FORM_LEAD_S - time.perf_counter()))
+                # are a second on a CPU). A batch that ends sooner than expected ends the wait: the encoder
+                # is never left idle for an estimate.
+                await self._until_due(ran)
             batch = self._take()
             if not batch:
                 self._slots.release()
@@ -331,7 +335,17 @@ class Batcher:
             self._busy_until = (now if idle else max(now, self._busy_until)) + run_s
             self._in_flight += 1
             future = loop.run_in_executor(self.backbone_executor, self._run, batch)
-            future.add_done_callback(lambda f, b=batch: self._finish(b, f))  # type: ignore[misc]
+            future.add_done_callback(lambda f, b=batch, t=now: self._finish(b, f, t))  # type: ignore[misc]
+
+    async def _until_due(self, ran: int) -> None:
+        """Sleep until the batches in flight should be nearly done, or until one of them ends (`ran`: how
+        many batches had run when the slot was taken)."""
+        delay = self._busy_until - FORM_LEAD_S - time.perf_counter()
+        if delay <= 0 or self.batches_run != ran:
+            return
+        self._ended.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), delay)
 
     def _expected_run_s(self, batch: list[_Item]) -> float:
         """How long the encoder should take over `batch`, from the rate measured so far (0: not yet known)."""
@@ -403,7 +417,9 @@ class Batcher:
             )
         return rows, t1 - t0, t2 - t1
 
-    def _finish(self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]]) -> None:
+    def _finish(
+        self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]], started: float
+    ) -> None:
         by_flow: dict[str, list[_Item]] = {}
         for item in batch:
             by_flow.setdefault(item.flow, []).append(item)
@@ -412,6 +428,7 @@ class Batcher:
         self._slots.release()
         self._in_flight -= 1
         self.batches_run += 1
+        self._ended.set()
         error = future.exception()
         if error is not None:
             log.error("backbone batch failed", exc_info=error)
@@ -421,7 +438,9 @@ class Batcher:
             return
         rows, run_s, head_s = future.result()
         self.admission.ran(
-            sum(i.prepared.cost for i, row in zip(batch, rows, strict=True) if row is not None), run_s
+            sum(i.prepared.cost for i, row in zip(batch, rows, strict=True) if row is not None),
+            run_s,
+            started,
         )
         seen: set[int] = set()
         for item, row in zip(batch, rows, strict=True):
