@@ -22,9 +22,10 @@ from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.errors import HeadswapError
 from headswap.server.headbank import HeadBank, ScoredHeads
-from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
+from headswap.server.inference.policy import BatchPolicy
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
 from headswap.server.rpc.interceptors import CallInterceptor
@@ -38,6 +39,7 @@ from headswap.server.services.locks import TenantLocks
 from headswap.server.services.training import TrainingService
 from headswap.server.store import HeadStore, open_store
 from headswap.server.store.local import LocalStore
+from headswap.server.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +153,7 @@ class Server:
     async def stop(self) -> None:
         log.info("draining: up to %.0fs for calls in flight", self.config.grace_seconds)
         await self.rpc.stop(self.config.grace_seconds)
-        if self._follow is not None:
-            self._follow.cancel()
-            await asyncio.gather(self._follow, return_exceptions=True)
+        await cancel(self._follow)
         for lane in self.lanes:
             await lane.batcher.stop()
         if self.rpc.interceptor.lag is not None:

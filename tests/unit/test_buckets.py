@@ -13,9 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from headswap.server.domain import Input
-from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import LENGTHS, ShapeBuckets
 from headswap.server.inference.fake import fake_backbone
+from headswap.server.inference.policy import BatchPolicy
 from headswap.server.inference.text import pad
 
 
@@ -108,7 +109,15 @@ async def test_a_bucketed_batcher_runs_only_warmed_shapes() -> None:
     backbone.encoder.run = recording  # type: ignore[method-assign]
     buckets = ShapeBuckets.for_backbone(16, 32)
     with ThreadPoolExecutor(2) as pre, ThreadPoolExecutor(1) as bb:
-        batcher = Batcher(backbone, BatchPolicy(max_batch_items=16), pre, bb, buckets=buckets)
+        policy = BatchPolicy(
+            max_batch_cost=16384,
+            max_batch_items=16,
+            max_wait_s=0.002,
+            max_queue_items=8192,
+            max_queue_wait_s=1.0,
+            max_padding=1.0,
+        )
+        batcher = Batcher(backbone, policy, pre, bb, buckets=buckets, prepare_workers=2)
         batcher.start()
         assert await batcher.warm_up_buckets() == len(buckets.shapes())
         warmed = set(shapes)
