@@ -25,7 +25,6 @@ from headswap.server.headbank import HeadBank, ScoredHeads
 from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
-from headswap.server.inference.policy import BatchPolicy
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
 from headswap.server.rpc.interceptors import CallInterceptor
@@ -228,27 +227,19 @@ def build(
     lanes = []
     for name, served in named:
         stack = HeadStack(served.dim, device=head_device)
-        items, cost = config.batching.limits(served.on_gpu)
+        policy = config.batching.policy(served.on_gpu)
         text = served.manifest.input_kind == "text"
         buckets = (
-            ShapeBuckets.for_backbone(items, served.manifest.max_length if text else None)
+            ShapeBuckets.for_backbone(policy.max_batch_items, served.manifest.max_length if text else None)
             if config.batching.buckets_on(served.on_gpu)
             else None
         )
         log.info(
             "%s: batches of at most %d inputs and a cost of %d%s%s",
-            name, items, cost,
-            f", padding at most {100 * config.batching.max_padding:.0f}%" if text else "",
+            name, policy.max_batch_items, policy.max_batch_cost,
+            f", padding at most {100 * policy.max_padding:.0f}%" if text else "",
             f", padded to {len(buckets.shapes())} shape buckets" if buckets else "",
         )  # fmt: skip
-        policy = BatchPolicy(
-            max_batch_cost=cost,
-            max_batch_items=items,
-            max_padding=config.batching.max_padding,
-            max_wait_s=config.batching.max_wait_ms / 1000.0,
-            max_queue_items=config.batching.max_queue_items,
-            max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,
-        )
         batcher = Batcher(
             served,
             policy,
