@@ -27,6 +27,7 @@ from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
+from headswap.server.pools import Pools
 from headswap.server.rpc.interceptors import CallInterceptor
 from headswap.server.rpc.overload import LoopLag
 from headswap.server.rpc.server import SERVICE_NAME, GrpcServer
@@ -43,26 +44,6 @@ from headswap.server.tasks import cancel
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
-
-
-@dataclass
-class Pools:
-    """Blocking work never runs on the event loop: each kind has its own threads."""
-
-    preprocess: ThreadPoolExecutor  # tokenizing, image decoding
-    io: ThreadPoolExecutor  # store reads and writes, head loading
-    train: ThreadPoolExecutor  # head training, never on the threads that serve
-    # One thread per backbone: each encoder runs one batch at a time (a text and an image batch run at once).
-    backbones: list[ThreadPoolExecutor] = field(default_factory=list)
-
-    def backbone(self, name: str) -> ThreadPoolExecutor:
-        pool = ThreadPoolExecutor(1, thread_name_prefix=f"headswap-backbone-{name}")
-        self.backbones.append(pool)
-        return pool
-
-    def shutdown(self) -> None:
-        for pool in (self.preprocess, self.io, self.train, *self.backbones):
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(eq=False)
