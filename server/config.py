@@ -281,6 +281,7 @@ class ServerConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for opt in OPTIONS:
+            described = f"{opt.help} [{opt.env}]".replace("%", "%%")  # argparse formats help with %
             if opt.parse is boolean:  # `--flag` / `--no-flag`, as argparse users expect; `--flag false` too
                 parser.add_argument(
                     opt.flag,
@@ -289,7 +290,7 @@ class ServerConfig:
                     nargs="?",
                     const="true",
                     metavar="BOOL",
-                    help=f"{opt.help} [{opt.env}]",
+                    help=described,
                 )
                 parser.add_argument(
                     "--no-" + opt.flag[2:],
@@ -300,9 +301,7 @@ class ServerConfig:
                 )
                 continue
             action = "append" if opt.repeat else "store"
-            parser.add_argument(
-                opt.flag, dest=opt.key, default=None, action=action, help=f"{opt.help} [{opt.env}]"
-            )
+            parser.add_argument(opt.flag, dest=opt.key, default=None, action=action, help=described)
 
     @classmethod
     def from_sources(

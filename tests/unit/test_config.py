@@ -76,6 +76,18 @@ def test_every_field_has_an_env_variable_and_help() -> None:
         assert opt.help
 
 
+def test_help_lists_every_setting() -> None:
+    """`headswap serve --help` renders (a help text may hold a %) and names every flag with its variable."""
+    from headswap.server.config import OPTIONS
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    shown = parser.format_help()
+    for opt in OPTIONS:
+        assert opt.flag in shown and f"[{opt.env}]" in shown, opt.key
+    assert "0.5% off fp32's" in shown
+
+
 def test_cli_defaults_are_the_runtime_defaults() -> None:
     """An empty command line with no HEADSWAP_* variable gives the config the server builds by itself: every
     field is a declared setting, at its declared default, and the policy objects built from the config take
