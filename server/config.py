@@ -215,7 +215,7 @@ class TlsConfig:
 @declared(None)
 class ServerConfig:
     host: str = DECLARED
-    port: int = DECLARED
+    port: int = DECLARED  # 0: a free one, logged
     metrics_port: int = DECLARED
     # (name, directory) per served backbone; empty: the default all-MiniLM-L6-v2, exported on first start.
     # An empty name means "by its input kind" (text, image).
@@ -225,19 +225,19 @@ class ServerConfig:
     # A head answers on any precision of the backbone weights it was trained on; strict: only on embeddings
     # of the fingerprint it was trained on (int8 has its own; fp32 and fp16 share one).
     strict_precision: bool = DECLARED
-    worker_threads: int = DECLARED
+    worker_threads: int = DECLARED  # preprocessing threads
     # Server processes sharing the port (server/workers.py); 0: one without a GPU, enough to feed one with.
     workers: int = DECLARED
-    intra_op_threads: int = DECLARED
+    intra_op_threads: int = DECLARED  # ONNX Runtime's; 0: its own choice
     # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the
     # tokenizer and the client, at high load and at low load alike.
     intra_op_spin: bool = DECLARED
     warmup_rounds: int = DECLARED
-    train_threads: int = DECLARED
-    grace_seconds: float = DECLARED
+    train_threads: int = DECLARED  # PyTorch's, for head training
+    grace_seconds: float = DECLARED  # on SIGTERM, for the calls in flight
     log_format: str = DECLARED
     log_level: str = DECLARED
-    home: Path = DECLARED
+    home: Path = DECLARED  # the default backbone and store live there
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

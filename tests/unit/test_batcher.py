@@ -13,10 +13,9 @@ from headswap.server.domain import Input
 from headswap.server.errors import InvalidArgument, ResourceExhausted
 from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.forward import BatchStats
-from headswap.server.inference.policy import BatchPolicy
 from headswap.server.inference.protocols import Backbone, Prepared
 from headswap.server.manifest import BackboneManifest
-from tests.helpers import eventually
+from tests.helpers import batch_policy, eventually
 
 
 class FakeBackbone:
@@ -79,24 +78,12 @@ def pools():  # type: ignore[no-untyped-def]
     bb.shutdown(wait=False)
 
 
-# The bounds these tests run under unless they name others (a policy has no defaults: the server's come from
-# its settings, by device).
-POLICY = {
-    "max_batch_cost": 16384,
-    "max_batch_items": 256,
-    "max_wait_s": 0.002,
-    "max_queue_items": 8192,
-    "max_queue_wait_s": 1.0,
-    "max_padding": 1.0,
-}
-
-
 def make(pools, **policy: float) -> tuple[TextBatcher, FakeBackbone, FakeHeads, list[BatchStats]]:  # type: ignore[no-untyped-def]
     backbone, heads, stats = FakeBackbone(), FakeHeads(), []
     manifest = BackboneManifest("fake", 3, "none", "l2", 64, "text", "0" * 64)
     batcher = Batcher(
         Backbone(manifest, backbone, backbone),
-        BatchPolicy(**{**POLICY, **policy}),
+        batch_policy(**policy),
         *pools,
         heads=heads,
         on_batch=stats.append,

@@ -16,8 +16,8 @@ from headswap.server.domain import Input
 from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import LENGTHS, ShapeBuckets
 from headswap.server.inference.fake import fake_backbone
-from headswap.server.inference.policy import BatchPolicy
 from headswap.server.inference.text import pad
+from tests.helpers import batch_policy
 
 
 def test_grid_for_a_text_backbone() -> None:
@@ -109,15 +109,9 @@ async def test_a_bucketed_batcher_runs_only_warmed_shapes() -> None:
     backbone.encoder.run = recording  # type: ignore[method-assign]
     buckets = ShapeBuckets.for_backbone(16, 32)
     with ThreadPoolExecutor(2) as pre, ThreadPoolExecutor(1) as bb:
-        policy = BatchPolicy(
-            max_batch_cost=16384,
-            max_batch_items=16,
-            max_wait_s=0.002,
-            max_queue_items=8192,
-            max_queue_wait_s=1.0,
-            max_padding=1.0,
+        batcher = Batcher(
+            backbone, batch_policy(max_batch_items=16), pre, bb, buckets=buckets, prepare_workers=2
         )
-        batcher = Batcher(backbone, policy, pre, bb, buckets=buckets, prepare_workers=2)
         batcher.start()
         assert await batcher.warm_up_buckets() == len(buckets.shapes())
         warmed = set(shapes)
