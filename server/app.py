@@ -22,11 +22,12 @@ from headswap.server.cache import EmbeddingCache
 from headswap.server.config import ServerConfig
 from headswap.server.errors import HeadswapError
 from headswap.server.headbank import HeadBank, ScoredHeads
-from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
 from headswap.server.metrics import Metrics
+from headswap.server.pools import Pools
 from headswap.server.rpc.interceptors import CallInterceptor
 from headswap.server.rpc.overload import LoopLag
 from headswap.server.rpc.server import SERVICE_NAME, GrpcServer
@@ -38,30 +39,11 @@ from headswap.server.services.locks import TenantLocks
 from headswap.server.services.training import TrainingService
 from headswap.server.store import HeadStore, open_store
 from headswap.server.store.local import LocalStore
+from headswap.server.tasks import cancel
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
-
-
-@dataclass
-class Pools:
-    """Blocking work never runs on the event loop: each kind has its own threads."""
-
-    preprocess: ThreadPoolExecutor  # tokenizing, image decoding
-    io: ThreadPoolExecutor  # store reads and writes, head loading
-    train: ThreadPoolExecutor  # head training, never on the threads that serve
-    # One thread per backbone: each encoder runs one batch at a time (a text and an image batch run at once).
-    backbones: list[ThreadPoolExecutor] = field(default_factory=list)
-
-    def backbone(self, name: str) -> ThreadPoolExecutor:
-        pool = ThreadPoolExecutor(1, thread_name_prefix=f"headswap-backbone-{name}")
-        self.backbones.append(pool)
-        return pool
-
-    def shutdown(self) -> None:
-        for pool in (self.preprocess, self.io, self.train, *self.backbones):
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(eq=False)
@@ -151,9 +133,7 @@ class Server:
     async def stop(self) -> None:
         log.info("draining: up to %.0fs for calls in flight", self.config.grace_seconds)
         await self.rpc.stop(self.config.grace_seconds)
-        if self._follow is not None:
-            self._follow.cancel()
-            await asyncio.gather(self._follow, return_exceptions=True)
+        await cancel(self._follow)
         for lane in self.lanes:
             await lane.batcher.stop()
         if self.rpc.interceptor.lag is not None:
@@ -228,27 +208,19 @@ def build(
     lanes = []
     for name, served in named:
         stack = HeadStack(served.dim, device=head_device)
-        items, cost = config.batching.limits(served.on_gpu)
+        policy = config.batching.policy(served.on_gpu)
         text = served.manifest.input_kind == "text"
         buckets = (
-            ShapeBuckets.for_backbone(items, served.manifest.max_length if text else None)
+            ShapeBuckets.for_backbone(policy.max_batch_items, served.manifest.max_length if text else None)
             if config.batching.buckets_on(served.on_gpu)
             else None
         )
         log.info(
             "%s: batches of at most %d inputs and a cost of %d%s%s",
-            name, items, cost,
-            f", padding at most {100 * config.batching.max_padding:.0f}%" if text else "",
+            name, policy.max_batch_items, policy.max_batch_cost,
+            f", padding at most {100 * policy.max_padding:.0f}%" if text else "",
             f", padded to {len(buckets.shapes())} shape buckets" if buckets else "",
         )  # fmt: skip
-        policy = BatchPolicy(
-            max_batch_cost=cost,
-            max_batch_items=items,
-            max_padding=config.batching.max_padding,
-            max_wait_s=config.batching.max_wait_ms / 1000.0,
-            max_queue_items=config.batching.max_queue_items,
-            max_queue_wait_s=config.batching.max_queue_wait_ms / 1000.0,
-        )
         batcher = Batcher(
             served,
             policy,

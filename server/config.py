@@ -1,20 +1,23 @@
 """Server configuration: frozen sections built from flags and `HEADSWAP_*` environment variables.
 
-Every setting is one `Option` in `OPTIONS`: its flag, its environment variable, its help and an explicit
-parser that checks the value and names the setting in its error. Precedence: a command-line flag, then the
-environment variable, then the default. `headswap serve --help` prints them all.
+Every setting is declared once, as an `Option` in `OPTIONS` (`options.py`): its flag, its environment
+variable, its help, its default and an explicit parser that checks the value and names the setting in its
+error. A section's field says only its type: its default is the option's (`DECLARED`, filled in by
+`@declared`), and the objects built from a section (`BatchingConfig.policy`) take its values. Precedence: a
+command-line flag, then the environment variable, then the default. `headswap serve --help` prints them all.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from headswap.server.options import OPTIONS, Option
+from headswap.server.inference.policy import BatchPolicy
+from headswap.server.options import OPTIONS, Option, default_home
 from headswap.server.parsers import boolean
 
 __all__ = [
@@ -58,70 +61,106 @@ def warn_if_readable_by_others(path: Path, what: str) -> bool:
     return True
 
 
-def default_home() -> Path:
-    """Where headswap keeps its data when not told otherwise."""
-    if "HEADSWAP_HOME" in os.environ:
-        return Path(os.environ["HEADSWAP_HOME"]).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "headswap"
+# A field's default, as its option declares it (filled in by `declared`, before `dataclass` reads it).
+DECLARED: Any = object()
+_Section = TypeVar("_Section", bound=type)
+
+
+def declared(section: str | None) -> Callable[[_Section], _Section]:
+    """Give each field of a config section (None: ServerConfig's own) its option's default; every field
+    marked DECLARED must have an option and every option of the section a field (a typo would silently drop
+    a setting)."""
+
+    def fill(cls: _Section) -> _Section:
+        unfilled = {name for name in cls.__annotations__ if _default(getattr(cls, name, None)) is DECLARED}
+        for opt in (opt for opt in OPTIONS if opt.section == section):
+            if opt.field not in unfilled:
+                raise AssertionError(f"option {opt.key} sets unknown field {section}.{opt.field}")
+            unfilled.discard(opt.field)
+            current = getattr(cls, opt.field)
+            target = current if isinstance(current, Field) else field()
+            if opt.factory is not None:
+                target.default, target.default_factory = MISSING, opt.factory
+            else:
+                target.default = opt.default
+            setattr(cls, opt.field, target)
+        if unfilled:
+            raise AssertionError(f"{cls.__name__} fields without an option: {sorted(unfilled)}")
+        return cls
+
+    return fill
+
+
+def _default(attribute: object) -> object:
+    return attribute.default if isinstance(attribute, Field) else attribute
 
 
 @dataclass(frozen=True)
+@declared("batching")
 class BatchingConfig:
     """The dynamic batcher in front of the backbone. 0 for items or cost means: chosen by device."""
 
-    max_items: int = 0
-    max_cost: int = 0  # padded tokens (text) per forward pass
-    max_wait_ms: float = 2.0
-    max_queue_items: int = 8192
-    max_queue_wait_ms: float = 1000.0  # expected wait past which calls are refused at once
+    max_items: int = DECLARED
+    max_cost: int = DECLARED  # padded tokens (text) per forward pass
+    max_wait_ms: float = DECLARED
+    max_queue_items: int = DECLARED
+    max_queue_wait_ms: float = DECLARED  # expected wait past which calls are refused at once
     # How far behind the event loop may run before new Embed and Classify calls are refused at the door
     # (rpc/overload.py); 0: never, the default (bench.overload, 2026-12-07: at 3x capacity on 2 cores,
     # shedding at 50 ms made refusals slower, p50 132-381 ms against 34 ms without it, for no more goodput).
-    max_loop_lag_ms: float = 0.0
+    max_loop_lag_ms: float = DECLARED
     # Most padding a forward pass may carry, as a share of the tokens it computes (1 = no cap): an input whose
     # length would push a batch past it waits for a batch of its own length instead.
-    max_padding: float = 0.3
+    max_padding: float = DECLARED
     # Pad every forward pass to one of a few fixed shapes, all run at warm-up (inference/buckets.py): "auto"
     # is on for CUDA (its first run of a new shape costs 10-40 ms) and off on a CPU (padding is pure cost).
-    shape_buckets: str = "auto"
+    shape_buckets: str = DECLARED
 
     def buckets_on(self, on_gpu: bool) -> bool:
         return self.shape_buckets == "on" or (self.shape_buckets == "auto" and on_gpu)
 
-    def limits(self, on_gpu: bool) -> tuple[int, int]:
-        """(items, padded cost) per forward pass. On a CPU small batches win (they stay in cache: measured
-        in docs/BENCHMARKS.md); a GPU needs large ones to stay busy."""
-        return self.max_items or (256 if on_gpu else 16), self.max_cost or (65536 if on_gpu else 4096)
+    def policy(self, on_gpu: bool) -> BatchPolicy:
+        """The batcher's policy. 0 items or cost: by device. On a CPU small batches win (they stay in cache:
+        measured in docs/BENCHMARKS.md); a GPU needs large ones to stay busy."""
+        return BatchPolicy(
+            max_batch_cost=self.max_cost or (65536 if on_gpu else 4096),
+            max_batch_items=self.max_items or (256 if on_gpu else 16),
+            max_wait_s=self.max_wait_ms / 1000.0,
+            max_queue_items=self.max_queue_items,
+            max_queue_wait_s=self.max_queue_wait_ms / 1000.0,
+            max_padding=self.max_padding,
+        )
 
 
 @dataclass(frozen=True)
+@declared("limits")
 class LimitsConfig:
     """Bounds on what one call may ask for."""
 
-    max_batch_inputs: int = 1024
-    max_message_bytes: int = 32 * 1024 * 1024
-    max_request_bytes: int = 8 * 1024 * 1024  # of inputs (text or image bytes) in one call
-    max_image_bytes: int = 8 * 1024 * 1024  # one encoded image
-    max_image_pixels: int = 40_000_000  # width x height, read from the header before anything is decoded
-    max_examples: int = 50_000
-    max_example_bytes: int = 512 * 1024 * 1024  # of a tenant's stored examples (texts and image bytes)
-    max_classes: int = 1000
-    max_versions: int = 50  # kept per tenant, besides the active one and its predecessor
-    max_resident_head_bytes: int = 512 * 1024 * 1024
-    max_train_seconds: float = 300.0
-    train_workers: int = 2  # trainings that run at once (each on train_threads threads)
+    max_batch_inputs: int = DECLARED
+    max_message_bytes: int = DECLARED
+    max_request_bytes: int = DECLARED  # of inputs (text or image bytes) in one call
+    max_image_bytes: int = DECLARED  # one encoded image
+    max_image_pixels: int = DECLARED  # width x height, read from the header before anything is decoded
+    max_examples: int = DECLARED
+    max_example_bytes: int = DECLARED  # of a tenant's stored examples (texts and image bytes)
+    max_classes: int = DECLARED
+    max_versions: int = DECLARED  # kept per tenant, besides the active one and its predecessor
+    max_resident_head_bytes: int = DECLARED
+    max_train_seconds: float = DECLARED
+    train_workers: int = DECLARED  # trainings that run at once (each on train_threads threads)
 
 
 @dataclass(frozen=True)
+@declared("store")
 class StoreConfig:
     # A directory, or a postgresql:// URL shared by replicas; None: <home>/store. Never in repr: it may
     # hold a password.
-    url: str | None = field(default=None, repr=False)
-    cache_capacity: int = 200_000  # embeddings kept in memory (LRU)
+    url: str | None = field(default=DECLARED, repr=False)
+    cache_capacity: int = DECLARED  # embeddings kept in memory (LRU)
     # "tenant": no tenant sees another's cached vectors; "shared": for tenants of one organisation.
-    cache_scope: str = "tenant"
-    migrate: bool = False  # create or migrate a PostgreSQL store's schema at start
+    cache_scope: str = DECLARED
+    migrate: bool = DECLARED  # create or migrate a PostgreSQL store's schema at start
 
     @property
     def redacted(self) -> str:
@@ -133,10 +172,11 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+@declared("auth")
 class AuthConfig:
-    mode: str = "none"  # "none": every caller may do everything; "keys": API keys (headswap.server.keys)
-    pepper: str | None = field(default=None, repr=False)  # the HMAC key of the stored key digests
-    pepper_file: Path | None = None
+    mode: str = DECLARED  # "none": every caller may do everything; "keys": API keys (headswap.server.keys)
+    pepper: str | None = field(default=DECLARED, repr=False)  # the HMAC key of the stored key digests
+    pepper_file: Path | None = DECLARED
 
     def load_pepper(self) -> bytes | None:
         """The pepper's bytes when keys are on (from the file, else the value); None when auth is off."""
@@ -158,12 +198,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+@declared("tls")
 class TlsConfig:
     """Files re-read when they change (a renewed certificate serves new connections without a restart)."""
 
-    cert: Path | None = None
-    key: Path | None = None
-    client_ca: Path | None = None  # set: mutual TLS, every client must present a certificate it signed
+    cert: Path | None = DECLARED
+    key: Path | None = DECLARED
+    client_ca: Path | None = DECLARED  # set: mutual TLS, every client must present a certificate it signed
 
     @property
     def enabled(self) -> bool:
@@ -171,37 +212,40 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+@declared(None)
 class ServerConfig:
-    host: str = "[::]"
-    port: int = 50051
-    metrics_port: int = 9090
+    host: str = DECLARED
+    port: int = DECLARED  # 0: a free one, logged
+    metrics_port: int = DECLARED
     # (name, directory) per served backbone; empty: the default all-MiniLM-L6-v2, exported on first start.
     # An empty name means "by its input kind" (text, image).
-    backbones: tuple[tuple[str, Path], ...] = ()
-    device: str = "auto"
-    precision: str = "auto"
+    backbones: tuple[tuple[str, Path], ...] = DECLARED
+    device: str = DECLARED
+    precision: str = DECLARED
     # A head answers on any precision of the backbone weights it was trained on; strict: only on embeddings
     # of the fingerprint it was trained on (int8 has its own; fp32 and fp16 share one).
-    strict_precision: bool = False
-    worker_threads: int = 2
+    strict_precision: bool = DECLARED
+    worker_threads: int = DECLARED  # preprocessing threads
     # Server processes sharing the port (server/workers.py); 0: one without a GPU, enough to feed one with.
-    workers: int = 0
-    intra_op_threads: int = 0
+    workers: int = DECLARED
+    intra_op_threads: int = DECLARED  # ONNX Runtime's; 0: its own choice
     # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the
     # tokenizer and the client, at high load and at low load alike.
-    intra_op_spin: bool = False
-    warmup_rounds: int = 2
-    train_threads: int = 1
-    grace_seconds: float = 20.0
-    log_format: str = "text"
-    log_level: str = "INFO"
-    home: Path = field(default_factory=default_home)
+    intra_op_spin: bool = DECLARED
+    warmup_rounds: int = DECLARED
+    train_threads: int = DECLARED  # PyTorch's, for head training
+    grace_seconds: float = DECLARED  # on SIGTERM, for the calls in flight
+    log_format: str = DECLARED
+    log_level: str = DECLARED
+    home: Path = DECLARED  # the default backbone and store live there
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
-    health_port: int = 0  # a plaintext port serving grpc.health.v1 only (probes of a TLS server); 0: none
+    health_port: int = (
+        DECLARED  # a plaintext port serving grpc.health.v1 only (probes of a TLS server); 0: none
+    )
 
     def __post_init__(self) -> None:
         if (self.tls.cert is None) != (self.tls.key is None):
@@ -237,6 +281,7 @@ class ServerConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for opt in OPTIONS:
+            described = f"{opt.help} [{opt.env}]".replace("%", "%%")  # argparse formats help with %
             if opt.parse is boolean:  # `--flag` / `--no-flag`, as argparse users expect; `--flag false` too
                 parser.add_argument(
                     opt.flag,
@@ -245,7 +290,7 @@ class ServerConfig:
                     nargs="?",
                     const="true",
                     metavar="BOOL",
-                    help=f"{opt.help} [{opt.env}]",
+                    help=described,
                 )
                 parser.add_argument(
                     "--no-" + opt.flag[2:],
@@ -256,9 +301,7 @@ class ServerConfig:
                 )
                 continue
             action = "append" if opt.repeat else "store"
-            parser.add_argument(
-                opt.flag, dest=opt.key, default=None, action=action, help=f"{opt.help} [{opt.env}]"
-            )
+            parser.add_argument(opt.flag, dest=opt.key, default=None, action=action, help=described)
 
     @classmethod
     def from_sources(
@@ -292,17 +335,3 @@ class ServerConfig:
 def setting_names() -> set[str]:
     """Every HEADSWAP_* environment variable the server reads."""
     return {opt.env for opt in OPTIONS}
-
-
-def _check_options() -> None:
-    """Each option names a real field: a typo here would silently drop a setting."""
-    top = {f.name for f in fields(ServerConfig)}
-    for opt in OPTIONS:
-        target = (
-            top if opt.section is None else {f.name for f in fields(getattr(ServerConfig(), opt.section))}
-        )
-        if opt.field not in target:
-            raise AssertionError(f"option {opt.key} sets unknown field {opt.section}.{opt.field}")
-
-
-_check_options()

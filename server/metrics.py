@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from headswap.server.inference.batcher import BatchStats
+from headswap.server.inference.forward import BatchStats
 
 log = logging.getLogger(__name__)
 

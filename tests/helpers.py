@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from headswap.server.inference.policy import BatchPolicy
 from headswap.server.testing import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,4 +36,18 @@ async def eventually(
         await asyncio.sleep(0.01)
 
 
-__all__ = ["DATA", "HANG", "REPO", "ServerProcess", "eventually", "free_port", "until"]
+def batch_policy(**bounds: float) -> BatchPolicy:
+    """A batcher's policy for tests: generous bounds, any of them named to change it (a policy has no
+    defaults of its own: a server's come from its settings, by device)."""
+    generous = {
+        "max_batch_cost": 16384,
+        "max_batch_items": 256,
+        "max_wait_s": 0.002,
+        "max_queue_items": 8192,
+        "max_queue_wait_s": 1.0,
+        "max_padding": 1.0,
+    }
+    return BatchPolicy(**{**generous, **bounds})  # type: ignore[arg-type]
+
+
+__all__ = ["DATA", "HANG", "REPO", "ServerProcess", "batch_policy", "eventually", "free_port", "until"]

@@ -14,111 +14,42 @@ when it holds the most items allowed, or when its leader has waited the longest 
 starts at once. Items of cancelled requests are dropped before they cost backbone time. Up to two batches
 are in flight: while the encoder runs one, the next is formed and collated.
 
-Classify items carry their tenant's head slot; after the forward pass the heads of all tenants in the batch
-are applied in one grouped operation.
+Classify items carry their tenant's head slot; after the forward pass (`forward.py`, in the backbone's
+thread) the heads of all tenants in the batch are applied in one grouped operation. The bounds it keeps are
+its `BatchPolicy` (`policy.py`); a call and its prepared inputs are `calls.py`'s `Request` and `Item`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from headswap.server.domain import Input
 from headswap.server.inference.admission import Admission
 from headswap.server.inference.buckets import ShapeBuckets
+from headswap.server.inference.calls import Item, Request
+from headswap.server.inference.forward import BatchStats, Forward, GroupedHeads
 from headswap.server.inference.image import InputError
 from headswap.server.inference.pending import Pending
-from headswap.server.inference.preparing import Preparer, prepare_groups
-from headswap.server.inference.protocols import Backbone, Prepared
+from headswap.server.inference.policy import FORM_LEAD_S, SLICE_INPUTS, BatchPolicy
+from headswap.server.inference.preparing import Preparer
+from headswap.server.inference.protocols import Backbone
+from headswap.server.tasks import cancel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchPolicy", "BatchResult", "BatchStats", "Batcher", "prepare_groups"]
+__all__ = ["BatchResult", "Batcher"]
 
-# A call enters the queue in slices of at most this many inputs (or two batches' worth, if more); its next
-# slice is prepared once fewer than a batch of its items are waiting.
-SLICE_INPUTS = 64
-# While a batch runs, the next one is formed this long before the running one should end: time enough to
-# collate it, so the encoder is fed again at once.
-FORM_LEAD_S = 0.002
-# Most expected work in one batch led by a call with more than a batch queued.
-TURN_S = 0.1
-
-
-class GroupedHeads(Protocol):
-    # One row per embedding: what the tenant's head answers (the server's: probabilities and an OOD score).
-    def apply(self, embeddings: np.ndarray, slots: list[int]) -> Sequence[Any]: ...
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_cost: int = 16384  # padded cost (items x largest item's cost) of one forward pass
-    max_batch_items: int = 256
-    max_wait_s: float = 0.002  # how long the oldest item may wait for company
-    max_queue_items: int = 8192  # past this, new calls get RESOURCE_EXHAUSTED at once
-    max_queue_wait_s: float = 1.0  # past this much expected wait, new calls get RESOURCE_EXHAUSTED at once
-    max_in_flight: int = 2
-    # Most padding a batch may carry, as a share of its padded cost (1 = no cap). The oldest item always goes;
-    # an item that would push the batch past the cap waits for a batch nearer its own length.
-    max_padding: float = 1.0
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    items: int
-    requests: int
-    padded_cost: int
-    real_cost: int
-    run_s: float
-
-
-@dataclass(eq=False)
-class _Request:
-    future: asyncio.Future[None]
-    slot: int | None  # head slot for Classify, None for Embed
-    flow: str
-    enqueued: float
-    truncated: np.ndarray
-    rows: list[Any]
-    remaining: int
-    preprocess_s: float = 0.0
-    items: list[_Item] = field(default_factory=list)
-    waiting: int = 0  # items in the queue now
-    room: asyncio.Event = field(default_factory=asyncio.Event)  # set: time to prepare its next slice
-    started: float = 0.0
-    backbone_s: float = 0.0
-    head_s: float = 0.0
-
-    @property
-    def cancelled(self) -> bool:
-        return self.future.done()
-
-
-_arrival = itertools.count()
 _calls = itertools.count()
-
-
-@dataclass(eq=False, slots=True)
-class _Item:
-    request: _Request
-    index: int
-    prepared: Prepared
-    taken: bool = False  # in a batch, or withdrawn with its cancelled request
-    seq: int = field(default_factory=lambda: next(_arrival))
-
-    @property
-    def flow(self) -> str:
-        return self.request.flow
 
 
 @dataclass(frozen=True)
@@ -141,15 +72,13 @@ class Batcher:
         heads: GroupedHeads | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         buckets: ShapeBuckets | None = None,
-        prepare_workers: int = 2,
+        *,
+        prepare_workers: int,
     ) -> None:
-        self.preprocessor = backbone.preprocessor
-        self.encoder = backbone.encoder
         self.policy = policy
         self.backbone_executor = backbone_executor
-        self.heads = heads
-        self.on_batch = on_batch
         self.buckets = buckets
+        self.forward = Forward(backbone, heads, buckets, on_batch)
         self.preparer = Preparer(backbone.preprocessor, preprocess_executor, prepare_workers)
         self.pending = Pending()
         self.slice_inputs = max(SLICE_INPUTS, 2 * policy.max_batch_items)
@@ -171,9 +100,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="headswap-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel(self._task)
 
     async def submit(
         self,
@@ -190,7 +117,7 @@ class Batcher:
         flow = flow or f"call:{next(_calls)}"
         estimate = self.admission.admit(n, self.queue_depth, deadline, flow, holds=min(n, self.slice_inputs))
         loop = asyncio.get_running_loop()
-        request = _Request(
+        request = Request(
             future=loop.create_future(),
             slot=slot,
             flow=flow,
@@ -220,7 +147,7 @@ class Batcher:
             head_s=request.head_s,
         )
 
-    async def _feed(self, request: _Request, inputs: list[Input], per_input: float) -> None:
+    async def _feed(self, request: Request, inputs: list[Input], per_input: float) -> None:
         """Prepare the call's inputs a slice at a time and queue them; the next slice once the call has less
         than a batch of items waiting. Errors end the call; the unprepared rest leaves admission."""
         n, done = len(inputs), 0
@@ -242,7 +169,7 @@ class Batcher:
                 )
                 if not offset:
                     request.preprocess_s = time.perf_counter() - request.enqueued
-                items = [_Item(request, offset + i, p) for i, p in enumerate(prepared)]
+                items = [Item(request, offset + i, p) for i, p in enumerate(prepared)]
                 request.truncated[offset : offset + len(part)] = [p.truncated for p in prepared]
                 request.items.extend(items)
                 request.waiting += len(items)
@@ -258,7 +185,7 @@ class Batcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    def _withdraw(self, request: _Request) -> None:
+    def _withdraw(self, request: Request) -> None:
         """Take a finished or cancelled call's waiting items out of the queue, and their cost out of
         admission (a call that finished has none left)."""
         count, cost = self.pending.withdraw(request.items)
@@ -273,19 +200,12 @@ class Batcher:
         # Enough work waiting to fill a batch (padding aside): no reason to wait longer.
         return len(self.pending) >= p.max_batch_items or self.pending.cost >= p.max_batch_cost
 
-    def _take(self) -> list[_Item]:
+    def _take(self) -> list[Item]:
         policy = self.policy
-        leader: _Item | None = self.pending.leader()  # type: ignore[assignment]
-        rate = self.admission.rate
-        if leader is not None and rate and leader.request.waiting > policy.max_batch_items:
-            # Turns must come round quickly: a batch led by a call with more than a batch of work queued
-            # holds at most TURN_S of expected work, so that anyone arriving behind it waits no longer. On a
-            # GPU that is no limit; on a CPU it keeps a batch of long texts from holding everyone else for
-            # half a second.
-            cap = max(int(rate * TURN_S), leader.prepared.cost)
-            if cap < policy.max_batch_cost:
-                policy = dataclasses.replace(policy, max_batch_cost=cap)
-        batch: list[_Item] = self.pending.take(policy, self.buckets)
+        leader: Item | None = self.pending.leader()  # type: ignore[assignment]
+        if leader is not None and leader.request.waiting > policy.max_batch_items:
+            policy = policy.for_turn(self.admission.rate, leader.prepared.cost)
+        batch: list[Item] = self.pending.take(policy, self.buckets)
         for request in {id(item.request): item.request for item in batch}.values():
             request.waiting -= sum(1 for item in batch if item.request is request)
             if request.waiting < self.policy.max_batch_items:
@@ -334,7 +254,7 @@ class Batcher:
             run_s = self._expected_run_s(batch)
             self._busy_until = (now if idle else max(now, self._busy_until)) + run_s
             self._in_flight += 1
-            future = loop.run_in_executor(self.backbone_executor, self._run, batch)
+            future = loop.run_in_executor(self.backbone_executor, self.forward.run, batch)
             future.add_done_callback(lambda f, b=batch, t=now: self._finish(b, f, t))  # type: ignore[misc]
 
     async def _until_due(self, ran: int) -> None:
@@ -347,7 +267,7 @@ class Batcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended.wait(), delay)
 
-    def _expected_run_s(self, batch: list[_Item]) -> float:
+    def _expected_run_s(self, batch: list[Item]) -> float:
         """How long the encoder should take over `batch`, from the rate measured so far (0: not yet known)."""
         rate = self.admission.rate
         return sum(item.prepared.cost for item in batch) / rate if rate else 0.0
@@ -356,71 +276,14 @@ class Batcher:
 
     async def warm_up_buckets(self) -> int:
         """Run every bucket's shape once, in the backbone's thread; returns how many ran (0: no buckets)."""
-        return await asyncio.get_running_loop().run_in_executor(self.backbone_executor, self.warm_buckets)
-
-    def warm_buckets(self) -> int:
-        """Blocking (the backbone's thread): run every bucket's shape once; returns how many ran."""
-        if self.buckets is None:
-            return 0
-        shapes = self.buckets.shapes()
-        for rows, length in shapes:
-            item = self.preprocessor.placeholder(length)  # type: ignore[attr-defined]
-            self.encoder.run(self.preprocessor.collate([item], (rows, length)))  # type: ignore[call-arg]
-        return len(shapes)
-
-    # -- running them ----------------------------------------------------------------------------------
-
-    def _run(self, batch: list[_Item]) -> tuple[list[Any], float, float]:
-        """In the backbone thread: one forward pass, then every tenant's head in one grouped operation."""
-        # A caller may have gone while this batch waited behind the previous one: drop its items now, before
-        # they cost backbone time. (Reading a future's state from this thread is a plain attribute read.)
-        live = [i for i, item in enumerate(batch) if not item.request.cancelled]
-        rows: list[Any] = [None] * len(batch)
-        if not live:
-            return rows, 0.0, 0.0
-        t0 = time.perf_counter()
-        for i in live:
-            # Stamped here, in the backbone thread: time waiting behind the previous batch is queue time.
-            if not batch[i].request.started:
-                batch[i].request.started = t0
-        items = [batch[i] for i in live]
-        prepared = [item.prepared for item in items]
-        costs = [p.cost for p in prepared]
-        if self.buckets is None:
-            embeddings = self.encoder.run(self.preprocessor.collate(prepared))
-            padded_cost = max(costs) * len(items)
-        else:
-            # A text's group key is its token length; images have no length axis (their buckets: rows only).
-            shape = self.buckets.shape(len(prepared), max(p.group_key for p in prepared))
-            embeddings = self.encoder.run(self.preprocessor.collate(prepared, shape))[: len(prepared)]
-            padded_cost = shape[0] * (shape[1] or max(costs))
-        t1 = time.perf_counter()
-        for i, row in zip(live, embeddings, strict=True):
-            rows[i] = row
-        with_head = [i for i, item in enumerate(items) if item.request.slot is not None]
-        if with_head:
-            if self.heads is None:
-                raise RuntimeError("a Classify item reached a batcher without heads")
-            slots = [int(items[i].request.slot) for i in with_head]  # type: ignore[arg-type]
-            for i, probs in zip(with_head, self.heads.apply(embeddings[with_head], slots), strict=True):
-                rows[live[i]] = probs
-        t2 = time.perf_counter()
-        if self.on_batch is not None:
-            self.on_batch(
-                BatchStats(
-                    items=len(items),
-                    requests=len({id(item.request) for item in items}),
-                    padded_cost=padded_cost,
-                    real_cost=sum(costs),
-                    run_s=t1 - t0,
-                )
-            )
-        return rows, t1 - t0, t2 - t1
+        return await asyncio.get_running_loop().run_in_executor(
+            self.backbone_executor, self.forward.warm_buckets
+        )
 
     def _finish(
-        self, batch: list[_Item], future: asyncio.Future[tuple[list[Any], float, float]], started: float
+        self, batch: list[Item], future: asyncio.Future[tuple[list[Any], float, float]], started: float
     ) -> None:
-        by_flow: dict[str, list[_Item]] = {}
+        by_flow: dict[str, list[Item]] = {}
         for item in batch:
             by_flow.setdefault(item.flow, []).append(item)
         for flow, items in by_flow.items():

@@ -15,7 +15,7 @@ fronts of their queues, so every operation costs the items it touches, never the
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any, Protocol
 
 from headswap.server.inference.buckets import ShapeBuckets
@@ -128,20 +128,19 @@ class Pending:
         further in goes when it reaches the front: `leader` and `take` skip it meanwhile)."""
         self.count -= len(gone)
         self.cost -= sum(item.prepared.cost for item in gone)
-        for key in {item.prepared.group_key for item in gone}:
-            queue = self._keys.get(key)
-            if queue is not None:
-                while queue and queue[0].taken:
-                    queue.popleft()
-                if not queue:
-                    del self._keys[key]
-        for flow in {item.flow for item in gone}:
-            queue = self._flows.get(flow)
-            if queue is not None:
-                while queue and queue[0].taken:
-                    queue.popleft()
-                if not queue:
-                    del self._flows[flow]
+        _drop_taken(self._keys, {item.prepared.group_key for item in gone})
+        _drop_taken(self._flows, {item.flow for item in gone})
 
     def __len__(self) -> int:
         return self.count
+
+
+def _drop_taken(queues: MutableMapping[Any, deque[Any]], names: Iterable[Any]) -> None:
+    """Drop the taken items from the front of each named queue, and the queues left empty."""
+    for name in names:
+        queue = queues.get(name)
+        if queue is not None:
+            while queue and queue[0].taken:
+                queue.popleft()
+            if not queue:
+                del queues[name]

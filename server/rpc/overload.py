@@ -18,13 +18,14 @@ import time
 from collections import deque
 
 from headswap.server.errors import ResourceExhausted
+from headswap.server.tasks import cancel
 
 SHED_RPCS = frozenset({"Embed", "Classify"})
 TICKS = 8  # a loop is behind when it was late on each of this many ticks in a row
 
 
 class LoopLag:
-    def __init__(self, limit_s: float = 0.05, interval_s: float = 0.005) -> None:
+    def __init__(self, limit_s: float, interval_s: float = 0.005) -> None:
         self.limit_s = limit_s
         self.interval_s = interval_s
         self.lag_s = 0.0  # the least lateness of the last `TICKS` ticks
@@ -36,9 +37,7 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._tick(), name="headswap-loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel(self._task)
 
     async def _tick(self) -> None:
         while True:

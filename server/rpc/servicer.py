@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from grpc import aio
 
+from headswap.server.domain import Caller
 from headswap.server.rpc import codec
 from headswap.server.rpc.interceptors import current_caller
 from headswap.server.services.embedding import EmbeddingService
@@ -15,6 +17,24 @@ from headswap.server.services.keys import KeyService
 from headswap.server.services.training import TrainingService
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
+
+Request = TypeVar("Request")
+Call = TypeVar("Call")
+Result = TypeVar("Result")
+Reply = TypeVar("Reply")
+
+
+def _unary(
+    decode: Callable[[Request, Caller], Call],
+    service: Callable[[HeadswapServicer], Callable[[Call], Awaitable[Result]]],
+    encode: Callable[[Result], Reply],
+) -> Callable[[HeadswapServicer, Request, aio.ServicerContext], Awaitable[Reply]]:
+    """A method that is only: decode the request, call `service(self)` with it, encode the result."""
+
+    async def method(self: HeadswapServicer, request: Request, context: aio.ServicerContext) -> Reply:
+        return encode(await service(self)(decode(request, current_caller())))
+
+    return method
 
 
 class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
@@ -44,34 +64,14 @@ class HeadswapServicer(pb_grpc.HeadswapServiceServicer):
         result = await self.heads.classify(codec.classify_from_pb(request, current_caller()))
         return codec.classified_to_pb(result, time.perf_counter() - started)
 
-    async def ListHeads(
-        self, request: pb.ListHeadsRequest, context: aio.ServicerContext
-    ) -> pb.ListHeadsResponse:
-        return codec.summaries_to_pb(
-            await self.heads.list_heads(codec.list_from_pb(request, current_caller()))
-        )
-
-    async def GetHead(self, request: pb.GetHeadRequest, context: aio.ServicerContext) -> pb.GetHeadResponse:
-        return codec.overview_to_pb(
-            await self.heads.get_head(codec.tenant_from_pb(request, current_caller()))
-        )
-
-    async def ActivateHeadVersion(
-        self, request: pb.ActivateHeadVersionRequest, context: aio.ServicerContext
-    ) -> pb.ActivateHeadVersionResponse:
-        result = await self.heads.activate(codec.activate_from_pb(request, current_caller()))
-        return codec.activation_to_pb(result)
-
-    async def DeleteHead(
-        self, request: pb.DeleteHeadRequest, context: aio.ServicerContext
-    ) -> pb.DeleteHeadResponse:
-        return codec.deletion_to_pb(await self.heads.delete(codec.tenant_from_pb(request, current_caller())))
-
-    async def DeleteHeadVersion(
-        self, request: pb.DeleteHeadVersionRequest, context: aio.ServicerContext
-    ) -> pb.DeleteHeadVersionResponse:
-        result = await self.heads.delete_version(codec.version_from_pb(request, current_caller()))
-        return codec.version_deleted_to_pb(result)
+    # Convert (with the caller from the credentials), call the service, convert back: nothing else.
+    ListHeads = _unary(codec.list_from_pb, lambda s: s.heads.list_heads, codec.summaries_to_pb)
+    GetHead = _unary(codec.tenant_from_pb, lambda s: s.heads.get_head, codec.overview_to_pb)
+    ActivateHeadVersion = _unary(codec.activate_from_pb, lambda s: s.heads.activate, codec.activation_to_pb)
+    DeleteHead = _unary(codec.tenant_from_pb, lambda s: s.heads.delete, codec.deletion_to_pb)
+    DeleteHeadVersion = _unary(
+        codec.version_from_pb, lambda s: s.heads.delete_version, codec.version_deleted_to_pb
+    )
 
     async def CreateApiKey(
         self, request: pb.CreateApiKeyRequest, context: aio.ServicerContext

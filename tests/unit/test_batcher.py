@@ -11,10 +11,11 @@ import pytest
 
 from headswap.server.domain import Input
 from headswap.server.errors import InvalidArgument, ResourceExhausted
-from headswap.server.inference.batcher import Batcher, BatchPolicy, BatchStats
+from headswap.server.inference.batcher import Batcher
+from headswap.server.inference.forward import BatchStats
 from headswap.server.inference.protocols import Backbone, Prepared
 from headswap.server.manifest import BackboneManifest
-from tests.helpers import eventually
+from tests.helpers import batch_policy, eventually
 
 
 class FakeBackbone:
@@ -82,10 +83,11 @@ def make(pools, **policy: float) -> tuple[TextBatcher, FakeBackbone, FakeHeads, 
     manifest = BackboneManifest("fake", 3, "none", "l2", 64, "text", "0" * 64)
     batcher = Batcher(
         Backbone(manifest, backbone, backbone),
-        BatchPolicy(**policy),
+        batch_policy(**policy),
         *pools,
         heads=heads,
         on_batch=stats.append,
+        prepare_workers=2,
     )  # type: ignore[arg-type]
     batcher.start()
     return TextBatcher(batcher), backbone, heads, stats

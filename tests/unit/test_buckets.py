@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from headswap.server.domain import Input
-from headswap.server.inference.batcher import Batcher, BatchPolicy
+from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import LENGTHS, ShapeBuckets
 from headswap.server.inference.fake import fake_backbone
 from headswap.server.inference.text import pad
+from tests.helpers import batch_policy
 
 
 def test_grid_for_a_text_backbone() -> None:
@@ -108,7 +109,9 @@ async def test_a_bucketed_batcher_runs_only_warmed_shapes() -> None:
     backbone.encoder.run = recording  # type: ignore[method-assign]
     buckets = ShapeBuckets.for_backbone(16, 32)
     with ThreadPoolExecutor(2) as pre, ThreadPoolExecutor(1) as bb:
-        batcher = Batcher(backbone, BatchPolicy(max_batch_items=16), pre, bb, buckets=buckets)
+        batcher = Batcher(
+            backbone, batch_policy(max_batch_items=16), pre, bb, buckets=buckets, prepare_workers=2
+        )
         batcher.start()
         assert await batcher.warm_up_buckets() == len(buckets.shapes())
         warmed = set(shapes)

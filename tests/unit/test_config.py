@@ -74,3 +74,59 @@ def test_every_field_has_an_env_variable_and_help() -> None:
     for opt in OPTIONS:
         assert opt.env == "HEADSWAP_" + opt.key.upper() and opt.flag == "--" + opt.key.replace("_", "-")
         assert opt.help
+
+
+def test_help_lists_every_setting() -> None:
+    """`headswap serve --help` renders (a help text may hold a %) and names every flag with its variable."""
+    from headswap.server.config import OPTIONS
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    shown = parser.format_help()
+    for opt in OPTIONS:
+        assert opt.flag in shown and f"[{opt.env}]" in shown, opt.key
+    assert "0.5% off fp32's" in shown
+
+
+def test_cli_defaults_are_the_runtime_defaults() -> None:
+    """An empty command line with no HEADSWAP_* variable gives the config the server builds by itself: every
+    field is a declared setting, at its declared default, and the policy objects built from the config take
+    those values."""
+    from dataclasses import fields
+
+    from headswap.server.config import (
+        OPTIONS,
+        AuthConfig,
+        BatchingConfig,
+        LimitsConfig,
+        StoreConfig,
+        TlsConfig,
+    )
+    from headswap.server.inference.policy import BatchPolicy
+
+    config = ServerConfig.from_sources(parse([]), environ={})
+    assert config == ServerConfig()
+    sections = {
+        "batching": BatchingConfig,
+        "limits": LimitsConfig,
+        "store": StoreConfig,
+        "auth": AuthConfig,
+        "tls": TlsConfig,
+    }
+    settings = {(None, f.name) for f in fields(ServerConfig) if f.name not in sections}
+    settings |= {(name, f.name) for name, cls in sections.items() for f in fields(cls)}
+    assert settings == {(opt.section, opt.field) for opt in OPTIONS}
+    for opt in OPTIONS:
+        section = config if opt.section is None else getattr(config, opt.section)
+        expected = opt.factory() if opt.factory is not None else opt.default
+        assert getattr(section, opt.field) == expected, opt.key
+    batching = config.batching
+    for on_gpu, items, cost in ((False, 16, 4096), (True, 256, 65536)):
+        assert batching.policy(on_gpu) == BatchPolicy(
+            max_batch_cost=cost,
+            max_batch_items=items,
+            max_wait_s=batching.max_wait_ms / 1000.0,
+            max_queue_items=batching.max_queue_items,
+            max_queue_wait_s=batching.max_queue_wait_ms / 1000.0,
+            max_padding=batching.max_padding,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from headswap.server.inference.batcher import BatchStats
+from headswap.server.inference.forward import BatchStats
 from headswap.server.metrics import Metrics
 from tests.deploy import METRIC_NAMES
 
