@@ -33,9 +33,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from headswap.server.domain import Input
+from headswap.server.errors import InputError
 from headswap.server.inference.admission import Admission
 from headswap.server.inference.buckets import ShapeBuckets
-from headswap.server.inference.image import InputError
 from headswap.server.inference.pending import Pending
 from headswap.server.inference.preparing import Preparer, prepare_groups
 from headswap.server.inference.protocols import Backbone, Prepared

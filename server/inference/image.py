@@ -20,22 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from headswap.server.domain import Input
-from headswap.server.errors import InvalidArgument
+from headswap.server.errors import InputError
 from headswap.server.inference.protocols import Prepared
 from headswap.server.manifest import BackboneManifest
 
 FORMATS = ("PNG", "WEBP", "GIF", "BMP")  # besides JPEG; TIFF and the rest are refused
 IMAGE_COST = 256  # a batch's cost budget counts an image as 256 units (16 images in the CPU default of 4096)
 EXIF_ORIENTATION = 0x0112
-
-
-class InputError(InvalidArgument):
-    """One input is unusable; `index` is its place in the inputs handed to `prepare`."""
-
-    def __init__(self, index: int, reason: str, what: str = "inputs") -> None:
-        super().__init__(f"{what}[{index}] {reason}")
-        self.index = index
-        self.reason = reason
 
 
 class ImagePreprocessor:

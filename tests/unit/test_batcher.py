@@ -243,7 +243,7 @@ async def test_an_input_error_names_the_input_in_a_later_slice(pools) -> None:  
     batcher, backbone, _, _ = make(pools, max_batch_items=2)
 
     def prepare(inputs):  # type: ignore[no-untyped-def]
-        from headswap.server.inference.image import InputError
+        from headswap.server.errors import InputError
 
         for i, item in enumerate(inputs):
             if item.text == "bad":
