@@ -26,6 +26,7 @@ from headswap.server.inference.batcher import Batcher, BatchPolicy
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
+from headswap.server.input_kinds import input_kind
 from headswap.server.metrics import Metrics
 from headswap.server.rpc.interceptors import CallInterceptor
 from headswap.server.rpc.overload import LoopLag
@@ -229,7 +230,7 @@ def build(
     for name, served in named:
         stack = HeadStack(served.dim, device=head_device)
         items, cost = config.batching.limits(served.on_gpu)
-        text = served.manifest.input_kind == "text"
+        text = input_kind(served.manifest.input_kind).length_axis  # padded along a length: tokens
         buckets = (
             ShapeBuckets.for_backbone(items, served.manifest.max_length if text else None)
             if config.batching.buckets_on(served.on_gpu)

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
+from headswap.server.input_kinds import KINDS
 from headswap.server.keys import ApiKey
 from headswap.server.validation import check_request_id
 from headswap.v1 import headswap_pb2 as pb
@@ -28,15 +29,13 @@ _DTYPE_NAMES: dict[int, str] = {
 
 
 def inputs_from_pb(inputs: Iterable[pb.Input], what: str = "inputs") -> tuple[d.Input, ...]:
+    """Each input's content is the field of its kind (`input_kinds.KINDS`) in the `content` oneof."""
     out = []
     for i, item in enumerate(inputs):
         kind = item.WhichOneof("content")
-        if kind == "text":
-            out.append(d.Input(text=item.text))
-        elif kind == "image":
-            out.append(d.Input(image=item.image))
-        else:
-            raise InvalidArgument(f"{what}[{i}] has no content: set `text` or `image`")
+        if kind not in KINDS:
+            raise InvalidArgument(f"{what}[{i}] has no content: set {' or '.join(f'`{k}`' for k in KINDS)}")
+        out.append(d.Input(**{kind: getattr(item, kind)}))
     return tuple(out)
 
 
