@@ -170,19 +170,6 @@ class BaseClient(abc.ABC):
         request = _codec.embed_request(texts, images, dtype, backbone)
         return Call("Embed", request, _codec.embed_result)
 
-    def _classify(
-        self,
-        tenant: str,
-        texts: Sequence[str] | None,
-        images: Sequence[r.ImageLike] | None,
-        top_k: int,
-        version: int,
-        min_probability: float = 0.0,
-        ignore_ood: bool = False,
-    ) -> Call[list[r.Prediction]]:
-        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
-        return Call("Classify", request, _codec.predictions)
-
     def _list_heads(self) -> Call[list[r.HeadSummary]]:
         return Call("ListHeads", pb.ListHeadsRequest(), _codec.head_summaries)
 

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from grpc import aio
 
+from headswap.client import _codec
 from headswap.client._base import DEFAULT_TARGET, AdaptOptions, BaseClient, Call
 from headswap.client.results import (
     Activation,
@@ -143,7 +144,8 @@ class Client(BaseClient):
         `min_probability`, or whose input is unlike every training example (`out_of_distribution`, see
         `ood_score`), comes back with `abstained=True` (labels still listed); `ignore_ood=True` abstains by
         `min_probability` alone."""
-        return self._send(self._classify(tenant, texts, images, top_k, version, min_probability, ignore_ood))
+        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
+        return self._send(Call("Classify", request, _codec.predictions))
 
     def list_heads(self) -> list[HeadSummary]:
         return self._send(self._list_heads())
@@ -262,9 +264,8 @@ class AsyncClient(BaseClient):
         min_probability: float = 0.0,
         ignore_ood: bool = False,
     ) -> list[Prediction]:
-        return await self._send(
-            self._classify(tenant, texts, images, top_k, version, min_probability, ignore_ood)
-        )
+        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
+        return await self._send(Call("Classify", request, _codec.predictions))
 
     async def list_heads(self) -> list[HeadSummary]:
         return await self._send(self._list_heads())

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from headswap.client.results import Activation as Activation  # results the client returns as they are
+from headswap.client.results import Deletion as Deletion
 from headswap.server.input_kinds import KINDS, input_kind
 
 if TYPE_CHECKING:  # types only: the serving core never loads headswap.adapters
@@ -267,33 +269,12 @@ class HeadOverview:
 
 
 @dataclass(frozen=True)
-class ActivateRequest:
-    tenant: str
-    version: int
-    caller: Caller = ANONYMOUS
-
-
-@dataclass(frozen=True)
-class Activation:
-    tenant: str
-    active_version: int
-    previous_version: int
-
-
-@dataclass(frozen=True)
 class VersionRequest:
-    """DeleteHeadVersion: one version of one tenant."""
+    """ActivateHeadVersion and DeleteHeadVersion: one version of one tenant."""
 
     tenant: str
     version: int
     caller: Caller = ANONYMOUS
-
-
-@dataclass(frozen=True)
-class Deletion:
-    tenant: str
-    versions_deleted: int
-    examples_deleted: int
 
 
 @dataclass(frozen=True)

@@ -225,8 +225,8 @@ def overview_to_pb(o: d.HeadOverview) -> pb.GetHeadResponse:
     return to_message(pb.GetHeadResponse, o, versions=[version_to_pb(v) for v in o.versions])
 
 
-def activate_from_pb(request: pb.ActivateHeadVersionRequest, caller: d.Caller) -> d.ActivateRequest:
-    return d.ActivateRequest(request.tenant, request.version, caller)
+def activate_from_pb(request: pb.ActivateHeadVersionRequest, caller: d.Caller) -> d.VersionRequest:
+    return d.VersionRequest(request.tenant, request.version, caller)
 
 
 def activation_to_pb(a: d.Activation) -> pb.ActivateHeadVersionResponse:
