@@ -331,12 +331,12 @@ def _warm_up_training(dim: int) -> None:
     """PyTorch's first training in a process pays ~0.7 s of one-off set-up; pay it before SERVING."""
     import numpy as np
 
-    from headswap.adapters import TrainConfig, train_head
+    from headswap.adapters import HEAD_KINDS, TrainConfig, train_head
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, dim)).astype(np.float32)
     y = np.arange(16, dtype=np.int64) % 2
-    for kind in ("linear", "mlp"):
+    for kind in HEAD_KINDS:
         train_head(x, y, 2, TrainConfig(kind=kind, max_epochs=2, device="cpu"))
 
 
