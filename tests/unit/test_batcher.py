@@ -33,7 +33,7 @@ class FakeBackbone:
         self.entered = threading.Event()
 
     def prepare(self, inputs: list[Input]) -> list[Prepared]:
-        ids = [np.array([ord(c) for c in item.text or ""], dtype=np.int64) for item in inputs]
+        ids = [np.array([ord(c) for c in str(item.content)], dtype=np.int64) for item in inputs]
         return [Prepared(x, len(x), len(x)) for x in ids]
 
     def collate(self, items: list[Prepared]) -> dict[str, object]:
@@ -246,7 +246,7 @@ async def test_an_input_error_names_the_input_in_a_later_slice(pools) -> None:  
         from headswap.server.errors import InputError
 
         for i, item in enumerate(inputs):
-            if item.text == "bad":
+            if item.content == "bad":
                 raise InputError(i, "is bad")
         return FakeBackbone.prepare(backbone, inputs)
 
