@@ -35,7 +35,8 @@ class Input:
         if len(content) != 1:
             raise TypeError(f"an Input takes one keyword, its kind ({', '.join(KINDS)}), not {len(content)}")
         ((kind, value),) = content.items()
-        input_kind(kind)  # ValueError for a kind nobody registered
+        if kind not in KINDS:
+            input_kind(kind)  # ValueError naming the registered kinds
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "content", value)
 
