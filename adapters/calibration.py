@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .spec import head_kind
+
 # A temperature outside these bounds carries no more information than the bound itself: below the
 # lower one the top probability is 1 to float32 precision, above the upper one the probabilities
 # are uniform to the same precision. Bounding it keeps the weights it is folded into finite and
@@ -97,7 +99,7 @@ def fold_temperature(state: dict[str, np.ndarray], kind: str, temperature: float
     """
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    names = ("weight", "bias") if kind == "linear" else ("output.weight", "output.bias")
+    names = head_kind(kind).output
     out = dict(state)
     for name in names:
         out[name] = np.ascontiguousarray(state[name] / np.float32(temperature), dtype=np.float32)

@@ -5,8 +5,9 @@ in slabs by class-count bucket (2, 4, 8, ... classes): `weight[slot]` of shape (
 the bucket with zero weights and a bias of -inf, so a padded class gets probability 0. A head therefore
 costs at most twice its own size, whatever other tenants' heads look like (one slab for every class count
 would pad a thousand 4-class heads to the widest). Scoring a batch gathers the slabs of the heads it needs
-and runs one batched matrix multiply per bucket over "rows grouped by head". MLP heads are stacked per
-batch the same way (they are rare and larger, so they are not kept in a slab).
+and runs one batched matrix multiply per bucket over "rows grouped by head". Heads of the other kinds (the
+MLP) are stacked per batch, one group per kind, and applied by their kind's `stacked_logits` (spec.py's
+registry; they are rare and larger, so they are not kept in a slab).
 
 A head may come with references: unit-norm training embeddings (adapters/ood.py). `apply_scored` then adds,
 in the same pass, each row's out-of-distribution score (1 - cosine similarity to the nearest reference of
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .spec import HeadSpec, expected_state_shapes
+from .spec import HEAD_KINDS, HeadSpec, expected_state_shapes, head_kind
 
 NEG_INF = float("-inf")
 _SLOT_BITS = 32  # a linear slot id is bucket << 32 | row in that bucket's slab
@@ -45,11 +46,11 @@ def bucket_of(classes: int) -> int:
 
 
 @dataclass(frozen=True)
-class _MLPWeights:
-    w1: torch.Tensor  # (hidden, dim)
-    b1: torch.Tensor  # (hidden,)
-    w2: torch.Tensor  # (classes, hidden)
-    b2: torch.Tensor  # (classes,)
+class _Stacked:
+    """A head of a kind that is not a linear map: its tensors in `expected_state_shapes` order."""
+
+    kind: str
+    tensors: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -68,9 +69,9 @@ class HeadStack:
         self._lock = threading.Lock()
         self._slabs: dict[int, _Slab] = {}
         self._classes: dict[int, int] = {}  # slot -> number of classes
-        self._mlp: dict[int, _MLPWeights] = {}
+        self._stacked: dict[int, _Stacked] = {}
         self._refs: dict[int, torch.Tensor] = {}  # slot -> (m, dim) unit-norm training embeddings
-        self._next_mlp = -1  # MLP heads get negative ids: they have no slab row
+        self._next_stacked = -1  # stacked heads get negative ids: they have no slab row
 
     def __len__(self) -> int:
         return len(self._classes)
@@ -135,16 +136,12 @@ class HeadStack:
         def tensor(name: str) -> torch.Tensor:
             return torch.as_tensor(np.asarray(state[name], dtype=np.float32), device=self.device)
 
+        kind = head_kind(spec.kind)
         with self._lock:
-            if spec.kind == "mlp":
-                slot = self._next_mlp
-                self._next_mlp -= 1
-                self._mlp[slot] = _MLPWeights(
-                    tensor("hidden.weight"),
-                    tensor("hidden.bias"),
-                    tensor("output.weight"),
-                    tensor("output.bias"),
-                )
+            if not kind.linear_map:
+                slot = self._next_stacked
+                self._next_stacked -= 1
+                self._stacked[slot] = _Stacked(spec.kind, tuple(tensor(name) for name in expected))
                 self._classes[slot] = spec.num_classes
                 return slot
             bucket = bucket_of(spec.num_classes)
@@ -153,8 +150,9 @@ class HeadStack:
             slab.used.add(row)
             slab.weight[row].zero_()
             slab.bias[row].fill_(NEG_INF)
-            slab.weight[row, : spec.num_classes] = tensor("weight")
-            slab.bias[row, : spec.num_classes] = tensor("bias")
+            weight, bias = kind.output
+            slab.weight[row, : spec.num_classes] = tensor(weight)
+            slab.bias[row, : spec.num_classes] = tensor(bias)
             slot = bucket << _SLOT_BITS | row
             self._classes[slot] = spec.num_classes
             return slot
@@ -165,7 +163,7 @@ class HeadStack:
             if self._classes.pop(slot, None) is None:
                 return
             if slot < 0:
-                del self._mlp[slot]
+                del self._stacked[slot]
             else:
                 slab, row = self._slabs[slot >> _SLOT_BITS], slot & ((1 << _SLOT_BITS) - 1)
                 slab.used.discard(row)
@@ -179,22 +177,21 @@ class HeadStack:
         refs = self._refs.get(slot)
         extra = 0 if refs is None else refs.numel() * refs.element_size()
         if slot < 0:
-            m = self._mlp[slot]
-            return extra + sum(t.numel() * t.element_size() for t in (m.w1, m.b1, m.w2, m.b2))
+            return extra + sum(t.numel() * t.element_size() for t in self._stacked[slot].tensors)
         return extra + (slot >> _SLOT_BITS) * (self.input_dim + 1) * 4
 
     def allocated_bytes(self) -> int:
         """Everything the stack holds on its device, free slab rows included."""
         with self._lock:
             slabs = sum(s.weight.numel() * 4 + s.bias.numel() * 4 for s in self._slabs.values())
-            mlps = sum(self.nbytes(slot) for slot in self._mlp)
+            stacked = sum(self.nbytes(slot) for slot in self._stacked)
             refs = sum(t.numel() * t.element_size() for t in self._refs.values())
-        return slabs + mlps + refs
+        return slabs + stacked + refs
 
     @torch.inference_mode()
     def apply(self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]) -> list[np.ndarray]:
         """Probabilities for each row under the head in `slots[row]`: one array (classes of that head,)
-        per row. One grouped operation per bucket of linear heads, one for the MLP heads."""
+        per row. One grouped operation per bucket of linear heads, one per other kind (the MLP heads)."""
         x = torch.as_tensor(embeddings, dtype=torch.float32).to(self.device)
         if x.ndim != 2 or x.shape[1] != self.input_dim or x.shape[0] != len(slots):
             raise ValueError(f"expected embeddings ({len(slots)}, {self.input_dim}), got {tuple(x.shape)}")
@@ -205,19 +202,24 @@ class HeadStack:
         with self._lock:
             slabs = {b: (s.weight, s.bias) for b, s in self._slabs.items()}
             classes = dict(self._classes)
-            mlps = {s: self._mlp[s] for s in set(slot_arr[slot_arr < 0].tolist())}
-        groups = np.where(slot_arr < 0, 0, slot_arr >> _SLOT_BITS)  # 0: the MLP group; else the bucket
+            stacked = {s: self._stacked[s] for s in set(slot_arr[slot_arr < 0].tolist())}
+        # A bucket's group is the bucket (> 0); a stacked kind's is -1 - its place in HEAD_KINDS.
+        groups = np.where(slot_arr < 0, 0, slot_arr >> _SLOT_BITS)
+        if stacked:
+            rows_stacked = slot_arr < 0
+            groups[rows_stacked] = [-1 - HEAD_KINDS.index(stacked[s].kind) for s in slot_arr[rows_stacked]]
         for group in np.unique(groups).tolist():
             rows = np.flatnonzero(groups == group)
             uniq, inverse = np.unique(slot_arr[rows], return_inverse=True)
             grouped, rank = _group_rows(x[torch.as_tensor(rows, device=self.device)], inverse, len(uniq))
-            if group:
+            if group > 0:
                 weight, bias = slabs[group]
                 index = torch.as_tensor(uniq & ((1 << _SLOT_BITS) - 1), device=self.device)
                 w, b = weight.index_select(0, index), bias.index_select(0, index)
                 logits = torch.baddbmm(b.unsqueeze(1), grouped, w.transpose(1, 2))
             else:
-                logits = _mlp_logits(grouped, [mlps[int(s)] for s in uniq], self.device)
+                kind = head_kind(HEAD_KINDS[-1 - group]).module()
+                logits = kind.stacked_logits(grouped, [stacked[int(s)].tensors for s in uniq], self.device)
             probs = torch.softmax(logits, dim=-1)
             picked = probs[
                 torch.as_tensor(inverse, device=self.device), torch.as_tensor(rank, device=self.device)
@@ -289,21 +291,3 @@ def _group_rows(x: torch.Tensor, group: np.ndarray, groups: int) -> tuple[torch.
     grouped = x.new_zeros((groups, int(counts.max()), x.shape[1]))
     grouped[torch.as_tensor(group, device=x.device), torch.as_tensor(rank, device=x.device)] = x
     return grouped, rank
-
-
-def _mlp_logits(grouped: torch.Tensor, heads: list[_MLPWeights], device: torch.device) -> torch.Tensor:
-    hidden = max(h.w1.shape[0] for h in heads)
-    classes = max(h.w2.shape[0] for h in heads)
-    dim = grouped.shape[2]
-    w1 = torch.zeros((len(heads), hidden, dim), device=device)
-    b1 = torch.zeros((len(heads), hidden), device=device)
-    w2 = torch.zeros((len(heads), classes, hidden), device=device)
-    b2 = torch.full((len(heads), classes), NEG_INF, device=device)
-    for i, h in enumerate(heads):
-        # Padded hidden units have zero weights in and out, so GELU(0) = 0 adds nothing.
-        w1[i, : h.w1.shape[0]] = h.w1
-        b1[i, : h.b1.shape[0]] = h.b1
-        w2[i, : h.w2.shape[0], : h.w2.shape[1]] = h.w2
-        b2[i, : h.b2.shape[0]] = h.b2
-    hidden_out = torch.nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), grouped, w1.transpose(1, 2)))
-    return torch.baddbmm(b2.unsqueeze(1), hidden_out, w2.transpose(1, 2))

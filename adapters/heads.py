@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .spec import HeadSpec
+from .spec import HeadSpec, head_kind
 
 
 class GeneratorDropout(nn.Module):
@@ -47,30 +47,20 @@ class MLPHead(nn.Module):
         return self.output(self.dropout(self.activation(self.hidden(x))))
 
 
-def _init_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
-    # Same distribution as nn.Linear.reset_parameters, but from a private generator.
+def init_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
+    """Same distribution as nn.Linear.reset_parameters, but from a private generator."""
     nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
     bound = 1.0 / math.sqrt(layer.in_features)
     nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
 
 def build_head(spec: HeadSpec, generator: torch.Generator | None = None) -> nn.Module:
-    """Build the (float32, CPU) module for ``spec``; it outputs logits, not probabilities.
+    """Build the (float32, CPU) module for ``spec`` (its kind's `build`: linear.py, mlp.py); it outputs
+    logits, not probabilities.
 
     With ``generator`` the initial weights come from it instead of the global RNG, which makes
     initialisation reproducible without touching process-wide state.
     """
-    module: nn.Module
     with torch.no_grad():
-        if spec.kind == "linear":
-            linear = nn.Linear(spec.input_dim, spec.num_classes)
-            if generator is not None:
-                _init_linear_(linear, generator)
-            module = linear
-        else:
-            mlp = MLPHead(spec.input_dim, spec.hidden_dim, spec.num_classes, spec.dropout)
-            if generator is not None:
-                _init_linear_(mlp.hidden, generator)
-                _init_linear_(mlp.output, generator)
-            module = mlp
+        module: nn.Module = head_kind(spec.kind).module().build(spec, generator)
     return module

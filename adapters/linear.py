@@ -8,14 +8,24 @@ sequence of l2 values on every fold, strong to weak, each fit starting from the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from .calibration import fit_temperature, per_example_log_loss
-from .selection import Plan, path_exhausted
+from .config import TrainConfig
+from .heads import init_linear_
+from .results import Selection
+from .selection import DEFAULT_L2, L2_GRID, Plan, choose_l2, path_exhausted
+from .spec import HeadSpec
+
+if TYPE_CHECKING:
+    from .training import Steps
 
 # L-BFGS iterations that make up one "epoch" of the linear recipe (the unit of max_epochs).
 LBFGS_ITERATIONS_PER_EPOCH = 10
@@ -145,3 +155,51 @@ def path(
         if path_exhausted(grid, [float(loss.mean()) for loss in result.losses]):
             break
     return result
+
+
+# -- the linear head kind (spec.py): its module, its training --------------------------------------------
+
+
+def build(spec: HeadSpec, generator: torch.Generator | None) -> nn.Module:
+    """logits = x W^T + b."""
+    layer = nn.Linear(spec.input_dim, spec.num_classes)
+    if generator is not None:
+        init_linear_(layer, generator)
+    return layer
+
+
+def fit_steps(config: TrainConfig, folds: int) -> int:
+    """One step per l2 value per fold, and the refit."""
+    return (len(L2_GRID) if config.l2 is None else 1) * folds + 1
+
+
+def fit_head(
+    x: torch.Tensor, y: torch.Tensor, spec: HeadSpec, plan: Plan, config: TrainConfig, steps: Steps
+) -> tuple[dict[str, torch.Tensor], Selection, np.ndarray | None, int, bool]:
+    """The linear kind's training: the L2 path on the folds (when there are any), then the refit on every
+    example from the chosen solution; the weights, the selection, the held-out logits, the epochs and
+    whether L-BFGS converged before max_epochs."""
+    max_iterations = config.max_epochs * LBFGS_ITERATIONS_PER_EPOCH
+    start: tuple[torch.Tensor, torch.Tensor] | None = None
+    held_logits: np.ndarray | None = None
+    if plan.folds:
+        grid = L2_GRID if config.l2 is None else (config.l2,)
+        walk = path(x, y, spec.num_classes, plan, grid, max_iterations, steps, steps.check)
+        chosen = choose_l2(grid, walk.losses)
+        selection = Selection(
+            l2=walk.grid[chosen],
+            l2_source=plan.method if config.l2 is None else "caller",
+            temperature=walk.temperatures[chosen],
+            grid=tuple(walk.grid),
+            grid_log_loss=tuple(float(loss.mean()) for loss in walk.losses),
+        )
+        held_logits, start = walk.logits[chosen], walk.starts[chosen]
+    else:
+        l2 = DEFAULT_L2 if config.l2 is None else config.l2
+        selection = Selection(l2, "default" if config.l2 is None else "caller", 1.0)
+    steps.final(1)
+    final = fit(x, y, spec.num_classes, selection.l2, start, max_iterations, steps.check)
+    steps(final.train_loss, None, None)
+    epochs = max(1, math.ceil(final.iterations / LBFGS_ITERATIONS_PER_EPOCH))
+    state = {"weight": final.weight, "bias": final.bias}
+    return state, selection, held_logits, epochs, final.iterations < max_iterations

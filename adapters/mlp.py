@@ -7,16 +7,24 @@ held-out loss, and the head is then refit on every example for the median of the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import MLPHead, build_head
+from .calibration import fit_temperature
+from .config import TrainConfig
+from .heads import MLPHead, build_head, init_linear_
+from .results import Selection
+from .selection import DEFAULT_L2, Plan
 from .spec import HeadSpec
+
+if TYPE_CHECKING:
+    from .training import Steps
 
 
 @dataclass(frozen=True)
@@ -142,3 +150,82 @@ def train(
         module.load_state_dict(tracker.best_state)
         best_epoch = tracker.best_epoch
     return MLPFit(module.eval(), best_epoch, epoch, stopped_early)
+
+
+# -- the mlp head kind (spec.py): its module, its training, its grouped application ------------------------
+
+
+def build(spec: HeadSpec, generator: torch.Generator | None) -> nn.Module:
+    module = MLPHead(spec.input_dim, spec.hidden_dim, spec.num_classes, spec.dropout)
+    if generator is not None:
+        init_linear_(module.hidden, generator)
+        init_linear_(module.output, generator)
+    return module
+
+
+def fit_steps(config: TrainConfig, folds: int) -> int:
+    """Up to max_epochs per fold, and as many for the refit."""
+    return (folds + 1) * config.max_epochs
+
+
+def fit_head(
+    x: torch.Tensor, y: torch.Tensor, spec: HeadSpec, plan: Plan, config: TrainConfig, steps: Steps
+) -> tuple[dict[str, torch.Tensor], Selection, np.ndarray | None, int, bool]:
+    """The mlp kind's training: early stopping on each fold picks the epochs, the folds' held-out logits
+    the temperature; then the refit on every example for that many epochs."""
+    l2 = DEFAULT_L2 if config.l2 is None else config.l2
+    settings = MLPSettings(l2, config.learning_rate, config.batch_size, config.patience, config.seed)
+    source = "default" if config.l2 is None else "caller"
+    if not plan.folds:
+        fitted = train(spec, x, y, None, settings, config.max_epochs, True, steps, steps.check)
+        return _state(fitted.module), Selection(l2, source, 1.0), None, fitted.epochs, fitted.stopped_early
+    held_all = plan.held_out
+    position = np.empty(x.shape[0], dtype=np.int64)
+    position[held_all] = np.arange(held_all.size)
+    held_logits = np.empty((held_all.size, spec.num_classes), dtype=np.float32)
+    best_epochs = []
+    for fit_idx, held_idx in plan.folds:
+        fit_rows, held_rows = (
+            torch.as_tensor(fit_idx, device=x.device),
+            torch.as_tensor(held_idx, device=x.device),
+        )
+        held = (x[held_rows], y[held_rows])
+        fold = train(
+            spec, x[fit_rows], y[fit_rows], held, settings, config.max_epochs, True, steps, steps.check
+        )
+        best_epochs.append(fold.best_epoch)
+        with torch.no_grad():
+            held_logits[position[held_idx]] = fold.module(held[0]).cpu().numpy()
+    # The median of the folds' best epochs, rounded half up: the refit runs exactly that many.
+    epochs = max(1, math.floor(float(np.median(best_epochs)) + 0.5))
+    temperature = fit_temperature(held_logits, y.cpu().numpy()[held_all])
+    steps.final(epochs)
+    fitted = train(spec, x, y, None, settings, epochs, False, steps, steps.check)
+    return _state(fitted.module), Selection(l2, source, temperature), held_logits, epochs, False
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict())
+
+
+def stacked_logits(
+    grouped: torch.Tensor, heads: Sequence[tuple[torch.Tensor, ...]], device: torch.device
+) -> torch.Tensor:
+    """Logits of several MLP heads at once (grouped.py): `grouped` is (heads, rows, dim), each head's rows
+    zero-padded; `heads` their tensors in `spec.py`'s order (hidden weight, bias, output weight, bias).
+    Padded to the widest hidden layer and class count, and run as two batched matrix products."""
+    hidden = max(h[0].shape[0] for h in heads)
+    classes = max(h[2].shape[0] for h in heads)
+    dim = grouped.shape[2]
+    w1 = torch.zeros((len(heads), hidden, dim), device=device)
+    b1 = torch.zeros((len(heads), hidden), device=device)
+    w2 = torch.zeros((len(heads), classes, hidden), device=device)
+    b2 = torch.full((len(heads), classes), float("-inf"), device=device)
+    for i, (hw1, hb1, hw2, hb2) in enumerate(heads):
+        # Padded hidden units have zero weights in and out, so GELU(0) = 0 adds nothing.
+        w1[i, : hw1.shape[0]] = hw1
+        b1[i, : hb1.shape[0]] = hb1
+        w2[i, : hw2.shape[0], : hw2.shape[1]] = hw2
+        b2[i, : hb2.shape[0]] = hb2
+    hidden_out = torch.nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), grouped, w1.transpose(1, 2)))
+    return torch.baddbmm(b2.unsqueeze(1), hidden_out, w2.transpose(1, 2))

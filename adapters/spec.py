@@ -1,11 +1,66 @@
-"""What a head is, without building it: its kind and sizes (`HeadSpec`) and the tensors its weights must
-hold. No torch here, so that the serving core can read manifests and check weights without loading it."""
+"""What a head is, without building it: the registry of head kinds, a head's kind and sizes (`HeadSpec`) and
+the tensors its weights must hold. No torch here, so that the serving core can read manifests and check
+weights without loading it.
+
+A head kind is one `HeadKind` in `_REGISTRY` plus its own module (`implementation`) with the torch side:
+`build(spec, generator)` (its module), `fit_steps(config, folds)` and `fit_head(x, y, spec, plan, config, steps)`
+(its training), and, for a kind that is not a plain linear map, `stacked_logits(rows, heads, device)` (its
+grouped application, `grouped.py`). Serialisation, calibration, the head stack and the training loop look
+the kind up here; the wire names it by its `HEAD_KIND_<NAME>` enum value (proto).
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
-HEAD_KINDS: tuple[str, ...] = ("linear", "mlp")
+
+@dataclass(frozen=True)
+class HeadKind:
+    name: str
+    # The exact tensor names and shapes of the kind's module's state_dict, in a fixed order (the order a
+    # stacked kind's `stacked_logits` receives them in).
+    state_shapes: Callable[[HeadSpec], dict[str, tuple[int, ...]]]
+    output: tuple[str, str]  # the output layer's weight and bias: calibration folds 1/T into them
+    implementation: str  # the adapters module with the kind's torch side (see above)
+    # A linear map (weight (classes, dim), bias (classes,)): the head stack keeps it in its slabs by
+    # class-count bucket; any other kind is stacked per batch and applied by `stacked_logits`.
+    linear_map: bool = False
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.implementation)
+
+
+def _linear_shapes(spec: HeadSpec) -> dict[str, tuple[int, ...]]:
+    return {"weight": (spec.num_classes, spec.input_dim), "bias": (spec.num_classes,)}
+
+
+def _mlp_shapes(spec: HeadSpec) -> dict[str, tuple[int, ...]]:
+    return {
+        "hidden.weight": (spec.hidden_dim, spec.input_dim),
+        "hidden.bias": (spec.hidden_dim,),
+        "output.weight": (spec.num_classes, spec.hidden_dim),
+        "output.bias": (spec.num_classes,),
+    }
+
+
+_REGISTRY: dict[str, HeadKind] = {
+    kind.name: kind
+    for kind in (
+        HeadKind("linear", _linear_shapes, ("weight", "bias"), "headswap.adapters.linear", linear_map=True),
+        HeadKind("mlp", _mlp_shapes, ("output.weight", "output.bias"), "headswap.adapters.mlp"),
+    )
+}
+HEAD_KINDS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def head_kind(name: str) -> HeadKind:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown head kind {name!r}; expected one of {', '.join(HEAD_KINDS)}") from None
 
 
 def _is_int(value: object) -> bool:
@@ -47,11 +102,4 @@ def expected_state_shapes(spec: HeadSpec) -> dict[str, tuple[int, ...]]:
     Written out rather than derived from a module so that loading untrusted weights can be
     validated before any module is allocated.
     """
-    if spec.kind == "linear":
-        return {"weight": (spec.num_classes, spec.input_dim), "bias": (spec.num_classes,)}
-    return {
-        "hidden.weight": (spec.hidden_dim, spec.input_dim),
-        "hidden.bias": (spec.hidden_dim,),
-        "output.weight": (spec.num_classes, spec.hidden_dim),
-        "output.bias": (spec.num_classes,),
-    }
+    return head_kind(spec.kind).state_shapes(spec)

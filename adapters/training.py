@@ -16,20 +16,16 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import linear, mlp
 from .calibration import (
     bootstrap_interval,
     expected_calibration_error,
-    fit_temperature,
     fold_temperature,
     laplace_cap,
     min_temperature,
@@ -40,9 +36,9 @@ from .gate import majority_baseline_check
 from .heads import build_head
 from .metrics import accuracy, f1_per_label, macro_f1
 from .ood import fit_ood
-from .results import ClassMetrics, HeadMetrics, HeldOut, Selection, TrainedHead, TrainProgress
-from .selection import DEFAULT_L2, L2_GRID, Plan, choose_l2, plan_evaluation
-from .spec import HeadSpec
+from .results import ClassMetrics, HeadMetrics, HeldOut, TrainedHead, TrainProgress
+from .selection import Plan, plan_evaluation
+from .spec import HeadSpec, head_kind
 
 _DEFAULT_CONFIG = TrainConfig()
 # Held-out records of at most this many predictions also hold each prediction to (n + 1) / (n + 2), not only
@@ -53,7 +49,7 @@ SMALL_RECORD = 100
 _WHAT = {"cross_validation": "cross-validated", "validation": "held-out", "train": "training-set"}
 
 
-class _Steps:
+class Steps:
     """Counts steps, reports them and polls for cancellation."""
 
     def __init__(
@@ -85,73 +81,6 @@ def _resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was requested but CUDA is not available")
     return torch.device(name)
-
-
-def _fit_linear(
-    x: torch.Tensor, y: torch.Tensor, spec: HeadSpec, plan: Plan, config: TrainConfig, steps: _Steps
-) -> tuple[dict[str, torch.Tensor], Selection, np.ndarray | None, int, bool]:
-    max_iterations = config.max_epochs * linear.LBFGS_ITERATIONS_PER_EPOCH
-    start: tuple[torch.Tensor, torch.Tensor] | None = None
-    held_logits: np.ndarray | None = None
-    if plan.folds:
-        grid = L2_GRID if config.l2 is None else (config.l2,)
-        path = linear.path(x, y, spec.num_classes, plan, grid, max_iterations, steps, steps.check)
-        chosen = choose_l2(grid, path.losses)
-        selection = Selection(
-            l2=path.grid[chosen],
-            l2_source=plan.method if config.l2 is None else "caller",
-            temperature=path.temperatures[chosen],
-            grid=tuple(path.grid),
-            grid_log_loss=tuple(float(loss.mean()) for loss in path.losses),
-        )
-        held_logits, start = path.logits[chosen], path.starts[chosen]
-    else:
-        l2 = DEFAULT_L2 if config.l2 is None else config.l2
-        selection = Selection(l2, "default" if config.l2 is None else "caller", 1.0)
-    steps.final(1)
-    final = linear.fit(x, y, spec.num_classes, selection.l2, start, max_iterations, steps.check)
-    steps(final.train_loss, None, None)
-    epochs = max(1, math.ceil(final.iterations / linear.LBFGS_ITERATIONS_PER_EPOCH))
-    state = {"weight": final.weight, "bias": final.bias}
-    return state, selection, held_logits, epochs, final.iterations < max_iterations
-
-
-def _fit_mlp(
-    x: torch.Tensor, y: torch.Tensor, spec: HeadSpec, plan: Plan, config: TrainConfig, steps: _Steps
-) -> tuple[dict[str, torch.Tensor], Selection, np.ndarray | None, int, bool]:
-    l2 = DEFAULT_L2 if config.l2 is None else config.l2
-    settings = mlp.MLPSettings(l2, config.learning_rate, config.batch_size, config.patience, config.seed)
-    source = "default" if config.l2 is None else "caller"
-    if not plan.folds:
-        fitted = mlp.train(spec, x, y, None, settings, config.max_epochs, True, steps, steps.check)
-        return _state(fitted.module), Selection(l2, source, 1.0), None, fitted.epochs, fitted.stopped_early
-    held_all = plan.held_out
-    position = np.empty(x.shape[0], dtype=np.int64)
-    position[held_all] = np.arange(held_all.size)
-    held_logits = np.empty((held_all.size, spec.num_classes), dtype=np.float32)
-    best_epochs = []
-    for fit_idx, held_idx in plan.folds:
-        fit_rows, held_rows = (
-            torch.as_tensor(fit_idx, device=x.device),
-            torch.as_tensor(held_idx, device=x.device),
-        )
-        held = (x[held_rows], y[held_rows])
-        fold = mlp.train(
-            spec, x[fit_rows], y[fit_rows], held, settings, config.max_epochs, True, steps, steps.check
-        )
-        best_epochs.append(fold.best_epoch)
-        with torch.no_grad():
-            held_logits[position[held_idx]] = fold.module(held[0]).cpu().numpy()
-    # The median of the folds' best epochs, rounded half up: the refit runs exactly that many.
-    epochs = max(1, math.floor(float(np.median(best_epochs)) + 0.5))
-    temperature = fit_temperature(held_logits, y.cpu().numpy()[held_all])
-    steps.final(epochs)
-    fitted = mlp.train(spec, x, y, None, settings, epochs, False, steps, steps.check)
-    return _state(fitted.module), Selection(l2, source, temperature), held_logits, epochs, False
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.state_dict())
 
 
 def _majority_correct(y: np.ndarray, plan: Plan, num_classes: int) -> np.ndarray:
@@ -190,13 +119,9 @@ def train_head(
     spec = HeadSpec(config.kind, int(x_np.shape[1]), num_classes, config.hidden_dim, config.dropout)
     x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
     folds = len(plan.folds)
-    if config.kind == "linear":
-        grid = len(L2_GRID) if config.l2 is None else 1
-        steps = _Steps(grid * folds + 1, progress, should_stop)
-        tensors, selection, held_logits, epochs, stopped_early = _fit_linear(x, y, spec, plan, config, steps)
-    else:
-        steps = _Steps((folds + 1) * config.max_epochs, progress, should_stop)
-        tensors, selection, held_logits, epochs, stopped_early = _fit_mlp(x, y, spec, plan, config, steps)
+    kind = head_kind(config.kind).module()  # the kind's fit (linear.py, mlp.py)
+    steps = Steps(kind.fit_steps(config, folds), progress, should_stop)
+    tensors, selection, held_logits, epochs, stopped_early = kind.fit_head(x, y, spec, plan, config, steps)
     state = {
         name: np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32).copy()
         for name, tensor in tensors.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -14,9 +15,10 @@ from typing import Any, Generic, TypedDict, TypeVar
 
 import grpc
 
-from headswap.client import _codec
+from headswap.client import _codec, _codec_keys
 from headswap.client import results as r
-from headswap.client.errors import HeadswapError
+from headswap.client._wire import from_message
+from headswap.client.errors import HeadswapError, from_rpc_error
 from headswap.v1 import headswap_pb2 as pb
 from headswap.v1 import headswap_pb2_grpc as pb_grpc
 
@@ -58,6 +60,9 @@ class Call(Generic[T]):
     request: Any
     parse: Callable[[Any], T]
     retry: bool = True  # safe to repeat: reads, and writes that land in the same state twice
+    # A server stream: `parse` reads each reply as it comes, and the call's result is the last one it returned
+    # other than None (None when there was none).
+    stream: bool = False
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -142,6 +147,21 @@ class BaseClient(abc.ABC):
             return None
         return delay
 
+    def _retry_after(
+        self, call: Call[Any], exc: grpc.RpcError, attempt: int, deadline: float | None
+    ) -> float:
+        """`_retry_delay`, or the error for its status when the call is not tried again."""
+        delay = self._retry_delay(call, exc, attempt, deadline)
+        if delay is None:
+            raise from_rpc_error(exc) from exc
+        return delay
+
+    def _start(self, call: Call[Any], deadline: float | None) -> Any:
+        """The call sent: its reply (a future, for the asyncio client), or its stream of replies."""
+        return getattr(self._stub, call.method)(
+            call.request, timeout=self._remaining(deadline), metadata=self._metadata
+        )
+
     # -- the calls ------------------------------------------------------------------------------------------
 
     def _embed(
@@ -150,50 +170,35 @@ class BaseClient(abc.ABC):
         request = _codec.embed_request(texts, images, dtype, backbone)
         return Call("Embed", request, _codec.embed_result)
 
-    def _classify(
-        self,
-        tenant: str,
-        texts: Sequence[str] | None,
-        images: Sequence[r.ImageLike] | None,
-        top_k: int,
-        version: int,
-        min_probability: float = 0.0,
-        ignore_ood: bool = False,
-    ) -> Call[list[r.Prediction]]:
-        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
-        return Call("Classify", request, _codec.predictions)
-
     def _list_heads(self) -> Call[list[r.HeadSummary]]:
-        return Call("ListHeads", _codec.list_heads_request(), _codec.head_summaries)
+        return Call("ListHeads", pb.ListHeadsRequest(), _codec.head_summaries)
 
     def _get_head(self, tenant: str) -> Call[r.HeadDetails]:
-        return Call("GetHead", _codec.get_head_request(tenant), _codec.head_details)
+        return Call("GetHead", pb.GetHeadRequest(tenant=tenant), _codec.head_details)
 
     def _activate(self, tenant: str, version: int) -> Call[r.Activation]:
-        return Call("ActivateHeadVersion", _codec.activate_request(tenant, version), _codec.activation)
+        request = pb.ActivateHeadVersionRequest(tenant=tenant, version=version)
+        return Call("ActivateHeadVersion", request, lambda reply: from_message(r.Activation, reply))
 
     def _delete_version(self, tenant: str, version: int) -> Call[r.HeadDetails]:
-        call = _codec.delete_version_request(tenant, version)
-        return Call("DeleteHeadVersion", call, _codec.version_deleted, retry=False)
+        request = pb.DeleteHeadVersionRequest(tenant=tenant, version=version)
+        return Call("DeleteHeadVersion", request, lambda reply: _codec.head_details(reply.head), retry=False)
 
     def _create_key(
         self, role: str, tenant: str | None, name: str, ttl: float | None
     ) -> Call[r.CreatedApiKey]:
-        return Call(
-            "CreateApiKey",
-            _codec.create_key_request(role, tenant, name, ttl),
-            _codec.created_key,
-            retry=False,
-        )
+        request = _codec_keys.create_key_request(role, tenant, name, ttl)
+        return Call("CreateApiKey", request, _codec_keys.created_key, retry=False)
 
     def _list_keys(self) -> Call[list[r.ApiKeyInfo]]:
-        return Call("ListApiKeys", _codec.list_keys_request(), _codec.key_infos)
+        return Call("ListApiKeys", pb.ListApiKeysRequest(), _codec_keys.key_infos)
 
     def _revoke_key(self, key_id: str) -> Call[r.ApiKeyInfo]:
-        return Call("RevokeApiKey", _codec.revoke_key_request(key_id), _codec.revoked_key)
+        return Call("RevokeApiKey", pb.RevokeApiKeyRequest(id=key_id), _codec_keys.revoked_key)
 
     def _delete(self, tenant: str) -> Call[r.Deletion]:
-        return Call("DeleteHead", _codec.delete_request(tenant), _codec.deletion)
+        request = pb.DeleteHeadRequest(tenant=tenant)
+        return Call("DeleteHead", request, lambda reply: from_message(r.Deletion, reply))
 
     @staticmethod
     def _adapt(
@@ -202,18 +207,21 @@ class BaseClient(abc.ABC):
         images: Sequence[r.ImageLike] | None,
         labels: Sequence[str] | None,
         options: AdaptOptions,
-    ) -> tuple[list[pb.AdaptHeadRequest], Callable[[r.AdaptProgress], None] | None, float | None]:
-        """The requests (one, or several for a large set), the progress callback and the deadline (seconds
-        from now, for all of them) of an AdaptHead."""
+    ) -> tuple[list[Call[r.AdaptResult | None]], float | None]:
+        """The calls of an AdaptHead (one, or several for a large set) and their deadline (one for all of
+        them). Each is retried like the others when it has an idempotency key."""
         rest = {k: v for k, v in options.items() if k not in ("on_progress", "timeout", "chunk_bytes")}
         request = _codec.adapt_request(tenant, texts, images, labels, rest)
         requests = _codec.split_adapt(request, options.get("chunk_bytes", _codec.CHUNK_BYTES))
-        return requests, options.get("on_progress"), options.get("timeout", 600.0)
-
-    @staticmethod
-    def _adapt_call(request: pb.AdaptHeadRequest) -> Call[None]:
-        """For the retry rule: an AdaptHead with an idempotency key is safe to repeat."""
-        return Call("AdaptHead", request, lambda _: None, retry=bool(request.request_id))
+        timeout = options.get("timeout", 600.0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        on_progress = options.get("on_progress")
+        calls = []
+        for i, part in enumerate(requests):
+            report = BaseClient._chunk_progress(on_progress, requests, i)
+            parse = functools.partial(BaseClient._adapt_event, on_progress=report)
+            calls.append(Call("AdaptHead", part, parse, retry=bool(part.request_id), stream=True))
+        return calls, deadline
 
     @staticmethod
     def _chunk_progress(
@@ -259,5 +267,9 @@ class BaseClient(abc.ABC):
         return None
 
     @staticmethod
-    def _no_result() -> r.AdaptResult:
-        raise HeadswapError(grpc.StatusCode.UNKNOWN, "AdaptHead ended without a result")
+    def _adapted(results: Sequence[r.AdaptResult | None]) -> r.AdaptResult:
+        """The whole upload's result, once every call ended with one."""
+        done = [x for x in results if x is not None]
+        if len(done) != len(results):
+            raise HeadswapError(grpc.StatusCode.UNKNOWN, "AdaptHead ended without a result")
+        return BaseClient._whole_call(done)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from headswap.client._cli_common import add_client_args, add_input_args, client_from_args
 from headswap.client._cli_data import _cmd_adapt, _cmd_classify, _cmd_embed
+from headswap.client._wire import HEAD_KIND_CODES
 from headswap.client.errors import HeadswapError
 from headswap.client.results import ApiKeyInfo
 
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument(
         "--backbone", default="", help="the served backbone to train on (default: by input kind)"
     )
-    adapt.add_argument("--kind", choices=["linear", "mlp"], default="linear")
+    adapt.add_argument("--kind", choices=list(HEAD_KIND_CODES), default="linear")
     adapt.add_argument(
         "--validation-fraction",
         type=float,

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar, Unpack
+from typing import Any, Literal, TypeVar, Unpack
 
 import grpc
 import numpy as np
 from grpc import aio
 
+from headswap.client import _codec
 from headswap.client._base import DEFAULT_TARGET, AdaptOptions, BaseClient, Call
-from headswap.client.errors import from_rpc_error
 from headswap.client.results import (
     Activation,
     AdaptResult,
@@ -60,19 +60,20 @@ class Client(BaseClient):
     def close(self) -> None:
         self._channel.close()
 
-    def _send(self, call: Call[T]) -> T:
-        attempt, deadline = 0, self._deadline()
+    def _send(self, call: Call[T], deadline: float | Literal["call"] | None = "call") -> T:
+        """The call's result, tried again while `_retry_after` allows; `deadline`: its own (the default) or
+        this one (monotonic)."""
+        attempt, until = 0, self._deadline() if deadline == "call" else deadline
         while True:
             try:
-                reply = getattr(self._stub, call.method)(
-                    call.request, timeout=self._remaining(deadline), metadata=self._metadata
-                )
-                return call.parse(reply)
+                if not call.stream:
+                    return call.parse(self._start(call, until))
+                result: Any = None
+                for reply in self._start(call, until):  # to its end: the call ends OK
+                    result = call.parse(reply) or result
+                return result  # type: ignore[no-any-return]
             except grpc.RpcError as exc:
-                delay = self._retry_delay(call, exc, attempt, deadline)
-                if delay is None:
-                    raise from_rpc_error(exc) from exc
-                time.sleep(delay)
+                time.sleep(self._retry_after(call, exc, attempt, until))
                 attempt += 1
 
     def embed(
@@ -123,28 +124,8 @@ class Client(BaseClient):
         drain, PostgreSQL down): the server answers a retry of a call it already committed with that
         call's outcome, so examples are stored and heads trained once.
         """
-        requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        results: list[AdaptResult] = []
-        for i, request in enumerate(requests):
-            report, attempt = self._chunk_progress(on_progress, requests, i), 0
-            while True:
-                try:
-                    result = None
-                    for reply in self._stub.AdaptHead(
-                        request, timeout=self._remaining(deadline), metadata=self._metadata
-                    ):  # to its end: the call ends OK
-                        result = self._adapt_event(reply, report) or result
-                    break
-                except grpc.RpcError as exc:
-                    delay = self._retry_delay(self._adapt_call(request), exc, attempt, deadline)
-                    if delay is None:
-                        raise from_rpc_error(exc) from exc
-                    time.sleep(delay)
-                    attempt += 1
-            if result is not None:
-                results.append(result)
-        return self._whole_call(results) if len(results) == len(requests) else self._no_result()
+        calls, deadline = self._adapt(tenant, texts, images, labels, options)
+        return self._adapted([self._send(call, deadline) for call in calls])
 
     def classify(
         self,
@@ -163,7 +144,8 @@ class Client(BaseClient):
         `min_probability`, or whose input is unlike every training example (`out_of_distribution`, see
         `ood_score`), comes back with `abstained=True` (labels still listed); `ignore_ood=True` abstains by
         `min_probability` alone."""
-        return self._send(self._classify(tenant, texts, images, top_k, version, min_probability, ignore_ood))
+        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
+        return self._send(Call("Classify", request, _codec.predictions))
 
     def list_heads(self) -> list[HeadSummary]:
         return self._send(self._list_heads())
@@ -225,19 +207,18 @@ class AsyncClient(BaseClient):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _send(self, call: Call[T]) -> T:
-        attempt, deadline = 0, self._deadline()
+    async def _send(self, call: Call[T], deadline: float | Literal["call"] | None = "call") -> T:
+        attempt, until = 0, self._deadline() if deadline == "call" else deadline
         while True:
             try:
-                reply = await getattr(self._stub, call.method)(
-                    call.request, timeout=self._remaining(deadline), metadata=self._metadata
-                )
-                return call.parse(reply)
+                if not call.stream:
+                    return call.parse(await self._start(call, until))
+                result: Any = None
+                async for reply in self._start(call, until):
+                    result = call.parse(reply) or result
+                return result  # type: ignore[no-any-return]
             except grpc.RpcError as exc:
-                delay = self._retry_delay(call, exc, attempt, deadline)
-                if delay is None:
-                    raise from_rpc_error(exc) from exc
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_after(call, exc, attempt, until))
                 attempt += 1
 
     async def embed(
@@ -269,28 +250,8 @@ class AsyncClient(BaseClient):
         images: Sequence[ImageLike] | None = None,
         **options: Unpack[AdaptOptions],
     ) -> AdaptResult:
-        requests, on_progress, timeout = self._adapt(tenant, texts, images, labels, options)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        results: list[AdaptResult] = []
-        for i, request in enumerate(requests):
-            report, attempt = self._chunk_progress(on_progress, requests, i), 0
-            while True:
-                try:
-                    result = None
-                    async for reply in self._stub.AdaptHead(
-                        request, timeout=self._remaining(deadline), metadata=self._metadata
-                    ):
-                        result = self._adapt_event(reply, report) or result
-                    break
-                except grpc.RpcError as exc:
-                    delay = self._retry_delay(self._adapt_call(request), exc, attempt, deadline)
-                    if delay is None:
-                        raise from_rpc_error(exc) from exc
-                    await asyncio.sleep(delay)
-                    attempt += 1
-            if result is not None:
-                results.append(result)
-        return self._whole_call(results) if len(results) == len(requests) else self._no_result()
+        calls, deadline = self._adapt(tenant, texts, images, labels, options)
+        return self._adapted([await self._send(call, deadline) for call in calls])
 
     async def classify(
         self,
@@ -303,9 +264,8 @@ class AsyncClient(BaseClient):
         min_probability: float = 0.0,
         ignore_ood: bool = False,
     ) -> list[Prediction]:
-        return await self._send(
-            self._classify(tenant, texts, images, top_k, version, min_probability, ignore_ood)
-        )
+        request = _codec.classify_request(tenant, texts, images, top_k, version, min_probability, ignore_ood)
+        return await self._send(Call("Classify", request, _codec.predictions))
 
     async def list_heads(self) -> list[HeadSummary]:
         return await self._send(self._list_heads())

@@ -26,6 +26,7 @@ from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
+from headswap.server.input_kinds import input_kind
 from headswap.server.metrics import Metrics
 from headswap.server.pools import Pools
 from headswap.server.rpc.interceptors import CallInterceptor
@@ -209,7 +210,7 @@ def build(
     for name, served in named:
         stack = HeadStack(served.dim, device=head_device)
         policy = config.batching.policy(served.on_gpu)
-        text = served.manifest.input_kind == "text"
+        text = input_kind(served.manifest.input_kind).length_axis  # padded along a length: tokens
         buckets = (
             ShapeBuckets.for_backbone(policy.max_batch_items, served.manifest.max_length if text else None)
             if config.batching.buckets_on(served.on_gpu)
@@ -302,12 +303,12 @@ def _warm_up_training(dim: int) -> None:
     """PyTorch's first training in a process pays ~0.7 s of one-off set-up; pay it before SERVING."""
     import numpy as np
 
-    from headswap.adapters import TrainConfig, train_head
+    from headswap.adapters import HEAD_KINDS, TrainConfig, train_head
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, dim)).astype(np.float32)
     y = np.arange(16, dtype=np.int64) % 2
-    for kind in ("linear", "mlp"):
+    for kind in HEAD_KINDS:
         train_head(x, y, 2, TrainConfig(kind=kind, max_epochs=2, device="cpu"))
 
 

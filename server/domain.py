@@ -1,51 +1,53 @@
 """Plain values passed between the edge and the services: no protobuf, no gRPC past `rpc/`.
 
-An `Input` is text or image bytes; an `Example` is an input and a label; each service call takes a frozen
-request and returns a frozen result. `Caller` says who is calling, as established by the edge.
+An `Input` is one item of a registered input kind (a text, an image's bytes); an `Example` is an input and a
+label; each service call takes a frozen request and returns a frozen result. `Caller` says who is calling, as established by the edge.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from headswap.client.results import Activation as Activation  # results the client returns as they are
+from headswap.client.results import Deletion as Deletion
+from headswap.server.input_kinds import KINDS, input_kind
 
 if TYPE_CHECKING:  # types only: the serving core never loads headswap.adapters
     from headswap.adapters.gate import GateCheck
     from headswap.adapters.results import HeadMetrics
 
 
-InputKind = Literal["text", "image"]
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Input:
-    """One item for a backbone: exactly one of `text` or `image` (encoded bytes)."""
+    """One item for a backbone: its kind (registered in `input_kinds.py`: "text", "image") and its content,
+    a str for a text and the encoded bytes for the others. Built with one keyword, the kind's name:
+    `Input(text="...")`, `Input(image=b"...")`."""
 
-    text: str | None = None
-    image: bytes | None = None
+    kind: str
+    content: str | bytes
 
-    @property
-    def kind(self) -> InputKind:
-        return "text" if self.text is not None else "image"
+    def __init__(self, **content: str | bytes) -> None:
+        if len(content) != 1:
+            raise TypeError(f"an Input takes one keyword, its kind ({', '.join(KINDS)}), not {len(content)}")
+        ((kind, value),) = content.items()
+        if kind not in KINDS:
+            input_kind(kind)  # ValueError naming the registered kinds
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "content", value)
 
     @property
     def nbytes(self) -> int:
         """Size as sent (UTF-8 bytes of a text)."""
-        return (
-            len(self.text.encode("utf-8", "surrogatepass"))
-            if self.text is not None
-            else len(self.image or b"")
-        )
+        return KINDS[self.kind].size(self.content)
 
     def content_key(self) -> bytes:
         """sha256 of the content: the embedding cache's key (with the backbone's fingerprint)."""
-        data = self.text.encode("utf-8") if self.text is not None else (self.image or b"")
-        return hashlib.sha256(data).digest()
+        return KINDS[self.kind].content_key(self.content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,33 +270,12 @@ class HeadOverview:
 
 
 @dataclass(frozen=True)
-class ActivateRequest:
-    tenant: str
-    version: int
-    caller: Caller = ANONYMOUS
-
-
-@dataclass(frozen=True)
-class Activation:
-    tenant: str
-    active_version: int
-    previous_version: int
-
-
-@dataclass(frozen=True)
 class VersionRequest:
-    """DeleteHeadVersion: one version of one tenant."""
+    """ActivateHeadVersion and DeleteHeadVersion: one version of one tenant."""
 
     tenant: str
     version: int
     caller: Caller = ANONYMOUS
-
-
-@dataclass(frozen=True)
-class Deletion:
-    tenant: str
-    versions_deleted: int
-    examples_deleted: int
 
 
 @dataclass(frozen=True)

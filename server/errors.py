@@ -6,6 +6,7 @@ becomes INTERNAL with a logged traceback.
 
     HeadswapError
      ├── InvalidArgument      the request itself is wrong (empty batch, bad name, too few classes...)
+     │    └── InputError      one input is unusable (an image that does not decode); knows its index
      ├── NotFound             unknown tenant or version
      ├── FailedPrecondition   valid, but not in this state (a head from another backbone, none active)
      ├── ResourceExhausted    over a configured bound (queue, batch, reply size)
@@ -29,6 +30,16 @@ class HeadswapError(Exception):
 
 class InvalidArgument(HeadswapError):
     """The request itself is wrong."""
+
+
+class InputError(InvalidArgument):
+    """One input is unusable; `index` is its place in the inputs handed to a preprocessor's `prepare`, so
+    that the batcher and the services can say which of the caller's inputs it was."""
+
+    def __init__(self, index: int, reason: str, what: str = "inputs") -> None:
+        super().__init__(f"{what}[{index}] {reason}")
+        self.index = index
+        self.reason = reason
 
 
 class NotFound(HeadswapError):

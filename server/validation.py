@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from headswap.server.domain import Input
 from headswap.server.errors import InvalidArgument, ResourceExhausted
+from headswap.server.input_kinds import KINDS
 
-_ARTICLE = {"text": "a", "image": "an"}
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -36,16 +36,15 @@ def check_inputs(
     for i, item in enumerate(inputs):
         if input_kind is not None:
             check_kind(item, input_kind, f"{what}[{i}]", target)
-        if item.text is not None and not item.text.strip():
-            raise InvalidArgument(f"{what}[{i}] is empty or only white space: every input needs some text")
-        if item.image is not None and not item.image:
-            raise InvalidArgument(f"{what}[{i}] is an empty image: send the encoded bytes")
+        kind = KINDS[item.kind]
+        if kind.is_blank(item.content):
+            raise InvalidArgument(f"{what}[{i}] {kind.blank}")
 
 
 def check_kind(item: Input, input_kind: str, where: str, target: str = "the backbone") -> None:
     if item.kind != input_kind:
         raise InvalidArgument(
-            f"{where} is {_ARTICLE[item.kind]} {item.kind}, but {target} takes {input_kind}s: send `{input_kind}`"
+            f"{where} is {KINDS[item.kind].article} {item.kind}, but {target} takes {input_kind}s: send `{input_kind}`"
         )
 
 

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 
 from headswap.server.domain import Input
+from headswap.server.errors import InputError
 from headswap.server.inference.admission import Admission
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.calls import Item, Request
 from headswap.server.inference.forward import BatchStats, Forward, GroupedHeads
-from headswap.server.inference.image import InputError
 from headswap.server.inference.pending import Pending
 from headswap.server.inference.policy import FORM_LEAD_S, SLICE_INPUTS, BatchPolicy
 from headswap.server.inference.preparing import Preparer

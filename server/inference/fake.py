@@ -32,7 +32,7 @@ class FakePreprocessor:
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         out = []
         for item in inputs:
-            words = (item.text or "").split()
+            words = str(item.content).split()
             ids = np.array(
                 [int.from_bytes(hashlib.sha256(w.encode()).digest()[:4], "little") for w in words],
                 dtype=np.int64,

@@ -16,12 +16,14 @@ import re
 import struct
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from headswap.server.domain import Input
-from headswap.server.errors import InvalidArgument
+from headswap.server.errors import InputError
 from headswap.server.inference.protocols import Prepared
+from headswap.server.input_kinds import InputLimits
 from headswap.server.manifest import BackboneManifest
 
 FORMATS = ("PNG", "WEBP", "GIF", "BMP")  # besides JPEG; TIFF and the rest are refused
@@ -29,13 +31,9 @@ IMAGE_COST = 256  # a batch's cost budget counts an image as 256 units (16 image
 EXIF_ORIENTATION = 0x0112
 
 
-class InputError(InvalidArgument):
-    """One input is unusable; `index` is its place in the inputs handed to `prepare`."""
-
-    def __init__(self, index: int, reason: str, what: str = "inputs") -> None:
-        super().__init__(f"{what}[{index}] {reason}")
-        self.index = index
-        self.reason = reason
+def from_backbone(directory: Path, manifest: BackboneManifest, limits: InputLimits) -> ImagePreprocessor:
+    """The image kind's preprocessor (`input_kinds.IMAGE`): the manifest's size, mean and std."""
+    return ImagePreprocessor(manifest, limits.max_image_bytes, limits.max_image_pixels)
 
 
 class ImagePreprocessor:
@@ -58,7 +56,10 @@ class ImagePreprocessor:
         return item  # an image is refused, never cut
 
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
-        return [Prepared(self._pixels(i, item.image or b""), IMAGE_COST, 0) for i, item in enumerate(inputs)]
+        return [
+            Prepared(self._pixels(i, item.content if isinstance(item.content, bytes) else b""), IMAGE_COST, 0)
+            for i, item in enumerate(inputs)
+        ]
 
     def collate(
         self, items: Sequence[Prepared], shape: tuple[int, int] | None = None

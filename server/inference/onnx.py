@@ -16,6 +16,7 @@ import numpy as np
 
 from headswap.server.inference.precision import choose_precision, int8_kernels, read_cpu_flags
 from headswap.server.inference.protocols import Backbone
+from headswap.server.input_kinds import InputLimits, input_kind
 from headswap.server.manifest import PRECISIONS, BackboneManifest
 
 log = logging.getLogger(__name__)
@@ -84,20 +85,9 @@ def load_backbone(
     """An exported backbone directory, ready to serve (not yet warmed up). `cpu_flags`: /proc/cpuinfo's."""
     import onnxruntime as ort
 
-    from headswap.server.inference.image import ImagePreprocessor
-    from headswap.server.inference.protocols import Preprocessor
-    from headswap.server.inference.text import TextPreprocessor
-
     manifest = BackboneManifest.load(directory)
-    preprocessor: Preprocessor
-    if manifest.input_kind == "text":
-        preprocessor = TextPreprocessor(
-            directory / manifest.tokenizer, manifest.max_length, manifest.input_names
-        )
-    elif manifest.input_kind == "image":
-        preprocessor = ImagePreprocessor(manifest, max_image_bytes, max_image_pixels)
-    else:
-        raise ValueError(f"backbone input kind {manifest.input_kind!r} is neither text nor image")
+    limits = InputLimits(max_image_bytes, max_image_pixels)
+    preprocessor = input_kind(manifest.input_kind).load_preprocessor(directory, manifest, limits)
     providers = _providers(device, ort.get_available_providers())
     flags = read_cpu_flags() if cpu_flags is None else cpu_flags
     choice = choose_precision(

@@ -10,6 +10,8 @@ import numpy as np
 
 from headswap.server.domain import Input
 from headswap.server.inference.protocols import Prepared
+from headswap.server.input_kinds import InputLimits
+from headswap.server.manifest import BackboneManifest
 
 # A request of at most this many characters in all is tokenized on the event loop (`cheap`): about 30 µs a
 # short text, less than a hop to the preprocessing pool and back, which also waits its turn for the GIL.
@@ -18,6 +20,15 @@ CHEAP_CHARS = 1024
 # Real text runs 3 to 6 characters per token: cutting at 64 per token of max_length (16,384 characters for
 # 256 tokens) cuts nothing the backbone would see, and bounds the tokenizer's work on a huge text.
 CHARS_PER_TOKEN_BOUND = 64
+
+
+def from_backbone(directory: Path, manifest: BackboneManifest, limits: InputLimits) -> TextPreprocessor:
+    """The text kind's preprocessor (`input_kinds.TEXT`): the backbone directory's tokenizer."""
+    return TextPreprocessor(directory / manifest.tokenizer, manifest.max_length, manifest.input_names)
+
+
+def _text(item: Input) -> str:
+    return item.content if isinstance(item.content, str) else ""
 
 
 class TextPreprocessor:
@@ -36,12 +47,12 @@ class TextPreprocessor:
     def clip(self, item: Input) -> Input:
         """The part of a text the backbone can see: cut by characters before tokenizing, so a huge text
         costs no more than a long one (and is stored no larger as a training example)."""
-        text = item.text or ""
+        text = _text(item)
         return item if len(text) <= self.max_chars else Input(text=text[: self.max_chars])
 
     def cheap(self, inputs: Sequence[Input]) -> bool:
         """Cheaper to tokenize where it is than to hand to a thread: a few short texts."""
-        return len(inputs) <= 8 and sum(len(item.text or "") for item in inputs) <= CHEAP_CHARS
+        return len(inputs) <= 8 and sum(len(_text(item)) for item in inputs) <= CHEAP_CHARS
 
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         return self.prepare_many([inputs])[0]
@@ -50,7 +61,7 @@ class TextPreprocessor:
         """Several requests' inputs in one tokenizer call: the Rust batch call releases the GIL and spreads
         the texts over every core (and skips the character offsets nothing here reads)."""
         clipped = [[self.clip(item) for item in inputs] for inputs in groups]
-        encodings = self.tokenizer.encode_batch_fast([item.text or "" for short in clipped for item in short])
+        encodings = self.tokenizer.encode_batch_fast([_text(item) for short in clipped for item in short])
         out: list[list[Prepared]] = []
         start = 0
         for inputs, short in zip(groups, clipped, strict=True):

@@ -1,4 +1,7 @@
-"""Every conversion between protobuf messages and domain values, `*_from_pb` beside `*_to_pb`."""
+"""Every conversion between protobuf messages and domain values, `*_from_pb` beside `*_to_pb`.
+
+Fields of the same name on both sides are copied by `headswap.client._wire` (`to_message`, `from_message`),
+and head kinds are the names of the `HeadKind` enum's values, so neither is written out here."""
 
 from __future__ import annotations
 
@@ -8,14 +11,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from headswap.client._wire import HEAD_KIND_CODES, HEAD_KINDS, from_message, to_message
 from headswap.server import domain as d
 from headswap.server.errors import InvalidArgument
+from headswap.server.input_kinds import KINDS
 from headswap.server.keys import ApiKey
 from headswap.server.validation import check_request_id
 from headswap.v1 import headswap_pb2 as pb
 
 if TYPE_CHECKING:  # types only: the serving core never loads headswap.adapters
-    from headswap.adapters.gate import GateCheck
     from headswap.adapters.results import HeadMetrics
 
 # -- inputs and tensors ----------------------------------------------------------------------------------
@@ -28,15 +32,13 @@ _DTYPE_NAMES: dict[int, str] = {
 
 
 def inputs_from_pb(inputs: Iterable[pb.Input], what: str = "inputs") -> tuple[d.Input, ...]:
+    """Each input's content is the field of its kind (`input_kinds.KINDS`) in the `content` oneof."""
     out = []
     for i, item in enumerate(inputs):
         kind = item.WhichOneof("content")
-        if kind == "text":
-            out.append(d.Input(text=item.text))
-        elif kind == "image":
-            out.append(d.Input(image=item.image))
-        else:
-            raise InvalidArgument(f"{what}[{i}] has no content: set `text` or `image`")
+        if kind not in KINDS:
+            raise InvalidArgument(f"{what}[{i}] has no content: set {' or '.join(f'`{k}`' for k in KINDS)}")
+        out.append(d.Input(**{kind: getattr(item, kind)}))
     return tuple(out)
 
 
@@ -58,17 +60,7 @@ def tensor_to_pb(array: np.ndarray) -> pb.Tensor:
 
 
 def backbone_to_pb(desc: d.BackboneDescription) -> pb.BackboneInfo:
-    return pb.BackboneInfo(
-        name=desc.name,
-        fingerprint=desc.fingerprint,
-        embedding_dim=desc.embedding_dim,
-        input_kind=desc.input_kind,
-        max_length=desc.max_length,
-        provider=desc.provider,
-        served_as=desc.served_as,
-        precision=desc.precision,
-        weights_fingerprint=desc.weights_fingerprint,
-    )
+    return to_message(pb.BackboneInfo, desc)
 
 
 def timings_to_pb(t: d.Timings, total_s: float) -> pb.Timings:
@@ -102,24 +94,15 @@ def embedded_to_pb(result: d.Embedded, total_s: float) -> pb.EmbedResponse:
 
 # -- AdaptHead -------------------------------------------------------------------------------------------
 
-_KINDS = {pb.HEAD_KIND_UNSPECIFIED: "linear", pb.HEAD_KIND_LINEAR: "linear", pb.HEAD_KIND_MLP: "mlp"}
-_KIND_CODES = {"linear": pb.HEAD_KIND_LINEAR, "mlp": pb.HEAD_KIND_MLP}
+_KINDS = {pb.HEAD_KIND_UNSPECIFIED: "linear", **HEAD_KINDS}
 _MODES = {pb.EXAMPLE_MODE_UNSPECIFIED: False, pb.EXAMPLE_MODE_ADD: False, pb.EXAMPLE_MODE_REPLACE: True}
 
 
 def options_from_pb(options: pb.TrainingOptions) -> d.TrainingOptions:
     if options.kind not in _KINDS:
-        raise InvalidArgument(f"unknown head kind {options.kind}: use HEAD_KIND_LINEAR or HEAD_KIND_MLP")
-    return d.TrainingOptions(
-        kind=_KINDS[options.kind],
-        validation_fraction=options.validation_fraction,
-        no_validation=options.no_validation,
-        seed=options.seed,
-        l2=options.l2,
-        max_epochs=options.max_epochs,
-        hidden_dim=options.hidden_dim,
-        dropout=options.dropout,
-    )
+        names = " or ".join(pb.HeadKind.Name(code) for code in HEAD_KINDS)
+        raise InvalidArgument(f"unknown head kind {options.kind}: use {names}")
+    return from_message(d.TrainingOptions, options, kind=_KINDS[options.kind])
 
 
 def adapt_from_pb(request: pb.AdaptHeadRequest, caller: d.Caller) -> d.AdaptRequest:
@@ -142,97 +125,40 @@ def adapt_from_pb(request: pb.AdaptHeadRequest, caller: d.Caller) -> d.AdaptRequ
 
 
 def metrics_to_pb(m: HeadMetrics, labels: Sequence[str]) -> pb.HeadMetrics:
-    return pb.HeadMetrics(
-        evaluated_on=m.evaluated_on,
-        accuracy=m.accuracy,
-        macro_f1=m.macro_f1,
-        majority_baseline_accuracy=m.majority_baseline_accuracy,
-        negative_transfer=m.negative_transfer,
-        per_class=[
-            pb.ClassMetrics(
-                label=labels[c.label_index],
-                train_count=c.train_count,
-                validation_count=c.validation_count,
-                f1=c.f1,
-            )
-            for c in m.per_class
-        ],
-        epochs=m.epochs,
-        train_seconds=m.train_seconds,
-        train_examples=m.train_examples,
-        validation_examples=m.validation_examples,
-        folds=m.folds,
-        log_loss=m.log_loss,
-        expected_calibration_error=m.expected_calibration_error,
-        log_loss_low=m.log_loss_interval[0] if m.log_loss_interval else None,
-        log_loss_high=m.log_loss_interval[1] if m.log_loss_interval else None,
-        expected_calibration_error_low=(
-            m.expected_calibration_error_interval[0] if m.expected_calibration_error_interval else None
-        ),
-        expected_calibration_error_high=(
-            m.expected_calibration_error_interval[1] if m.expected_calibration_error_interval else None
-        ),
-        ood_threshold=m.ood_threshold,
-        ood_flagged_share=m.ood_flagged_share,
-        confidence_cap=m.confidence_cap,
+    low_high = m.log_loss_interval or (None, None)
+    ece_low_high = m.expected_calibration_error_interval or (None, None)
+    return to_message(
+        pb.HeadMetrics,
+        m,
+        per_class=[to_message(pb.ClassMetrics, c, label=labels[c.label_index]) for c in m.per_class],
+        log_loss_low=low_high[0],
+        log_loss_high=low_high[1],
+        expected_calibration_error_low=ece_low_high[0],
+        expected_calibration_error_high=ece_low_high[1],
     )
 
 
 def version_to_pb(v: d.VersionInfo) -> pb.HeadVersion:
-    return pb.HeadVersion(
-        version=v.version,
-        kind=_KIND_CODES[v.kind],
-        labels=list(v.labels),
+    return to_message(
+        pb.HeadVersion,
+        v,
+        kind=HEAD_KIND_CODES[v.kind],
         metrics=metrics_to_pb(v.metrics, v.labels),
         created_at_unix=v.created_at,
-        created_at=_timestamp(v.created_at),
+        created_at=timestamp(v.created_at),
         backbone_fingerprint=v.fingerprint,
-        example_count=v.example_count,
-        l2=v.l2,
-        l2_source=v.l2_source,
-        temperature=v.temperature,
-        trained_precision=v.trained_precision,
-        weights_fingerprint=v.weights_fingerprint,
-        served_precision=v.served_precision,
-    )
-
-
-def check_to_pb(c: GateCheck) -> pb.PromotionCheck:
-    return pb.PromotionCheck(
-        rule=c.rule,
-        passed=c.passed,
-        p_value=c.p_value,
-        examples=c.examples,
-        accuracy=c.accuracy,
-        reference_accuracy=c.reference_accuracy,
-        reference_version=c.reference_version,
-        detail=c.detail,
     )
 
 
 def adapt_event_to_pb(event: d.Progress | d.AdaptOutcome) -> pb.AdaptHeadResponse:
     if isinstance(event, d.Progress):
-        return pb.AdaptHeadResponse(
-            progress=pb.AdaptHeadProgress(
-                stage=event.stage,
-                done=event.done,
-                total=event.total,
-                train_loss=event.train_loss,
-                validation_loss=event.validation_loss,
-                validation_accuracy=event.validation_accuracy,
-            )
-        )
+        return pb.AdaptHeadResponse(progress=to_message(pb.AdaptHeadProgress, event))
     return pb.AdaptHeadResponse(
-        result=pb.AdaptHeadResult(
-            tenant=event.tenant,
+        result=to_message(
+            pb.AdaptHeadResult,
+            event,
             head=version_to_pb(event.head) if event.head is not None else None,
-            activated=event.activated,
-            active_version=event.active_version,
-            embedded=event.embedded,
-            cache_hits=event.cache_hits,
-            stored_examples=event.stored_examples,
-            held_back_by=event.held_back_by,
-            checks=[check_to_pb(c) for c in event.checks],
+            checks=[to_message(pb.PromotionCheck, c) for c in event.checks],
         )
     )
 
@@ -287,17 +213,7 @@ def list_from_pb(request: pb.ListHeadsRequest, caller: d.Caller) -> d.ListReques
 
 def summaries_to_pb(rows: Sequence[d.HeadSummary]) -> pb.ListHeadsResponse:
     return pb.ListHeadsResponse(
-        heads=[
-            pb.HeadSummary(
-                tenant=h.tenant,
-                active_version=h.active_version,
-                version_count=h.version_count,
-                labels=list(h.labels),
-                backbone_fingerprint=h.fingerprint,
-                problem=h.problem,
-            )
-            for h in rows
-        ]
+        heads=[to_message(pb.HeadSummary, h, backbone_fingerprint=h.fingerprint) for h in rows]
     )
 
 
@@ -306,28 +222,19 @@ def tenant_from_pb(request: pb.GetHeadRequest | pb.DeleteHeadRequest, caller: d.
 
 
 def overview_to_pb(o: d.HeadOverview) -> pb.GetHeadResponse:
-    return pb.GetHeadResponse(
-        tenant=o.tenant,
-        active_version=o.active_version,
-        versions=[version_to_pb(v) for v in o.versions],
-        example_count=o.example_count,
-    )
+    return to_message(pb.GetHeadResponse, o, versions=[version_to_pb(v) for v in o.versions])
 
 
-def activate_from_pb(request: pb.ActivateHeadVersionRequest, caller: d.Caller) -> d.ActivateRequest:
-    return d.ActivateRequest(request.tenant, request.version, caller)
+def activate_from_pb(request: pb.ActivateHeadVersionRequest, caller: d.Caller) -> d.VersionRequest:
+    return d.VersionRequest(request.tenant, request.version, caller)
 
 
 def activation_to_pb(a: d.Activation) -> pb.ActivateHeadVersionResponse:
-    return pb.ActivateHeadVersionResponse(
-        tenant=a.tenant, active_version=a.active_version, previous_version=a.previous_version
-    )
+    return to_message(pb.ActivateHeadVersionResponse, a)
 
 
 def deletion_to_pb(x: d.Deletion) -> pb.DeleteHeadResponse:
-    return pb.DeleteHeadResponse(
-        tenant=x.tenant, versions_deleted=x.versions_deleted, examples_deleted=x.examples_deleted
-    )
+    return to_message(pb.DeleteHeadResponse, x)
 
 
 def version_from_pb(request: pb.DeleteHeadVersionRequest, caller: d.Caller) -> d.VersionRequest:
@@ -336,6 +243,15 @@ def version_from_pb(request: pb.DeleteHeadVersionRequest, caller: d.Caller) -> d
 
 def version_deleted_to_pb(o: d.HeadOverview) -> pb.DeleteHeadVersionResponse:
     return pb.DeleteHeadVersionResponse(head=overview_to_pb(o))
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    # Clamped to the years a Timestamp can say (1 to 9999): a key stored with any expiry still lists.
+    ts.FromNanoseconds(int(min(max(seconds, -62135596800.0), 253402300799.0) * 1e9))
+    return ts
 
 
 # -- API keys --------------------------------------------------------------------------------------------
@@ -353,24 +269,15 @@ def create_key_from_pb(request: pb.CreateApiKeyRequest, caller: d.Caller) -> d.C
     return d.CreateKeyRequest(_ROLES[request.role], request.tenant or None, request.name, ttl, caller)
 
 
-def _timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    # Clamped to the years a Timestamp can say (1 to 9999): a key stored with any expiry still lists.
-    ts.FromNanoseconds(int(min(max(seconds, -62135596800.0), 253402300799.0) * 1e9))
-    return ts
-
-
 def key_info_to_pb(key: ApiKey) -> pb.ApiKeyInfo:
     return pb.ApiKeyInfo(
         id=key.id,
         role=_ROLE_CODES[key.role],
         tenant=key.tenant or "",
         name=key.name,
-        created_at=_timestamp(key.created_at),
-        expires_at=_timestamp(key.expires_at),
-        revoked_at=_timestamp(key.revoked_at),
+        created_at=timestamp(key.created_at),
+        expires_at=timestamp(key.expires_at),
+        revoked_at=timestamp(key.revoked_at),
     )
 
 

@@ -13,8 +13,7 @@ import numpy as np
 from headswap.server.cache import EmbeddingCache
 from headswap.server.config import LimitsConfig
 from headswap.server.domain import Input, Progress
-from headswap.server.errors import InvalidArgument
-from headswap.server.inference.image import InputError
+from headswap.server.errors import InputError, InvalidArgument
 from headswap.server.inference.lanes import Lane
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService

@@ -16,7 +16,6 @@ from headswap.adapters import metrics_from_manifest, selection_from_manifest, to
 from headswap.server.binding import UNRECORDED, Bindings
 from headswap.server.cache import EmbeddingCache
 from headswap.server.domain import (
-    ActivateRequest,
     Activation,
     Classified,
     ClassifyRequest,
@@ -220,7 +219,7 @@ class HeadService:
             self.store.damaged[tenant] = problem
             raise damaged(tenant, problem) from None
 
-    async def activate(self, request: ActivateRequest) -> Activation:
+    async def activate(self, request: VersionRequest) -> Activation:
         tenant, version = request.caller.tenant_for(request.tenant), request.version
         if version <= 0:
             raise InvalidArgument(f"version must be a positive version number, not {version}")

@@ -54,7 +54,7 @@ def check_new_examples(
     """The examples of a call (indexed as sent) and what they add up to with the stored ones."""
     for i, e in enumerate(new):
         check_kind(e.input, input_kind, f"examples[{i}]", "the backbone they go to")
-        if e.input.text is not None and not e.input.text.strip():
+        if isinstance(e.input.content, str) and not e.input.content.strip():
             raise InvalidArgument(f"examples[{i}] has empty text")
         if not e.label.strip():
             raise InvalidArgument(f"examples[{i}] has an empty label")

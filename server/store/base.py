@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import base64
 import dataclasses
 import hashlib
 import json
@@ -26,6 +25,7 @@ import numpy as np
 
 from headswap.server.domain import Deletion, Example, Input
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
+from headswap.server.input_kinds import KINDS, input_kind
 from headswap.server.keys import ApiKey
 from headswap.server.store.requests import RequestRecord
 
@@ -314,16 +314,13 @@ class HeadStore(abc.ABC):
 
 
 def example_to_json(example: Example) -> dict[str, str]:
-    item = example.input
-    if item.text is not None:
-        return {"text": item.text, "label": example.label}
-    return {"image": base64.b64encode(item.image or b"").decode(), "label": example.label}
+    item = example.input  # {"text": "...", "label": ...}; bytes as base64: {"image": "...", "label": ...}
+    return {item.kind: input_kind(item.kind).to_json(item.content), "label": example.label}
 
 
 def example_from_json(raw: dict[str, str]) -> Example:
-    if "image" in raw:
-        return Example(Input(image=base64.b64decode(raw["image"])), raw["label"])
-    return Example(Input(text=raw["text"]), raw["label"])
+    kind = next((name for name in raw if name in KINDS), "text")
+    return Example(Input(**{kind: input_kind(kind).from_json(raw[kind])}), raw["label"])
 
 
 def key_to_json(key: ApiKey) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class FastEncoder:
     precision = "fp32"
 
     def prepare(self, inputs: list[Input]) -> list[Prepared]:
-        ids = [np.array([ord(c) for c in item.text or ""], dtype=np.int64) for item in inputs]
+        ids = [np.array([ord(c) for c in str(item.content)], dtype=np.int64) for item in inputs]
         return [Prepared(x, len(x), len(x)) for x in ids]
 
     def collate(self, items: list[Prepared]) -> dict[str, object]:

@@ -34,7 +34,7 @@ class FakeBackbone:
         self.entered = threading.Event()
 
     def prepare(self, inputs: list[Input]) -> list[Prepared]:
-        ids = [np.array([ord(c) for c in item.text or ""], dtype=np.int64) for item in inputs]
+        ids = [np.array([ord(c) for c in str(item.content)], dtype=np.int64) for item in inputs]
         return [Prepared(x, len(x), len(x)) for x in ids]
 
     def collate(self, items: list[Prepared]) -> dict[str, object]:
@@ -245,10 +245,10 @@ async def test_an_input_error_names_the_input_in_a_later_slice(pools) -> None:  
     batcher, backbone, _, _ = make(pools, max_batch_items=2)
 
     def prepare(inputs):  # type: ignore[no-untyped-def]
-        from headswap.server.inference.image import InputError
+        from headswap.server.errors import InputError
 
         for i, item in enumerate(inputs):
-            if item.text == "bad":
+            if item.content == "bad":
                 raise InputError(i, "is bad")
         return FakeBackbone.prepare(backbone, inputs)
 

@@ -16,7 +16,8 @@ import simplejpeg
 from PIL import Image, ImageFile
 
 from headswap.server.domain import Input
-from headswap.server.inference.image import IMAGE_COST, ImagePreprocessor, InputError
+from headswap.server.errors import InputError
+from headswap.server.inference.image import IMAGE_COST, ImagePreprocessor
 from headswap.server.manifest import BackboneManifest
 
 
