@@ -34,21 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
+from headswap.server.errors import DataLoss, NotFound
+from headswap.server.manifest import HeadManifest
+from headswap.server.store import pointer
 from headswap.server.store.base import (
     Change,
     HeadStore,
+    NewExamples,
     NewVersion,
     StoredVersion,
     TenantState,
     check_expected,
-    damaged,
     example_from_json,
     example_to_json,
-    manifest_problem,
     no_head,
-    retained,
-    sealed,
     verify_weights,
     weights_digest,
 )
@@ -119,22 +118,21 @@ class LocalStore(LocalExtras, HeadStore):
         except FileNotFoundError:
             if not self.tenant_dir(tenant).is_dir():
                 raise no_head(tenant) from None
-            raise self._quarantine(tenant, f"{what} is missing") from None
+            raise self.quarantine(tenant, f"{what} is missing") from None
         except OSError as exc:
-            raise self._quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
+            raise self.quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
 
     def _read_json(self, tenant: str, path: Path, what: str) -> Any:
         raw = self._read(tenant, path, what)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            raise self._quarantine(tenant, f"{what} is not valid JSON") from None
+            raise self.quarantine(tenant, f"{what} is not valid JSON") from None
 
-    def _quarantine(self, tenant: str, what: str) -> DataLoss:
+    def quarantine(self, tenant: str, what: str) -> DataLoss:
         if self.damaged.get(tenant) != what:
             log.warning("tenant %s quarantined: %s", tenant, what)
-        self.damaged[tenant] = what
-        return damaged(tenant, what)
+        return super().quarantine(tenant, what)
 
     # -- reading -----------------------------------------------------------------------------------------
 
@@ -157,7 +155,7 @@ class LocalStore(LocalExtras, HeadStore):
         path = self.tenant_dir(tenant) / "state.json"
         if not path.exists():
             if holds_data(path.parent):  # a lost pointer is damage to report, never a reason to forget data
-                raise self._quarantine(tenant, "state.json is missing")
+                raise self.quarantine(tenant, "state.json is missing")
             raise no_head(tenant)
         raw = self._read_json(tenant, path, "state.json")
         try:
@@ -169,11 +167,11 @@ class LocalStore(LocalExtras, HeadStore):
             if sorted(set(versions)) != versions:
                 raise ValueError
             if int(raw.get("active_version", 0)) not in (0, *versions):
-                raise self._quarantine(
+                raise self.quarantine(
                     tenant, f"state.json names active version {raw['active_version']}, which it does not list"
                 )
         except (TypeError, KeyError, ValueError):
-            raise self._quarantine(tenant, "state.json does not describe a state") from None
+            raise self.quarantine(tenant, "state.json does not describe a state") from None
         return dict(raw)
 
     def state(self, tenant: str) -> TenantState:
@@ -186,24 +184,21 @@ class LocalStore(LocalExtras, HeadStore):
             int(raw.get("previous_version", 0)),
         )
 
-    def manifest(self, tenant: str, version: int) -> dict[str, Any]:
+    def manifest(self, tenant: str, version: int) -> HeadManifest:
         self.state(tenant).require(version)
         data = self._read_json(
             tenant, self.version_dir(tenant, version) / "head.json", f"version {version}'s head.json"
         )
-        problem = manifest_problem(version, data)
-        if problem:
-            raise self._quarantine(tenant, problem)
-        return dict(data)
+        return self.checked_manifest(tenant, version, data)
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         manifest = self.manifest(tenant, version)
         path = self.version_dir(tenant, version) / "weights.safetensors"
         weights = self._read(tenant, path, f"version {version}'s weights")
         try:
-            verify_weights(tenant, version, manifest, weights)
+            verify_weights(tenant, version, manifest.weights_sha256, weights)
         except DataLoss:
-            raise self._quarantine(
+            raise self.quarantine(
                 tenant, f"version {version}'s weights do not match their recorded sha256"
             ) from None
         return StoredVersion(version, manifest, weights)
@@ -231,7 +226,7 @@ class LocalStore(LocalExtras, HeadStore):
         try:
             return [example_from_json(e) for e in raw["examples"]]
         except (TypeError, KeyError, ValueError):
-            raise self._quarantine(tenant, "the examples file does not hold examples") from None
+            raise self.quarantine(tenant, "the examples file does not hold examples") from None
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -266,12 +261,16 @@ class LocalStore(LocalExtras, HeadStore):
         versions_dir.mkdir(exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         # Never a number given out before, even to a version deleted since: state.json keeps the highest.
-        version = max([*state.versions, *existing, recorded_last_version(raw_state)]) + 1
-        manifest = sealed({**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)})
+        version = pointer.next_version(state, *existing, recorded_last_version(raw_state))
+        sha = weights_digest(new.weights)
+        manifest = new.manifest.committed(version, sha)
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:
-            for name, data in (("head.json", json_bytes(manifest)), ("weights.safetensors", new.weights)):
+            for name, data in (
+                ("head.json", json_bytes(manifest.to_json())),
+                ("weights.safetensors", new.weights),
+            ):
                 with (staging / name).open("wb") as handle:
                     handle.write(data)
                     handle.flush()
@@ -281,9 +280,7 @@ class LocalStore(LocalExtras, HeadStore):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        active = version if new.activate else state.active_version
-        previous = state.active_version if new.activate and state.active_version else state.previous_version
-        updated = TenantState(tenant, active, (*state.versions, version), next_seq(state.seq), previous)
+        updated = pointer.committed(state, version, new.activate, next_seq(state.seq))
         try:
             fsync_dir(versions_dir)
             crash_point("version-written")
@@ -299,8 +296,8 @@ class LocalStore(LocalExtras, HeadStore):
         crash_point("state-written")
         self._prune(updated, ref, raw_state.get("examples"))
         self.damaged.pop(tenant, None)
-        sha = manifest["weights_sha256"] if updated.active_version == version else ""
-        self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
+        active_sha = sha if updated.active_version == version else ""
+        self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=active_sha))
         return self.state(tenant)
 
     def _named_versions(self, tenant: str) -> set[int]:
@@ -319,18 +316,12 @@ class LocalStore(LocalExtras, HeadStore):
         return ref
 
     @exclusive
-    def put_examples(
-        self,
-        tenant: str,
-        examples: Sequence[Example],
-        expect_seq: int | None = None,
-        request: RequestRecord | None = None,
-    ) -> TenantState:
-        raw_state, state = self._begin(tenant, expect_seq, request)
+    def commit_examples(self, tenant: str, new: NewExamples) -> TenantState:
+        raw_state, state = self._begin(tenant, new.expect_seq, new.request)
         if not raw_state:  # a new tenant: a seq of its own, that a delete and a new start never repeat
             state = TenantState(tenant, 0, (), next_seq(0))
-        ref = self._write_examples(tenant, examples)
-        record = request.to_json(0, state.active_version) if request else None
+        ref = self._write_examples(tenant, new.examples)
+        record = new.request.to_json(0, state.active_version) if new.request else None
         self.write_state(state, ref, record)  # the commit point
         self._prune(state, ref, raw_state.get("examples"))
         return state
@@ -374,13 +365,10 @@ class LocalStore(LocalExtras, HeadStore):
     def _prune(self, state: TenantState, examples: str, old_examples: str | None) -> None:
         """Retention: drop versions past the limit (the state first, then their files) and the old
         example set."""
-        keep = retained(state, self.max_versions)
-        if keep != state.versions:
-            self.write_state(
-                TenantState(state.tenant, state.active_version, keep, state.seq, state.previous_version),
-                examples,
-            )
-            for version in set(state.versions) - set(keep):
+        kept = pointer.retained(state, self.max_versions)
+        if kept != state:
+            self.write_state(kept, examples)
+            for version in set(state.versions) - set(kept.versions):
                 shutil.rmtree(self.version_dir(state.tenant, version), ignore_errors=True)
         tenant_dir = self.tenant_dir(state.tenant)
         if old_examples and old_examples != examples:
@@ -390,32 +378,23 @@ class LocalStore(LocalExtras, HeadStore):
     @exclusive
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         state = self.state(tenant)
-        state.require(version)
         stored = self.load_version(tenant, version)  # DataLoss before the pointer moves to damaged weights
-        previous = state.active_version if state.active_version != version else state.previous_version
-        updated = TenantState(tenant, version, state.versions, next_seq(state.seq), previous)
+        updated = pointer.activated(state, version, next_seq(state.seq))
         self.write_state(updated, self.examples_ref(tenant))
         self._publish(
-            Change(tenant, version, updated.seq, weights_sha256=stored.manifest.get("weights_sha256", ""))
+            Change(tenant, version, updated.seq, weights_sha256=stored.manifest.weights_sha256 or "")
         )
         return updated, state.active_version
 
     @exclusive
     def delete_version(self, tenant: str, version: int) -> TenantState:
         state = self.state(tenant)
-        state.require(version)
-        if version == state.active_version:
-            raise FailedPrecondition(
-                f"version {version} is tenant {tenant!r}'s active version: activate another one first"
-            )
-        previous = 0 if version == state.previous_version else state.previous_version
-        versions = tuple(v for v in state.versions if v != version)
-        updated = TenantState(tenant, state.active_version, versions, next_seq(state.seq), previous)
+        updated = pointer.without_version(state, version, next_seq(state.seq))
         self.write_state(updated, self.examples_ref(tenant))
         shutil.rmtree(self.version_dir(tenant, version), ignore_errors=True)
         active_sha = ""
         if updated.active_version:
-            active_sha = str(self.manifest(tenant, updated.active_version).get("weights_sha256", ""))
+            active_sha = self.manifest(tenant, updated.active_version).weights_sha256 or ""
         self.feed.publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=active_sha))
         return updated
 

@@ -9,7 +9,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from headswap.server.keys import ApiKey
-from headswap.server.store.base import CachedVectors, Change, no_key, row_check
+from headswap.server.manifest import HeadManifest
+from headswap.server.store.base import (
+    CachedVectors,
+    Change,
+    TenantCopy,
+    example_to_json,
+    no_key,
+    row_check,
+    weights_digest,
+)
 from headswap.server.store.postgres_schema import jsonb
 from headswap.server.store.requests import REQUESTS_KEPT, AlreadyDone, RequestRecord
 from headswap.server.validation import check_tenant
@@ -25,6 +34,10 @@ class _Store(Protocol):
     def tick(self, conn: Any) -> int: ...
 
     def record_change(self, conn: Any, change: Change) -> None: ...
+
+    def insert_version(self, conn: Any, tenant: str, manifest: HeadManifest, weights: bytes) -> None: ...
+
+    def _replace_examples(self, conn: Any, tenant: str, rows: list[dict[str, str]]) -> int: ...
 
 
 class PostgresExtras:
@@ -66,7 +79,47 @@ class PostgresExtras:
             ).fetchone()
         return dict(row[0]) if row is not None else None
 
+    # -- `headswap store copy`'s target ------------------------------------------------------------------
+
+    def restore(self: _Store, tenant: str, copied: TenantCopy) -> dict[int, str]:
+        """Store a whole tenant with its version numbers, in one transaction, unless the tenant is here already;
+        returns the weights' sha256 of the versions that were here (empty: restored)."""
+        with self.transaction("copy a tenant") as conn:
+            existing = {
+                int(v): str(sha)
+                for v, sha in conn.execute(
+                    "SELECT version, weights_sha256 FROM headswap_versions WHERE tenant = %s", (tenant,)
+                )
+            }
+            if existing:
+                return existing
+            conn.execute(
+                "INSERT INTO headswap_tenants (tenant, next_version) VALUES (%s, %s)",
+                (tenant, copied.last_version + 1),  # numbers given out before are never reused
+            )
+            examples_id = self._replace_examples(conn, tenant, [example_to_json(e) for e in copied.examples])
+            shas = {v.version: weights_digest(v.weights) for v in copied.versions}
+            for v in copied.versions:
+                self.insert_version(conn, tenant, v.manifest.committed(v.version, shas[v.version]), v.weights)
+            state, seq = copied.state, self.tick(conn)
+            conn.execute(
+                "UPDATE headswap_tenants SET active_version = %s, previous_version = %s, examples_id = %s, "
+                "seq = %s WHERE tenant = %s",
+                (state.active_version, state.previous_version, examples_id, seq, tenant),
+            )
+            active_sha = shas.get(state.active_version, "")
+            self.record_change(conn, Change(tenant, state.active_version, seq, weights_sha256=active_sha))
+        return {}
+
     # -- the embedding cache -----------------------------------------------------------------------------
+
+    def fingerprints(self: _Store, tenant: str) -> list[str]:
+        with self.transaction("list cached embeddings") as conn:
+            rows = conn.execute(
+                "SELECT fingerprint FROM headswap_embeddings WHERE tenant = %s ORDER BY fingerprint",
+                (check_tenant(tenant),),
+            ).fetchall()
+        return [str(f) for (f,) in rows]
 
     def cached_embeddings(self: _Store, tenant: str, fingerprint: str) -> CachedVectors:
         """As the local store's: rows whose checksum fails are left out and counted in `.dropped` (an entry
