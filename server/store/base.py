@@ -12,11 +12,9 @@ deleted stays deleted, and the next training gets a new number.
 from __future__ import annotations
 
 import abc
-import asyncio
 import base64
 import dataclasses
 import hashlib
-import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +25,14 @@ from headswap.server.domain import Deletion, Example, Input
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.keys import ApiKey
 from headswap.server.manifest import HeadManifest, ManifestError
+from headswap.server.store.feed import ChangeFeed
 from headswap.server.store.requests import RequestRecord
 
 
 @dataclass(frozen=True)
 class StoredVersion:
+    """A committed version as a store reads it back: its manifest checked, its weights those committed."""
+
     version: int
     manifest: HeadManifest
     weights: bytes
@@ -146,34 +147,6 @@ def row_check(key: bytes, vector: np.ndarray) -> bytes:
     """A cached row's checksum, bound to its key: a garbled vector, or a sound one moved to another key's row
     (permuted rows: finite unit vectors that would train a wrong head), fails it."""
     return hashlib.sha256(key + np.asarray(vector, dtype="<f4").tobytes()).digest()
-
-
-class ChangeFeed:
-    """Fan-out of changes to async subscribers; `publish` may be called from any thread."""
-
-    def __init__(self) -> None:
-        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]] = []
-        self._lock = threading.Lock()
-
-    def publish(self, change: Change) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for loop, queue in subscribers:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, change)
-            except RuntimeError:  # that loop is closed: its subscriber is gone
-                continue
-
-    async def subscribe(self) -> AsyncIterator[Change]:
-        entry = (asyncio.get_running_loop(), asyncio.Queue[Change]())
-        with self._lock:
-            self._subscribers.append(entry)
-        try:
-            while True:
-                yield await entry[1].get()
-        finally:
-            with self._lock:
-                self._subscribers.remove(entry)
 
 
 class Versions(abc.ABC):

@@ -11,15 +11,13 @@ PostgreSQL cannot be reached, calls that need it answer UNAVAILABLE; heads alrea
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import DiskFull, Unavailable
 from headswap.server.manifest import HeadManifest
 from headswap.server.store import pointer
 from headswap.server.store.base import (
@@ -37,16 +35,17 @@ from headswap.server.store.base import (
     weights_digest,
 )
 from headswap.server.store.faults import crash_point
-from headswap.server.store.postgres_extras import PostgresExtras
-from headswap.server.store.postgres_schema import MIGRATIONS, current_version, jsonb, migrate, one, redact
+from headswap.server.store.postgres_cache import PostgresCache
+from headswap.server.store.postgres_keys import PostgresKeys
+from headswap.server.store.postgres_requests import PostgresRequests
+from headswap.server.store.postgres_restore import PostgresRestore
+from headswap.server.store.postgres_schema import MIGRATIONS, current_version, migrate, one, redact
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "headswap_changes"
 
-
-class PostgresStore(PostgresExtras, RestoringStore):
+class PostgresStore(PostgresRequests, PostgresRestore, PostgresCache, PostgresKeys, RestoringStore):
     def __init__(
         self, url: str, max_versions: int = 50, migrate_schema: bool = False, listen: bool = True
     ) -> None:
@@ -92,49 +91,6 @@ class PostgresStore(PostgresExtras, RestoringStore):
         if self.listener is not None:
             self.listener.stop()
         self._pool.close()
-
-    # -- plumbing ----------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _reachable(self, what: str) -> Iterator[None]:
-        import psycopg
-        import psycopg_pool
-
-        from headswap.server.store.postgres_schema import first_line
-
-        try:
-            yield
-        except psycopg.errors.DiskFull as exc:  # SQLSTATE 53100: the database's disk, not the network
-            raise DiskFull(f"PostgreSQL could not {what}") from exc
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
-            raise Unavailable(
-                f"could not {what}: the head store at {self.where} is unreachable ({first_line(exc)}); retry shortly"
-            ) from None
-
-    @contextlib.contextmanager
-    def transaction(self, what: str) -> Iterator[Any]:
-        """A connection in one transaction."""
-        with self._reachable(what), self._pool.connection() as conn, conn.transaction():
-            yield conn
-
-    def tick(self, conn: Any) -> int:
-        """The next change sequence number; the clock row stays locked until commit, ordering the changes."""
-        return int(conn.execute("UPDATE headswap_clock SET seq = seq + 1 RETURNING seq").fetchone()[0])
-
-    def record_change(self, conn: Any, change: Change) -> None:
-        conn.execute(
-            "INSERT INTO headswap_changes (seq, tenant, active_version, weights_sha256, deleted, key_id) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
-            (
-                change.seq,
-                change.tenant,
-                change.active_version,
-                change.weights_sha256,
-                change.deleted,
-                change.key_id,
-            ),
-        )
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(change.seq)))
 
     def _state(self, conn: Any, tenant: str, lock: bool = False) -> tuple[TenantState, int | None]:
         row = conn.execute(
@@ -226,7 +182,7 @@ class PostgresStore(PostgresExtras, RestoringStore):
                 or hashlib.sha256(json.dumps(current_examples, sort_keys=True).encode()).hexdigest()
                 != examples_sha
             ):
-                examples_id = self._replace_examples(conn, tenant, examples)
+                examples_id = self.replace_examples(conn, tenant, examples)
             seq = self.tick(conn)
             pointed = pointer.committed(
                 TenantState(tenant, active, (), seq, previous), version, new.activate, seq
@@ -263,7 +219,7 @@ class PostgresStore(PostgresExtras, RestoringStore):
             check_expected(TenantState(tenant, 0, (), 0 if created else expect_seq or 0), expect_seq)
             conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
             self._check_request(conn, tenant, request)
-            examples_id = self._replace_examples(conn, tenant, rows)
+            examples_id = self.replace_examples(conn, tenant, rows)
             conn.execute(
                 "UPDATE headswap_tenants SET examples_id = %s, updated_at = now() WHERE tenant = %s",
                 (examples_id, tenant),
@@ -281,27 +237,6 @@ class PostgresStore(PostgresExtras, RestoringStore):
         if row is None:
             raise no_head(tenant)
         return int(row[0]) - 1
-
-    def _replace_examples(self, conn: Any, tenant: str, rows: list[dict[str, str]]) -> int:
-        """The tenant's example set becomes `rows` (its only one); returns its id."""
-        examples_id = int(
-            conn.execute(
-                "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
-                (tenant, jsonb(rows)),
-            ).fetchone()[0]
-        )
-        conn.execute(
-            "DELETE FROM headswap_example_sets WHERE tenant = %s AND id <> %s", (tenant, examples_id)
-        )
-        return examples_id
-
-    def insert_version(self, conn: Any, tenant: str, manifest: HeadManifest, weights: bytes) -> None:
-        """A committed version's row (`manifest` numbered and sealed); in the caller's transaction."""
-        conn.execute(
-            "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) "
-            "VALUES (%s, %s, %s, %b, %s)",
-            (tenant, manifest.version, jsonb(manifest.to_json()), weights, manifest.weights_sha256),
-        )
 
     def _sha(self, conn: Any, tenant: str, version: int) -> str:
         row = conn.execute(
