@@ -303,3 +303,33 @@ def test_request_ids_survive_other_writes_are_bounded_and_go_with_the_tenant(sto
     # A new tenant of that name starts with no ids: the same id is a new call.
     store.put_examples("t", EXAMPLES, request=record("v1"))
     assert store.examples("t") == EXAMPLES
+
+
+def test_last_version_and_cached_fingerprints(store: HeadStore) -> None:
+    with pytest.raises(NotFound):
+        store.last_version("t")
+    store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, activate=True))
+    store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES, activate=False))
+    store.delete_version("t", 2)
+    assert store.last_version("t") == 2  # a number given out stays given out
+    assert store.fingerprints("t") == []
+    store.save_embeddings("t", "abc", {b"k" * 32: np.ones(4, dtype=np.float32)})
+    assert store.fingerprints("t") == ["abc"]
+
+
+async def test_api_keys(store: HeadStore) -> None:
+    from headswap.server.keys import ApiKey
+
+    assert store.get_key("0123456789abcdef") is None
+    key = ApiKey("0123456789abcdef", "tenant", "t", "0" * 64, 1.0, name="ci")
+    store.put_key(key)
+    assert store.get_key(key.id) == key and store.list_keys() == [key]
+    changes = store.changes()
+    pending = asyncio.ensure_future(anext(changes))
+    await asyncio.sleep(0)
+    revoked = await asyncio.to_thread(store.revoke_key, key.id, 5.0)
+    assert revoked.revoked_at == 5.0 and store.get_key(key.id) == revoked
+    change = await asyncio.wait_for(pending, 10)
+    assert (change.tenant, change.key_id) == ("", key.id)
+    with pytest.raises(NotFound):
+        store.revoke_key("fedcba9876543210", 5.0)

@@ -86,6 +86,7 @@ WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     from headswap.server.domain import Example, Input
+    from headswap.server.manifest import HeadManifest
     from headswap.server.store import NewVersion
     from headswap.server.store.local import LocalStore
 
