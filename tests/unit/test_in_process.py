@@ -19,7 +19,7 @@ import pytest
 from headswap.client import AsyncClient, FailedPrecondition, HeadswapError, InvalidArgument, NotFound
 from headswap.server.config import LimitsConfig, ServerConfig
 from headswap.server.inference.fake import FakeEncoder, fake_backbone
-from headswap.server.manifest import HeadManifest
+from headswap.server.manifest import SEAL, HeadManifest
 from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
 from headswap.v1 import headswap_pb2 as pb
@@ -308,7 +308,9 @@ async def test_a_head_stored_before_ood_scores_keeps_serving(server: InProcess, 
     del tensors["ood.references"]
     weights = safetensors.numpy.save(tensors, metadata=read_weights_metadata(stored.weights))
     manifest = {
-        k: v for k, v in stored.manifest.to_json().items() if k not in ("ood", "version", "weights_sha256")
+        k: v
+        for k, v in stored.manifest.to_json().items()
+        if k not in ("ood", "version", "weights_sha256", SEAL)
     }
     for name in ("ood_threshold", "ood_flagged_share", "confidence_cap", "log_loss_interval"):
         manifest["metrics"].pop(name)
