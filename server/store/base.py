@@ -1,4 +1,6 @@
-"""The store interface, with a change feed.
+"""The store interface: one protocol per concern (`Versions` with the active pointer, `Examples`,
+`EmbeddingCache`, `Keys`, `RequestRecords`), all of them together `HeadStore`, with a change feed (feed.py).
+The pointer rules every backend follows are in pointer.py; head manifests are `HeadManifest`s (manifest.py).
 
 A store keeps, per tenant: immutable head versions (manifest + safetensors weights), the active pointer,
 the labelled examples and cached embeddings. Every method is atomic. Every change of a tenant's active

@@ -5,7 +5,8 @@ one commit point: it names the versions, the active one and the file of the curr
 training's examples, version and pointer become visible together or not at all. Files no state names
 (versions or example sets of a training that did not commit, temporary files) are swept at start-up.
 A tenant whose files cannot be read is quarantined (DataLoss for that tenant alone); `check` finds and
-`check(repair=True)` mends what it can.
+`check(repair=True)` mends what it can. Reads and state.json are in local_state.py, the embedding cache
+in local_cache.py, API keys in local_keys.py; the pointer rules in pointer.py.
 
 Layout:
     tenants/<tenant>/state.json                         {"active_version", "previous_version",

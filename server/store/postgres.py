@@ -7,6 +7,8 @@ NOTIFYs, all in one transaction. Each replica keeps one listening connection (`p
 reads every change after the last it applied and publishes it on the store's feed, so every head bank
 reconciles through the same path as local swaps, within a second, and catches up after a reconnect. When
 PostgreSQL cannot be reached, calls that need it answer UNAVAILABLE; heads already in memory keep serving.
+Versions, the pointer (its rules: pointer.py) and examples are here; transactions and the change log in
+postgres_rows.py; request ids, `store copy`'s restore, the embedding cache and API keys each in their module.
 """
 
 from __future__ import annotations
