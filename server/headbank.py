@@ -17,7 +17,6 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from headswap.adapters import HeadFormatError, head_from_bytes
 from headswap.adapters.grouped import HeadStack
 from headswap.server.binding import Bindings, HeadBinding, ServedBackbone
 from headswap.server.errors import FailedPrecondition
+from headswap.server.manifest import HeadManifest
 from headswap.server.store import Change, HeadStore, StoredVersion
 from headswap.server.store.base import damaged
 
@@ -61,24 +61,23 @@ class LiveHead:
 def live_head(
     tenant: str,
     version: int,
-    manifest: dict[str, Any],
+    manifest: HeadManifest,
     weights: bytes,
     stack: HeadStack,
     binding: HeadBinding,
 ) -> LiveHead:
-    loaded = head_from_bytes(weights, manifest)
+    loaded = head_from_bytes(weights, manifest.to_json())
     slot = stack.add(loaded.spec, loaded.state, loaded.references)
-    metrics = manifest.get("metrics")
-    threshold = metrics.get("ood_threshold") if isinstance(metrics, dict) else None
+    threshold = manifest.metrics.get("ood_threshold") if manifest.metrics is not None else None
     head = LiveHead(
         tenant=tenant,
         version=version,
-        labels=tuple(manifest["labels"]),
+        labels=manifest.labels,
         binding=binding,
         slot=slot,
         stack=stack,
-        max_label_bytes=max(len(str(label).encode()) for label in manifest["labels"]),
-        weights_sha256=str(manifest.get("weights_sha256", "")),
+        max_label_bytes=max(len(label.encode()) for label in manifest.labels),
+        weights_sha256=manifest.weights_sha256 or "",
         # Only with the references it was learned for: a threshold alone could not be applied.
         ood_threshold=float(threshold) if threshold is not None and loaded.references is not None else None,
     )
@@ -140,7 +139,7 @@ class HeadBank:
         """A version in memory (blocking: reads the store unless `stored` is given); not yet swapped in."""
         if stored is None:
             stored = self.store.load_version(tenant, version)
-        binding = self.bindings.of(stored.manifest)
+        binding = self.bindings.of(stored.manifest.to_json())
         stack = self._stack_for(tenant, version, binding)
         try:
             return live_head(tenant, version, stored.manifest, stored.weights, stack, binding)

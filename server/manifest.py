@@ -1,10 +1,13 @@
-"""The manifest of an exported backbone directory: what the model is and how to feed it."""
+"""Manifests: of an exported backbone directory (what the model is and how to feed it), and of a stored head
+version (head.json: its labels, what it was trained on, sealed with its weights)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
@@ -150,3 +153,104 @@ def fingerprint(files: list[Path], settings: dict[str, Any]) -> str:
                 digest.update(block)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+# The seal: the sha256 of a head manifest's canonical JSON (every field but the seal; sorted keys, no spaces).
+# The manifest records the weights' sha256, so the seal binds the labels, the metrics and everything else
+# serving reads to the weights. A manifest written before the seal has none: it is checked as before (the
+# weights' sha256 and the field types below), so a label swapped in such a manifest goes unseen until it is
+# retrained.
+SEAL = "manifest_sha256"
+# The typed fields of a head manifest besides its labels, and the JSON types each may have when present.
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "spec": (dict,),
+    "metrics": (dict,),
+    "created_at": (int, float),
+    "example_count": (int,),
+    "backbone_fingerprint": (str,),
+    "weights_sha256": (str,),
+    "version": (int,),
+}
+
+
+class ManifestError(ValueError):
+    """A head manifest that does not say what was committed (the message says what is wrong with it)."""
+
+
+def manifest_digest(data: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != SEAL}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class HeadManifest:
+    """A head version's manifest, as the store keeps it (head.json, or PostgreSQL's `manifest` column).
+
+    The fields serving reads are typed; None means the JSON does not have that field (a manifest before
+    commit has no `version` and no `weights_sha256`, one written before the seal has no `seal`). Every other
+    field (format, config, selection, ood, the backbone binding, promotion...) is kept as it was in `extra`,
+    so that `to_json` gives back exactly the JSON `from_json` read: the same keys, values and seal."""
+
+    labels: tuple[str, ...]
+    version: int | None = None  # the store's number for the version, set at commit
+    weights_sha256: str | None = None  # set at commit
+    backbone_fingerprint: str | None = None
+    created_at: float | None = None
+    example_count: int | None = None
+    spec: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Any] | None = None
+    seal: str | None = None  # SEAL: the sha256 of everything else, set at commit
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, what: str = "the manifest") -> HeadManifest:
+        """Raises ManifestError ("<what> ...") for a broken seal, or a field serving reads that has the wrong
+        type: bytes that do not say what was committed are never served."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{what} is not a manifest")
+        seal = data.get(SEAL)
+        if seal is not None:
+            try:
+                intact = seal == manifest_digest(data)
+            except (TypeError, ValueError):
+                intact = False
+            if not intact:
+                raise ManifestError(
+                    f"{what} does not match the sha256 recorded at commit (its labels or fields were changed)"
+                )
+        labels = data.get("labels")
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(label, str) for label in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            raise ManifestError(f"{what} has no list of distinct labels")
+        for key, kinds in FIELD_TYPES.items():
+            value = data.get(key)
+            if key in data and (not isinstance(value, kinds) or isinstance(value, bool)):
+                raise ManifestError(f"{what} has a {key} of the wrong type ({type(value).__name__})")
+        typed = {name: copy.deepcopy(data[name]) for name in FIELD_TYPES if name in data}
+        extra = {
+            k: copy.deepcopy(v) for k, v in data.items() if k not in FIELD_TYPES and k not in ("labels", SEAL)
+        }
+        return cls(labels=tuple(labels), seal=seal, extra=extra, **typed)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON, a fresh copy: the fields that are set, `extra`, and the seal when there is one."""
+        data = copy.deepcopy(dict(self.extra))
+        data["labels"] = list(self.labels)
+        for name in FIELD_TYPES:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = copy.deepcopy(value)
+        if self.seal is not None:
+            data[SEAL] = self.seal
+        return data
+
+    def committed(self, version: int, weights_sha256: str) -> HeadManifest:
+        """The manifest as a store commits it: numbered, bound to its weights, and sealed (the seal computed
+        last, over everything else)."""
+        numbered = replace(self, version=version, weights_sha256=weights_sha256, seal=None)
+        return replace(numbered, seal=manifest_digest(numbered.to_json()))

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar, TypeVarTuple
+from typing import TypeVar, TypeVarTuple
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from headswap.server.domain import (
 )
 from headswap.server.errors import DataLoss, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
+from headswap.server.manifest import HeadManifest
 from headswap.server.services.embedding import EmbeddingService, timings
 from headswap.server.services.locks import TenantLock, TenantLocks
 from headswap.server.store import Change, HeadStore, StoredVersion
@@ -40,19 +41,27 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 
-def version_info(manifest: dict[str, Any], bindings: Bindings) -> VersionInfo:
+def recorded(value: T | None, name: str) -> T:
+    """A field of a head manifest that every version records: KeyError (a damaged manifest) when it does not."""
+    if value is None:
+        raise KeyError(name)
+    return value
+
+
+def version_info(manifest: HeadManifest, bindings: Bindings) -> VersionInfo:
     """A stored version as the API describes it, with the precision this server would answer it in."""
-    selection = selection_from_manifest(manifest)
-    binding = bindings.of(manifest)
+    data = manifest.to_json()
+    selection = selection_from_manifest(data)
+    binding = bindings.of(data)
     served = bindings.serving(binding)
     return VersionInfo(
-        version=int(manifest["version"]),
-        kind=str(manifest["spec"]["kind"]),
-        labels=tuple(manifest["labels"]),
-        metrics=metrics_from_manifest(manifest),
-        created_at=float(manifest["created_at"]),
-        fingerprint=str(manifest["backbone_fingerprint"]),
-        example_count=int(manifest["example_count"]),
+        version=recorded(manifest.version, "version"),
+        kind=str(recorded(manifest.spec, "spec")["kind"]),
+        labels=manifest.labels,
+        metrics=metrics_from_manifest(data),
+        created_at=float(recorded(manifest.created_at, "created_at")),
+        fingerprint=recorded(manifest.backbone_fingerprint, "backbone_fingerprint"),
+        example_count=recorded(manifest.example_count, "example_count"),
         l2=selection.l2,
         l2_source=selection.l2_source,
         temperature=selection.temperature,
@@ -182,8 +191,8 @@ class HeadService:
                     tenant,
                     state.active_version,
                     len(state.versions),
-                    tuple(m["labels"]),
-                    str(m.get("backbone_fingerprint", "")),
+                    m.labels,
+                    m.backbone_fingerprint or "",
                 )
             except NotFound:
                 return None  # deleted while listing

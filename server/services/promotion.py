@@ -11,8 +11,7 @@ examples when it is the latest commit, and is not compared otherwise.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,6 +27,7 @@ from headswap.adapters import (
 )
 from headswap.server.domain import Example
 from headswap.server.errors import NotFound
+from headswap.server.manifest import HeadManifest
 from headswap.server.store import HeadStore
 
 TRAINED_ON = "headswap.trained_on"
@@ -60,7 +60,7 @@ def _skipped(version: int, why: str) -> GateCheck:
 def compare_with_active(
     store: HeadStore,
     tenant: str,
-    comparable: Callable[[Mapping[str, Any]], bool],
+    comparable: Callable[[HeadManifest], bool],
     head: TrainedHead,
     examples: Sequence[Example],
     vectors: np.ndarray,
@@ -95,7 +95,7 @@ def compare_with_active(
     if fresh.size == 0:
         return active_version_check(np.empty(0, bool), np.empty(0, bool), active)
     rows = indices[fresh]
-    loaded = head_from_bytes(stored.weights, stored.manifest)
+    loaded = head_from_bytes(stored.weights, stored.manifest.to_json())
     active_labels = np.array(loaded.manifest["labels"], dtype=object)
     predicted = active_labels[HeadModule.from_head(loaded).predict_proba(vectors[rows]).argmax(axis=1)]
     truth = np.array([examples[int(i)].label for i in rows], dtype=object)

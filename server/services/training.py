@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from headswap.adapters import (
@@ -32,6 +32,7 @@ from headswap.server.errors import (
     NotFound,
     ResourceExhausted,
 )
+from headswap.server.manifest import HeadManifest
 from headswap.server.metrics import Metrics
 from headswap.server.services.embedding import EmbeddingService
 from headswap.server.services.example_vectors import ExampleVectors
@@ -242,7 +243,7 @@ class TrainingService:
                 tenant,
                 # The active version is compared on this lane's embeddings wherever this server would serve it
                 # in their place: trained on the same weights (in any precision, unless strict).
-                lambda active: bindings.serving(bindings.of(active)) is here,
+                lambda active: bindings.serving(bindings.of(active.to_json())) is here,
                 head,
                 examples,
                 vectors,
@@ -251,7 +252,7 @@ class TrainingService:
             checks = (head.baseline_check,) if champion is None else (head.baseline_check, champion)
             failed = next((c.rule for c in checks if not c.passed), "")
             activate = request.force_activate or not failed
-            weights, manifest = head_to_bytes(
+            weights, trained = head_to_bytes(
                 head,
                 extra_manifest={
                     "labels": labels,
@@ -267,6 +268,7 @@ class TrainingService:
             record = new_record(
                 request, digest, activate, embedded, hits, len(examples), held_back_by, checks
             )
+            manifest = HeadManifest.from_json(trained)
             committed = NewVersion(manifest, weights, examples, activate, expect_seq, record)
             try:
                 state = await self.heads.run_held(lock, self.store.commit_version, tenant, committed)
@@ -275,7 +277,7 @@ class TrainingService:
                 return
             await self.examples.save(lock, tenant, lane, to_save)
             version = state.versions[-1]
-            manifest["version"] = version
+            manifest = replace(manifest, version=version)
             if activate:
                 await self.heads.apply(
                     Change(tenant, state.active_version, state.seq), StoredVersion(version, manifest, weights)

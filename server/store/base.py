@@ -1,4 +1,6 @@
-"""The store interface, with a change feed.
+"""The store interface: one protocol per concern (`Versions` with the active pointer, `Examples`,
+`EmbeddingCache`, `Keys`, `RequestRecords`), all of them together `HeadStore`, with a change feed (feed.py).
+The pointer rules every backend follows are in pointer.py; head manifests are `HeadManifest`s (manifest.py).
 
 A store keeps, per tenant: immutable head versions (manifest + safetensors weights), the active pointer,
 the labelled examples and cached embeddings. Every method is atomic. Every change of a tenant's active
@@ -12,11 +14,8 @@ deleted stays deleted, and the next training gets a new number.
 from __future__ import annotations
 
 import abc
-import asyncio
 import dataclasses
 import hashlib
-import json
-import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +26,17 @@ from headswap.server.domain import Deletion, Example, Input
 from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
 from headswap.server.input_kinds import KINDS, input_kind
 from headswap.server.keys import ApiKey
+from headswap.server.manifest import HeadManifest, ManifestError
+from headswap.server.store.feed import ChangeFeed
 from headswap.server.store.requests import RequestRecord
 
 
 @dataclass(frozen=True)
 class StoredVersion:
+    """A committed version as a store reads it back: its manifest checked, its weights those committed."""
+
     version: int
-    manifest: dict[str, Any]
+    manifest: HeadManifest
     weights: bytes
 
 
@@ -41,7 +44,7 @@ class StoredVersion:
 class NewVersion:
     """A trained head about to be committed, with the examples it was trained on."""
 
-    manifest: dict[str, Any]
+    manifest: HeadManifest
     weights: bytes
     examples: Sequence[Example]
     activate: bool
@@ -52,6 +55,27 @@ class NewVersion:
     expect_seq: int | None = None
     # The call's idempotency key, committed with the version (see `RequestRecord`); None: none sent.
     request: RequestRecord | None = None
+
+
+@dataclass(frozen=True)
+class NewExamples:
+    """Examples about to become a tenant's stored set, without a new version: `expect_seq` and `request` as
+    `NewVersion`'s."""
+
+    examples: Sequence[Example]
+    expect_seq: int | None = None
+    request: RequestRecord | None = None
+
+
+@dataclass(frozen=True)
+class TenantCopy:
+    """A whole tenant as `headswap store copy` moves it: its state, every version (with its number), its
+    examples and the highest number it was ever given."""
+
+    state: TenantState
+    versions: Sequence[StoredVersion]
+    examples: Sequence[Example]
+    last_version: int
 
 
 @dataclass(frozen=True)
@@ -106,66 +130,9 @@ def weights_digest(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()
 
 
-# The seal: the sha256 of the manifest's canonical JSON (every field but the seal; sorted keys, no spaces). The
-# manifest records the weights' sha256, so the seal binds the labels, the metrics and everything else serving
-# reads to the weights. A manifest written before the seal has none: it is checked as before (the weights'
-# sha256 and the field types below), so a label swapped in such a manifest goes unseen until it is retrained.
-SEAL = "manifest_sha256"
-FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "spec": (dict,),
-    "metrics": (dict,),
-    "created_at": (int, float),
-    "example_count": (int,),
-    "backbone_fingerprint": (str,),
-    "weights_sha256": (str,),
-    "version": (int,),
-}
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != SEAL}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest as committed: with its seal (computed last, over everything else)."""
-    return {**manifest, SEAL: manifest_digest(manifest)}
-
-
-def manifest_problem(version: int, manifest: Any) -> str | None:
-    """What is wrong with a stored manifest (None: nothing): a broken seal, or a field serving reads that has
-    the wrong type. Raised by the stores as DataLoss: bytes that do not say what was committed are never
-    served."""
-    what = f"version {version}'s head.json"
-    if not isinstance(manifest, dict):
-        return f"{what} is not a manifest"
-    seal = manifest.get(SEAL)
-    if seal is not None:
-        try:
-            intact = seal == manifest_digest(manifest)
-        except (TypeError, ValueError):
-            intact = False
-        if not intact:
-            return f"{what} does not match the sha256 recorded at commit (its labels or fields were changed)"
-    labels = manifest.get("labels")
-    if (
-        not isinstance(labels, list)
-        or not labels
-        or not all(isinstance(label, str) for label in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        return f"{what} has no list of distinct labels"
-    for key, kinds in FIELD_TYPES.items():
-        value = manifest.get(key)
-        if key in manifest and (not isinstance(value, kinds) or isinstance(value, bool)):
-            return f"{what} has a {key} of the wrong type ({type(value).__name__})"
-    return None
-
-
-def verify_weights(tenant: str, version: int, manifest: dict[str, Any], weights: bytes) -> None:
-    """Weights must be the bytes committed: their sha256 was recorded in the manifest at commit."""
-    recorded = manifest.get("weights_sha256")
+def verify_weights(tenant: str, version: int, recorded: str | None, weights: bytes) -> None:
+    """Weights must be the bytes committed: their sha256 was `recorded` in the manifest at commit (None: a
+    manifest that does not record it)."""
     if recorded is not None and recorded != weights_digest(weights):
         raise damaged(tenant, f"version {version}'s weights do not match the sha256 recorded at commit")
 
@@ -184,54 +151,8 @@ def row_check(key: bytes, vector: np.ndarray) -> bytes:
     return hashlib.sha256(key + np.asarray(vector, dtype="<f4").tobytes()).digest()
 
 
-def retained(state: TenantState, keep_newest: int) -> tuple[int, ...]:
-    """The versions a retention limit keeps: the newest `keep_newest`, the active one and its predecessor."""
-    keep = set(state.versions[-keep_newest:]) | ({state.active_version, state.previous_version} - {0})
-    return tuple(v for v in state.versions if v in keep)
-
-
-class ChangeFeed:
-    """Fan-out of changes to async subscribers; `publish` may be called from any thread."""
-
-    def __init__(self) -> None:
-        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]] = []
-        self._lock = threading.Lock()
-
-    def publish(self, change: Change) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for loop, queue in subscribers:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, change)
-            except RuntimeError:  # that loop is closed: its subscriber is gone
-                continue
-
-    async def subscribe(self) -> AsyncIterator[Change]:
-        entry = (asyncio.get_running_loop(), asyncio.Queue[Change]())
-        with self._lock:
-            self._subscribers.append(entry)
-        try:
-            while True:
-                yield await entry[1].get()
-        finally:
-            with self._lock:
-                self._subscribers.remove(entry)
-
-
-class HeadStore(abc.ABC):
-    """What the services need from a store. Implementations make each method atomic, publish every change
-    of an active pointer on `feed`, keep at most `max_versions` versions per tenant (plus the active one
-    and its predecessor), and raise DataLoss for a tenant whose stored data cannot be read, recording it
-    in `damaged` (tenant -> what is wrong) so that one tenant's damage never reaches another."""
-
-    def __init__(self, max_versions: int = 50) -> None:
-        self.feed = ChangeFeed()
-        self.max_versions = max_versions
-        self.damaged: dict[str, str] = {}
-
-    def changes(self) -> AsyncIterator[Change]:
-        """Every change from now on, in order."""
-        return self.feed.subscribe()
+class Versions(abc.ABC):
+    """Heads: a tenant's immutable versions and its active pointer (the rules: store/pointer.py)."""
 
     @abc.abstractmethod
     def tenants(self) -> list[str]: ...
@@ -241,14 +162,10 @@ class HeadStore(abc.ABC):
         """Raises NotFound for an unknown tenant."""
 
     @abc.abstractmethod
-    def manifest(self, tenant: str, version: int) -> dict[str, Any]: ...
+    def manifest(self, tenant: str, version: int) -> HeadManifest: ...
 
     @abc.abstractmethod
     def load_version(self, tenant: str, version: int) -> StoredVersion: ...
-
-    @abc.abstractmethod
-    def examples(self, tenant: str) -> list[Example]:
-        """The tenant's stored examples; empty for an unknown tenant."""
 
     @abc.abstractmethod
     def commit_version(self, tenant: str, new: NewVersion) -> TenantState:
@@ -257,23 +174,6 @@ class HeadStore(abc.ABC):
         ever given, so a number is never reused, not even after that version was deleted. With
         `new.request`, the request id is recorded in the same commit; a request id the tenant already has
         raises `AlreadyDone` and stores nothing."""
-
-    @abc.abstractmethod
-    def put_examples(
-        self,
-        tenant: str,
-        examples: Sequence[Example],
-        expect_seq: int | None = None,
-        request: RequestRecord | None = None,
-    ) -> TenantState:
-        """Make `examples` the tenant's stored examples (creating the tenant if need be), leaving its versions
-        and active pointer as they are: nothing is published. All or nothing. `expect_seq`: as
-        `NewVersion.expect_seq`; `request`: as `NewVersion.request`."""
-
-    @abc.abstractmethod
-    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
-        """What the AdaptHead call with this idempotency key stored and answered (`RequestRecord.to_json`), or
-        None when the tenant has no such record (never sent, forgotten past `REQUESTS_KEPT`, or deleted)."""
 
     @abc.abstractmethod
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
@@ -285,16 +185,54 @@ class HeadStore(abc.ABC):
         is, a new sequence number) so that every head bank drops whatever it holds of the removed one."""
 
     @abc.abstractmethod
+    def last_version(self, tenant: str) -> int:
+        """The highest version number the tenant was ever given (0 for none), deleted versions included."""
+
+    @abc.abstractmethod
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         """Remove everything of the tenant; returns what went and the change it published."""
+
+
+class Examples(abc.ABC):
+    """A tenant's labelled examples: the set its newest training (or AdaptHead without training) stored."""
+
+    @abc.abstractmethod
+    def examples(self, tenant: str) -> list[Example]:
+        """The tenant's stored examples; empty for an unknown tenant."""
+
+    def put_examples(
+        self,
+        tenant: str,
+        examples: Sequence[Example],
+        expect_seq: int | None = None,
+        request: RequestRecord | None = None,
+    ) -> TenantState:
+        """Make `examples` the tenant's stored examples (creating the tenant if need be), leaving its versions
+        and active pointer as they are: nothing is published. All or nothing. `expect_seq`: as
+        `NewVersion.expect_seq`; `request`: as `NewVersion.request`."""
+        return self.commit_examples(tenant, NewExamples(examples, expect_seq, request))
+
+    @abc.abstractmethod
+    def commit_examples(self, tenant: str, new: NewExamples) -> TenantState:
+        """`put_examples`, as each store implements it."""
+
+
+class EmbeddingCache(abc.ABC):
+    """Cached embeddings of a tenant's examples, per embedding key (see `BackboneManifest.embedding_key`)."""
 
     @abc.abstractmethod
     def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]: ...
 
     @abc.abstractmethod
+    def fingerprints(self, tenant: str) -> list[str]:
+        """The embedding keys the tenant has cached embeddings for."""
+
+    @abc.abstractmethod
     def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None: ...
 
-    # -- API keys (only their HMACs: see headswap.server.keys) ----------------------------------------------
+
+class Keys(abc.ABC):
+    """API keys (only their HMACs: see headswap.server.keys)."""
 
     @abc.abstractmethod
     def put_key(self, key: ApiKey) -> None: ...
@@ -309,8 +247,55 @@ class HeadStore(abc.ABC):
     def revoke_key(self, key_id: str, at: float) -> ApiKey:
         """Mark the key revoked (NotFound for an unknown id) and publish a change naming it."""
 
-    def close(self) -> None:  # noqa: B027 - stores with connections override it
+
+class RequestRecords(abc.ABC):
+    """AdaptHead idempotency keys, recorded by `commit_version` and `put_examples` (store/requests.py)."""
+
+    @abc.abstractmethod
+    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
+        """What the AdaptHead call with this idempotency key stored and answered (`RequestRecord.to_json`), or
+        None when the tenant has no such record (never sent, forgotten past `REQUESTS_KEPT`, or deleted)."""
+
+
+class HeadStore(Versions, Examples, EmbeddingCache, Keys, RequestRecords):
+    """What the services need from a store: every concern above, on one backend. Implementations make each
+    method atomic, publish every change of an active pointer on `feed`, keep at most `max_versions` versions
+    per tenant (plus the active one and its predecessor), and raise DataLoss for a tenant whose stored data
+    cannot be read, recording it in `damaged` (tenant -> what is wrong: `quarantine`) so that one tenant's
+    damage never reaches another."""
+
+    def __init__(self, max_versions: int = 50) -> None:
+        self.feed = ChangeFeed()
+        self.max_versions = max_versions
+        self.damaged: dict[str, str] = {}
+
+    def changes(self) -> AsyncIterator[Change]:
+        """Every change from now on, in order."""
+        return self.feed.subscribe()
+
+    def quarantine(self, tenant: str, what: str) -> DataLoss:
+        """Record the tenant as damaged (`what` is wrong); returns the DataLoss to raise."""
+        self.damaged[tenant] = what
+        return damaged(tenant, what)
+
+    def checked_manifest(self, tenant: str, version: int, data: Any) -> HeadManifest:
+        """A stored manifest, read: DataLoss (quarantine) when it does not say what was committed."""
+        try:
+            return HeadManifest.from_json(data, f"version {version}'s head.json")
+        except ManifestError as exc:
+            raise self.quarantine(tenant, str(exc)) from None
+
+    def close(self) -> None:
         """Release connections and files."""
+
+
+class RestoringStore(HeadStore):
+    """A store that `headswap store copy` can copy a tenant into (store/copy.py)."""
+
+    @abc.abstractmethod
+    def restore(self, tenant: str, copied: TenantCopy) -> dict[int, str]:
+        """Store `copied` whole, in one transaction, unless the tenant is there; returns the weights' sha256
+        of the versions that were there (empty: restored)."""
 
 
 def example_to_json(example: Example) -> dict[str, str]:

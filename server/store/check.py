@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headswap.server.errors import DataLoss, NotFound
-from headswap.server.store.base import TenantState
+from headswap.server.store import pointer
+from headswap.server.store.base import HeadStore, TenantState
 from headswap.server.store.files import next_seq
 from headswap.server.store.local import LocalStore
 
@@ -29,12 +30,12 @@ class Finding:
     repair: str  # what --repair does (or did)
 
 
-def _version_problem(store: LocalStore, tenant: str, version: int) -> str | None:
+def _version_problem(store: HeadStore, tenant: str, version: int) -> str | None:
     from headswap.adapters import HeadFormatError, head_from_bytes
 
     try:
         stored = store.load_version(tenant, version)
-        head_from_bytes(stored.weights, stored.manifest)
+        head_from_bytes(stored.weights, stored.manifest.to_json())
     except DataLoss as exc:
         return store.damaged.get(tenant, exc.message)
     except HeadFormatError as exc:
@@ -66,20 +67,11 @@ def check_tenant(store: LocalStore, tenant: str, repair: bool) -> list[Finding]:
     for version, problem in bad.items():
         action = f"drop version {version}"
         if version == state.active_version:
-            fallback = state.previous_version if state.previous_version not in bad else 0
+            fallback = pointer.fallback(state, bad)
             action += f" and activate version {fallback}" if fallback else " and leave no version active"
         findings.append(Finding(tenant, problem, action))
     if repair and findings:
-        keep = tuple(v for v in state.versions if v not in bad)
-        active = state.active_version
-        if active in bad:
-            active = state.previous_version if state.previous_version in keep else 0
-        previous = (
-            state.previous_version
-            if state.previous_version in keep and state.previous_version != active
-            else 0
-        )
-        store.write_state(TenantState(tenant, active, keep, next_seq(state.seq), previous), examples_ref)
+        store.write_state(pointer.repaired(state, bad, next_seq(state.seq)), examples_ref)
         for version in bad:
             shutil.rmtree(store.version_dir(tenant, version), ignore_errors=True)
         store.damaged.pop(tenant, None)

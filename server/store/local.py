@@ -5,7 +5,8 @@ one commit point: it names the versions, the active one and the file of the curr
 training's examples, version and pointer become visible together or not at all. Files no state names
 (versions or example sets of a training that did not commit, temporary files) are swept at start-up.
 A tenant whose files cannot be read is quarantined (DataLoss for that tenant alone); `check` finds and
-`check(repair=True)` mends what it can.
+`check(repair=True)` mends what it can. Reads and state.json are in local_state.py, the embedding cache
+in local_cache.py, API keys in local_keys.py; the pointer rules in pointer.py.
 
 Layout:
     tenants/<tenant>/state.json                         {"active_version", "previous_version",
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import logging
 import os
 import shutil
 import tempfile
@@ -34,46 +33,37 @@ from pathlib import Path
 from typing import Any
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import DataLoss, FailedPrecondition, NotFound
+from headswap.server.errors import DataLoss, NotFound
+from headswap.server.store import pointer
 from headswap.server.store.base import (
     Change,
-    HeadStore,
+    NewExamples,
     NewVersion,
-    StoredVersion,
     TenantState,
     check_expected,
-    damaged,
-    example_from_json,
     example_to_json,
-    manifest_problem,
     no_head,
-    retained,
-    sealed,
-    verify_weights,
     weights_digest,
 )
 from headswap.server.store.faults import crash_point
 from headswap.server.store.files import (
-    EXAMPLES_REF,
     atomic_write,
     compact_json_bytes,
     exclusive,
     fsync_dir,
-    holds_data,
     json_bytes,
     next_seq,
     recorded_last_version,
 )
-from headswap.server.store.local_extras import LocalExtras
+from headswap.server.store.local_cache import LocalCache
+from headswap.server.store.local_keys import LocalKeys
+from headswap.server.store.local_state import LocalState
 from headswap.server.store.processes import ProcessShared
-from headswap.server.store.requests import AlreadyDone, RequestRecord, find_request, with_request
+from headswap.server.store.requests import AlreadyDone, RequestRecord, find_request
 from headswap.server.store.sweep import sweep
-from headswap.server.validation import check_tenant
-
-log = logging.getLogger(__name__)
 
 
-class LocalStore(LocalExtras, HeadStore):
+class LocalStore(LocalCache, LocalKeys, LocalState):
     def __init__(
         self, root: Path, max_versions: int = 50, shared: bool = False, sweep_at_start: bool = True
     ) -> None:
@@ -104,134 +94,6 @@ class LocalStore(LocalExtras, HeadStore):
     def close(self) -> None:
         if self.shared is not None:
             self.shared.close()
-
-    # -- paths; tenant names are checked at the edge, and again here because they become paths.
-    def tenant_dir(self, tenant: str) -> Path:
-        return self.tenants_dir / check_tenant(tenant)
-
-    def version_dir(self, tenant: str, version: int) -> Path:
-        return self.tenant_dir(tenant) / "versions" / str(int(version))
-
-    def _read(self, tenant: str, path: Path, what: str) -> bytes:
-        """A file of the tenant: NotFound when the tenant is gone, DataLoss (quarantine) when it is damaged."""
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            if not self.tenant_dir(tenant).is_dir():
-                raise no_head(tenant) from None
-            raise self._quarantine(tenant, f"{what} is missing") from None
-        except OSError as exc:
-            raise self._quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
-
-    def _read_json(self, tenant: str, path: Path, what: str) -> Any:
-        raw = self._read(tenant, path, what)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise self._quarantine(tenant, f"{what} is not valid JSON") from None
-
-    def _quarantine(self, tenant: str, what: str) -> DataLoss:
-        if self.damaged.get(tenant) != what:
-            log.warning("tenant %s quarantined: %s", tenant, what)
-        self.damaged[tenant] = what
-        return damaged(tenant, what)
-
-    # -- reading -----------------------------------------------------------------------------------------
-
-    def tenants(self) -> list[str]:
-        # A name starting with "." is a delete in progress or a temporary directory, never a tenant. One whose
-        # state.json is missing but whose data is there is a tenant (quarantined), never nothing.
-        if not self.tenants_dir.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in self.tenants_dir.iterdir()
-            if not p.name.startswith(".") and ((p / "state.json").exists() or holds_data(p))
-        )
-
-    def exists(self, tenant: str) -> bool:
-        directory = self.tenant_dir(tenant)
-        return (directory / "state.json").exists() or holds_data(directory)
-
-    def raw_state(self, tenant: str) -> dict[str, Any]:
-        path = self.tenant_dir(tenant) / "state.json"
-        if not path.exists():
-            if holds_data(path.parent):  # a lost pointer is damage to report, never a reason to forget data
-                raise self._quarantine(tenant, "state.json is missing")
-            raise no_head(tenant)
-        raw = self._read_json(tenant, path, "state.json")
-        try:
-            if not isinstance(raw, dict) or not EXAMPLES_REF.fullmatch(str(raw.get("examples", ""))):
-                raise TypeError  # the examples name becomes a path: only a sha256 (or nothing) is one
-            versions = [int(v) for v in raw["versions"]]
-            for key in ("active_version", "previous_version", "seq"):
-                int(raw.get(key, 0))
-            if sorted(set(versions)) != versions:
-                raise ValueError
-            if int(raw.get("active_version", 0)) not in (0, *versions):
-                raise self._quarantine(
-                    tenant, f"state.json names active version {raw['active_version']}, which it does not list"
-                )
-        except (TypeError, KeyError, ValueError):
-            raise self._quarantine(tenant, "state.json does not describe a state") from None
-        return dict(raw)
-
-    def state(self, tenant: str) -> TenantState:
-        raw = self.raw_state(tenant)
-        return TenantState(
-            tenant,
-            int(raw["active_version"]),
-            tuple(int(v) for v in raw["versions"]),
-            int(raw.get("seq", 0)),
-            int(raw.get("previous_version", 0)),
-        )
-
-    def manifest(self, tenant: str, version: int) -> dict[str, Any]:
-        self.state(tenant).require(version)
-        data = self._read_json(
-            tenant, self.version_dir(tenant, version) / "head.json", f"version {version}'s head.json"
-        )
-        problem = manifest_problem(version, data)
-        if problem:
-            raise self._quarantine(tenant, problem)
-        return dict(data)
-
-    def load_version(self, tenant: str, version: int) -> StoredVersion:
-        manifest = self.manifest(tenant, version)
-        path = self.version_dir(tenant, version) / "weights.safetensors"
-        weights = self._read(tenant, path, f"version {version}'s weights")
-        try:
-            verify_weights(tenant, version, manifest, weights)
-        except DataLoss:
-            raise self._quarantine(
-                tenant, f"version {version}'s weights do not match their recorded sha256"
-            ) from None
-        return StoredVersion(version, manifest, weights)
-
-    def _examples_path(self, tenant: str, raw_state: dict[str, Any]) -> Path | None:
-        ref = raw_state.get("examples")
-        if ref is None:  # written before example sets were content-addressed
-            legacy = self.tenant_dir(tenant) / "examples.json"
-            return legacy if legacy.exists() else None
-        return self.tenant_dir(tenant) / "examples" / f"{ref}.json" if ref else None
-
-    def examples_ref(self, tenant: str) -> str:
-        """The name of the tenant's current example set ("" for none)."""
-        return str(self.raw_state(tenant).get("examples") or "")
-
-    def examples(self, tenant: str) -> list[Example]:
-        try:
-            raw_state = self.raw_state(tenant)
-        except NotFound:
-            return []
-        path = self._examples_path(tenant, raw_state)
-        if path is None:
-            return []
-        raw = self._read_json(tenant, path, "the examples file")
-        try:
-            return [example_from_json(e) for e in raw["examples"]]
-        except (TypeError, KeyError, ValueError):
-            raise self._quarantine(tenant, "the examples file does not hold examples") from None
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -266,12 +128,16 @@ class LocalStore(LocalExtras, HeadStore):
         versions_dir.mkdir(exist_ok=True)
         existing = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
         # Never a number given out before, even to a version deleted since: state.json keeps the highest.
-        version = max([*state.versions, *existing, recorded_last_version(raw_state)]) + 1
-        manifest = sealed({**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)})
+        version = pointer.next_version(state, *existing, recorded_last_version(raw_state))
+        sha = weights_digest(new.weights)
+        manifest = new.manifest.committed(version, sha)
 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=versions_dir))
         try:
-            for name, data in (("head.json", json_bytes(manifest)), ("weights.safetensors", new.weights)):
+            for name, data in (
+                ("head.json", json_bytes(manifest.to_json())),
+                ("weights.safetensors", new.weights),
+            ):
                 with (staging / name).open("wb") as handle:
                     handle.write(data)
                     handle.flush()
@@ -281,9 +147,7 @@ class LocalStore(LocalExtras, HeadStore):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        active = version if new.activate else state.active_version
-        previous = state.active_version if new.activate and state.active_version else state.previous_version
-        updated = TenantState(tenant, active, (*state.versions, version), next_seq(state.seq), previous)
+        updated = pointer.committed(state, version, new.activate, next_seq(state.seq))
         try:
             fsync_dir(versions_dir)
             crash_point("version-written")
@@ -299,8 +163,8 @@ class LocalStore(LocalExtras, HeadStore):
         crash_point("state-written")
         self._prune(updated, ref, raw_state.get("examples"))
         self.damaged.pop(tenant, None)
-        sha = manifest["weights_sha256"] if updated.active_version == version else ""
-        self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=sha))
+        active_sha = sha if updated.active_version == version else ""
+        self._publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=active_sha))
         return self.state(tenant)
 
     def _named_versions(self, tenant: str) -> set[int]:
@@ -319,68 +183,23 @@ class LocalStore(LocalExtras, HeadStore):
         return ref
 
     @exclusive
-    def put_examples(
-        self,
-        tenant: str,
-        examples: Sequence[Example],
-        expect_seq: int | None = None,
-        request: RequestRecord | None = None,
-    ) -> TenantState:
-        raw_state, state = self._begin(tenant, expect_seq, request)
+    def commit_examples(self, tenant: str, new: NewExamples) -> TenantState:
+        raw_state, state = self._begin(tenant, new.expect_seq, new.request)
         if not raw_state:  # a new tenant: a seq of its own, that a delete and a new start never repeat
             state = TenantState(tenant, 0, (), next_seq(0))
-        ref = self._write_examples(tenant, examples)
-        record = request.to_json(0, state.active_version) if request else None
+        ref = self._write_examples(tenant, new.examples)
+        record = new.request.to_json(0, state.active_version) if new.request else None
         self.write_state(state, ref, record)  # the commit point
         self._prune(state, ref, raw_state.get("examples"))
         return state
 
-    def last_version(self, tenant: str) -> int:
-        """The highest version number the tenant was ever given (0 for none), deleted versions included."""
-        raw = self.raw_state(tenant)
-        return max([recorded_last_version(raw), *(int(v) for v in raw["versions"])])
-
-    def request_record(self, tenant: str, request_id: str) -> dict[str, Any] | None:
-        try:
-            raw = self.raw_state(tenant)
-        except NotFound:
-            return None
-        return find_request(raw.get("requests"), request_id)
-
-    def write_state(self, state: TenantState, examples: str, request: dict[str, Any] | None = None) -> None:
-        """Write the tenant's state.json (its commit point), adding `request` to the request ids it keeps."""
-        path = self.tenant_dir(state.tenant) / "state.json"
-        try:  # the number given out last, and the request ids, survive every rewrite (a deletion, a repair)
-            old = json.loads(path.read_bytes())
-            before, requests = recorded_last_version(old), old.get("requests")
-        except (OSError, ValueError, TypeError, AttributeError):
-            before, requests = 0, None
-        atomic_write(
-            path,
-            json_bytes(
-                {
-                    "active_version": state.active_version,
-                    "previous_version": state.previous_version,
-                    "versions": list(state.versions),
-                    "last_version": max([before, *state.versions]),
-                    "examples": examples,
-                    "seq": state.seq,
-                    "requests": with_request(requests, request),
-                    "updated_at": time.time(),
-                }
-            ),
-        )
-
     def _prune(self, state: TenantState, examples: str, old_examples: str | None) -> None:
         """Retention: drop versions past the limit (the state first, then their files) and the old
         example set."""
-        keep = retained(state, self.max_versions)
-        if keep != state.versions:
-            self.write_state(
-                TenantState(state.tenant, state.active_version, keep, state.seq, state.previous_version),
-                examples,
-            )
-            for version in set(state.versions) - set(keep):
+        kept = pointer.retained(state, self.max_versions)
+        if kept != state:
+            self.write_state(kept, examples)
+            for version in set(state.versions) - set(kept.versions):
                 shutil.rmtree(self.version_dir(state.tenant, version), ignore_errors=True)
         tenant_dir = self.tenant_dir(state.tenant)
         if old_examples and old_examples != examples:
@@ -390,32 +209,23 @@ class LocalStore(LocalExtras, HeadStore):
     @exclusive
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         state = self.state(tenant)
-        state.require(version)
         stored = self.load_version(tenant, version)  # DataLoss before the pointer moves to damaged weights
-        previous = state.active_version if state.active_version != version else state.previous_version
-        updated = TenantState(tenant, version, state.versions, next_seq(state.seq), previous)
+        updated = pointer.activated(state, version, next_seq(state.seq))
         self.write_state(updated, self.examples_ref(tenant))
         self._publish(
-            Change(tenant, version, updated.seq, weights_sha256=stored.manifest.get("weights_sha256", ""))
+            Change(tenant, version, updated.seq, weights_sha256=stored.manifest.weights_sha256 or "")
         )
         return updated, state.active_version
 
     @exclusive
     def delete_version(self, tenant: str, version: int) -> TenantState:
         state = self.state(tenant)
-        state.require(version)
-        if version == state.active_version:
-            raise FailedPrecondition(
-                f"version {version} is tenant {tenant!r}'s active version: activate another one first"
-            )
-        previous = 0 if version == state.previous_version else state.previous_version
-        versions = tuple(v for v in state.versions if v != version)
-        updated = TenantState(tenant, state.active_version, versions, next_seq(state.seq), previous)
+        updated = pointer.without_version(state, version, next_seq(state.seq))
         self.write_state(updated, self.examples_ref(tenant))
         shutil.rmtree(self.version_dir(tenant, version), ignore_errors=True)
         active_sha = ""
         if updated.active_version:
-            active_sha = str(self.manifest(tenant, updated.active_version).get("weights_sha256", ""))
+            active_sha = self.manifest(tenant, updated.active_version).weights_sha256 or ""
         self.feed.publish(Change(tenant, updated.active_version, updated.seq, weights_sha256=active_sha))
         return updated
 

@@ -5,27 +5,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import FailedPrecondition
 from headswap.server.keys import ApiKey
+from headswap.server.manifest import HeadManifest
+from headswap.server.store import pointer
 from headswap.server.store.base import (
     Change,
     HeadStore,
+    NewExamples,
     NewVersion,
     StoredVersion,
     TenantState,
     check_expected,
-    damaged,
-    manifest_problem,
     no_head,
     no_key,
-    retained,
-    sealed,
     verify_weights,
     weights_digest,
 )
@@ -37,7 +34,7 @@ class MemoryStore(HeadStore):
     def __init__(self, max_versions: int = 50) -> None:
         super().__init__(max_versions)
         self._states: dict[str, TenantState] = {}
-        self._versions: dict[tuple[str, int], StoredVersion] = {}
+        self._versions: dict[tuple[str, int], tuple[dict[str, Any], bytes]] = {}  # manifest JSON, weights
         self._examples: dict[str, list[Example]] = {}
         self._embeddings: dict[tuple[str, str], dict[bytes, np.ndarray]] = {}
         self._keys: dict[str, ApiKey] = {}
@@ -66,19 +63,17 @@ class MemoryStore(HeadStore):
         with self._lock:
             return self._state(tenant)
 
-    def manifest(self, tenant: str, version: int) -> dict[str, Any]:
+    def manifest(self, tenant: str, version: int) -> HeadManifest:
         return self.load_version(tenant, version).manifest
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
+        """The manifest is kept as JSON, as the other stores keep it, and read (checked) on every load."""
         with self._lock:
             self._state(tenant).require(version)
-            stored = self._versions[(tenant, version)]
-        problem = manifest_problem(version, stored.manifest)
-        if problem:
-            self.damaged[tenant] = problem
-            raise damaged(tenant, problem)
-        verify_weights(tenant, version, stored.manifest, stored.weights)
-        return StoredVersion(stored.version, copy.deepcopy(stored.manifest), stored.weights)
+            data, weights = self._versions[(tenant, version)]
+        manifest = self.checked_manifest(tenant, version, data)
+        verify_weights(tenant, version, manifest.weights_sha256, weights)
+        return StoredVersion(version, manifest, weights)
 
     def examples(self, tenant: str) -> list[Example]:
         with self._lock:
@@ -90,28 +85,15 @@ class MemoryStore(HeadStore):
             state = self._states.get(tenant, TenantState(tenant, 0, ()))
             check_expected(state, new.expect_seq)
             self._check_request(tenant, new.request)
-            version = max([self._last_version.get(tenant, 0), *state.versions]) + 1
+            version = pointer.next_version(state, self._last_version.get(tenant, 0))
             self._last_version[tenant] = version
-            manifest = sealed(
-                {**new.manifest, "version": version, "weights_sha256": weights_digest(new.weights)}
-            )
-            self._versions[(tenant, version)] = StoredVersion(
-                version, copy.deepcopy(manifest), bytes(new.weights)
-            )
-            previous = (
-                state.active_version if new.activate and state.active_version else state.previous_version
-            )
-            updated = TenantState(
-                tenant,
-                version if new.activate else state.active_version,
-                (*state.versions, version),
-                self._next_seq(),
-                previous,
-            )
-            keep = retained(updated, self.max_versions)
-            for old in set(updated.versions) - set(keep):
+            manifest = new.manifest.committed(version, weights_digest(new.weights))
+            self._versions[(tenant, version)] = (manifest.to_json(), bytes(new.weights))
+            updated = pointer.committed(state, version, new.activate, self._next_seq())
+            kept = pointer.retained(updated, self.max_versions)
+            for old in set(updated.versions) - set(kept.versions):
                 del self._versions[(tenant, old)]
-            updated = TenantState(tenant, updated.active_version, keep, updated.seq, previous)
+            updated = kept
             self._examples[tenant] = list(new.examples)
             self._states[tenant] = updated
             self._record(tenant, new.request, version, updated.active_version)
@@ -132,43 +114,31 @@ class MemoryStore(HeadStore):
             done = find_request(self._requests.get(check_tenant(tenant)), request_id)
             return copy.deepcopy(done)
 
-    def put_examples(
-        self,
-        tenant: str,
-        examples: Sequence[Example],
-        expect_seq: int | None = None,
-        request: RequestRecord | None = None,
-    ) -> TenantState:
+    def last_version(self, tenant: str) -> int:
+        with self._lock:
+            return max([self._last_version.get(tenant, 0), *self._state(tenant).versions])
+
+    def commit_examples(self, tenant: str, new: NewExamples) -> TenantState:
         check_tenant(tenant)
         with self._lock:
-            check_expected(self._states.get(tenant, TenantState(tenant, 0, ())), expect_seq)
-            self._check_request(tenant, request)
+            check_expected(self._states.get(tenant, TenantState(tenant, 0, ())), new.expect_seq)
+            self._check_request(tenant, new.request)
             state = self._states.setdefault(tenant, TenantState(tenant, 0, (), self._next_seq()))
-            self._examples[tenant] = list(examples)
-            self._record(tenant, request, 0, state.active_version)
+            self._examples[tenant] = list(new.examples)
+            self._record(tenant, new.request, 0, state.active_version)
         return state
 
     def activate(self, tenant: str, version: int) -> tuple[TenantState, int]:
         with self._lock:
             state = self._state(tenant)
-            state.require(version)
-            previous = state.active_version if state.active_version != version else state.previous_version
-            updated = TenantState(tenant, version, state.versions, self._next_seq(), previous)
+            updated = pointer.activated(state, version, self._next_seq())
             self._states[tenant] = updated
         self.feed.publish(Change(tenant, version, updated.seq))
         return updated, state.active_version
 
     def delete_version(self, tenant: str, version: int) -> TenantState:
         with self._lock:
-            state = self._state(tenant)
-            state.require(version)
-            if version == state.active_version:
-                raise FailedPrecondition(
-                    f"version {version} is tenant {tenant!r}'s active version: activate another one first"
-                )
-            previous = 0 if version == state.previous_version else state.previous_version
-            versions = tuple(v for v in state.versions if v != version)
-            updated = TenantState(tenant, state.active_version, versions, self._next_seq(), previous)
+            updated = pointer.without_version(self._state(tenant), version, self._next_seq())
             del self._versions[(tenant, version)]
             self._states[tenant] = updated
         self.feed.publish(Change(tenant, updated.active_version, updated.seq))
@@ -192,6 +162,10 @@ class MemoryStore(HeadStore):
     def cached_embeddings(self, tenant: str, fingerprint: str) -> dict[bytes, np.ndarray]:
         with self._lock:
             return dict(self._embeddings.get((check_tenant(tenant), fingerprint), {}))
+
+    def fingerprints(self, tenant: str) -> list[str]:
+        with self._lock:
+            return sorted(f for t, f in self._embeddings if t == check_tenant(tenant))
 
     def save_embeddings(self, tenant: str, fingerprint: str, entries: dict[bytes, np.ndarray]) -> None:
         if entries:

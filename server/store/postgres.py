@@ -7,48 +7,47 @@ NOTIFYs, all in one transaction. Each replica keeps one listening connection (`p
 reads every change after the last it applied and publishes it on the store's feed, so every head bank
 reconciles through the same path as local swaps, within a second, and catches up after a reconnect. When
 PostgreSQL cannot be reached, calls that need it answer UNAVAILABLE; heads already in memory keep serving.
+Versions, the pointer (its rules: pointer.py) and examples are here; transactions and the change log in
+postgres_rows.py; request ids, `store copy`'s restore, the embedding cache and API keys each in their module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from headswap.server.domain import Deletion, Example
-from headswap.server.errors import DiskFull, FailedPrecondition, Unavailable
+from headswap.server.manifest import HeadManifest
+from headswap.server.store import pointer
 from headswap.server.store.base import (
     Change,
-    HeadStore,
+    NewExamples,
     NewVersion,
+    RestoringStore,
     StoredVersion,
     TenantState,
     check_expected,
-    damaged,
     example_from_json,
     example_to_json,
-    manifest_problem,
     no_head,
-    retained,
-    sealed,
     verify_weights,
     weights_digest,
 )
 from headswap.server.store.faults import crash_point
-from headswap.server.store.postgres_extras import PostgresExtras
-from headswap.server.store.postgres_schema import MIGRATIONS, current_version, jsonb, migrate, one, redact
-from headswap.server.store.requests import RequestRecord
+from headswap.server.store.postgres_cache import PostgresCache
+from headswap.server.store.postgres_keys import PostgresKeys
+from headswap.server.store.postgres_requests import PostgresRequests
+from headswap.server.store.postgres_restore import PostgresRestore
+from headswap.server.store.postgres_schema import MIGRATIONS, current_version, migrate, one, redact
 from headswap.server.validation import check_tenant
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "headswap_changes"
 
-
-class PostgresStore(PostgresExtras, HeadStore):
+class PostgresStore(PostgresRequests, PostgresRestore, PostgresCache, PostgresKeys, RestoringStore):
     def __init__(
         self, url: str, max_versions: int = 50, migrate_schema: bool = False, listen: bool = True
     ) -> None:
@@ -95,49 +94,6 @@ class PostgresStore(PostgresExtras, HeadStore):
             self.listener.stop()
         self._pool.close()
 
-    # -- plumbing ----------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _reachable(self, what: str) -> Iterator[None]:
-        import psycopg
-        import psycopg_pool
-
-        from headswap.server.store.postgres_schema import first_line
-
-        try:
-            yield
-        except psycopg.errors.DiskFull as exc:  # SQLSTATE 53100: the database's disk, not the network
-            raise DiskFull(f"PostgreSQL could not {what}") from exc
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
-            raise Unavailable(
-                f"could not {what}: the head store at {self.where} is unreachable ({first_line(exc)}); retry shortly"
-            ) from None
-
-    @contextlib.contextmanager
-    def transaction(self, what: str) -> Iterator[Any]:
-        """A connection in one transaction."""
-        with self._reachable(what), self._pool.connection() as conn, conn.transaction():
-            yield conn
-
-    def tick(self, conn: Any) -> int:
-        """The next change sequence number; the clock row stays locked until commit, ordering the changes."""
-        return int(conn.execute("UPDATE headswap_clock SET seq = seq + 1 RETURNING seq").fetchone()[0])
-
-    def record_change(self, conn: Any, change: Change) -> None:
-        conn.execute(
-            "INSERT INTO headswap_changes (seq, tenant, active_version, weights_sha256, deleted, key_id) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
-            (
-                change.seq,
-                change.tenant,
-                change.active_version,
-                change.weights_sha256,
-                change.deleted,
-                change.key_id,
-            ),
-        )
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(change.seq)))
-
     def _state(self, conn: Any, tenant: str, lock: bool = False) -> tuple[TenantState, int | None]:
         row = conn.execute(
             "SELECT active_version, previous_version, seq, examples_id FROM headswap_tenants WHERE tenant = %s"
@@ -164,7 +120,7 @@ class PostgresStore(PostgresExtras, HeadStore):
         with self.transaction("read a tenant") as conn:
             return self._state(conn, tenant)[0]
 
-    def manifest(self, tenant: str, version: int) -> dict[str, Any]:
+    def manifest(self, tenant: str, version: int) -> HeadManifest:
         with self.transaction("read a head") as conn:
             row = conn.execute(
                 "SELECT manifest FROM headswap_versions WHERE tenant = %s AND version = %s",
@@ -172,14 +128,7 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             if row is None:
                 self._state(conn, tenant)[0].require(version)
-        return self._checked(tenant, version, row[0])
-
-    def _checked(self, tenant: str, version: int, manifest: Any) -> dict[str, Any]:
-        problem = manifest_problem(version, manifest)
-        if problem:
-            self.damaged[tenant] = problem
-            raise damaged(tenant, problem)
-        return dict(manifest)
+        return self.checked_manifest(tenant, version, row[0])
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         with self.transaction("read a head") as conn:
@@ -190,9 +139,9 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             if row is None:
                 self._state(conn, tenant)[0].require(version)
-        manifest, weights = self._checked(tenant, version, row[0]), bytes(row[1])
+        manifest, weights = self.checked_manifest(tenant, version, row[0]), bytes(row[1])
         try:
-            verify_weights(tenant, version, manifest, weights)
+            verify_weights(tenant, version, manifest.weights_sha256, weights)
         except Exception:
             self.damaged[tenant] = f"version {version}'s weights do not match their recorded sha256"
             raise
@@ -229,39 +178,31 @@ class PostgresStore(PostgresExtras, HeadStore):
             ).fetchone()
             active, previous, version, examples_id, current_examples = row
             self._check_request(conn, tenant, new.request)
-            manifest = sealed({**new.manifest, "version": version, "weights_sha256": sha})
-            conn.execute(
-                "INSERT INTO headswap_versions (tenant, version, manifest, weights, weights_sha256) VALUES (%s, %s, %s, %b, %s)",
-                (tenant, version, jsonb(manifest), new.weights, sha),
-            )
+            self.insert_version(conn, tenant, new.manifest.committed(version, sha), new.weights)
             if (
                 current_examples is None
                 or hashlib.sha256(json.dumps(current_examples, sort_keys=True).encode()).hexdigest()
                 != examples_sha
             ):
-                examples_id = conn.execute(
-                    "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
-                    (tenant, jsonb(examples)),
-                ).fetchone()[0]
-                conn.execute(
-                    "DELETE FROM headswap_example_sets WHERE tenant = %s AND id <> %s", (tenant, examples_id)
-                )
-            if new.activate:
-                previous, active = (active or previous), version
+                examples_id = self.replace_examples(conn, tenant, examples)
             seq = self.tick(conn)
+            pointed = pointer.committed(
+                TenantState(tenant, active, (), seq, previous), version, new.activate, seq
+            )
+            active, previous = pointed.active_version, pointed.previous_version
             conn.execute(
                 "UPDATE headswap_tenants SET active_version = %s, previous_version = %s, next_version = %s, "
                 "examples_id = %s, seq = %s, updated_at = now() WHERE tenant = %s",
                 (active, previous, version + 1, examples_id, seq, tenant),
             )
             state, _ = self._state(conn, tenant)
-            keep = retained(state, self.max_versions)
-            if keep != state.versions:
+            kept = pointer.retained(state, self.max_versions)
+            if kept != state:
                 conn.execute(
                     "DELETE FROM headswap_versions WHERE tenant = %s AND NOT (version = ANY(%s))",
-                    (tenant, list(keep)),
+                    (tenant, list(kept.versions)),
                 )
-                state = TenantState(tenant, active, keep, seq, previous)
+                state = kept
             active_sha = sha if active == version else self._sha(conn, tenant, active)
             self.record_change(conn, Change(tenant, active, seq, weights_sha256=active_sha))
             self._record_request(conn, tenant, new.request, version, active)
@@ -269,15 +210,10 @@ class PostgresStore(PostgresExtras, HeadStore):
         self.damaged.pop(tenant, None)
         return state
 
-    def put_examples(
-        self,
-        tenant: str,
-        examples: Sequence[Example],
-        expect_seq: int | None = None,
-        request: RequestRecord | None = None,
-    ) -> TenantState:
+    def commit_examples(self, tenant: str, new: NewExamples) -> TenantState:
         check_tenant(tenant)
-        rows = [example_to_json(e) for e in examples]
+        expect_seq, request = new.expect_seq, new.request
+        rows = [example_to_json(e) for e in new.examples]
         with self.transaction("store examples") as conn:
             created = conn.execute(
                 "INSERT INTO headswap_tenants (tenant) VALUES (%s) ON CONFLICT DO NOTHING", (tenant,)
@@ -285,13 +221,7 @@ class PostgresStore(PostgresExtras, HeadStore):
             check_expected(TenantState(tenant, 0, (), 0 if created else expect_seq or 0), expect_seq)
             conn.execute("SELECT 1 FROM headswap_tenants WHERE tenant = %s FOR UPDATE", (tenant,))
             self._check_request(conn, tenant, request)
-            examples_id = conn.execute(
-                "INSERT INTO headswap_example_sets (tenant, examples) VALUES (%s, %s) RETURNING id",
-                (tenant, jsonb(rows)),
-            ).fetchone()[0]
-            conn.execute(
-                "DELETE FROM headswap_example_sets WHERE tenant = %s AND id <> %s", (tenant, examples_id)
-            )
+            examples_id = self.replace_examples(conn, tenant, rows)
             conn.execute(
                 "UPDATE headswap_tenants SET examples_id = %s, updated_at = now() WHERE tenant = %s",
                 (examples_id, tenant),
@@ -300,6 +230,15 @@ class PostgresStore(PostgresExtras, HeadStore):
             self._record_request(conn, tenant, request, 0, state.active_version)
         crash_point("state-written")
         return state
+
+    def last_version(self, tenant: str) -> int:
+        with self.transaction("read a tenant") as conn:
+            row = conn.execute(
+                "SELECT next_version FROM headswap_tenants WHERE tenant = %s", (check_tenant(tenant),)
+            ).fetchone()
+        if row is None:
+            raise no_head(tenant)
+        return int(row[0]) - 1
 
     def _sha(self, conn: Any, tenant: str, version: int) -> str:
         row = conn.execute(
@@ -317,44 +256,37 @@ class PostgresStore(PostgresExtras, HeadStore):
                 (tenant, version),
                 binary=True,
             ).fetchone()
-            verify_weights(tenant, version, dict(row[0]), bytes(row[1]))  # never point at damaged weights
-            previous = state.active_version if state.active_version != version else state.previous_version
-            seq = self.tick(conn)
+            # Never point at damaged weights.
+            verify_weights(tenant, version, dict(row[0]).get("weights_sha256"), bytes(row[1]))
+            updated = pointer.activated(state, version, self.tick(conn))
             conn.execute(
                 "UPDATE headswap_tenants SET active_version = %s, previous_version = %s, seq = %s, updated_at = now() "
                 "WHERE tenant = %s",
-                (version, previous, seq, tenant),
+                (version, updated.previous_version, updated.seq, tenant),
             )
             self.record_change(
-                conn, Change(tenant, version, seq, weights_sha256=weights_digest(bytes(row[1])))
+                conn, Change(tenant, version, updated.seq, weights_sha256=weights_digest(bytes(row[1])))
             )
-        return TenantState(tenant, version, state.versions, seq, previous), state.active_version
+        return updated, state.active_version
 
     def delete_version(self, tenant: str, version: int) -> TenantState:
         with self.transaction("delete a head version") as conn:
             state, _ = self._state(conn, tenant, lock=True)
-            state.require(version)
-            if version == state.active_version:
-                raise FailedPrecondition(
-                    f"version {version} is tenant {tenant!r}'s active version: activate another one first"
-                )
-            previous = 0 if version == state.previous_version else state.previous_version
+            updated = pointer.without_version(state, version, self.tick(conn))
             conn.execute(
                 "DELETE FROM headswap_versions WHERE tenant = %s AND version = %s", (tenant, version)
             )
-            seq = self.tick(conn)
             conn.execute(
                 "UPDATE headswap_tenants SET previous_version = %s, seq = %s, updated_at = now() WHERE tenant = %s",
-                (previous, seq, tenant),
+                (updated.previous_version, updated.seq, tenant),
             )
             # Recorded like a swap to the same version: every replica drops what it holds of the tenant's
             # other versions, so the deleted one is refused everywhere (even when asked for by number).
             active = state.active_version
             self.record_change(
-                conn, Change(tenant, active, seq, weights_sha256=self._sha(conn, tenant, active))
+                conn, Change(tenant, active, updated.seq, weights_sha256=self._sha(conn, tenant, active))
             )
-            versions = tuple(v for v in state.versions if v != version)
-        return TenantState(tenant, active, versions, seq, previous)
+        return updated
 
     def delete(self, tenant: str) -> tuple[Deletion, Change]:
         with self.transaction("delete a tenant") as conn:

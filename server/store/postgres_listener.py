@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Any
 
-from headswap.server.store.base import Change, ChangeFeed
+from headswap.server.store.base import Change
+from headswap.server.store.feed import ChangeFeed
 from headswap.server.store.postgres_schema import first_line
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from headswap.server.store.base import Change, ChangeFeed
+from headswap.server.store.base import Change
+from headswap.server.store.feed import ChangeFeed
 
 log = logging.getLogger(__name__)
 

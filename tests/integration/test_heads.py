@@ -214,7 +214,7 @@ def test_a_challenger_on_corrupted_labels_is_not_promoted(server: ServerProcess,
 def test_head_from_another_backbone_is_refused(server: ServerProcess, banking77: Data) -> None:
     import json
 
-    from headswap.server.store.base import sealed
+    from headswap.server.manifest import SEAL, HeadManifest
 
     assert server.store is not None
     with Client(server.target) as client:
@@ -225,7 +225,9 @@ def test_head_from_another_backbone_is_refused(server: ServerProcess, banking77:
     manifest = json.loads(manifest_path.read_text())
     manifest["backbone_fingerprint"] = manifest["backbone_weights"] = "0" * 64
     manifest["backbone_name"] = "example/other-model"
-    manifest_path.write_text(json.dumps(sealed(manifest)))  # sealed, as a head really trained there is
+    edited = HeadManifest.from_json({k: v for k, v in manifest.items() if k != SEAL})
+    resealed = edited.committed(manifest["version"], manifest["weights_sha256"])
+    manifest_path.write_text(json.dumps(resealed.to_json()))  # sealed, as a head really trained there is
     with Client(server.target) as client:
         with pytest.raises(HeadswapError) as info:
             client.classify("alien", ["x"], version=1)

@@ -19,6 +19,7 @@ from headswap.server.binding import Bindings, HeadBinding, ServedBackbone, bindi
 from headswap.server.config import ServerConfig
 from headswap.server.domain import Example, Input
 from headswap.server.inference.fake import fake_backbone
+from headswap.server.manifest import HeadManifest
 from headswap.server.store import NewVersion
 from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
@@ -210,7 +211,7 @@ async def test_a_head_stored_before_precisions_were_recorded_keeps_serving(tmp_p
     }
     weights, manifest = head_to_bytes(head, extra_manifest=legacy)
     examples = [Example(Input(text=f"t{i}"), ["neg", "pos"][i % 2]) for i in range(12)]
-    store.commit_version("legacy", NewVersion(manifest, weights, examples, True))
+    store.commit_version("legacy", NewVersion(HeadManifest.from_json(manifest), weights, examples, True))
     config = ServerConfig(warmup_rounds=0, home=tmp_path)
     async with (
         in_process(config, backbone=fake_backbone(precision="fp32"), store=store) as server,

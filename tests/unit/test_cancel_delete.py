@@ -23,6 +23,7 @@ from headswap.server.config import LimitsConfig, ServerConfig
 from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition
 from headswap.server.inference.fake import fake_backbone
+from headswap.server.manifest import HeadManifest
 from headswap.server.store.base import NewVersion
 from headswap.server.store.local import LocalStore
 from headswap.server.testing import InProcess, in_process
@@ -94,7 +95,7 @@ async def test_a_delete_after_a_cancelled_commit_removes_everything(tmp_path: Pa
 def test_a_commit_never_recreates_a_deleted_tenant(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     examples = [Example(Input(text=t), label) for t, label in zip(TEXTS, LABELS, strict=True)]
-    manifest = {"labels": ["blue", "red"]}
+    manifest = HeadManifest.from_json({"labels": ["blue", "red"]})
     seq = store.commit_version("t", NewVersion(manifest, b"w", examples, True)).seq
     store.delete("t")
     # Work that started on the tenant as it was (a training that outlived its call) lands nowhere.

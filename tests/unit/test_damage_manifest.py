@@ -16,7 +16,7 @@ import pytest
 from headswap.client import AsyncClient, HeadswapError
 from headswap.server.config import ServerConfig
 from headswap.server.inference.fake import fake_backbone
-from headswap.server.store.base import SEAL
+from headswap.server.manifest import SEAL
 from headswap.server.store.check import check_store
 from headswap.server.store.local import LocalStore
 from headswap.server.testing import in_process

@@ -16,6 +16,7 @@ from headswap.client import AsyncClient, HeadswapError
 from headswap.server.config import ServerConfig
 from headswap.server.inference.fake import fake_backbone
 from headswap.server.store import local as local_module
+from headswap.server.store import local_state
 from headswap.server.store.local import LocalStore
 from headswap.server.testing import InProcess, in_process
 
@@ -61,7 +62,8 @@ async def test_a_full_disk_during_a_commit_is_resource_exhausted_and_changes_not
             await client.activate_head_version("t", 1)
             before = files(store.root)
 
-            monkeypatch.setattr(local_module, "atomic_write", full)
+            monkeypatch.setattr(local_module, "atomic_write", full)  # the examples
+            monkeypatch.setattr(local_state, "atomic_write", full)  # state.json
             with pytest.raises(HeadswapError) as info:
                 await client.adapt_head("t", ["red x", "blue y"], ["red", "blue"], validation_fraction=0)
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value

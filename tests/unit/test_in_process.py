@@ -19,6 +19,7 @@ import pytest
 from headswap.client import AsyncClient, FailedPrecondition, HeadswapError, InvalidArgument, NotFound
 from headswap.server.config import LimitsConfig, ServerConfig
 from headswap.server.inference.fake import FakeEncoder, fake_backbone
+from headswap.server.manifest import SEAL, HeadManifest
 from headswap.server.store.memory import MemoryStore
 from headswap.server.testing import InProcess, in_process
 from headswap.v1 import headswap_pb2 as pb
@@ -306,14 +307,21 @@ async def test_a_head_stored_before_ood_scores_keeps_serving(server: InProcess, 
     tensors = safetensors.numpy.load(stored.weights)
     del tensors["ood.references"]
     weights = safetensors.numpy.save(tensors, metadata=read_weights_metadata(stored.weights))
-    manifest = {k: v for k, v in stored.manifest.items() if k not in ("ood", "version", "weights_sha256")}
+    manifest = {
+        k: v
+        for k, v in stored.manifest.to_json().items()
+        if k not in ("ood", "version", "weights_sha256", SEAL)
+    }
     for name in ("ood_threshold", "ood_flagged_share", "confidence_cap", "log_loss_interval"):
         manifest["metrics"].pop(name)
     manifest["metrics"].pop("expected_calibration_error_interval")
     manifest["selection"].pop("fitted_temperature")
     loop = asyncio.get_running_loop()
     state = await loop.run_in_executor(
-        None, store.commit_version, "legacy", NewVersion(manifest, weights, store.examples("legacy"), False)
+        None,
+        store.commit_version,
+        "legacy",
+        NewVersion(HeadManifest.from_json(manifest), weights, store.examples("legacy"), False),
     )
     old = state.versions[-1]
     got = await client.classify("legacy", [texts[0], "pizza pasta espresso tiramisu"], version=old)

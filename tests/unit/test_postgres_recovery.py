@@ -14,12 +14,13 @@ import pytest
 
 from headswap.server.domain import Example, Input
 from headswap.server.errors import Unavailable
+from headswap.server.manifest import HeadManifest
 from headswap.server.store.base import NewVersion
 from headswap.server.store.postgres import PostgresStore
 from headswap.server.testing_postgres import PostgresServer
 
 EXAMPLES = [Example(Input(text="good"), "pos"), Example(Input(text="bad"), "neg")]
-MANIFEST = {"labels": ["neg", "pos"]}
+MANIFEST = HeadManifest.from_json({"labels": ["neg", "pos"]})
 OUTAGE_S = 16.0  # the old pool tried again 1, 3, 7, 15 and 31 s after the first failure: 15 s late here
 BOUND_S = 2.0
 

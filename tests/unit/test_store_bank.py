@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -17,6 +18,7 @@ from headswap.server.cache import EmbeddingCache
 from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from headswap.server.headbank import HeadBank
+from headswap.server.manifest import HeadManifest
 from headswap.server.store import Change, NewVersion, StoredVersion
 from headswap.server.store.files import atomic_write
 from headswap.server.store.local import LocalStore
@@ -24,7 +26,7 @@ from headswap.server.store.local import LocalStore
 FP = "a" * 64
 
 
-def trained(seed: int = 0, fingerprint: str = FP) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+def trained(seed: int = 0, fingerprint: str = FP) -> tuple[bytes, HeadManifest]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((40, 8)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
@@ -39,7 +41,7 @@ def trained(seed: int = 0, fingerprint: str = FP) -> tuple[bytes, dict]:  # type
             "tenant": "t",
         },
     )
-    return weights, manifest
+    return weights, HeadManifest.from_json(manifest)
 
 
 def content_key(text: str) -> bytes:
@@ -61,7 +63,7 @@ def test_commit_activate_and_reload(tmp_path: Path) -> None:
     assert reopened.tenants() == ["acme"]
     assert reopened.state("acme").versions == (1, 2)
     assert reopened.load_version("acme", 2).weights == w
-    assert reopened.manifest("acme", 2)["version"] == 2
+    assert reopened.manifest("acme", 2).version == 2
     assert len(reopened.examples("acme")) == 3
     state, previous = reopened.activate("acme", 2)
     assert (state.active_version, previous) == (2, 1)
@@ -178,7 +180,8 @@ def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path)
     w2, m2 = trained(2)
     state = store.commit_version("acme", NewVersion(m2, w2, EXAMPLES, activate=True))
     bank.reconcile(
-        Change("acme", state.active_version, state.seq), StoredVersion(2, {**m2, "version": 2}, w2)
+        Change("acme", state.active_version, state.seq),
+        StoredVersion(2, dataclasses.replace(m2, version=2), w2),
     )
     assert bank.get("acme").version == 2
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)

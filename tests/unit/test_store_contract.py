@@ -12,13 +12,14 @@ import pytest
 
 from headswap.server.domain import Example, Input
 from headswap.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from headswap.server.manifest import HeadManifest
 from headswap.server.store import AlreadyDone, Change, HeadStore, NewVersion, RequestRecord
 from headswap.server.store.local import LocalStore
 from headswap.server.store.memory import MemoryStore
 from headswap.server.store.requests import REQUESTS_KEPT
 from tests.helpers import eventually
 
-MANIFEST = {"labels": ["a", "b"], "backbone_fingerprint": "f" * 64}
+MANIFEST = HeadManifest.from_json({"labels": ["a", "b"], "backbone_fingerprint": "f" * 64})
 EXAMPLES = [Example(Input(text="one"), "a"), Example(Input(image=b"\x89PNG bytes"), "b")]
 
 STORES: dict[str, Callable[[Path], HeadStore]] = {"local": LocalStore, "memory": lambda _: MemoryStore()}
@@ -41,7 +42,7 @@ def test_versions_pointer_and_examples(store: HeadStore) -> None:
     s2 = store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES[:1], activate=False))
     assert (s1.versions, s1.active_version, s2.versions, s2.active_version) == ((1,), 1, (1, 2), 1)
     assert s2.seq > s1.seq
-    assert store.load_version("t", 2).weights == b"w2" and store.manifest("t", 2)["version"] == 2
+    assert store.load_version("t", 2).weights == b"w2" and store.manifest("t", 2).version == 2
     assert store.examples("t") == EXAMPLES[:1]
     state, previous = store.activate("t", 2)
     assert (state.active_version, previous) == (2, 1) and state.seq > s2.seq
@@ -149,7 +150,7 @@ def test_version_numbers_are_never_reused(store: HeadStore) -> None:
     store.delete_version("t", 2)
     state = store.commit_version("t", NewVersion(MANIFEST, b"w3", EXAMPLES, activate=False))
     assert state.versions == (1, 3), "version 2 was deleted: its number is not given out again"
-    assert store.load_version("t", 3).weights == b"w3" and store.manifest("t", 3)["version"] == 3
+    assert store.load_version("t", 3).weights == b"w3" and store.manifest("t", 3).version == 3
     with pytest.raises(NotFound):
         store.load_version("t", 2)
     # Deleting the newest version, and every version but the active one, changes nothing either.
@@ -184,7 +185,7 @@ async def test_deleting_a_version_is_published(store: HeadStore) -> None:
     task.cancel()
     (change,) = [c for c in seen if c.seq == state.seq]
     assert (change.tenant, change.active_version, change.deleted) == ("t", 1, False)
-    assert change.weights_sha256 in ("", store.manifest("t", 1)["weights_sha256"])
+    assert change.weights_sha256 in ("", store.manifest("t", 1).weights_sha256)
     assert s1.seq < change.seq
     with pytest.raises(NotFound):
         store.load_version("t", 2)
@@ -302,3 +303,33 @@ def test_request_ids_survive_other_writes_are_bounded_and_go_with_the_tenant(sto
     # A new tenant of that name starts with no ids: the same id is a new call.
     store.put_examples("t", EXAMPLES, request=record("v1"))
     assert store.examples("t") == EXAMPLES
+
+
+def test_last_version_and_cached_fingerprints(store: HeadStore) -> None:
+    with pytest.raises(NotFound):
+        store.last_version("t")
+    store.commit_version("t", NewVersion(MANIFEST, b"w1", EXAMPLES, activate=True))
+    store.commit_version("t", NewVersion(MANIFEST, b"w2", EXAMPLES, activate=False))
+    store.delete_version("t", 2)
+    assert store.last_version("t") == 2  # a number given out stays given out
+    assert store.fingerprints("t") == []
+    store.save_embeddings("t", "abc", {b"k" * 32: np.ones(4, dtype=np.float32)})
+    assert store.fingerprints("t") == ["abc"]
+
+
+async def test_api_keys(store: HeadStore) -> None:
+    from headswap.server.keys import ApiKey
+
+    assert store.get_key("0123456789abcdef") is None
+    key = ApiKey("0123456789abcdef", "tenant", "t", "0" * 64, 1.0, name="ci")
+    store.put_key(key)
+    assert store.get_key(key.id) == key and store.list_keys() == [key]
+    changes = store.changes()
+    pending = asyncio.ensure_future(anext(changes))
+    await asyncio.sleep(0)
+    revoked = await asyncio.to_thread(store.revoke_key, key.id, 5.0)
+    assert revoked.revoked_at == 5.0 and store.get_key(key.id) == revoked
+    change = await asyncio.wait_for(pending, 10)
+    assert (change.tenant, change.key_id) == ("", key.id)
+    with pytest.raises(NotFound):
+        store.revoke_key("fedcba9876543210", 5.0)

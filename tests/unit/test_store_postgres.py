@@ -14,6 +14,7 @@ import pytest
 
 from headswap.server.domain import Example, Input
 from headswap.server.errors import Unavailable
+from headswap.server.manifest import HeadManifest
 from headswap.server.store.base import NewVersion, weights_digest
 from headswap.server.store.local import LocalStore
 from headswap.server.store.postgres import PostgresStore
@@ -44,12 +45,21 @@ def test_copy_a_local_store_over_idempotently(postgres_dsn: str, tmp_path: Path)
     for tenant, n in (("alpha", 3), ("beta", 1)):
         for i in range(n):
             local.commit_version(
-                tenant, NewVersion({"labels": ["neg", "pos"], "n": i}, f"w{i}".encode(), EXAMPLES, True)
+                tenant,
+                NewVersion(
+                    HeadManifest.from_json({"labels": ["neg", "pos"], "n": i}),
+                    f"w{i}".encode(),
+                    EXAMPLES,
+                    True,
+                ),
             )
     local.activate("alpha", 2)
     for i in range(2):  # gamma's version 2 was deleted: the shared store must not give its number out again
         local.commit_version(
-            "gamma", NewVersion({"labels": ["neg", "pos"]}, f"g{i}".encode(), EXAMPLES, i == 0)
+            "gamma",
+            NewVersion(
+                HeadManifest.from_json({"labels": ["neg", "pos"]}), f"g{i}".encode(), EXAMPLES, i == 0
+            ),
         )
     local.delete_version("gamma", 2)
     key = Input(text="good").content_key()
@@ -69,7 +79,7 @@ def test_copy_a_local_store_over_idempotently(postgres_dsn: str, tmp_path: Path)
         assert again.returncode == 0 and "alpha: already there" in again.stdout
         assert store.state("alpha").versions == (1, 2, 3)
         assert store.state("gamma").versions == (1,)
-        new = NewVersion({"labels": ["neg", "pos"]}, b"g2", EXAMPLES, False)
+        new = NewVersion(HeadManifest.from_json({"labels": ["neg", "pos"]}), b"g2", EXAMPLES, False)
         assert store.commit_version("gamma", new).versions == (1, 3)
     finally:
         store.close()
@@ -80,7 +90,9 @@ def test_unreachable_database_is_unavailable_without_the_password(
 ) -> None:
     url = postgres_dsn.replace("postgresql:///", "postgresql://postgres:hunter2@/")
     store = PostgresStore(url, migrate_schema=True, listen=False)
-    store.commit_version("t", NewVersion({"labels": ["a", "b"]}, b"w", EXAMPLES, True))
+    store.commit_version(
+        "t", NewVersion(HeadManifest.from_json({"labels": ["a", "b"]}), b"w", EXAMPLES, True)
+    )
     postgres_server.stop()
     try:
         with pytest.raises(Unavailable) as info:
@@ -107,7 +119,8 @@ def _head(seed: int) -> tuple[bytes, dict]:  # type: ignore[type-arg]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((20, 8)).astype(np.float32)
     head = train_head(x, (x[:, 0] > 0).astype(np.int64), 2, TrainConfig(seed=seed, device="cpu"))
-    return head_to_bytes(head, {"labels": ["neg", "pos"], "backbone_fingerprint": "f" * 64})
+    weights, manifest = head_to_bytes(head, {"labels": ["neg", "pos"], "backbone_fingerprint": "f" * 64})
+    return weights, HeadManifest.from_json(manifest)
 
 
 def test_the_change_log_keeps_what_a_late_replica_needs_not_every_swap(postgres_dsn: str) -> None:
@@ -229,9 +242,15 @@ def test_replicas_training_one_tenant_at_once_both_commit(postgres_dsn: str) -> 
     each commit a version."""
     store = PostgresStore(postgres_dsn, migrate_schema=True)
     try:
-        seq = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"w", EXAMPLES, True)).seq
-        first = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"a", EXAMPLES, True, seq))
-        second = store.commit_version("t", NewVersion({"labels": ["neg", "pos"]}, b"b", EXAMPLES, True, seq))
+        seq = store.commit_version(
+            "t", NewVersion(HeadManifest.from_json({"labels": ["neg", "pos"]}), b"w", EXAMPLES, True)
+        ).seq
+        first = store.commit_version(
+            "t", NewVersion(HeadManifest.from_json({"labels": ["neg", "pos"]}), b"a", EXAMPLES, True, seq)
+        )
+        second = store.commit_version(
+            "t", NewVersion(HeadManifest.from_json({"labels": ["neg", "pos"]}), b"b", EXAMPLES, True, seq)
+        )
         assert first.versions == (1, 2) and second.versions == (1, 2, 3)
     finally:
         store.close()

@@ -13,11 +13,12 @@ import pytest
 
 from headswap.server.domain import Example, Input
 from headswap.server.keys import ApiKey
+from headswap.server.manifest import HeadManifest
 from headswap.server.services.locks import TenantLocks
 from headswap.server.store import Change, NewVersion, processes
 from headswap.server.store.local import LocalStore
 
-MANIFEST = {"labels": ["a", "b"], "backbone_fingerprint": "f" * 64}
+MANIFEST = HeadManifest.from_json({"labels": ["a", "b"], "backbone_fingerprint": "f" * 64})
 EXAMPLES = [Example(Input(text="one"), "a"), Example(Input(text="two"), "b")]
 
 
@@ -85,12 +86,13 @@ WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     from headswap.server.domain import Example, Input
+    from headswap.server.manifest import HeadManifest
     from headswap.server.store import NewVersion
     from headswap.server.store.local import LocalStore
 
     store = LocalStore(Path(sys.argv[1]), max_versions=1000, shared=True)
     for i in range(int(sys.argv[2])):
-        store.commit_version("t", NewVersion({"labels": ["a"], "backbone_fingerprint": "f" * 64},
+        store.commit_version("t", NewVersion(HeadManifest.from_json({"labels": ["a"], "backbone_fingerprint": "f" * 64}),
                              sys.argv[3].encode() + str(i).encode(), [Example(Input(text="x"), "a")], True))
     store.close()
     """
