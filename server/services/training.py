@@ -10,11 +10,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Executor
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from headswap.adapters import (
     MAJORITY_BASELINE,
-    GateCheck,
-    TrainConfig,
     TrainedHead,
     TrainingCancelled,
     TrainingDivergedError,
@@ -54,6 +53,9 @@ from headswap.server.store import (
     NewVersion,
     StoredVersion,
 )
+
+if TYPE_CHECKING:
+    from headswap.adapters import GateCheck, TrainConfig
 
 log = logging.getLogger(__name__)
 
