@@ -27,6 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench._gpu_free import baseline_tree, compatible_backbone
+from bench._gpu_serving import load_summary, server
+from bench._gpu_workload import Results
 from bench.common import (
     REPO,
     bench_parser,
@@ -39,7 +42,6 @@ from bench.common import (
     source_version,
     write_section,
 )
-from bench.gpu import Results, baseline_tree, compatible_backbone, load_summary, server
 from bench.load import LoadSpec, run_load
 
 HEADING = "## Fairness: one caller's largest Embed beside other tenants' Classify"

@@ -28,6 +28,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._embed_workload import (
+    Measurement,
+    OrtPeer,
+    StPeer,
+    Workload,
+    build_workloads,
+    calibrate,
+    measure_headswap,
+    measure_peer,
+)
 from bench.common import (
     DEFAULT_BACKBONE,
     SATURATION_FLAGS,
@@ -42,16 +52,6 @@ from bench.common import (
     source_version,
     wait_for_quiet,
     write_section,
-)
-from bench.embed_throughput import (
-    Measurement,
-    OrtPeer,
-    StPeer,
-    Workload,
-    _calibrate,
-    build_workloads,
-    measure_headswap,
-    measure_peer,
 )
 
 HEADING = "## int8 backbone: speed on CPU"
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = data_root()
     fp32_peer = OrtPeer(args.backbone)
     probe = build_workloads(root, args.backbone / "tokenizer.json", 512, 512)
-    counts = {w.name: _calibrate(fp32_peer, w.texts, args.seconds * 0.6) for w in probe}
+    counts = {w.name: calibrate(fp32_peer, w.texts, args.seconds * 0.6) for w in probe}
     workloads = build_workloads(root, args.backbone / "tokenizer.json", counts["short"], counts["long"])
     ms: list[Measurement] = []
     references = {w.name: fp32_peer.embed(w.texts[:1024], 64) for w in workloads}

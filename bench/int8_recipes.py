@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._embed_workload import LONG_TOKENS
 from bench.common import (
     bench_parser,
     data_root,
@@ -36,7 +37,6 @@ from bench.common import (
     source_version,
     write_section,
 )
-from bench.embed_throughput import LONG_TOKENS
 from headswap.server.export.quantize import (
     DEFAULT_RECIPE,
     Int8Recipe,
