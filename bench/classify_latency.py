@@ -50,10 +50,10 @@ from bench.common import (
     machine,
     machine_cpu_seconds,
     process_cpu_seconds,
+    publish,
     read_banking77,
     source_version,
     wait_for_quiet,
-    write_section,
 )
 from bench.run_k6 import K6Summary, run_k6
 
@@ -229,10 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = render(report)
     print()
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-        print(f"wrote {HEADING!r} in {DOCS}")
-    return 0
+    return publish(HEADING, body, args.write_docs, announce=True)
 
 
 if __name__ == "__main__":

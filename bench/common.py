@@ -52,6 +52,11 @@ def read_banking77(root: Path, split: str = "train") -> list[tuple[str, str]]:
         return [(row["text"], row["category"]) for row in csv.DictReader(handle)]
 
 
+def banking77(split: str = "train") -> list[tuple[str, str]]:
+    """`read_banking77` from the shared data sets (`data_root()`)."""
+    return read_banking77(data_root(), split)
+
+
 def read_sst2(root: Path, split: str = "train") -> list[str]:
     """Sentences of sst2/{split}.txt (`<label> <text>` per line), label dropped."""
     out = []
@@ -515,3 +520,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeri
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("--:" if n else "---" for n in numeric) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def publish(heading: str, body: str, write_docs: bool, *, announce: bool = False) -> int:
+    """The end of a benchmark's main: with --write-docs, its section written into docs/BENCHMARKS.md (and,
+    with `announce`, a line saying so). Returns 0, the exit status."""
+    if write_docs:
+        write_section(heading, body)
+        if announce:
+            print(f"wrote {heading!r} in {DOCS}")
+    return 0
+
+
+def measured_on(command: str) -> str:
+    """A section's first line: the command, the machine, and the load average at the end."""
+    return f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end."

@@ -60,9 +60,9 @@ from bench.common import (
     data_root,
     local_server,
     machine,
+    publish,
     source_version,
     wait_for_quiet,
-    write_section,
 )
 
 HEADING = "## Embed throughput"
@@ -190,10 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 default=str,
             )
         )
-    if args.write_docs:
-        write_section(HEADING, body)
-        print(f"wrote {HEADING!r} in {DOCS}")
-    return 0
+    return publish(HEADING, body, args.write_docs, announce=True)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,7 @@ from bench._gpu_free import free_run
 from bench._gpu_report import report_free, report_gpu
 from bench._gpu_serving import gpu_run
 from bench._gpu_workload import Results
-from bench.common import (
-    DEFAULT_BACKBONE,
-    DOCS,
-    write_section,
-)
+from bench.common import DEFAULT_BACKBONE, DOCS, write_section
 
 HEADING = "## GPU serving"
 HEADING_FREE = "## The pipeline's ceiling (free encoder, CPU)"

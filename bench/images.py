@@ -39,10 +39,10 @@ from bench.common import (
     local_server,
     machine,
     markdown_table,
+    publish,
     ratio,
     source_version,
     wait_for_quiet,
-    write_section,
 )
 
 HEADING = "## Images: Embed against plain ONNX Runtime"
@@ -236,9 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = measure(args.backbone, data, args.seconds)
     text = report(rates, len(data), load)
     print(text)
-    if args.write_docs:
-        write_section(HEADING, text)
-    return 0
+    return publish(HEADING, text, args.write_docs)
 
 
 if __name__ == "__main__":

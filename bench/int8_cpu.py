@@ -48,10 +48,10 @@ from bench.common import (
     machine_cpu_seconds,
     markdown_table,
     process_cpu_seconds,
+    publish,
     ratio,
     source_version,
     wait_for_quiet,
-    write_section,
 )
 
 HEADING = "## int8 backbone: speed on CPU"
@@ -237,9 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.int8_cpu" + (f" --seconds {args.seconds:g}" if args.seconds != 10 else "")
     body = render(ms, low, workloads, load, command + (" --write-docs" if args.write_docs else ""))
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

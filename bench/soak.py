@@ -30,16 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bench.common import (
-    bench_parser,
-    data_root,
-    load_average,
-    local_server,
-    machine,
-    markdown_table,
-    read_banking77,
-    write_section,
-)
+from bench.common import banking77, bench_parser, local_server, markdown_table, measured_on, write_section
 
 HEADING = "## Soak: mixed load across 1,000 tenants"
 MIX = (("classify", 60), ("embed", 20), ("adapt", 12), ("delete", 5), ("unknown", 3))
@@ -216,7 +207,7 @@ async def run(
     from headswap.client import AsyncClient, HeadswapError
 
     by_intent: dict[str, list[str]] = {}
-    for text, intent in read_banking77(data_root(), "train"):
+    for text, intent in banking77("train"):
         by_intent.setdefault(intent, []).append(text)
     intents = sorted(by_intent)
     names = [f"soak-{i:04d}" for i in range(tenants)]
@@ -331,7 +322,7 @@ def render(
     first, last = samples.rss_mib[0], samples.rss_mib[-1]
     return "\n".join(
         [
-            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
+            measured_on(command),
             "",
             f"{tenants} tenants created in {setup_s:.0f} s, then {seconds:.0f} s of mixed load from 16 workers "
             "(60 % Classify, 20 % Embed, 12 % AdaptHead adding 2 examples of labels the tenant has, 5 % DeleteHead + retrain on new labels, 3 % calls for unknown tenants).",
