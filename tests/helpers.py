@@ -25,6 +25,19 @@ def until(condition: Callable[[], bool], what: str = "the condition", timeout: f
         time.sleep(0.02)
 
 
+def raises(call: Callable[[], object], error: type[BaseException]) -> Callable[[], bool]:
+    """A condition for `until`: whether `call()` now fails with `error`."""
+
+    def condition() -> bool:
+        try:
+            call()
+        except error:
+            return True
+        return False
+
+    return condition
+
+
 async def eventually(
     condition: Callable[[], bool], what: str = "the condition", timeout: float = HANG
 ) -> None:
@@ -35,4 +48,4 @@ async def eventually(
         await asyncio.sleep(0.01)
 
 
-__all__ = ["DATA", "HANG", "REPO", "ServerProcess", "eventually", "free_port", "until"]
+__all__ = ["DATA", "HANG", "REPO", "ServerProcess", "eventually", "free_port", "raises", "until"]
