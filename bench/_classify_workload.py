@@ -16,6 +16,7 @@ from bench.common import (
     BatchLogStats,
     LatencySummary,
     local_server,
+    open_loop_calls,
     process_cpu_seconds,
     read_lines,
     self_cpu_seconds,
@@ -186,7 +187,6 @@ async def open_loop(
     latencies: list[float] = []
     replies: list[object] = []
     errors = 0
-    lag = 0.0
     async with aio.insecure_channel(target) as channel:
         stub = pb_grpc.HeadswapServiceStub(channel)
         await stub.Classify(_classify_request(tenant_for(0), texts[0]), timeout=30)  # connect first
@@ -203,17 +203,8 @@ async def open_loop(
             latencies.append((time.perf_counter() - due) * 1000)
             replies.append(reply)
 
-        tasks = []
         cpu0 = process_cpu_seconds(pid)
-        start = time.perf_counter() + 0.05
-        for i, offset in enumerate(offsets):
-            due = start + offset
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            lag = max(lag, time.perf_counter() - due)
-            tasks.append(asyncio.create_task(call(i, due)))
-        await asyncio.gather(*tasks)
+        lag = await open_loop_calls(offsets, call)
         server_cpu = process_cpu_seconds(pid) - cpu0
     if not latencies:
         raise RuntimeError(f"every call failed at {rate} calls/s")

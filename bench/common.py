@@ -6,6 +6,7 @@ Everything above the "server" part is pure and unit-tested (tests/unit/test_benc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import datetime as dt
 import math
@@ -14,7 +15,7 @@ import random
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,19 @@ def read_sst2(root: Path, split: str = "train") -> list[str]:
         _, _, text = line.partition(" ")
         if text.strip():
             out.append(text.strip())
+    return out
+
+
+def joined_texts(sentences: Sequence[str], count: int, chars: int) -> list[str]:
+    """`count` texts of `chars` characters each, the sentences joined in turn (round the list again as needed)."""
+    out: list[str] = []
+    i = 0
+    while len(out) < count:
+        text = ""
+        while len(text) < chars:
+            text += sentences[i % len(sentences)] + " "
+            i += 1
+        out.append(text[:chars])
     return out
 
 
@@ -216,6 +230,25 @@ class LatencySummary:
 
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else float("nan")
+
+
+async def open_loop_calls(
+    offsets: Sequence[float], call: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> float:
+    """Start `call(i, due)` at each offset (seconds after a 50 ms head start), whatever the replies do, and
+    wait for all of them; returns the worst lag, in seconds, of a start behind its due time."""
+    tasks: list[asyncio.Task[None]] = []
+    lag = 0.0
+    start = time.perf_counter() + 0.05
+    for i, offset in enumerate(offsets):
+        due = start + offset
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        lag = max(lag, time.perf_counter() - due)
+        tasks.append(asyncio.create_task(call(i, due)))
+    await asyncio.gather(*tasks)
+    return lag
 
 
 # -- the machine -------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from bench.common import (
     local_server,
     markdown_table,
     measured_on,
+    open_loop_calls,
     publish,
 )
 
@@ -111,7 +112,6 @@ async def overload(
     codes: Counter[str] = Counter()
     ok_ms: list[float] = []
     refused_ms: list[float] = []
-    lag = 0.0
     async with aio.insecure_channel(target) as channel:
         stub = pb_grpc.HeadswapServiceStub(channel)
 
@@ -126,16 +126,7 @@ async def overload(
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     refused_ms.append((time.perf_counter() - due) * 1000)
 
-        tasks = []
-        start = time.perf_counter() + 0.05
-        for i in range(int(rate * seconds)):
-            due = start + i / rate
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            lag = max(lag, time.perf_counter() - due)
-            tasks.append(asyncio.create_task(call(i, due)))
-        await asyncio.gather(*tasks)
+        lag = await open_loop_calls([i / rate for i in range(int(rate * seconds))], call)
     return codes, ok_ms, refused_ms, lag * 1000
 
 
