@@ -34,6 +34,7 @@ from bench.common import (
     REPO,
     bench_parser,
     data_root,
+    joined_texts,
     load_average,
     machine,
     markdown_table,
@@ -51,16 +52,7 @@ BIG_TEXT_CHARS = 7000
 
 
 def big_texts(count: int) -> list[str]:
-    sentences = read_sst2(data_root())
-    out: list[str] = []
-    i = 0
-    while len(out) < count:
-        text = ""
-        while len(text) < BIG_TEXT_CHARS:
-            text += sentences[i % len(sentences)] + " "
-            i += 1
-        out.append(text[:BIG_TEXT_CHARS])
-    return out
+    return joined_texts(read_sst2(data_root()), count, BIG_TEXT_CHARS)
 
 
 def train_tenants(target: str) -> str:
