@@ -582,15 +582,20 @@ def evaluate(target: str, train: Split, test: Split, draws: int, sklearn_threads
     return Evaluation(tuple(settings), provider, warmup)
 
 
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target (a running server) or the own server's --backbone and --server-log."""
+    parser.add_argument("--target", default=None, help="use this running server instead of starting one")
+    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE, help="backbone for the own server")
+    parser.add_argument("--server-log", type=Path, default=None, help="keep the own server's log here")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.banking77", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--data", default=None, help=f"data directory [HEADSWAP_DATA, default {DEFAULT_DATA}]"
     )
     parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="few-shot draws (MTEB: 10)")
-    parser.add_argument("--target", default=None, help="use this running server instead of starting one")
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE, help="backbone for the own server")
-    parser.add_argument("--server-log", type=Path, default=None, help="keep the own server's log here")
+    server_arguments(parser)
     parser.add_argument("--sklearn-threads", type=int, default=1, help="BLAS threads for scikit-learn's fit")
     parser.add_argument("--write-docs", action="store_true", help=f"update the section in {DOCS_PATH}")
     args = parser.parse_args(argv)
