@@ -9,13 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench._classify_workload import CALLERS, OpenLoop, Profile, Throughput, Training
-from bench.common import (
-    THREAD_GROUPS,
-    Machine,
-    markdown_table,
-    ratio,
-)
+from bench.common import Machine, markdown_table, ratio
 from bench.run_k6 import K6Summary
+from bench.serving import THREAD_GROUPS
 
 GPU_RATE = 2000  # calls/s of the GPU targets (p50 <= 2 ms, p99 <= 10 ms), not reachable on this CPU
 

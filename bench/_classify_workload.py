@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
+from bench.common import LatencySummary
+from bench.serving import (
     BatchLogStats,
-    LatencySummary,
     local_server,
     open_loop_calls,
     process_cpu_seconds,

@@ -14,13 +14,8 @@ from bench._embed_workload import (
     Measurement,
     Workload,
 )
-from bench.common import (
-    THREAD_GROUPS,
-    Machine,
-    markdown_table,
-    ratio,
-    thread_groups,
-)
+from bench.common import Machine, markdown_table, ratio
+from bench.serving import THREAD_GROUPS, thread_groups
 
 ORT = "onnxruntime"
 ORT_SORTED = "onnxruntime, length-sorted"

@@ -16,18 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
+from bench.common import LatencySummary
+from bench.data import load_tokenizer, long_workload, read_banking77, read_sst2, short_workload
+from bench.serving import (
     BatchLogStats,
-    LatencySummary,
-    load_tokenizer,
-    long_workload,
     machine_cpu_seconds,
     process_cpu_seconds,
-    read_banking77,
     read_lines,
-    read_sst2,
     self_cpu_seconds,
-    short_workload,
     thread_cpu_seconds,
     thread_delta,
 )

@@ -19,12 +19,9 @@ import numpy as np
 
 from bench._gpu_serving import classify_saturation, load_summary, server, train_tenant, wait_all_workers
 from bench._gpu_workload import Results, workloads
-from bench.common import (
-    REPO,
-    machine,
-    source_version,
-)
+from bench.common import REPO, machine
 from bench.load import LoadResult, LoadSpec, run_load
+from bench.serving import source_version
 
 
 def compatible_backbone(backbone: Path, package: Path, into: Path) -> Path:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench.common import (
-    markdown_table,
-)
+from bench.common import markdown_table
 
 
 def report_gpu(data: dict[str, Any]) -> str:

@@ -19,15 +19,10 @@ from typing import Any
 import numpy as np
 
 from bench._gpu_workload import Results, ort_peer, st_peer, workloads
-from bench.common import (
-    SATURATION_FLAGS,
-    LatencySummary,
-    data_root,
-    machine,
-    read_banking77,
-    source_version,
-)
+from bench.common import SATURATION_FLAGS, LatencySummary, machine
+from bench.data import data_root, read_banking77
 from bench.load import LoadResult, LoadSpec, run_load
+from bench.serving import source_version
 
 
 @contextmanager

@@ -11,14 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    data_root,
-    load_tokenizer,
-    long_workload,
-    read_banking77,
-    read_sst2,
-    short_workload,
-)
+from bench.data import data_root, load_tokenizer, long_workload, read_banking77, read_sst2, short_workload
 
 LONG_TOKENS = 126
 

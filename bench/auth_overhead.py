@@ -17,9 +17,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import banking77, bench_parser, local_server, markdown_table, measured_on, publish
+from bench.common import bench_parser, markdown_table, measured_on, publish
+from bench.data import banking77
 from bench.overload import capacity
 from bench.replicas import training_set
+from bench.serving import local_server
 
 HEADING = "## API keys: what authentication costs"
 

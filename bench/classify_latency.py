@@ -41,21 +41,16 @@ from bench._classify_workload import (
     tenant_specs,
     train_tenants,
 )
-from bench.common import (
-    DEFAULT_BACKBONE,
-    DOCS,
+from bench.common import DEFAULT_BACKBONE, DOCS, machine, publish, wait_for_quiet
+from bench.data import data_root, read_banking77
+from bench.run_k6 import K6Summary, run_k6
+from bench.serving import (
     batch_limits_from_log,
-    data_root,
     local_server,
-    machine,
     machine_cpu_seconds,
     process_cpu_seconds,
-    publish,
-    read_banking77,
     source_version,
-    wait_for_quiet,
 )
-from bench.run_k6 import K6Summary, run_k6
 
 HEADING = "## Classify latency"
 

@@ -52,18 +52,9 @@ from bench._embed_workload import (
     measure_headswap,
     measure_peer,
 )
-from bench.common import (
-    DEFAULT_BACKBONE,
-    DOCS,
-    SATURATION_FLAGS,
-    batch_limits_from_log,
-    data_root,
-    local_server,
-    machine,
-    publish,
-    source_version,
-    wait_for_quiet,
-)
+from bench.common import DEFAULT_BACKBONE, DOCS, SATURATION_FLAGS, machine, publish, wait_for_quiet
+from bench.data import data_root
+from bench.serving import batch_limits_from_log, local_server, source_version
 
 HEADING = "## Embed throughput"
 

@@ -30,20 +30,10 @@ from typing import Any
 from bench._gpu_free import baseline_tree, compatible_backbone
 from bench._gpu_serving import load_summary, server
 from bench._gpu_workload import Results
-from bench.common import (
-    REPO,
-    bench_parser,
-    data_root,
-    joined_texts,
-    load_average,
-    machine,
-    markdown_table,
-    read_banking77,
-    read_sst2,
-    source_version,
-    write_section,
-)
+from bench.common import REPO, bench_parser, load_average, machine, markdown_table, write_section
+from bench.data import data_root, joined_texts, read_banking77, read_sst2
 from bench.load import LoadSpec, run_load
+from bench.serving import source_version
 
 HEADING = "## Fairness: one caller's largest Embed beside other tenants' Classify"
 TENANTS = 20

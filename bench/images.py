@@ -33,17 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    REPO,
-    data_root,
-    local_server,
-    machine,
-    markdown_table,
-    publish,
-    ratio,
-    source_version,
-    wait_for_quiet,
-)
+from bench.common import REPO, machine, markdown_table, publish, ratio, wait_for_quiet
+from bench.data import data_root
+from bench.serving import local_server, source_version
 
 HEADING = "## Images: Embed against plain ONNX Runtime"
 DEFAULT_IMAGE_BACKBONE = REPO / ".cache" / "image-backbone"

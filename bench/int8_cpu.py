@@ -42,17 +42,14 @@ from bench.common import (
     DEFAULT_BACKBONE,
     SATURATION_FLAGS,
     LatencySummary,
-    data_root,
-    local_server,
     machine,
-    machine_cpu_seconds,
     markdown_table,
-    process_cpu_seconds,
     publish,
     ratio,
-    source_version,
     wait_for_quiet,
 )
+from bench.data import data_root
+from bench.serving import local_server, machine_cpu_seconds, process_cpu_seconds, source_version
 
 HEADING = "## int8 backbone: speed on CPU"
 BATCHES = (16, 64)

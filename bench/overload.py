@@ -21,16 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    LatencySummary,
-    banking77,
-    bench_parser,
-    local_server,
-    markdown_table,
-    measured_on,
-    open_loop_calls,
-    publish,
-)
+from bench.common import LatencySummary, bench_parser, markdown_table, measured_on, publish
+from bench.data import banking77
+from bench.serving import local_server, open_loop_calls
 
 HEADING = "## Overload: admission control"
 DEADLINE_S = 5.0

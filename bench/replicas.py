@@ -20,16 +20,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import (
-    LatencySummary,
-    banking77,
-    bench_parser,
-    local_server,
-    markdown_table,
-    measured_on,
-    publish,
-)
+from bench.common import LatencySummary, bench_parser, markdown_table, measured_on, publish
+from bench.data import banking77
 from bench.overload import capacity
+from bench.serving import local_server
 
 HEADING = "## Replicas on PostgreSQL"
 

@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bench.common import banking77, bench_parser, local_server, markdown_table, measured_on, write_section
+from bench.common import bench_parser, markdown_table, measured_on, write_section
+from bench.data import banking77
+from bench.serving import local_server
 
 HEADING = "## Soak: mixed load across 1,000 tenants"
 MIX = (("classify", 60), ("embed", 20), ("adapt", 12), ("delete", 5), ("unknown", 3))

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import replace_section  # one implementation for both docs writers
+from bench.common import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"

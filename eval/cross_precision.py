@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import DEFAULT_BACKBONE, local_server, machine, markdown_table, publish, source_version
+from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish
+from bench.serving import local_server, source_version
 from eval.banking77 import CALL_CHUNK, Split, accuracy, data_dir, load_split
 
 HEADING = "## int8 backbone: one head served by both precisions"

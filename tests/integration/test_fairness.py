@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from bench.common import joined_texts
+from bench.data import joined_texts
 from headswap.client import AsyncClient
 from tests.helpers import DATA, ServerProcess
 
