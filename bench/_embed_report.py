@@ -14,7 +14,7 @@ from bench._embed_workload import (
     Measurement,
     Workload,
 )
-from bench.common import Machine, markdown_table, ratio
+from bench.common import Machine, markdown_table, ratio, sh_block
 from bench.serving import THREAD_GROUPS, thread_groups
 
 ORT = "onnxruntime"
@@ -345,9 +345,7 @@ def render(report: Report) -> str:
         "",
         "Reproduce (starts and stops its own servers, one at a time; waits for a quiet machine first):",
         "",
-        "```sh",
-        report.command,
-        "```",
+        *sh_block(report.command),
         "",
         f"Machine: {report.machine.describe()}; 1-minute load average {report.load_average:.2f} when the run "
         "started (read before its own work; it waits while the load is above 0.7). Each figure ran whole "

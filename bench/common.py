@@ -187,6 +187,11 @@ def write_section(heading: str, body: str, path: Path = DOCS) -> None:
     path.write_text(replace_section(document, heading, body), encoding="utf-8")
 
 
+def sh_block(command: str) -> list[str]:
+    """A command to reproduce a section, as the lines of a fenced `sh` block."""
+    return ["```sh", command, "```"]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool]) -> str:
     """A pipe table; numeric columns are right-aligned."""
     if len(headers) != len(numeric) or any(len(r) != len(headers) for r in rows):

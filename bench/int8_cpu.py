@@ -46,6 +46,7 @@ from bench.common import (
     markdown_table,
     publish,
     ratio,
+    sh_block,
     wait_for_quiet,
 )
 from bench.data import data_root
@@ -171,9 +172,7 @@ def render(
             "",
             "Reproduce (starts and stops its own servers; waits for a quiet machine first):",
             "",
-            "```sh",
-            command,
-            "```",
+            *sh_block(command),
             "",
             f"Machine: {m.describe()}; 1-minute load average {load:.2f} at the start; {source_version()}. "
             "*CPU ms/text*: CPU of everything involved (peer process, or headswap server + client); *others*: "

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish
+from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish, sh_block
 from bench.serving import local_server, source_version
 from eval.banking77 import CALL_CHUNK, Split, accuracy, data_dir, load_split
 
@@ -131,9 +131,7 @@ def render(rows: list[Served], train_size: int, command: str) -> str:
             f"Targets {'all met' if all(verdicts) else 'not all met'}. Reproduce (starts a temporary "
             "PostgreSQL and both replicas):",
             "",
-            "```sh",
-            command,
-            "```",
+            *sh_block(command),
             "",
             f"Machine: {m.describe()}; {source_version()}.",
         ]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish
+from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish, sh_block
 from bench.serving import local_server, source_version
 from eval.banking77 import (
     DataError,
@@ -183,9 +183,7 @@ def render(runs: dict[str, Served], sets: dict[str, Split], draws: int, command:
         "",
         "Reproduce (starts its own servers):",
         "",
-        "```sh",
-        command,
-        "```",
+        *sh_block(command),
         "",
         f"Machine: {m.describe()}; {source_version()}.",
     ]  # fmt: skip

@@ -36,6 +36,7 @@ from eval.banking77 import (
     local_server,
     machine,
     mteb_undersample,
+    parse_draws,
     server_arguments,
     wait_serving,
 )
@@ -202,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="draws of each few-shot setting")
     server_arguments(parser)
     parser.add_argument("--write-docs", action="store_true", help=f"update the section in {DOCS_PATH}")
-    args = parser.parse_args(argv)
-    if args.draws < 1:
-        parser.error("--draws must be at least 1")
+    args = parse_draws(parser, argv)
     started = time.perf_counter()
     try:
         root = data_dir(args.data, os.environ)
