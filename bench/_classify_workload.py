@@ -232,6 +232,7 @@ class Throughput:
 
     @property
     def rate(self) -> float:
+        """Calls answered per second of the run."""
         return self.calls / self.seconds
 
 
