@@ -51,12 +51,12 @@ class Rate:
     seconds: float
 
     @property
-    def per_second(self) -> float:
-        return self.images / self.seconds
-
-    @property
     def ms_per_image(self) -> float:
         return 1000.0 * self.seconds / self.images
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds
 
 
 def photos(root: Path) -> list[bytes]:
