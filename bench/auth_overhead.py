@@ -17,18 +17,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import (
-    bench_parser,
-    data_root,
-    load_average,
-    local_server,
-    machine,
-    markdown_table,
-    read_banking77,
-    write_section,
-)
+from bench.common import bench_parser, markdown_table, measured_on, publish
+from bench.data import banking77
 from bench.overload import capacity
 from bench.replicas import training_set
+from bench.serving import local_server
 
 HEADING = "## API keys: what authentication costs"
 
@@ -42,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seconds, args.rounds = 2.0, 1
     from headswap.client import Client
 
-    texts = [t for t, _ in read_banking77(data_root(), "test")][:500]
+    texts = [t for t, _ in banking77("test")][:500]
     results: dict[str, list[float]] = {"none": [], "keys": []}
     with tempfile.TemporaryDirectory(prefix="headswap-auth-") as tmp:
         root = Path(tmp)
@@ -71,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.auth_overhead" + (" --quick" if args.quick else "")
     body = "\n".join(
         [
-            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
+            measured_on(command),
             "",
             "Single-text Classify, 32 callers, closed loop, one server per run, runs alternated:",
             "",
@@ -82,9 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     )
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

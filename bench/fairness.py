@@ -27,20 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO,
-    bench_parser,
-    data_root,
-    load_average,
-    machine,
-    markdown_table,
-    read_banking77,
-    read_sst2,
-    source_version,
-    write_section,
-)
-from bench.gpu import Results, baseline_tree, compatible_backbone, load_summary, server
+from bench._gpu_free import baseline_tree, compatible_backbone
+from bench._gpu_serving import load_summary, server
+from bench._gpu_workload import Results
+from bench.common import REPO, bench_parser, load_average, machine, markdown_table, write_section
+from bench.data import data_root, joined_texts, read_banking77, read_sst2
 from bench.load import LoadSpec, run_load
+from bench.serving import source_version
 
 HEADING = "## Fairness: one caller's largest Embed beside other tenants' Classify"
 TENANTS = 20
@@ -49,16 +42,7 @@ BIG_TEXT_CHARS = 7000
 
 
 def big_texts(count: int) -> list[str]:
-    sentences = read_sst2(data_root())
-    out: list[str] = []
-    i = 0
-    while len(out) < count:
-        text = ""
-        while len(text) < BIG_TEXT_CHARS:
-            text += sentences[i % len(sentences)] + " "
-            i += 1
-        out.append(text[:BIG_TEXT_CHARS])
-    return out
+    return joined_texts(read_sst2(data_root()), count, BIG_TEXT_CHARS)
 
 
 def train_tenants(target: str) -> str:

@@ -24,9 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import DEFAULT_BACKBONE, DOCS, machine, markdown_table, source_version, write_section
-from bench.gpu import classify_saturation, server, train_tenant, wait_all_workers, with_cpu, workloads
+from bench._gpu_free import with_cpu
+from bench._gpu_serving import classify_saturation, server, train_tenant, wait_all_workers
+from bench._gpu_workload import workloads
+from bench.common import DEFAULT_BACKBONE, DOCS, machine, markdown_table, write_section
 from bench.load import run_load
+from bench.serving import source_version
 
 HEADING = "## The gRPC floor: a single-text Classify's server CPU beside grpc.aio alone"
 

@@ -33,17 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    REPO,
-    data_root,
-    local_server,
-    machine,
-    markdown_table,
-    ratio,
-    source_version,
-    wait_for_quiet,
-    write_section,
-)
+from bench.common import REPO, machine, markdown_table, publish, ratio, wait_for_quiet
+from bench.data import data_root
+from bench.serving import local_server, source_version
 
 HEADING = "## Images: Embed against plain ONNX Runtime"
 DEFAULT_IMAGE_BACKBONE = REPO / ".cache" / "image-backbone"
@@ -59,12 +51,12 @@ class Rate:
     seconds: float
 
     @property
-    def per_second(self) -> float:
-        return self.images / self.seconds
-
-    @property
     def ms_per_image(self) -> float:
         return 1000.0 * self.seconds / self.images
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds
 
 
 def photos(root: Path) -> list[bytes]:
@@ -236,9 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = measure(args.backbone, data, args.seconds)
     text = report(rates, len(data), load)
     print(text)
-    if args.write_docs:
-        write_section(HEADING, text)
-    return 0
+    return publish(HEADING, text, args.write_docs)
 
 
 if __name__ == "__main__":

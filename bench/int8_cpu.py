@@ -28,31 +28,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    DEFAULT_BACKBONE,
-    SATURATION_FLAGS,
-    LatencySummary,
-    data_root,
-    local_server,
-    machine,
-    machine_cpu_seconds,
-    markdown_table,
-    process_cpu_seconds,
-    ratio,
-    source_version,
-    wait_for_quiet,
-    write_section,
-)
-from bench.embed_throughput import (
+from bench._embed_workload import (
     Measurement,
     OrtPeer,
     StPeer,
     Workload,
-    _calibrate,
     build_workloads,
+    calibrate,
     measure_headswap,
     measure_peer,
 )
+from bench.common import (
+    DEFAULT_BACKBONE,
+    SATURATION_FLAGS,
+    LatencySummary,
+    machine,
+    markdown_table,
+    publish,
+    ratio,
+    sh_block,
+    wait_for_quiet,
+)
+from bench.data import data_root
+from bench.serving import local_server, machine_cpu_seconds, process_cpu_seconds, source_version
 
 HEADING = "## int8 backbone: speed on CPU"
 BATCHES = (16, 64)
@@ -174,9 +172,7 @@ def render(
             "",
             "Reproduce (starts and stops its own servers; waits for a quiet machine first):",
             "",
-            "```sh",
-            command,
-            "```",
+            *sh_block(command),
             "",
             f"Machine: {m.describe()}; 1-minute load average {load:.2f} at the start; {source_version()}. "
             "*CPU ms/text*: CPU of everything involved (peer process, or headswap server + client); *others*: "
@@ -198,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = data_root()
     fp32_peer = OrtPeer(args.backbone)
     probe = build_workloads(root, args.backbone / "tokenizer.json", 512, 512)
-    counts = {w.name: _calibrate(fp32_peer, w.texts, args.seconds * 0.6) for w in probe}
+    counts = {w.name: calibrate(fp32_peer, w.texts, args.seconds * 0.6) for w in probe}
     workloads = build_workloads(root, args.backbone / "tokenizer.json", counts["short"], counts["long"])
     ms: list[Measurement] = []
     references = {w.name: fp32_peer.embed(w.texts[:1024], 64) for w in workloads}
@@ -237,9 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.int8_cpu" + (f" --seconds {args.seconds:g}" if args.seconds != 10 else "")
     body = render(ms, low, workloads, load, command + (" --write-docs" if args.write_docs else ""))
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -24,19 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    bench_parser,
-    data_root,
-    load_tokenizer,
-    long_workload,
-    machine,
-    markdown_table,
-    read_banking77,
-    read_sst2,
-    source_version,
-    write_section,
-)
-from bench.embed_throughput import LONG_TOKENS
+from bench._embed_workload import LONG_TOKENS
+from bench.common import bench_parser, machine, markdown_table, write_section
+from bench.data import data_root, load_tokenizer, long_workload, read_banking77, read_sst2
+from bench.serving import source_version
 from headswap.server.export.quantize import (
     DEFAULT_RECIPE,
     Int8Recipe,

@@ -21,17 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    LatencySummary,
-    bench_parser,
-    data_root,
-    load_average,
-    local_server,
-    machine,
-    markdown_table,
-    read_banking77,
-    write_section,
-)
+from bench.common import LatencySummary, bench_parser, markdown_table, measured_on, publish
+from bench.data import banking77
+from bench.serving import local_server, open_loop_calls
 
 HEADING = "## Overload: admission control"
 DEADLINE_S = 5.0
@@ -113,7 +105,6 @@ async def overload(
     codes: Counter[str] = Counter()
     ok_ms: list[float] = []
     refused_ms: list[float] = []
-    lag = 0.0
     async with aio.insecure_channel(target) as channel:
         stub = pb_grpc.HeadswapServiceStub(channel)
 
@@ -128,16 +119,7 @@ async def overload(
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     refused_ms.append((time.perf_counter() - due) * 1000)
 
-        tasks = []
-        start = time.perf_counter() + 0.05
-        for i in range(int(rate * seconds)):
-            due = start + i / rate
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            lag = max(lag, time.perf_counter() - due)
-            tasks.append(asyncio.create_task(call(i, due)))
-        await asyncio.gather(*tasks)
+        lag = await open_loop_calls([i / rate for i in range(int(rate * seconds))], call)
     return codes, ok_ms, refused_ms, lag * 1000
 
 
@@ -149,8 +131,8 @@ async def measure(
     log = tmp / f"server-{config.replace(' ', '-')}.log"
     with local_server(args.backbone, tmp / f"store-{len(flags)}", flags, log_path=log) as server:
         async with AsyncClient(server.target, timeout=120) as client:
-            intents = sorted({y for _, y in read_banking77(data_root(), "train")})[:10]
-            pairs = [(t, y) for t, y in read_banking77(data_root(), "train") if y in intents]
+            intents = sorted({y for _, y in banking77("train")})[:10]
+            pairs = [(t, y) for t, y in banking77("train") if y in intents]
             await client.adapt_head("load", [t for t, _ in pairs[:200]], [y for _, y in pairs[:200]])
         cap = await capacity(server.target, "load", texts, args.capacity_seconds)
         rate = cap * args.factor
@@ -183,7 +165,7 @@ def render(outcomes: Sequence[Outcome], command: str) -> str:
     table = markdown_table(headers, [o.row() for o in outcomes], [False] + [True] * 9)
     return "\n".join(
         [
-            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
+            measured_on(command),
             "",
             f"Single-text Classify to one tenant, open loop at {outcomes[0].rate / outcomes[0].capacity:.0f}x the "
             f"capacity measured just before (32 callers, closed loop), each call with a {DEADLINE_S:.0f} s "
@@ -204,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.capacity_seconds = 3.0, 2.0
-    texts = [t for t, _ in read_banking77(data_root(), "test")][:500]
+    texts = [t for t, _ in banking77("test")][:500]
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="headswap-overload-") as tmp:
         for config, flags in (("admission on (defaults)", ()), ("admission off", ADMISSION_OFF)):
@@ -213,9 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes.append(outcome)
     body = render(outcomes, "python -m bench.overload" + (" --quick" if args.quick else ""))
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

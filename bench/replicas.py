@@ -20,25 +20,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import (
-    LatencySummary,
-    bench_parser,
-    data_root,
-    load_average,
-    local_server,
-    machine,
-    markdown_table,
-    read_banking77,
-    write_section,
-)
+from bench.common import LatencySummary, bench_parser, markdown_table, measured_on, publish
+from bench.data import banking77
 from bench.overload import capacity
+from bench.serving import local_server
 
 HEADING = "## Replicas on PostgreSQL"
 
 
 def training_set() -> tuple[list[str], list[str]]:
     by_intent: dict[str, list[str]] = {}
-    for text, intent in read_banking77(data_root(), "train"):
+    for text, intent in banking77("train"):
         by_intent.setdefault(intent, []).append(text)
     pairs = [(t, y) for i in range(20) for y in sorted(by_intent)[:6] for t in by_intent[y][i : i + 1]]
     return [t for t, _ in pairs], [y for _, y in pairs]
@@ -88,7 +80,7 @@ def render(delays: list[float], throughput: dict[str, list[float]], command: str
     ]
     return "\n".join(
         [
-            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
+            measured_on(command),
             "",
             f"Three servers on one PostgreSQL 15 (unix socket, same machine); {len(delays)} observations "
             "(two replicas per swap), each from A's ActivateHeadVersion reply to the replica's first Classify "
@@ -129,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from headswap.server.testing_postgres import postgres
 
     flags = ("--warmup-rounds", "1", "--store-migrate", "true")
-    texts = [t for t, _ in read_banking77(data_root(), "test")][:500]
+    texts = [t for t, _ in banking77("test")][:500]
     with tempfile.TemporaryDirectory(prefix="headswap-replicas-") as tmp, postgres() as pg:
         root = Path(tmp)
         dsn = pg.create_database("bench")
@@ -150,9 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(name, throughput[name][-1], flush=True)
     body = render(delays, throughput, "python -m bench.replicas" + (" --quick" if args.quick else ""))
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -23,191 +23,26 @@ import json
 import random
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
-from bench.common import (
-    bench_parser,
-    data_root,
-    load_average,
-    local_server,
-    machine,
-    markdown_table,
-    read_banking77,
-    write_section,
+from bench._soak_report import render
+from bench._soak_samples import (
+    CACHE_ENTRIES,
+    HEADS_ALLOCATED,
+    Samples,
+    cache_entry_bytes,
+    process_sample,
+    scrape,
 )
+from bench.common import bench_parser, write_section
+from bench.data import banking77
+from bench.serving import local_server
 
 HEADING = "## Soak: mixed load across 1,000 tenants"
 MIX = (("classify", 60), ("embed", 20), ("adapt", 12), ("delete", 5), ("unknown", 3))
-
-
-def slope(times: Sequence[float], values: Sequence[float]) -> float:
-    """Least-squares slope of values over times (units per second)."""
-    n = len(times)
-    if n < 2:
-        return 0.0
-    mt, mv = sum(times) / n, sum(values) / n
-    den = sum((t - mt) ** 2 for t in times)
-    return sum((t - mt) * (v - mv) for t, v in zip(times, values, strict=True)) / den if den else 0.0
-
-
-def slope_error(times: Sequence[float], values: Sequence[float]) -> float:
-    """Standard error of `slope` (units per second), from the residuals of the fit. Samples taken seconds
-    apart are correlated, so this understates the real uncertainty: a floor for "within noise"."""
-    n = len(times)
-    if n < 3:
-        return 0.0
-    mt, mv = sum(times) / n, sum(values) / n
-    den = sum((t - mt) ** 2 for t in times)
-    if not den:
-        return 0.0
-    b = slope(times, values)
-    residual = sum((v - mv - b * (t - mt)) ** 2 for t, v in zip(times, values, strict=True))
-    return float((residual / (n - 2) / den) ** 0.5)
-
-
-class ProcessSample(NamedTuple):
-    rss_mib: float
-    fds: int
-    threads: int
-    file_mib: float  # the part of RSS that is file-backed pages: code of the libraries, mapped files
-
-
-def process_sample(pid: int) -> ProcessSample:
-    """RSS, open file descriptors and threads of a process, from /proc."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssFile", "Threads"):
-            fields[name] = int(value.split()[0])
-    return ProcessSample(
-        fields["VmRSS"] / 1024,
-        len(list(Path(f"/proc/{pid}/fd").iterdir())),
-        fields["Threads"],
-        fields.get("RssFile", 0) / 1024,
-    )
-
-
-def cache_entry_bytes(n: int = 10_000, dim: int = 384) -> float:
-    """Bytes one entry of the server's embedding cache takes, measured here with tracemalloc: `n` vectors
-    put as AdaptHead puts them (rows of a small embedded chunk, a 32-byte key, one owning tenant)."""
-    import tracemalloc
-
-    import numpy as np
-
-    from headswap.server.cache import EmbeddingCache
-
-    cache = EmbeddingCache(capacity=n)
-    rng = np.random.default_rng(0)
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for i in range(0, n, 2):
-        chunk = rng.standard_normal((2, dim), dtype=np.float32)
-        cache.put_many("f" * 12, {rng.bytes(32): chunk[0], rng.bytes(32): chunk[1]}, f"soak-{i % 1000:04d}")
-    used = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    return used / len(cache)
-
-
-def gauges(text: str, names: Sequence[str]) -> dict[str, float]:
-    """Unlabelled series of a Prometheus exposition, by name (0 for those absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values = dict.fromkeys(names, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in values and not sample.labels:
-                values[sample.name] = sample.value
-    return values
-
-
-RACES = (
-    "Refusals for known tenants are the workers' own races, answered as they should be: a call that lands "
-    "between a tenant's DeleteHead and its retraining finds no head (Classify NOT_FOUND) or, for AdaptHead, "
-    "adds its 2 examples to none and is refused when both have one label (INVALID_ARGUMENT); two "
-    "workers that delete the same tenant at once leave one NOT_FOUND."
-)
-CACHE_ENTRIES = "headswap_embedding_cache_entries"
-HEADS_ALLOCATED = "headswap_heads_allocated_bytes"
-
-
-def scrape(metrics_port: int) -> dict[str, float]:
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        return gauges(reply.read().decode(), (CACHE_ENTRIES, HEADS_ALLOCATED))
-
-
-@dataclass(frozen=True)
-class Samples:
-    t: list[float]
-    rss_mib: list[float]
-    fds: list[int]
-    threads: list[int]
-    cache_entries: list[float] = field(default_factory=list)
-    heads_mib: list[float] = field(default_factory=list)  # the head stacks, free rows included
-    file_mib: list[float] = field(default_factory=list)  # file-backed pages of RSS
-
-    def second_half(self) -> Samples:
-        return self.between(self.t[len(self.t) // 2] if self.t else 0.0, float("inf"))
-
-    def between(self, start: float, stop: float) -> Samples:
-        """The samples taken at `start` or later and before `stop` (seconds into the load)."""
-        keep = [i for i, t in enumerate(self.t) if start <= t < stop]
-        return Samples(**{name: [v[i] for i in keep] if v else [] for name, v in asdict(self).items()})
-
-    def slopes_per_10min(self) -> tuple[float, float, float]:
-        return tuple(600 * slope(self.t, v) for v in (self.rss_mib, self.fds, self.threads))  # type: ignore[return-value]
-
-    def attribution(self, entry_bytes: float) -> Attribution:
-        """Where RSS went, per 10 minutes."""
-        new_entries = 600 * slope(self.t, self.cache_entries)
-        return Attribution(
-            600 * slope(self.t, self.rss_mib),
-            600 * slope(self.t, self.file_mib) if self.file_mib else 0.0,
-            new_entries,
-            new_entries * entry_bytes / 2**20,
-            600 * slope(self.t, self.heads_mib),
-        )
-
-
-class Attribution(NamedTuple):
-    """Slopes per 10 minutes: RSS and its file-backed part (MiB), the cache's new entries and their MiB, the
-    head stacks (MiB); what none of them accounts for is anonymous memory held by nothing the server counts."""
-
-    rss: float
-    file: float
-    new_entries: float
-    cache: float
-    heads: float
-
-    @property
-    def unaccounted(self) -> float:
-        return self.rss - self.file - self.cache - self.heads
-
-
-def windows(samples: Samples, entry_bytes: float, width: float = 600.0) -> list[list[str]]:
-    """One row per whole `width`-second window of the load: where RSS ended, and its slope per 10 minutes
-    with what the file-backed pages, the cache and the head stacks account for of it; so a long run shows
-    whether growth levels off."""
-    rows = []
-    start = 0.0
-    while samples.t and start + width <= samples.t[-1] + 5:
-        part = samples.between(start, start + width)
-        if len(part.t) >= 3:
-            a = part.attribution(entry_bytes)
-            rows.append(
-                [
-                    f"{start / 60:.0f}-{(start + width) / 60:.0f}",
-                    f"{part.rss_mib[-1]:.0f}",
-                    *(f"{v:+.1f}" for v in (a.rss, a.file, a.cache, a.heads, a.unaccounted)),
-                ]
-            )
-        start += width
-    return rows
 
 
 async def run(
@@ -216,7 +51,7 @@ async def run(
     from headswap.client import AsyncClient, HeadswapError
 
     by_intent: dict[str, list[str]] = {}
-    for text, intent in read_banking77(data_root(), "train"):
+    for text, intent in banking77("train"):
         by_intent.setdefault(intent, []).append(text)
     intents = sorted(by_intent)
     names = [f"soak-{i:04d}" for i in range(tenants)]
@@ -302,92 +137,6 @@ async def run(
 
         await asyncio.gather(sampler(), *(worker(i) for i in range(16)))
     return outcomes, samples, setup_s
-
-
-SHORT = (
-    "A run this short measures its second half inside the first 20 minutes, while the server is still growing "
-    "to the load's working size (the cache filling, and memory not attributed part by part: allocators, "
-    "ONNX Runtime's arena, the interpreter's object pools); whether growth levels off, a run of an hour shows "
-    "(`--seconds 3600`, its own section with a table by 10-minute window)."
-)
-
-
-def render(
-    outcomes: Counter[str],
-    samples: Samples,
-    seconds: float,
-    tenants: int,
-    setup_s: float,
-    command: str,
-    entry_bytes: float,
-) -> str:
-    late = samples.second_half()
-    rss, fds, threads = late.slopes_per_10min()
-    rss_error = 600 * slope_error(late.t, late.rss_mib)
-    a = late.attribution(entry_bytes)
-    by_window = windows(samples, entry_bytes) if seconds >= 1800 else []
-    entries, heads = samples.cache_entries, samples.heads_mib
-    rows = [[k, str(v), f"{v / seconds:.1f}"] for k, v in sorted(outcomes.items())]
-    first, last = samples.rss_mib[0], samples.rss_mib[-1]
-    return "\n".join(
-        [
-            f"`{command}` on {machine().describe()}; load average {load_average():.2f} at the end.",
-            "",
-            f"{tenants} tenants created in {setup_s:.0f} s, then {seconds:.0f} s of mixed load from 16 workers "
-            "(60 % Classify, 20 % Embed, 12 % AdaptHead adding 2 examples of labels the tenant has, 5 % DeleteHead + retrain on new labels, 3 % calls for unknown tenants).",
-            "",
-            markdown_table(["call and outcome", "calls", "per second"], rows, [False, True, True]),
-            "",
-            *(
-                [RACES, ""]
-                if any(k.split()[0] != "unknown" and not k.endswith(" OK") for k in outcomes)
-                else []
-            ),
-            f"Server RSS {first:.0f} MiB at the start of the load, {max(samples.rss_mib):.0f} MiB at most, "
-            f"{last:.0f} MiB at the end; over the second half ({len(late.t)} samples, 5 s apart) RSS moved "
-            f"{rss:+.1f} MiB (standard error {rss_error:.1f}; RSS between {min(late.rss_mib):.0f} and "
-            f"{max(late.rss_mib):.0f} MiB), of which file-backed pages {a.file:+.1f} MiB (the code and data of "
-            "the libraries, read from disk the first time the server runs each path: the kernel can drop them "
-            "at any time, they are not memory the server holds), open file descriptors "
-            f"{fds:+.1f} and threads {threads:+.1f} per 10 minutes. "
-            f"File descriptors {min(samples.fds)} to {max(samples.fds)}; threads {min(samples.threads)} to "
-            f"{max(samples.threads)}.",
-            "",
-            "Where the rest goes, by the server's own gauges of what holds memory by design: the "
-            "embedding cache (every distinct text trained on, dropped with the last tenant that trained on it; "
-            f"bounded by `--cache-capacity`, 200,000 entries by default) held {entries[0]:,.0f} entries at the start of the load and {entries[-1]:,.0f} at "
-            f"the end, {a.new_entries:+,.0f} per 10 minutes over the second half, which at {entry_bytes:,.0f} "
-            f"bytes an entry (measured with tracemalloc in this process) is {a.cache:+.1f} MiB; the head "
-            "stacks (a slab per class-count bucket, doubled when full, halved once a quarter or less is used "
-            "and its upper half is empty) held "
-            f"{heads[0]:.1f} MiB at the start and {heads[-1]:.1f} MiB at the end, {a.heads:+.1f} MiB per 10 "
-            "minutes. **Not accounted for by the file-backed pages, the cache or the head stacks: "
-            f"{a.unaccounted:+.1f} MiB per 10 minutes.**",
-            "",
-            *(
-                [
-                    "The same, window by window (MiB per 10 minutes), to see whether growth levels off:",
-                    "",
-                    markdown_table(
-                        [
-                            "minutes",
-                            "RSS at the end",
-                            "RSS",
-                            "file-backed",
-                            "cache",
-                            "head stacks",
-                            "not accounted for",
-                        ],
-                        by_window,
-                        [False, *[True] * 6],
-                    ),
-                    "",
-                ]
-                if by_window
-                else [SHORT, ""]
-            ),
-        ]
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import replace_section  # one implementation for both docs writers
+from bench.common import replace_section, sh_block
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -344,9 +344,7 @@ def render_section(report: Report) -> str:
         f"Reproduce (starts its own server on a free loopback port with a temporary store; took "
         f"{report.wall_seconds / 60:.1f} min here, embedding included):",
         "",
-        "```sh",
-        COMMAND,
-        "```",
+        *sh_block(COMMAND),
         "",
         f"Machine: {m.cpus} CPU cores ({m.cpu_model}), {m.accelerator}; measured {m.date_utc} UTC.",
         "",
@@ -582,20 +580,31 @@ def evaluate(target: str, train: Split, test: Split, draws: int, sklearn_threads
     return Evaluation(tuple(settings), provider, warmup)
 
 
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target (a running server) or the own server's --backbone and --server-log."""
+    parser.add_argument("--target", default=None, help="use this running server instead of starting one")
+    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE, help="backbone for the own server")
+    parser.add_argument("--server-log", type=Path, default=None, help="keep the own server's log here")
+
+
+def parse_draws(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, refused unless --draws is at least 1."""
+    args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error("--draws must be at least 1")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.banking77", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--data", default=None, help=f"data directory [HEADSWAP_DATA, default {DEFAULT_DATA}]"
     )
     parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="few-shot draws (MTEB: 10)")
-    parser.add_argument("--target", default=None, help="use this running server instead of starting one")
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE, help="backbone for the own server")
-    parser.add_argument("--server-log", type=Path, default=None, help="keep the own server's log here")
+    server_arguments(parser)
     parser.add_argument("--sklearn-threads", type=int, default=1, help="BLAS threads for scikit-learn's fit")
     parser.add_argument("--write-docs", action="store_true", help=f"update the section in {DOCS_PATH}")
-    args = parser.parse_args(argv)
-    if args.draws < 1:
-        parser.error("--draws must be at least 1")
+    args = parse_draws(parser, argv)
 
     started = time.perf_counter()
     try:

@@ -27,14 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    DEFAULT_BACKBONE,
-    local_server,
-    machine,
-    markdown_table,
-    source_version,
-    write_section,
-)
+from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish, sh_block
+from bench.serving import local_server, source_version
 from eval.banking77 import CALL_CHUNK, Split, accuracy, data_dir, load_split
 
 HEADING = "## int8 backbone: one head served by both precisions"
@@ -137,9 +131,7 @@ def render(rows: list[Served], train_size: int, command: str) -> str:
             f"Targets {'all met' if all(verdicts) else 'not all met'}. Reproduce (starts a temporary "
             "PostgreSQL and both replicas):",
             "",
-            "```sh",
-            command,
-            "```",
+            *sh_block(command),
             "",
             f"Machine: {m.describe()}; {source_version()}.",
         ]
@@ -164,9 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, len(train), "python -m eval.cross_precision" + (" --write-docs" if args.write_docs else "")
     )
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    DEFAULT_BACKBONE,
-    local_server,
-    machine,
-    markdown_table,
-    source_version,
-    write_section,
-)
+from bench.common import DEFAULT_BACKBONE, machine, markdown_table, publish, sh_block
+from bench.serving import local_server, source_version
 from eval.banking77 import (
     DataError,
     Split,
@@ -189,9 +183,7 @@ def render(runs: dict[str, Served], sets: dict[str, Split], draws: int, command:
         "",
         "Reproduce (starts its own servers):",
         "",
-        "```sh",
-        command,
-        "```",
+        *sh_block(command),
         "",
         f"Machine: {m.describe()}; {source_version()}.",
     ]  # fmt: skip
@@ -221,9 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m eval.int8_quality" + (f" --draws {args.draws}" if args.draws != 10 else "")
     body = render(runs, sets, args.draws, command + (" --write-docs" if args.write_docs else ""))
     print(body)
-    if args.write_docs:
-        write_section(HEADING, body)
-    return 0
+    return publish(HEADING, body, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import numpy as np
 from bench.common import replace_section
 from eval.banking77 import (
     CALL_CHUNK,
-    DEFAULT_BACKBONE,
     DOCS_PATH,
     MTEB_SEED,
     DataError,
@@ -37,6 +36,8 @@ from eval.banking77 import (
     local_server,
     machine,
     mteb_undersample,
+    parse_draws,
+    server_arguments,
     wait_serving,
 )
 from eval.quality_report import (
@@ -176,31 +177,17 @@ def evaluate(target: str, root: Path, draws: int) -> tuple[list[Setting], str]:
         warm = b77_train.subset(mteb_undersample(b77_train.labels, 2, 1, MTEB_SEED)[0])
         client.adapt_head("q-warmup", list(warm.texts), list(warm.labels), replace=True)
         client.delete_head("q-warmup")
+
+        def draw(train: Split, per_class: int) -> list[np.ndarray]:  # the MTEB few-shot draws
+            return mteb_undersample(train.labels, per_class, draws, MTEB_SEED)
+
         everything_b77 = [np.arange(len(b77_train))]
         everything_sst = [np.arange(len(sst_train))]
         plan = [
-            (
-                "Banking77 8-shot",
-                mteb_undersample(b77_train.labels, 8, draws, MTEB_SEED),
-                b77_train,
-                "b77",
-                b77_test,
-            ),
+            ("Banking77 8-shot", draw(b77_train, 8), b77_train, "b77", b77_test),
             ("Banking77 full", everything_b77, b77_train, "b77", b77_test),
-            (
-                "SST-2 8/class",
-                mteb_undersample(sst_train.labels, 8, draws, MTEB_SEED),
-                sst_train,
-                "sst",
-                sst_test,
-            ),
-            (
-                "SST-2 64/class",
-                mteb_undersample(sst_train.labels, 64, draws, MTEB_SEED),
-                sst_train,
-                "sst",
-                sst_test,
-            ),
+            ("SST-2 8/class", draw(sst_train, 8), sst_train, "sst", sst_test),
+            ("SST-2 64/class", draw(sst_train, 64), sst_train, "sst", sst_test),
             ("SST-2 full", everything_sst, sst_train, "sst", sst_test),
         ]
         settings = [
@@ -214,13 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help="data directory [HEADSWAP_DATA, default ../shared/data]")
     parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="draws of each few-shot setting")
-    parser.add_argument("--target", default=None, help="use this running server instead of starting one")
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE, help="backbone for the own server")
-    parser.add_argument("--server-log", type=Path, default=None, help="keep the own server's log here")
+    server_arguments(parser)
     parser.add_argument("--write-docs", action="store_true", help=f"update the section in {DOCS_PATH}")
-    args = parser.parse_args(argv)
-    if args.draws < 1:
-        parser.error("--draws must be at least 1")
+    args = parse_draws(parser, argv)
     started = time.perf_counter()
     try:
         root = data_dir(args.data, os.environ)

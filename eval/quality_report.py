@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.common import sh_block
+
 SYSTEMS = ("headswap", "LogisticRegression()", "LogisticRegressionCV()")
 ECE_BINS = 15
 # Targets, with defaults and nothing passed but examples (issue 12).
@@ -147,9 +149,7 @@ def render_section(
         "",
         f"Reproduce (starts its own server; took {wall_minutes:.0f} min here, embedding included):",
         "",
-        "```sh",
-        command,
-        "```",
+        *sh_block(command),
         "",
         f"Machine: {machine}.",
         "",

@@ -14,7 +14,7 @@ from headswap.server import logs
 from headswap.server.config import ServerConfig
 
 if TYPE_CHECKING:
-    from headswap.server.export.text import ExportReport
+    from headswap.server.export.common import ExportReport
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -104,9 +104,9 @@ def run_export(args: argparse.Namespace) -> int:
     fingerprint, fusions, parity, seconds); the reason on failure."""
     logs.configure("WARNING", "text")
     from headswap.client._progress import ProgressReporter
+    from headswap.server.export.common import ExportError
     from headswap.server.export.fetch import FetchError
     from headswap.server.export.progress import IMAGE_STEPS, TEXT_STEPS, reporting
-    from headswap.server.export.text import ExportError
 
     if args.onnx_image and not args.feature_output:
         print(

@@ -1,4 +1,6 @@
-"""Real headswap servers for tests, benchmarks and evaluations: ours and yours.
+"""Test-only, not part of the server's API: real headswap servers for tests, benchmarks and evaluations,
+ours and yours (README, "Testing your code against a real server"). Nothing the server runs imports it; it
+ships in the package because bench/ and eval/ start servers with it at run time.
 
     from headswap.server.testing import serve
 

@@ -1,4 +1,7 @@
-"""A throwaway PostgreSQL server for tests and benchmarks: Debian's `postgresql` package, started in a
+"""Test-only, not part of the server's API (nothing the server runs imports it; bench/replicas.py and
+eval/cross_precision.py use it at run time, so it ships with the package).
+
+A throwaway PostgreSQL server for tests and benchmarks: Debian's `postgresql` package, started in a
 temporary directory, listening on a unix socket only (no TCP port), fsync off. As root (CI) it runs as
 the `postgres` user, since initdb refuses root.
 

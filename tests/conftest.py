@@ -25,7 +25,8 @@ def backbone_dir() -> Path:
     0.9818 on AVX2, 0.9819 on AVX-512 VNNI, against 0.98: docs/BENCHMARKS.md). Should it fail on some CPU, the
     backbone is exported without int8 and only the tests that serve int8 fail (`int8_backbone_dir`, saying
     why), not every test that needs a backbone."""
-    from headswap.server.export.text import ExportError, export_backbone
+    from headswap.server.export.common import ExportError
+    from headswap.server.export.text import export_backbone
 
     path = Path(os.environ.get("HEADSWAP_TEST_BACKBONE", REPO / ".cache" / "backbone"))
     manifest = path / "manifest.json"

@@ -26,6 +26,19 @@ def until(condition: Callable[[], bool], what: str = "the condition", timeout: f
         time.sleep(0.02)
 
 
+def raises(call: Callable[[], object], error: type[BaseException]) -> Callable[[], bool]:
+    """A condition for `until`: whether `call()` now fails with `error`."""
+
+    def condition() -> bool:
+        try:
+            call()
+        except error:
+            return True
+        return False
+
+    return condition
+
+
 async def eventually(
     condition: Callable[[], bool], what: str = "the condition", timeout: float = HANG
 ) -> None:
@@ -50,4 +63,14 @@ def batch_policy(**bounds: float) -> BatchPolicy:
     return BatchPolicy(**{**generous, **bounds})  # type: ignore[arg-type]
 
 
-__all__ = ["DATA", "HANG", "REPO", "ServerProcess", "batch_policy", "eventually", "free_port", "until"]
+__all__ = [
+    "DATA",
+    "HANG",
+    "REPO",
+    "ServerProcess",
+    "batch_policy",
+    "eventually",
+    "free_port",
+    "raises",
+    "until",
+]

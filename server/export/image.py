@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from headswap.server.export.common import ExportError, ExportReport, min_cosine, replace_dir
 from headswap.server.export.fetch import MOBILENET_SHA256, check_photos, mobilenet_weights, sha256_file
 from headswap.server.export.progress import step
-from headswap.server.export.text import ExportError, ExportReport, _min_cosine, _replace_dir
 from headswap.server.manifest import (
     MANIFEST_NAME,
     MIN_COSINE,
@@ -78,7 +78,7 @@ def _fp16(src: Path, dst: Path) -> None:
 def _write(work: Path, out: Path, manifest: BackboneManifest) -> None:
     step("writing")
     (work / MANIFEST_NAME).write_text(manifest.to_json())
-    _replace_dir(work, out)
+    replace_dir(work, out)
 
 
 def _manifest(
@@ -112,8 +112,8 @@ def _manifest(
 
 
 def _check_parity(reference: np.ndarray, work: Path, pixels: np.ndarray) -> tuple[float, float]:
-    cos32 = _min_cosine(reference, _run(work / MODEL_FP32, pixels, ["embedding"])[0])
-    cos16 = _min_cosine(reference, _run(work / MODEL_FP16, pixels, ["embedding"])[0])
+    cos32 = min_cosine(reference, _run(work / MODEL_FP32, pixels, ["embedding"])[0])
+    cos16 = min_cosine(reference, _run(work / MODEL_FP16, pixels, ["embedding"])[0])
     log.debug("parity on %d photos: min cosine fp32 %.6f, fp16 %.6f", len(pixels), cos32, cos16)
     if not cos32 >= MIN_COSINE_FP32:
         raise ExportError(f"fp32 parity failed: min cosine {cos32:.6f} < {MIN_COSINE_FP32}")

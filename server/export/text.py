@@ -13,12 +13,12 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from headswap.server.export.common import ExportError, ExportReport, min_cosine, replace_dir
 from headswap.server.export.progress import step
 from headswap.server.export.quantize import (
     INT8_PARITY_SENTENCES,
@@ -65,30 +65,6 @@ PARITY_SENTENCES = [
         ["The committee met again on Tuesday to discuss the budget, the schedule and the staffing plan."] * 30
     ),
 ]
-
-
-class ExportError(RuntimeError):
-    """The export could not produce a backbone that passes its checks; nothing was written."""
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    out: Path
-    manifest: BackboneManifest
-    seconds: float
-    steps: tuple[tuple[str, float], ...] = ()  # (what, seconds), in order
-
-    def summary(self) -> str:
-        """One line: what was made, how long each part took, and the parity it passed."""
-        parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.steps)
-        parts = f" ({parts})" if parts else ""
-        m = self.manifest
-        parity = f"parity with PyTorch min cosine fp32 {m.parity_min_cosine_fp32:.6f}"
-        if m.model_fp16:
-            parity += f", fp16 {m.parity_min_cosine_fp16:.6f}"
-        if m.model_int8:
-            parity += f", int8 {m.parity_min_cosine_int8:.5f}"
-        return f"exported {m.name} in {self.seconds:.1f}s{parts}; {parity}"
 
 
 def bundled_model_dir() -> Path:
@@ -200,12 +176,6 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float(np.min(np.sum(a * b, axis=1)))
-
-
 def _export_onnx(model_dir: Path, raw_path: Path) -> Any:
     import torch
     from transformers import AutoConfig, AutoModel
@@ -312,9 +282,9 @@ def export_backbone(
         step("checking parity")
         batch = _tokenize(tokenizer, PARITY_SENTENCES)
         reference = _reference_embeddings(model_dir, batch)
-        cos32 = _min_cosine(reference, _onnx_embeddings(work / MODEL_FP32, batch))
+        cos32 = min_cosine(reference, _onnx_embeddings(work / MODEL_FP32, batch))
         cos16 = (
-            _min_cosine(reference, _onnx_embeddings(work / MODEL_FP16, batch)) if "fp16" in precisions else 0
+            min_cosine(reference, _onnx_embeddings(work / MODEL_FP16, batch)) if "fp16" in precisions else 0
         )
         log.debug("parity against PyTorch: min cosine fp32 %.6f, fp16 %.6f", cos32, cos16)
         if not cos32 >= MIN_COSINE_FP32:
@@ -360,24 +330,8 @@ def export_backbone(
         )
         step("writing")
         (work / MANIFEST_NAME).write_text(manifest.to_json())
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportReport(out=out, manifest=manifest, seconds=time.perf_counter() - started, steps=tuple(steps))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move a finished directory into place; an old one is only removed once the new one is there. Readable
-    by everyone (a temporary directory is made private): the server may run as another user than the export,
-    as in the container image."""
-    new.chmod(0o755)
-    for path in new.iterdir():
-        path.chmod(0o644)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{int(time.time() * 1000)}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

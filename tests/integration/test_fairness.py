@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 
+from bench.data import joined_texts
 from headswap.client import AsyncClient
 from tests.helpers import DATA, ServerProcess
 
@@ -22,14 +23,7 @@ pytestmark = pytest.mark.integration
 def long_texts(count: int, chars: int = 7000) -> list[str]:
     lines = (DATA / "sst2" / "train.txt").read_text(encoding="utf-8").splitlines()
     sentences = [line.partition(" ")[2] for line in lines if " " in line]
-    out, i = [], 0
-    while len(out) < count:
-        text = ""
-        while len(text) < chars:
-            text += sentences[i % len(sentences)] + " "
-            i += 1
-        out.append(text[:chars])
-    return out
+    return joined_texts(sentences, count, chars)
 
 
 async def test_a_big_embed_does_not_starve_other_tenants(server: ServerProcess) -> None:

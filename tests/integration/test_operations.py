@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,20 +40,19 @@ def http_get(url: str, timeout: float = 5.0) -> str:
         return str(reply.read().decode())
 
 
+def local_server(backbone_dir: Path, tmp_path: Path, *flags: str, **options: Any) -> ServerProcess:
+    """`headswap serve` with the store and log in `tmp_path`, no warm-up; `options` go to ServerProcess."""
+    return ServerProcess(
+        "--backbone", str(backbone_dir), "--store", str(tmp_path / "store"), "--warmup-rounds", "0", *flags,
+        log_path=tmp_path / "server.log", **options,
+    )  # fmt: skip
+
+
 def test_real_prometheus_scrape(
     backbone_dir: Path, banking77: dict[str, dict[str, list[str]]], tmp_path: Path
 ) -> None:
     metrics_port = free_port()
-    server = ServerProcess(
-        "--backbone",
-        str(backbone_dir),
-        "--store",
-        str(tmp_path / "store"),
-        "--warmup-rounds",
-        "0",
-        log_path=tmp_path / "server.log",
-        metrics_port=metrics_port,
-    )
+    server = local_server(backbone_dir, tmp_path, metrics_port=metrics_port)
     prometheus = None
     try:
         server.wait_serving()
@@ -141,10 +141,9 @@ def gated_server(backbone_dir: Path, tmp_path: Path, *args: str) -> Iterator[tup
     """The real server and backbone, its forward passes held while the gate is closed (tests/gated_serve.py);
     opened and stopped on the way out, whatever the test did."""
     gate, metrics_port = Gate(tmp_path / "gate"), free_port()
-    server = ServerProcess(
-        "--backbone", str(backbone_dir), "--store", str(tmp_path / "store"), "--warmup-rounds", "0", *args,
-        log_path=tmp_path / "server.log", metrics_port=metrics_port, module="tests.gated_serve", env=gate.env,
-    )  # fmt: skip
+    server = local_server(
+        backbone_dir, tmp_path, *args, metrics_port=metrics_port, module="tests.gated_serve", env=gate.env
+    )
     try:
         yield server.wait_serving(), gate, metrics_port
     finally:
@@ -242,17 +241,7 @@ def cut_off(server: ServerProcess, gate: Gate, metrics_port: int, closed: Path) 
 
 
 def test_json_logs_carry_request_ids(backbone_dir: Path, tmp_path: Path) -> None:
-    server = ServerProcess(
-        "--backbone",
-        str(backbone_dir),
-        "--store",
-        str(tmp_path / "store"),
-        "--warmup-rounds",
-        "0",
-        "--log-format",
-        "json",
-        log_path=tmp_path / "server.log",
-    )
+    server = local_server(backbone_dir, tmp_path, "--log-format", "json")
     try:
         server.wait_serving()
         with grpc.insecure_channel(server.target) as channel:

@@ -18,7 +18,7 @@ import pytest
 
 from headswap.client import Client, HeadswapError, NotFound
 from headswap.server.testing_postgres import PostgresServer
-from tests.helpers import HANG, ServerProcess, until
+from tests.helpers import HANG, ServerProcess, raises, until
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,10 @@ def examples(
     return [t for t, _ in pairs], [y for _, y in pairs]
 
 
-def replica(backbone_dir: Path, dsn: str, log: Path) -> ServerProcess:
-    return ServerProcess(
+def replica(
+    backbone_dir: Path, dsn: str, log: Path, *flags: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    args = (
         "--backbone",
         str(backbone_dir),
         "--store",
@@ -44,8 +46,8 @@ def replica(backbone_dir: Path, dsn: str, log: Path) -> ServerProcess:
         "true",
         "--warmup-rounds",
         "0",
-        log_path=log,
     )
+    return ServerProcess(*args, *flags, log_path=log, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -300,20 +302,8 @@ def test_a_revocation_reaches_every_replica_within_a_second(
 
     dsn = postgres_server.create_database("revocation")
     env = {"HEADSWAP_AUTH_PEPPER": "pepper for the revocation test, long enough"}
-    args = (
-        "--backbone",
-        str(backbone_dir),
-        "--store",
-        dsn,
-        "--store-migrate",
-        "true",
-        "--warmup-rounds",
-        "0",
-        "--auth",
-        "keys",
-    )
-    a = ServerProcess(*args, log_path=tmp_path / "a.log", env=env)
-    b = ServerProcess(*args, log_path=tmp_path / "b.log", env=env)
+    a = replica(backbone_dir, dsn, tmp_path / "a.log", "--auth", "keys", env=env)
+    b = replica(backbone_dir, dsn, tmp_path / "b.log", "--auth", "keys", env=env)
     try:
         a.wait_serving()
         b.wait_serving()
@@ -330,14 +320,10 @@ def test_a_revocation_reaches_every_replica_within_a_second(
             with Client(a.target, api_key=admin) as on_a:
                 on_a.revoke_api_key(key.info.id)
 
-            def refused() -> bool:
-                try:
-                    on_b.classify("", ["card?"])
-                except Unauthenticated:
-                    return True
-                return False
-
-            until(refused, "b still accepts a key revoked on a")
+            until(
+                raises(lambda: on_b.classify("", ["card?"]), Unauthenticated),
+                "b still accepts a key revoked on a",
+            )
     finally:
         a.terminate()
         b.terminate()

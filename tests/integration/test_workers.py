@@ -22,7 +22,7 @@ import pytest
 
 from headswap.client import Client
 from headswap.client.errors import NotFound
-from tests.helpers import ServerProcess, free_port
+from tests.helpers import ServerProcess, free_port, raises
 
 pytestmark = pytest.mark.integration
 
@@ -121,14 +121,9 @@ def test_a_swap_through_one_worker_reaches_the_other(workers: ServerProcess) -> 
     wait_for(lambda: a.classify("shared", ["card?"])[0].version == first.version, "worker 0 to roll back", 10)
     a.delete_head("shared")
 
-    def gone() -> bool:
-        try:
-            b.classify("shared", ["card?"])
-        except NotFound:
-            return True
-        return False
-
-    wait_for(gone, "worker 1 to refuse the deleted tenant", 10)
+    wait_for(
+        raises(lambda: b.classify("shared", ["card?"]), NotFound), "worker 1 to refuse the deleted tenant", 10
+    )
     for client in clients.values():
         client.close()
 

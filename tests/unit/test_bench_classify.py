@@ -6,13 +6,12 @@ import itertools
 
 import pytest
 
-from bench.classify_latency import (
-    Report,
+from bench._classify_report import Report, render
+from bench._classify_workload import (
     ServerTimings,
     Throughput,
     Training,
     open_loop_seconds,
-    render,
     schedule,
     tenant_specs,
 )

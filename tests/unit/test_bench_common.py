@@ -1,4 +1,4 @@
-"""bench.common: percentiles, workloads, the load-average wait, /proc parsing, docs sections, tables."""
+"""bench.common, bench.data and bench.serving: percentiles, workloads, the load-average wait, /proc parsing, docs sections, tables."""
 
 from __future__ import annotations
 
@@ -8,23 +8,17 @@ import random
 import numpy as np
 import pytest
 
-from bench.common import (
-    LatencySummary,
-    _stat_cpu_seconds,
-    batch_limits_from_log,
+from bench.common import LatencySummary, markdown_table, percentile, replace_section, wait_for_quiet
+from bench.data import (
     cut_to_tokens,
     default_tokenizer_path,
     load_tokenizer,
     long_workload,
-    markdown_table,
-    parse_proc_stat,
-    percentile,
-    replace_section,
     short_workload,
     token_count,
-    wait_for_quiet,
     word_count,
 )
+from bench.serving import _stat_cpu_seconds, batch_limits_from_log, parse_proc_stat
 
 # -- percentiles -------------------------------------------------------------------------------------------
 

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import BatchLogStats, LatencySummary, machine, thread_delta, thread_groups
-from bench.embed_throughput import (
-    Measurement,
-    Report,
-    ServerSide,
-    Workload,
-    best,
-    render,
-    split_requests,
-)
+from bench._embed_report import Report, best, render
+from bench._embed_workload import Measurement, ServerSide, Workload, split_requests
+from bench.common import LatencySummary, machine
+from bench.serving import BatchLogStats, thread_delta, thread_groups
 
 
 def test_split_requests_covers_every_text_in_order_within_the_sizes() -> None:

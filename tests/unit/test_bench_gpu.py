@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench.gpu import tree_cpu_seconds, with_cpu
+from bench._gpu_free import tree_cpu_seconds, with_cpu
 from bench.load import LoadResult
 
 BUSY = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"

@@ -1,4 +1,4 @@
-"""The pure parts of bench/soak.py and bench/overload.py."""
+"""The pure parts of bench/soak.py (its samples and report) and bench/overload.py."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import os
 
 import pytest
 
+from bench._soak_report import SHORT, render
+from bench._soak_samples import RACES, Samples, gauges, process_sample, slope, slope_error
 from bench.common import LatencySummary
 from bench.overload import Outcome
-from bench.soak import RACES, SHORT, Samples, gauges, process_sample, render, slope, slope_error
 
 
 def test_slope_is_least_squares() -> None:
@@ -41,7 +42,7 @@ def test_overload_outcome_row() -> None:
 
 
 def test_cache_entry_bytes_counts_the_vector_and_its_bookkeeping() -> None:
-    from bench.soak import cache_entry_bytes
+    from bench._soak_samples import cache_entry_bytes
 
     per_entry = cache_entry_bytes(n=2_000)
     assert 384 * 4 < per_entry < 4 * 384 * 4  # the float32 vector, plus key, owners and dict overhead
@@ -89,7 +90,7 @@ def test_the_soak_reports_what_the_cache_and_the_head_stacks_do_not_account_for(
 def test_a_long_soak_reports_each_ten_minutes_so_levelling_off_shows() -> None:
     from collections import Counter
 
-    from bench.soak import windows
+    from bench._soak_report import windows
 
     # 40 minutes, a sample a minute: RSS climbs 6 MiB per 10 minutes for 20 minutes, then stays; the cache
     # grows 1,000 entries (1 MiB at 1,048.576 B) per 10 minutes throughout; the head stacks stay put; the

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._embed_workload import Measurement, Workload
 from bench.common import LatencySummary
-from bench.embed_throughput import Measurement, Workload
 from bench.int8_cpu import CONFIGS, ORT8, ORT32, ST, LowLoad, render
 from eval.banking77 import Split
 from eval.int8_quality import load_sst2

@@ -76,7 +76,7 @@ def test_int8_parity_on_real_sentences(int8_backbone_dir: Path) -> None:
     backbone_dir = int8_backbone_dir
     import onnxruntime as ort
 
-    from bench.common import read_banking77, read_sst2
+    from bench.data import read_banking77, read_sst2
 
     rng = np.random.default_rng(0)
     banking = [t for t, _ in read_banking77(DATA, "test")]

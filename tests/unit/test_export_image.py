@@ -15,8 +15,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from headswap.server.export.common import ExportError
 from headswap.server.export.image import CAT_CLASSES, IMAGENET_MEAN, IMAGENET_STD, _pixels, export_onnx_image
-from headswap.server.export.text import ExportError
 from headswap.server.inference.onnx import load_backbone
 from tests.helpers import REPO
 

@@ -8,7 +8,6 @@ import pytest
 from headswap.adapters import TrainConfig, head_from_bytes, head_to_bytes, metrics_from_manifest, train_head
 from headswap.adapters.calibration import laplace_cap, min_temperature, softmax
 from headswap.adapters.grouped import HeadStack
-from headswap.adapters.heads import HeadSpec
 from headswap.adapters.inference import HeadModule
 from headswap.adapters.ood import (
     REFERENCES_TENSOR,
@@ -20,6 +19,7 @@ from headswap.adapters.ood import (
 )
 from headswap.adapters.selection import plan_evaluation
 from headswap.adapters.serialization import HeadFormatError
+from headswap.adapters.spec import HeadSpec
 
 DIM = 16
 

@@ -1,0 +1,164 @@
+"""`bench.gpu --fake-encoder` and `--cpu`: the pipeline on a CPU beside a baseline commit's server, with the
+CPU time each took."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._gpu_serving import classify_saturation, load_summary, server, train_tenant, wait_all_workers
+from bench._gpu_workload import Results, workloads
+from bench.common import REPO, machine
+from bench.load import LoadResult, LoadSpec, run_load
+from bench.serving import source_version
+
+
+def compatible_backbone(backbone: Path, package: Path, into: Path) -> Path:
+    """`backbone` as the server of an older commit reads it: its manifest without the fields that commit's
+    `BackboneManifest` does not know (a newer export writes more; older code refused unknown fields), the
+    models linked, not copied."""
+    import re
+
+    source = (package / "server" / "manifest.py").read_text()
+    body = source[source.index("class BackboneManifest") :]
+    known = set(re.findall(r"^    (\w+): ", body, flags=re.M))
+    into.mkdir(parents=True, exist_ok=True)
+    for entry in backbone.iterdir():
+        if entry.name != "manifest.json":
+            (into / entry.name).symlink_to(entry.resolve())
+    manifest = json.loads((backbone / "manifest.json").read_text())
+    (into / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k in known}))
+    return into
+
+
+@contextmanager
+def baseline_tree(rev: str) -> Iterator[Path]:
+    """A `headswap` package of commit `rev`, importable by putting the returned path first on sys.path."""
+    with tempfile.TemporaryDirectory(prefix="headswap-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True)
+        try:
+            package = Path(tmp) / "path" / "headswap"
+            package.mkdir(parents=True)
+            for name, source in (("server", "server"), ("client", "client"), ("adapters", "adapters")):
+                (package / name).symlink_to(tree / source)
+            (package / "v1").symlink_to(tree / "proto" / "headswap" / "v1")
+            yield Path(tmp) / "path"
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def free_run(args: argparse.Namespace, out: Results) -> None:
+    backbone = args.backbone
+    texts = workloads(backbone / "tokenizer.json", args.quick)["short"]
+    seconds = 3.0 if args.quick else args.seconds
+    out.put("machine", machine().describe())
+    out.put("source", source_version())
+    systems: list[tuple[str, dict[str, str], int]] = [
+        (f"this commit, {w} worker{'s' if w > 1 else ''}", {}, w) for w in args.workers
+    ]
+    if args.buckets_too:  # what shape buckets cost where they are off by default
+        systems.append(("this commit, shape buckets on", {}, args.workers[0]))
+    old_backbone = backbone
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            path = stack.enter_context(baseline_tree(args.baseline))
+            env = {"PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
+            systems.insert(0, (f"baseline {args.baseline}", env, 1))
+            old_backbone = compatible_backbone(backbone, path / "headswap", path.parent / "backbone")
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in systems}
+        for r in range(args.rounds):
+            order = systems if r % 2 == 0 else systems[::-1]  # ABBA: drift on the machine hits both alike
+            for name, env, workers in order:
+                # A baseline from before --workers knows no such flag; one worker is the default on a CPU.
+                flags = ["--precision", "fp32"] + (["--workers", str(workers)] if workers > 1 else [])
+                if "buckets on" in name:
+                    flags += ["--shape-buckets", "on"]
+                with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
+                    served = old_backbone if env else backbone
+                    with server(
+                        served,
+                        flags,
+                        module="bench._free_serve" if args.fake_encoder else "headswap.client.cli",
+                        env=env,
+                        log_path=Path(tmp) / "log",
+                    ) as proc:
+                        wait_all_workers(proc, workers)
+                        train_tenant(proc.target, "bench", 200)
+                        pid = proc.proc.pid
+                        classify = classify_saturation(proc.target, texts, seconds)
+                        figures = {
+                            "embed_r256": with_cpu(
+                                pid,
+                                partial(
+                                    run_load, _embed_spec(proc.target, texts, 256, seconds), args.clients
+                                ),
+                            ),
+                            "embed_r32": with_cpu(
+                                pid,
+                                partial(run_load, _embed_spec(proc.target, texts, 32, seconds), args.clients),
+                            ),
+                            "classify_1": with_cpu(pid, partial(run_load, classify, args.clients)),
+                        }
+                rounds[name].append(figures)
+                out.put(f"free_{name}_round_{r}", figures)
+        summary = {name: _median_rounds(runs) for name, runs in rounds.items()}
+        out.put("free_summary", summary)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and every process below it (a server's workers)."""
+    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def with_cpu(pid: int, load: Callable[[], LoadResult]) -> dict[str, Any]:
+    """A load's summary with the server's CPU seconds during it, and what it answered per CPU-second: on a
+    machine whose cores the load processes share with the server, that (not the rate alone) is the server's
+    own cost, whatever share of the cores the load generator took."""
+    before = tree_cpu_seconds(pid)
+    result = load()
+    cpu = tree_cpu_seconds(pid) - before
+    out = load_summary(result)
+    out["server_cpu_s"] = round(cpu, 2)
+    out["inputs_per_cpu_s"] = round(result.inputs / cpu) if cpu > 0 else None
+    out["calls_per_cpu_s"] = round(result.calls / cpu) if cpu > 0 else None
+    return out
+
+
+def _embed_spec(target: str, texts: list[str], size: int, seconds: float) -> LoadSpec:
+    return LoadSpec(target, "embed", texts, request_size=size, concurrency=8, seconds=seconds, client="raw")
+
+
+def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = {
+        "embed_r256": "inputs_per_s",
+        "embed_r32": "inputs_per_s",
+        "classify_1": "calls_per_s",
+    }
+    out = {k: float(np.median([run[k][field] for run in runs])) for k, field in keys.items()}
+    for k, field in keys.items():  # the same per CPU-second of the server, where measured
+        per_cpu = [run[k].get(field.replace("_per_s", "_per_cpu_s")) for run in runs]
+        if per_cpu and all(v is not None for v in per_cpu):
+            out[f"{k}_per_cpu"] = float(np.median(per_cpu))
+    return out
