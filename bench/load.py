@@ -6,7 +6,9 @@ channel, all measuring the same window (they start together at `start_at`, wall 
 line: what it completed inside the window and its latencies. `run_load` merges them.
 
 Closed loop (`embed`, `classify_closed`): `concurrency` callers per process, each sending its next call when
-the last returns. Open loop (`classify_rate`): calls are sent at fixed times (`rate` per second over all
+the last returns; every call started inside the window counts, and the window is stretched to when the last
+of them ends. (Counting only the calls that end inside it would penalise a server that takes turns between
+callers: calls long against the window all end together, and the window would see a wave of them less.) Open loop (`classify_rate`): calls are sent at fixed times (`rate` per second over all
 processes) whatever the replies do, and a call's latency counts from when it was due, so a server that falls
 behind shows it (no coordinated omission).
 """
@@ -159,13 +161,15 @@ async def _drive(spec: LoadSpec) -> LoadResult:
                         record_error(exc)
                         continue
                     t1 = time.perf_counter()
-                    if t1 <= end:
-                        result.calls += 1
-                        result.inputs += done
-                        result.latencies_ms.append((t1 - t0) * 1000)
+                    result.calls += 1
+                    result.inputs += done
+                    result.latencies_ms.append((t1 - t0) * 1000)
+                    last[0] = max(last[0], t1)
                     offset += spec.request_size
 
+            last = [end]
             await asyncio.gather(*(caller(k) for k in range(spec.concurrency)))
+            result.seconds = last[0] - start
         else:
             interval = 1.0 / spec.rate
             in_flight: set[asyncio.Task[None]] = set()
@@ -202,7 +206,7 @@ async def _drive(spec: LoadSpec) -> LoadResult:
                 k += 1
             if in_flight:
                 await asyncio.wait(in_flight, timeout=10.0)
-        result.seconds = spec.seconds
+            result.seconds = spec.seconds
     finally:
         for hs in clients:
             await hs.close()
