@@ -1,6 +1,6 @@
 """Overload: open-loop Classify at 3x the server's capacity, with admission control and without it.
 
-    python -m bench.overload [--quick] [--write-docs] [--factor 3] [--seconds 20]
+    python -m bench.overload [--quick] [--write-docs] [--factor 3] [--seconds 20] [--baseline REV]
 
 For each configuration (the defaults, and the same server with `--max-queue-wait-ms` so large that only
 the item bound is left, as before admission control) one server is started, one tenant trained, then:
@@ -8,12 +8,16 @@ the item bound is left, as before admission control) one server is started, one 
 2. overload: calls are started on a fixed schedule at `--factor` x that capacity, each with a 5 s deadline,
    whatever the replies do. Goodput (OK calls per second) is compared with capacity, and every refusal's
    latency (from its scheduled start) is recorded: a refusal must come in milliseconds, not at the deadline.
+
+With `--baseline REV` the defaults of commit REV are measured too, in the same run (first), for a before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import tempfile
 import time
 from collections import Counter
@@ -21,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import LatencySummary, bench_parser, markdown_table, measured_on, publish
+from bench._gpu_free import baseline_tree, compatible_backbone
+from bench.common import REPO, LatencySummary, bench_parser, markdown_table, measured_on, publish
 from bench.data import banking77
 from bench.serving import local_server, open_loop_calls
 
@@ -124,12 +129,19 @@ async def overload(
 
 
 async def measure(
-    config: str, flags: Sequence[str], args: argparse.Namespace, texts: Sequence[str], tmp: Path
+    config: str,
+    flags: Sequence[str],
+    args: argparse.Namespace,
+    texts: Sequence[str],
+    tmp: Path,
+    backbone: Path,
+    env: dict[str, str],
 ) -> Outcome:
     from headswap.client import AsyncClient
 
-    log = tmp / f"server-{config.replace(' ', '-')}.log"
-    with local_server(args.backbone, tmp / f"store-{len(flags)}", flags, log_path=log) as server:
+    name = config.replace(" ", "-").replace(",", "")
+    log = tmp / f"server-{name}.log"
+    with local_server(backbone, tmp / f"store-{name}", flags, log_path=log, env=env) as server:
         async with AsyncClient(server.target, timeout=120) as client:
             intents = sorted({y for _, y in banking77("train")})[:10]
             pairs = [(t, y) for t, y in banking77("train") if y in intents]
@@ -183,17 +195,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument("--baseline", default="", help="a commit whose defaults to measure beside")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.capacity_seconds = 3.0, 2.0
     texts = [t for t, _ in banking77("test")][:500]
     outcomes = []
-    with tempfile.TemporaryDirectory(prefix="headswap-overload-") as tmp:
-        for config, flags in (("admission on (defaults)", ()), ("admission off", ADMISSION_OFF)):
-            outcome = asyncio.run(measure(config, flags, args, texts, Path(tmp)))
+    configs: list[tuple[str, Sequence[str], Path, dict[str, str]]] = [
+        ("admission on (defaults)", (), args.backbone, {}),
+        ("admission off", ADMISSION_OFF, args.backbone, {}),
+    ]
+    with tempfile.TemporaryDirectory(prefix="headswap-overload-") as tmp, contextlib.ExitStack() as stack:
+        if args.baseline:
+            path = stack.enter_context(baseline_tree(args.baseline))
+            env = {"PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
+            old = compatible_backbone(args.backbone, path / "headswap", path.parent / "backbone")
+            configs.insert(0, (f"admission on (defaults), {args.baseline}", (), old, env))
+        for config, flags, backbone, env in configs:
+            outcome = asyncio.run(measure(config, flags, args, texts, Path(tmp), backbone, env))
             print(config, outcome.row(), flush=True)
             outcomes.append(outcome)
-    body = render(outcomes, "python -m bench.overload" + (" --quick" if args.quick else ""))
+    command = "python -m bench.overload" + (" --quick" if args.quick else "")
+    body = render(outcomes, command + (f" --baseline {args.baseline}" if args.baseline else ""))
     print(body)
     return publish(HEADING, body, args.write_docs)
 
