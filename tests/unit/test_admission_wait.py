@@ -13,31 +13,13 @@ import numpy as np
 from headswap.server.domain import Input
 from headswap.server.errors import ResourceExhausted
 from headswap.server.inference.batcher import Batcher
-from headswap.server.inference.protocols import Backbone, Prepared
+from headswap.server.inference.protocols import Backbone
 from headswap.server.manifest import BackboneManifest
 from tests.helpers import batch_policy
+from tests.unit.test_batcher import FakeBackbone
 
 BOUND_S = 0.5
 HEAD_S = 0.05  # each batch's heads: 50 ms in the backbone's thread, after the encoder's own (fast) pass
-
-
-class FastEncoder:
-    """A text is its code points; the forward pass costs next to nothing."""
-
-    dim = 3
-    input_kind = "text"
-    provider = "fake"
-    precision = "fp32"
-
-    def prepare(self, inputs: list[Input]) -> list[Prepared]:
-        ids = [np.array([ord(c) for c in str(item.content)], dtype=np.int64) for item in inputs]
-        return [Prepared(x, len(x), len(x)) for x in ids]
-
-    def collate(self, items: list[Prepared]) -> dict[str, object]:
-        return {"ids": [item.payload for item in items]}
-
-    def run(self, feeds: dict[str, list[np.ndarray]]) -> np.ndarray:
-        return np.array([[x[0], len(x), 0] for x in feeds["ids"]], dtype=np.float32)
 
 
 class SlowHeads:
@@ -48,7 +30,7 @@ class SlowHeads:
 
 async def test_accepted_calls_wait_about_the_bound_when_the_encoder_is_not_the_whole_cost() -> None:
     tok, bb = ThreadPoolExecutor(2), ThreadPoolExecutor(1)
-    encoder = FastEncoder()
+    encoder = FakeBackbone()  # its forward pass costs next to nothing
     manifest = BackboneManifest("fake", 3, "none", "l2", 64, "text", "0" * 64)
     policy = batch_policy(max_batch_items=4, max_wait_s=0.001, max_queue_wait_s=BOUND_S)
     batcher = Batcher(
