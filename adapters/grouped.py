@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .host_scoring import scored_on_host
 from .spec import HEAD_KINDS, HeadSpec, expected_state_shapes, head_kind
 
 NEG_INF = float("-inf")
 _SLOT_BITS = 32  # a linear slot id is bucket << 32 | row in that bucket's slab
+_ROW_MASK = (1 << _SLOT_BITS) - 1
 
 
 def bucket_of(classes: int) -> int:
@@ -59,6 +61,13 @@ class _Slab:
     bias: torch.Tensor  # (slots, bucket)
     free: list[int] = field(default_factory=list)  # a min-heap: the lowest free row is used first
     used: set[int] = field(default_factory=set)
+    _host: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None
+
+    def host(self) -> tuple[np.ndarray, np.ndarray]:
+        """The slab's weight and bias as numpy views (CPU only), made again after a grow or a shrink."""
+        if self._host is None or self._host[0] is not self.weight:
+            self._host = (self.weight, self.weight.numpy(), self.bias.numpy())
+        return self._host[1], self._host[2]
 
 
 class HeadStack:
@@ -71,6 +80,7 @@ class HeadStack:
         self._classes: dict[int, int] = {}  # slot -> number of classes
         self._stacked: dict[int, _Stacked] = {}
         self._refs: dict[int, torch.Tensor] = {}  # slot -> (m, dim) unit-norm training embeddings
+        self._host_refs: dict[int, np.ndarray] = {}  # the same as numpy views, on a CPU
         self._next_stacked = -1  # stacked heads get negative ids: they have no slab row
 
     def __len__(self) -> int:
@@ -123,6 +133,8 @@ class HeadStack:
             refs = torch.as_tensor(np.asarray(references, dtype=np.float32), device=self.device)
             with self._lock:
                 self._refs[slot] = refs
+                if self.device.type == "cpu":
+                    self._host_refs[slot] = refs.numpy()
         return slot
 
     def _add(self, spec: HeadSpec, state: Mapping[str, np.ndarray]) -> int:
@@ -160,6 +172,7 @@ class HeadStack:
     def release(self, slot: int) -> None:
         with self._lock:
             self._refs.pop(slot, None)
+            self._host_refs.pop(slot, None)
             if self._classes.pop(slot, None) is None:
                 return
             if slot < 0:
@@ -264,10 +277,31 @@ class HeadStack:
     def apply_scored(
         self, embeddings: np.ndarray | torch.Tensor, slots: Sequence[int]
     ) -> list[tuple[np.ndarray, float]]:
-        """`apply`'s probabilities, each row with its out-of-distribution score."""
+        """`apply`'s probabilities, each row with its out-of-distribution score. On a CPU in numpy, one
+        head at a time (host_scoring.py); on a GPU with `apply` and `ood_scores`' grouped operations."""
+        if self.device.type == "cpu":
+            return scored_on_host(self, embeddings, slots)
         probs = self.apply(embeddings, slots)
         scores = self.ood_scores(embeddings, slots).tolist()
         return list(zip(probs, scores, strict=True))
+
+    def host_views(
+        self, heads: Sequence[int]
+    ) -> tuple[list[int], dict[int, tuple[np.ndarray, np.ndarray]], dict[int, np.ndarray]]:
+        """On a CPU, for `heads` (slots): their class counts; the weight and bias of the linear ones and the
+        references of those that have them, as numpy views of what the stack holds (taken under its lock;
+        rows in use are never written, so the views stay valid while the caller holds the heads)."""
+        linear: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        refs: dict[int, np.ndarray] = {}
+        with self._lock:
+            classes = [self._classes[slot] for slot in heads]
+            for slot, c in zip(heads, classes, strict=True):
+                if slot >= 0:
+                    weight, bias = self._slabs[slot >> _SLOT_BITS].host()
+                    linear[slot] = (weight[slot & _ROW_MASK, :c], bias[slot & _ROW_MASK, :c])
+                if slot in self._host_refs:
+                    refs[slot] = self._host_refs[slot]
+        return classes, linear, refs
 
     def _apply_one(self, x: torch.Tensor, slot: int, n: int) -> list[np.ndarray]:
         """Every row under one linear head (a single-tenant batch, a lone Classify): one matrix product and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from headswap.adapters import TrainConfig, head_from_bytes, head_to_bytes, metrics_from_manifest, train_head
 from headswap.adapters.calibration import laplace_cap, min_temperature, softmax
@@ -172,3 +173,44 @@ def test_stack_scores_each_row_against_its_own_head_in_one_pass() -> None:
     assert stack.nbytes(a) == 4 * (DIM + 1) * 4 + refs_a.nbytes
     stack.release(a)
     assert np.isnan(stack.ood_scores(x[:1], [legacy])[0])
+
+
+def test_cpu_scoring_matches_the_grouped_torch_operations() -> None:
+    """`apply_scored` on a CPU (numpy, one head at a time) gives what `apply` and `ood_scores` give: heads of
+    several widths and kinds in one unsorted batch, several rows per head, one head alone, torch input."""
+    stack = HeadStack(DIM)
+    rng = np.random.default_rng(3)
+    slots = []
+    for classes, refs in ((2, 4), (3, 0), (7, 30), (77, 200), (5, 1)):
+        state = {
+            "weight": rng.normal(size=(classes, DIM)).astype(np.float32),
+            "bias": rng.normal(size=classes).astype(np.float32),
+        }
+        references = normalize_rows(rng.normal(size=(refs, DIM))) if refs else None
+        slots.append(stack.add(HeadSpec("linear", DIM, classes), state, references))
+    mlp_state = {
+        "hidden.weight": rng.normal(size=(8, DIM)).astype(np.float32),
+        "hidden.bias": np.zeros(8, np.float32),
+        "output.weight": rng.normal(size=(4, 8)).astype(np.float32),
+        "output.bias": np.zeros(4, np.float32),
+    }
+    slots.append(
+        stack.add(HeadSpec("mlp", DIM, 4, hidden_dim=8), mlp_state, normalize_rows(rng.normal(size=(6, DIM))))
+    )
+    batch = [slots[i] for i in rng.integers(0, len(slots), 40)]
+    for rows in (batch, [slots[3]] * 9, [slots[1]] * 3, [slots[5], slots[0]]):
+        x = rng.normal(size=(len(rows), DIM)).astype(np.float32)
+        want_probs, want_scores = stack.apply(x, rows), stack.ood_scores(x, rows)
+        for got in (stack.apply_scored(x, rows), stack.apply_scored(torch.as_tensor(x), rows)):
+            assert len(got) == len(rows)
+            for (probs, score), want_p, want_s in zip(got, want_probs, want_scores, strict=True):
+                assert probs.shape == want_p.shape
+                np.testing.assert_allclose(probs, want_p, rtol=1e-5, atol=1e-6)
+                assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+                if np.isnan(want_s):
+                    assert np.isnan(score)
+                else:
+                    assert score == pytest.approx(float(want_s), abs=1e-5)
+    assert stack.apply_scored(np.zeros((0, DIM), np.float32), []) == []
+    with pytest.raises(ValueError, match="expected embeddings"):
+        stack.apply_scored(np.zeros((2, DIM), np.float32), [slots[0]])
