@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 
 from headswap.server.errors import ResourceExhausted
 
+# The most one batch's span can lower the measured service rate, as a factor of the rate before it (the
+# average then falls at most 1.6x a batch: 1 / (0.8 + 0.2 * 4)).
+STALL_FACTOR = 4.0
+
 
 @dataclass
 class Admission:
@@ -118,8 +122,13 @@ class Admission:
             since = max(started, self.backlog_since)
             span = max(seconds, now - since) if since else seconds
             served = cost / span
-            # Averaged as time per cost unit, so that slow batches weigh as much as they cost.
-            self.service_rate = (
-                served if not self.service_rate else 1 / (0.8 / self.service_rate + 0.2 / served)
-            )
+            if self.service_rate:
+                # One batch may lower the rate by at most STALL_FACTOR: a single stall (a collection of the
+                # garbage of a thousand trainings, a hypervisor pause) then cannot make a short queue look
+                # like a second's wait, while a server that stays slow still reaches its rate in a few batches.
+                served = max(served, self.service_rate / STALL_FACTOR)
+                # Averaged as time per cost unit, so that slow batches weigh as much as they cost.
+                self.service_rate = 1 / (0.8 / self.service_rate + 0.2 / served)
+            else:
+                self.service_rate = served
         self.backlog_since = now if self.queued_inputs else 0.0
