@@ -28,7 +28,7 @@ from headswap.server.inference.lanes import Lane, Lanes
 from headswap.server.inference.protocols import Backbone
 from headswap.server.input_kinds import input_kind
 from headswap.server.metrics import Metrics
-from headswap.server.pools import Pools
+from headswap.server.pools import Pools, limit_blas_threads
 from headswap.server.rpc.interceptors import CallInterceptor
 from headswap.server.rpc.overload import LoopLag
 from headswap.server.rpc.server import SERVICE_NAME, GrpcServer
@@ -188,6 +188,7 @@ def build(
             shared=config.workers > 1,
         )
     torch.set_num_threads(config.train_threads)
+    limit_blas_threads()
     if config.warmup_rounds:
         for dim in sorted({b.dim for _, b in named}):
             _warm_up_training(dim)

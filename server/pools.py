@@ -24,3 +24,20 @@ class Pools:
     def shutdown(self) -> None:
         for pool in (self.preprocess, self.io, self.train, *self.backbones):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def limit_blas_threads() -> int:
+    """Hold numpy's BLAS (OpenBLAS) to one thread in this process; returns how many BLAS libraries it set.
+
+    The server's numpy products are small (the head stage: a batch's rows times a head's weights and stored
+    examples, adapters/host_scoring.py) and run in threads that already have a core each. OpenBLAS would
+    split them over a pool of its own, whose threads then spin waiting for the next product on the cores
+    ONNX Runtime's forward pass needs: measured on 2 cores, single-text Classify fell to 0.80x of the code
+    before the change that moved the head stage to numpy, and came back to 1.13x with one BLAS thread
+    (docs/BENCHMARKS.md, "CPU serving beside the code before the GPU work"). PyTorch keeps its own threads
+    (`--train-threads`)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    threadpool_limits(limits=1, user_api="blas")
+    return len(blas)
