@@ -8,6 +8,7 @@ import pytest
 
 from bench._classify_report import Report, render
 from bench._classify_workload import (
+    OpenLoop,
     ServerTimings,
     Throughput,
     Training,
@@ -85,3 +86,22 @@ def test_report_mixed_over_single() -> None:
     # 8.0 ms total, of which 1.0 + 0.1 + 5.0 + 0.5 accounted for: 1.4 ms in none of the timings.
     assert "1–1 ms of a call's 8–8 ms server total are in none of" in text
     assert "- Mixed / single = 0.82: serving 1,000 tenants costs throughput." in text
+
+
+def _open(queue_ms: float) -> OpenLoop:
+    timings = ServerTimings(queue_ms, 0.3, 7.0, 0.5, 8.5)
+    return OpenLoop(50.0, 20.0, 1000, 0, LatencySummary.of([9.0, 12.0]), 2.0, timings, 10.0)
+
+
+def test_report_says_whether_a_lone_call_waits_for_company() -> None:
+    """The finding follows the numbers and the window the server ran with, never a fixed sentence."""
+    training = Training(1000, 100.0, 10.0, 96, 3000, 4)
+
+    def said(queue_ms: float, flags: str = "") -> str:
+        return render(Report(machine(), 0.2, flags, training, [_open(queue_ms)], [], [], "c", 1000))
+
+    assert "does not wait for company: the mean queue time is 0.3–0.3 ms" in said(0.3)
+    assert "window of 2 ms" in said(0.3)  # the declared default
+    assert "waits out the batcher's window for company: the mean queue time is 1.9–1.9 ms" in said(1.9)
+    assert "does not wait" in said(1.9, "--batch-max-wait-ms 5")
+    assert "waits out" in said(4.5, "--batch-max-wait-ms=5")
