@@ -126,10 +126,11 @@ def min_temperature(logits: np.ndarray, cap: float, statistic: str = "mean") -> 
     grows, so their mean does too: bisection on log T within the temperature bounds.
     """
     z = np.asarray(logits, dtype=np.float64)
+    below = z - z.max(axis=1, keepdims=True)  # <= 0; the top probability is 1 / sum(exp(below / T))
     reduce = np.mean if statistic == "mean" else np.max
 
     def mean_top(temperature: float) -> float:
-        return float(reduce(np.exp(log_softmax(z / temperature).max(axis=1))))
+        return float(reduce(1.0 / np.exp(below / temperature).sum(axis=1)))
 
     if mean_top(MIN_TEMPERATURE) <= cap:
         return MIN_TEMPERATURE
@@ -156,12 +157,25 @@ def bootstrap_interval(
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    n = y.size
+    # Per example once; a draw then only sums its examples' terms (copying p for each of 200 draws took
+    # 0.36 s of a 10,000-example training).
+    if score == "ece":
+        confidence = p.max(axis=1)
+        correct = (p.argmax(axis=1) == y).astype(np.float64)
+        index = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+    else:
+        loss = -np.log(np.maximum(p[np.arange(n), y], 1e-300))
     values = []
     for _ in range(BOOTSTRAP_DRAWS):
-        idx = rng.integers(0, y.size, y.size)
-        if score == "ece":
-            values.append(expected_calibration_error(p[idx], y[idx]))
+        idx = rng.integers(0, n, n)
+        if (
+            score == "ece"
+        ):  # expected_calibration_error of the draw: sum over bins of |confidence - correct| / n
+            bins = index[idx]
+            gap = np.bincount(bins, confidence[idx], ECE_BINS) - np.bincount(bins, correct[idx], ECE_BINS)
+            values.append(float(np.abs(gap).sum() / n))
         else:
-            values.append(float(-np.mean(np.log(np.maximum(p[idx, y[idx]], 1e-300)))))
+            values.append(float(loss[idx].mean()))
     tail = (1 - level) / 2 * 100
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

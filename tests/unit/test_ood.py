@@ -214,3 +214,28 @@ def test_cpu_scoring_matches_the_grouped_torch_operations() -> None:
     assert stack.apply_scored(np.zeros((0, DIM), np.float32), []) == []
     with pytest.raises(ValueError, match="expected embeddings"):
         stack.apply_scored(np.zeros((2, DIM), np.float32), [slots[0]])
+
+
+def test_bootstrap_intervals_are_the_scores_of_resampled_predictions() -> None:
+    """The interval's draws sum per-example terms computed once; each is the score of that resample."""
+    from headswap.adapters.calibration import (
+        BOOTSTRAP_DRAWS,
+        bootstrap_interval,
+        expected_calibration_error,
+    )
+
+    rng = np.random.default_rng(5)
+    for n, classes in ((7, 3), (60, 4), (500, 77)):
+        probs = softmax(rng.normal(scale=3, size=(n, classes)))
+        labels = rng.integers(0, classes, n)
+        draws = np.random.default_rng(11)
+        ece, loss = [], []
+        for _ in range(BOOTSTRAP_DRAWS):
+            idx = draws.integers(0, n, n)
+            ece.append(expected_calibration_error(probs[idx], labels[idx]))
+            loss.append(float(-np.mean(np.log(probs[idx, labels[idx]]))))
+        for score, values in (("ece", ece), ("log_loss", loss)):
+            low, high = bootstrap_interval(probs, labels, score, seed=11)
+            assert low == pytest.approx(np.percentile(values, 2.5), abs=1e-12)
+            assert high == pytest.approx(np.percentile(values, 97.5), abs=1e-12)
+            assert low <= high
