@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .ood import normalize_rows
+
 if TYPE_CHECKING:
     import torch
 
@@ -49,7 +51,7 @@ def scored_on_host(
     classes, linear, refs = stack.host_views(heads)
     logits = np.zeros((n, max(classes)), dtype=np.float32)
     similarity = np.full(n, np.nan, dtype=np.float32)
-    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if refs else x
+    unit = normalize_rows(x) if refs else x
     other: list[int] = []  # heads that are not linear maps, by place in `heads`
     for place, slot in enumerate(heads):
         rows = slice(bounds[place], bounds[place + 1])
@@ -71,10 +73,7 @@ def scored_on_host(
     for place in other:
         rows = slice(bounds[place], bounds[place + 1])
         probs[rows] = stack.apply(x[rows], [heads[place]] * (rows.stop - rows.start))
-    scores = (1.0 - similarity).tolist()
+    rows_out = list(zip(probs, (1.0 - similarity).tolist(), strict=True))
     if order is None:
-        return list(zip(probs, scores, strict=True))
-    out: list[tuple[np.ndarray, float]] = [(logits[0], 0.0)] * n
-    for i, row in enumerate(order.tolist()):
-        out[row] = (probs[i], scores[i])
-    return out
+        return rows_out
+    return [rows_out[i] for i in np.argsort(order).tolist()]  # back in the caller's order

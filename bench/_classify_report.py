@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import math
-import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,11 +17,14 @@ from bench.serving import THREAD_GROUPS
 
 
 def batch_window_ms(flags: str) -> float:
-    """The batcher's `--batch-max-wait-ms` in the server flags of the run, else its declared default."""
-    from headswap.server.config import BatchingConfig
+    """The batcher's window (`--batch-max-wait-ms`) of a server started with `flags`, read as the server reads
+    its settings (flags, then HEADSWAP_* variables, then the declared default)."""
+    from headswap.server.config import ServerConfig
 
-    found = re.search(r"--batch-max-wait-ms[ =]([0-9.]+)", flags)
-    return float(found.group(1)) if found else float(BatchingConfig().max_wait_ms)
+    parser = argparse.ArgumentParser(add_help=False)
+    ServerConfig.add_arguments(parser)
+    args, _ = parser.parse_known_args(shlex.split(flags))
+    return float(ServerConfig.from_sources(args).batching.max_wait_ms)
 
 
 GPU_RATE = 2000  # calls/s of the GPU targets (p50 <= 2 ms, p99 <= 10 ms), not reachable on this CPU

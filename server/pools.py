@@ -26,8 +26,8 @@ class Pools:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def limit_blas_threads() -> int:
-    """Hold numpy's BLAS (OpenBLAS) to one thread in this process; returns how many BLAS libraries it set.
+def limit_blas_threads() -> None:
+    """Hold numpy's BLAS (OpenBLAS) to one thread in this process.
 
     The server's numpy products are small (the head stage: a batch's rows times a head's weights and stored
     examples, adapters/host_scoring.py) and run in threads that already have a core each. OpenBLAS would
@@ -36,8 +36,6 @@ def limit_blas_threads() -> int:
     before the change that moved the head stage to numpy, and came back to 1.13x with one BLAS thread
     (docs/BENCHMARKS.md, "CPU serving beside the code before the GPU work"). PyTorch keeps its own threads
     (`--train-threads`)."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-    blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
     threadpool_limits(limits=1, user_api="blas")
-    return len(blas)

@@ -126,9 +126,7 @@ class Admission:
                 # One batch may lower the rate by at most STALL_FACTOR: a single stall (a collection of the
                 # garbage of a thousand trainings, a hypervisor pause) then cannot make a short queue look
                 # like a second's wait, while a server that stays slow still reaches its rate in a few batches.
-                served = max(served, self.service_rate / STALL_FACTOR)
                 # Averaged as time per cost unit, so that slow batches weigh as much as they cost.
-                self.service_rate = 1 / (0.8 / self.service_rate + 0.2 / served)
-            else:
-                self.service_rate = served
+                served = 1 / (0.8 / self.service_rate + 0.2 / max(served, self.service_rate / STALL_FACTOR))
+            self.service_rate = served
         self.backlog_since = now if self.queued_inputs else 0.0
