@@ -49,3 +49,7 @@ class Item:
     @property
     def flow(self) -> str:
         return self.request.flow
+
+    @property
+    def arrived(self) -> float:
+        return self.request.enqueued

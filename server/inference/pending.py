@@ -14,12 +14,17 @@ fronts of their queues, so every operation costs the items it touches, never the
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Protocol
 
 from headswap.server.inference.buckets import ShapeBuckets
 from headswap.server.inference.protocols import Prepared
+
+# Items whose calls were admitted longer ago than this share of the queue's bound on expected wait
+# (`max_queue_wait_s`) join a batch before any younger one: see `Pending.take`.
+OLD_SHARE = 0.5
 
 
 class Item(Protocol):
@@ -29,6 +34,8 @@ class Item(Protocol):
 
     @property
     def flow(self) -> str: ...
+    @property
+    def arrived(self) -> float: ...  # when its call was admitted (perf_counter)
 
 
 class Policy(Protocol):
@@ -38,6 +45,8 @@ class Policy(Protocol):
     def max_batch_items(self) -> int: ...
     @property
     def max_padding(self) -> float: ...
+    @property
+    def max_queue_wait_s(self) -> float: ...
 
 
 class Pending:
@@ -83,36 +92,28 @@ class Pending:
             del self._flows[flow]
         return None
 
-    def take(self, policy: Policy, buckets: ShapeBuckets | None = None) -> list[Any]:
+    def take(
+        self, policy: Policy, buckets: ShapeBuckets | None = None, now: float | None = None
+    ) -> list[Any]:
         """A batch around the leader: items of the nearest keys first (arrival order within a key), within
         the cost budget, the item cap and the padding cap; with shape buckets, no more items than fill a
-        bucket well. The leader's flow goes to the back of the line. Returned in arrival order."""
+        bucket well. The leader's flow goes to the back of the line. Returned in arrival order.
+
+        Old items (admitted more than OLD_SHARE of the queue's bound before `now`, perf_counter) are taken
+        first, then the rest: nearest-first over the whole queue alone let later items of lengths near the
+        leaders' pass an item of another length again and again until it was the oldest of its flow, and
+        under overload accepted calls then waited twice the bound they were admitted on (issue 23.6)."""
         leader = self.leader()
         if leader is None:
             return []
         key = leader.prepared.group_key
-        chosen: list[Any] = [leader]
-        largest = real = leader.prepared.cost
-        full = len(chosen) >= policy.max_batch_items
-        for k in sorted(self._keys, key=lambda k: (abs(k - key), k)):
-            if full:
-                break
-            for item in self._keys[k]:
-                if item.taken or item is leader:
-                    continue
-                item_cost = item.prepared.cost
-                cost = max(largest, item_cost)
-                padded = cost * (len(chosen) + 1)
-                if padded > policy.max_batch_cost:
-                    break
-                if padded - (real + item_cost) > policy.max_padding * padded:
-                    break
-                chosen.append(item)
-                largest = cost
-                real += item_cost
-                if len(chosen) >= policy.max_batch_items:
-                    full = True
-                    break
+        keys = sorted(self._keys, key=lambda k: (abs(k - key), k))
+        batch = _Batch(policy, leader)
+        now = time.perf_counter() if now is None else now
+        old = now - OLD_SHARE * policy.max_queue_wait_s
+        if batch.fill(self._keys, keys, before=old):
+            batch.fill(self._keys, keys, before=None)
+        chosen = batch.items
         if buckets is not None:
             chosen = chosen[: buckets.items_to_take(len(chosen), policy.max_padding)]
         for item in chosen:
@@ -133,6 +134,43 @@ class Pending:
 
     def __len__(self) -> int:
         return self.count
+
+
+class _Batch:
+    """A batch being formed around its leader, within a policy's cost, item and padding caps."""
+
+    def __init__(self, policy: Policy, leader: Any) -> None:
+        self.policy = policy
+        self.items: list[Any] = [leader]
+        self.ids = {id(leader)}
+        self.largest = self.real = leader.prepared.cost
+
+    def fill(self, by_key: dict[int, deque[Any]], keys: list[int], before: float | None) -> bool:
+        """Add items key by key (in `keys`' order; arrival order within a key), only those of calls admitted
+        at or before `before` if given; returns whether there is room left."""
+        policy = self.policy
+        for k in keys:
+            if len(self.items) >= policy.max_batch_items:
+                return False
+            for item in by_key[k]:
+                if item.taken or id(item) in self.ids:
+                    continue
+                if before is not None and item.arrived > before:
+                    break  # the rest of this key came later still
+                item_cost = item.prepared.cost
+                cost = max(self.largest, item_cost)
+                padded = cost * (len(self.items) + 1)
+                if padded > policy.max_batch_cost:
+                    break
+                if padded - (self.real + item_cost) > policy.max_padding * padded:
+                    break
+                self.items.append(item)
+                self.ids.add(id(item))
+                self.largest = cost
+                self.real += item_cost
+                if len(self.items) >= policy.max_batch_items:
+                    return False
+        return True
 
 
 def _drop_taken(queues: MutableMapping[Any, deque[Any]], names: Iterable[Any]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from headswap.server.domain import Input
 from headswap.server.errors import ResourceExhausted
 from headswap.server.inference.admission import Admission
 from headswap.server.inference.batcher import Batcher
-from headswap.server.inference.protocols import Backbone
+from headswap.server.inference.pending import Pending
+from headswap.server.inference.protocols import Backbone, Prepared
 from headswap.server.manifest import BackboneManifest
 from tests.helpers import batch_policy
 from tests.unit.test_batcher import FakeBackbone
@@ -105,3 +107,42 @@ def test_one_stalled_batch_does_not_refuse_a_short_queue() -> None:
     assert admission.expected_wait(0.0, "tenant:new") > 0.5 * 775 / 250
     with pytest.raises(ResourceExhausted, match="overloaded"):
         admission.admit(1, 31, None, "tenant:new")
+
+
+@dataclass(eq=False)
+class QueuedItem:
+    prepared: Prepared
+    arrived: float
+    seq: int
+    flow: str = "tenant"
+    taken: bool = False
+
+
+def test_old_items_join_a_batch_before_younger_ones_of_nearer_lengths() -> None:
+    """Seen in `bench.overload` (one tenant, single texts of Banking77's many lengths): accepted calls waited
+    p99 twice the bound they were admitted on, at every length. A batch took the items nearest its leader's
+    length from the whole queue, of any age, so a text of a length no leader happened to be near was passed
+    by later texts again and again until it was the oldest of its flow. Items admitted over half the bound
+    ago now go first (within the same padding and cost caps), then the nearest of the rest."""
+    policy = batch_policy(max_batch_items=4, max_queue_wait_s=1.0, max_padding=0.3)
+    pending = Pending()
+    seq = iter(range(100))
+
+    def item(length: int, arrived: float) -> QueuedItem:
+        return QueuedItem(Prepared(None, length, length), arrived, next(seq))
+
+    leader = item(10, 0.0)
+    old = [item(12, 0.1 + 0.01 * i) for i in range(3)]  # two lengths away: padding 17%, within the cap
+    young = [item(10, 0.9 + 0.01 * i) for i in range(5)]  # the leader's own length, but admitted 0.8 s later
+    pending.add([leader, *old, *young])
+    batch = pending.take(policy, now=1.0)
+    assert batch == [leader, *old], "items admitted over half the bound ago go before younger ones"
+    assert pending.take(policy, now=1.0) == young[:4]  # then the rest, nearest first as before
+    # Nothing old: nearest lengths first, the leader's own first.
+    pending = Pending()
+    leader, near, far = item(10, 5.0), item(10, 5.2), item(12, 5.1)
+    pending.add([leader, far, near])
+    assert pending.take(batch_policy(max_batch_items=2, max_queue_wait_s=1.0, max_padding=0.3), now=5.3) == [
+        leader,
+        near,
+    ]
