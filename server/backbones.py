@@ -61,6 +61,7 @@ def load_backbones(config: ServerConfig) -> list[tuple[str, Backbone]]:
                 precision=config.precision,
                 intra_op_threads=config.intra_op_threads,
                 intra_op_spin=config.intra_op_spin,
+                spare_core=config.overload_spare_core,
                 max_image_bytes=config.limits.max_image_bytes,
                 max_image_pixels=config.limits.max_image_pixels,
             ),

@@ -232,6 +232,9 @@ class ServerConfig:
     # Off: measured on the 2-core CPU (docs/BENCHMARKS.md), spinning threads took the cores from gRPC, the
     # tokenizer and the client, at high load and at low load alike.
     intra_op_spin: bool = DECLARED
+    # Under overload the event loop needs a core to refuse calls in milliseconds; measured on 2 cores, a forward
+    # pass on one thread fewer then cost no goodput (docs/BENCHMARKS.md, "Overload: admission control").
+    overload_spare_core: bool = DECLARED
     warmup_rounds: int = DECLARED
     train_threads: int = DECLARED  # PyTorch's, for head training
     grace_seconds: float = DECLARED  # on SIGTERM, for the calls in flight

@@ -188,6 +188,15 @@ OPTIONS: tuple[Option, ...] = (
         "the cores to gRPC, tokenizing and other work; true may help a machine that does nothing else)",
     ),
     Option(
+        "overload_spare_core",
+        None,
+        boolean,
+        True,
+        "while calls are being refused (overload), run CPU forward passes on one ONNX Runtime thread fewer, "
+        "leaving a core to the event loop that refuses and answers calls (a second session of the model: "
+        "its weights once more in memory); no effect on a GPU or with one thread",
+    ),
+    Option(
         "warmup_rounds",
         None,
         integer(0),

@@ -48,7 +48,7 @@ class GatedEncoder:
         self.closed = directory / "closed"
         self.held = directory / "held"
 
-    def run(self, feeds: Mapping[str, Any]) -> Any:
+    def run(self, feeds: Mapping[str, Any], spare_core: bool = False) -> Any:
         if self.closed.exists():
             with self.held.open("a") as log:
                 log.write(f"{len(next(iter(feeds.values())))}\n")

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 
 from headswap.server.errors import ResourceExhausted
 
+# For this long after it refused a call the server counts as refusing: its forward passes leave a core to the
+# event loop (`--overload-spare-core`), which refuses and answers the calls.
+RELIEF_S = 1.0
 # The most one batch's span can lower the measured service rate, as a factor of the rate before it (the
 # average then falls at most 1.6x a batch: 1 / (0.8 + 0.2 * 4)).
 STALL_FACTOR = 4.0
@@ -44,6 +47,15 @@ class Admission:
     batch_cost: float = 0.0  # real cost of one batch, a moving average: what a turn gives a flow
     flow_cost: dict[str, float] = field(default_factory=dict)  # queued cost by flow
     flow_inputs: dict[str, int] = field(default_factory=dict)
+    refused_at: float = float("-inf")  # when a call was last refused (time.monotonic())
+
+    def refusing(self, now: float | None = None) -> bool:
+        """Whether a call was refused in the last RELIEF_S seconds: the server is overloaded."""
+        return (time.monotonic() if now is None else now) - self.refused_at < RELIEF_S
+
+    def _refuse(self, message: str) -> ResourceExhausted:
+        self.refused_at = time.monotonic()
+        return ResourceExhausted(message)
 
     def expected_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
         """Seconds until `extra_cost` more work of `flow` would be done, with turns taken between flows (0:
@@ -63,20 +75,20 @@ class Admission:
         `queued_items`: inputs waiting now; `holds`: how many of the call's inputs it keeps in the queue at
         once (a call entering in slices holds a slice; default all): the hard bound counts both."""
         if queued_items + (n if holds is None else holds) > self.max_items:
-            raise ResourceExhausted(
+            raise self._refuse(
                 f"the server's queue is full ({queued_items} inputs waiting, limit {self.max_items}): retry "
                 "later, with backoff, or on another replica"
             )
         cost = n * self.item_cost
         wait = self.expected_wait(0.0, flow)
         if wait > self.max_wait_s:
-            raise ResourceExhausted(
+            raise self._refuse(
                 f"the server is overloaded: about {wait * 1000:.0f} ms of work is queued, over its limit of "
                 f"{self.max_wait_s * 1000:.0f} ms: retry later, with backoff, or on another replica"
             )
         done = self.expected_wait(cost, flow)
         if deadline is not None and time.monotonic() + done > deadline:
-            raise ResourceExhausted(
+            raise self._refuse(
                 f"the call's deadline is {max(0.0, deadline - time.monotonic()) * 1000:.0f} ms away but about "
                 f"{done * 1000:.0f} ms of work is queued ahead of it and in it: retry with a longer deadline, "
                 "later, or on another replica"

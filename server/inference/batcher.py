@@ -254,7 +254,8 @@ class Batcher:
             run_s = self._expected_run_s(batch)
             self._busy_until = (now if idle else max(now, self._busy_until)) + run_s
             self._in_flight += 1
-            future = loop.run_in_executor(self.backbone_executor, self.forward.run, batch)
+            spare = self.admission.refusing()
+            future = loop.run_in_executor(self.backbone_executor, self.forward.run, batch, spare)
             future.add_done_callback(lambda f, b=batch, t=now: self._finish(b, f, t))  # type: ignore[misc]
 
     async def _until_due(self, ran: int) -> None:

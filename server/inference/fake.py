@@ -66,7 +66,7 @@ class FakeEncoder:
         self.gate.set()
         self._lock = threading.Lock()
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    def run(self, feeds: Mapping[str, np.ndarray], spare_core: bool = False) -> np.ndarray:
         self.gate.wait(30)
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         out = np.empty((len(ids), self.dim), dtype=np.float32)

@@ -54,8 +54,9 @@ class Forward:
             self.encoder.run(self.preprocessor.collate([item], (rows, length)))  # type: ignore[call-arg]
         return len(shapes)
 
-    def run(self, batch: list[Item]) -> tuple[list[Any], float, float]:
-        """In the backbone thread: one forward pass, then every tenant's head in one grouped operation."""
+    def run(self, batch: list[Item], spare_core: bool = False) -> tuple[list[Any], float, float]:
+        """In the backbone thread: one forward pass, then every tenant's head in one grouped operation.
+        `spare_core`: the server is refusing calls (the encoder leaves a core to the event loop if it can)."""
         # A caller may have gone while this batch waited behind the previous one: drop its items now, before
         # they cost backbone time. (Reading a future's state from this thread is a plain attribute read.)
         live = [i for i, item in enumerate(batch) if not item.request.cancelled]
@@ -71,12 +72,14 @@ class Forward:
         prepared = [item.prepared for item in items]
         costs = [p.cost for p in prepared]
         if self.buckets is None:
-            embeddings = self.encoder.run(self.preprocessor.collate(prepared))
+            embeddings = self.encoder.run(self.preprocessor.collate(prepared), spare_core)
             padded_cost = max(costs) * len(items)
         else:
             # A text's group key is its token length; images have no length axis (their buckets: rows only).
             shape = self.buckets.shape(len(prepared), max(p.group_key for p in prepared))
-            embeddings = self.encoder.run(self.preprocessor.collate(prepared, shape))[: len(prepared)]
+            embeddings = self.encoder.run(self.preprocessor.collate(prepared, shape), spare_core)[
+                : len(prepared)
+            ]
             padded_cost = shape[0] * (shape[1] or max(costs))
         t1 = time.perf_counter()
         for i, row in zip(live, embeddings, strict=True):

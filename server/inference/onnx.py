@@ -36,28 +36,41 @@ class OnnxEncoder:
         precision: str,
         intra_op_threads: int = 0,
         intra_op_spin: bool = False,
+        spare_core: bool = False,
     ) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Always an explicit count (0: the CPUs this process may use): left at its default, ONNX Runtime pins
         # its threads to cores, and a pinned thread waits whenever anything else runs on its core (the
         # preprocessing pool, another process): MobileNetV2 batches took twice as long that way here.
-        options.intra_op_num_threads = intra_op_threads or len(os.sched_getaffinity(0))
-        # Spinning: ONNX Runtime's pool threads busy-wait for the next piece of work instead of sleeping. It
-        # saves the wake-up between operators, and costs the CPU they burn while waiting (measured in
-        # docs/BENCHMARKS.md; `--intra-op-spin`).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spin else "0")
-        self.session = ort.InferenceSession(str(model), sess_options=options, providers=providers)
+        self.threads = intra_op_threads or len(os.sched_getaffinity(0))
+
+        def session(threads: int) -> Any:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = threads
+            # Spinning: ONNX Runtime's pool threads busy-wait for the next piece of work instead of sleeping.
+            # It saves the wake-up between operators, and costs the CPU they burn while waiting (measured in
+            # docs/BENCHMARKS.md; `--intra-op-spin`).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spin else "0")
+            return ort.InferenceSession(str(model), sess_options=options, providers=providers)
+
+        self.session = session(self.threads)
         self.provider = self.session.get_providers()[0]
         if providers[0] == CUDA and self.provider != CUDA:
             log.warning("CUDA provider requested but unavailable (CUDA or cuDNN missing); running on CPU")
+        # While the server refuses calls, its event loop needs a core of its own to refuse them in milliseconds:
+        # on 2 cores, ONNX Runtime's two threads took it, and refusals waited for the loop 0.1 to 1.8 s (issue
+        # 23.6). The same model on one thread fewer runs those passes; it got as many calls through under
+        # overload as two threads did (docs/BENCHMARKS.md, "Overload: admission control").
+        self.spare_session = (
+            session(self.threads - 1) if spare_core and self.provider == CPU and self.threads > 1 else None
+        )
         self.output_name = output_name
         self.dim = dim
         self.precision = precision
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    def run(self, feeds: Mapping[str, np.ndarray], spare_core: bool = False) -> np.ndarray:
         if self.provider == CUDA:
             # I/O binding: inputs go to the device once, the output is written on the device and copied back
             # in one transfer, with no intermediate host buffers from run().
@@ -67,7 +80,8 @@ class OnnxEncoder:
             binding.bind_output(self.output_name, "cuda")
             self.session.run_with_iobinding(binding)
             return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
-        (out,) = self.session.run([self.output_name], dict(feeds))
+        session = self.spare_session if spare_core and self.spare_session is not None else self.session
+        (out,) = session.run([self.output_name], dict(feeds))
         return np.asarray(out, dtype=np.float32)
 
 
@@ -80,6 +94,7 @@ def load_backbone(
     max_image_bytes: int = 20 * 1024 * 1024,
     max_image_pixels: int = 40_000_000,
     intra_op_spin: bool = False,
+    spare_core: bool = False,
     cpu_flags: frozenset[str] | None = None,
 ) -> Backbone:
     """An exported backbone directory, ready to serve (not yet warmed up). `cpu_flags`: /proc/cpuinfo's."""
@@ -113,6 +128,7 @@ def load_backbone(
         precision=choice.precision,
         intra_op_threads=intra_op_threads,
         intra_op_spin=intra_op_spin,
+        spare_core=spare_core,
     )
     backbone = Backbone(manifest, preprocessor, encoder)
     log.debug(

@@ -58,8 +58,9 @@ class Encoder(Protocol):
     provider: str
     precision: str
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Blocking: one forward pass; float32 (n, dim)."""
+    def run(self, feeds: Mapping[str, np.ndarray], spare_core: bool = False) -> np.ndarray:
+        """Blocking: one forward pass; float32 (n, dim). `spare_core`: the server is refusing calls; an
+        encoder on CPU threads runs this pass on one fewer if it can, leaving a core to the event loop."""
         ...
 
 

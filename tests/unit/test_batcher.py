@@ -29,6 +29,7 @@ class FakeBackbone:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []  # first id of each item per forward pass
+        self.spare_core: list[bool] = []  # per forward pass: whether the server was refusing calls
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -40,7 +41,8 @@ class FakeBackbone:
     def collate(self, items: list[Prepared]) -> dict[str, object]:
         return {"ids": [item.payload for item in items]}
 
-    def run(self, feeds: dict[str, list[np.ndarray]]) -> np.ndarray:
+    def run(self, feeds: dict[str, list[np.ndarray]], spare_core: bool = False) -> np.ndarray:
+        self.spare_core.append(spare_core)
         self.entered.set()
         self.gate.wait(10)
         ids = feeds["ids"]
