@@ -26,6 +26,14 @@ from headswap.server.errors import ResourceExhausted
 # For this long after it refused a call the server counts as refusing: its forward passes leave a core to the
 # event loop (`--overload-spare-core`), which refuses and answers the calls.
 RELIEF_S = 1.0
+# Calls wait longer than the queued work at the measured rate says (batches of nearby lengths form out of
+# arrival order; the rate moves): the expected wait is scaled by the ratio of actual to predicted waits that
+# WAIT_QUANTILE of admitted calls stayed within, tracked as they finish, between 1 and MAX_WAIT_SCALE. Only calls
+# admitted behind a real queue (a predicted wait of at least QUEUED_SHARE of the bound) are counted.
+WAIT_QUANTILE = 0.98
+WAIT_STEP = 0.05
+MAX_WAIT_SCALE = 4.0
+QUEUED_SHARE = 0.25
 # The most one batch's span can lower the measured service rate, as a factor of the rate before it (the
 # average then falls at most 1.6x a batch: 1 / (0.8 + 0.2 * 4)).
 STALL_FACTOR = 4.0
@@ -48,6 +56,7 @@ class Admission:
     flow_cost: dict[str, float] = field(default_factory=dict)  # queued cost by flow
     flow_inputs: dict[str, int] = field(default_factory=dict)
     refused_at: float = float("-inf")  # when a call was last refused (time.monotonic())
+    wait_scale: float = 1.0  # actual waits over predicted ones, WAIT_QUANTILE of them (see `waited`)
 
     def refusing(self, now: float | None = None) -> bool:
         """Whether a call was refused in the last RELIEF_S seconds: the server is overloaded."""
@@ -60,6 +69,10 @@ class Admission:
     def expected_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
         """Seconds until `extra_cost` more work of `flow` would be done, with turns taken between flows (0:
         until the flow's queued work is done and its next call starts)."""
+        return self.wait_scale * self.queued_wait(extra_cost, flow)
+
+    def queued_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
+        """The same, unscaled: the work queued ahead at the measured rate."""
         rate = min(self.rate, self.service_rate) if self.service_rate else self.rate
         if not rate:
             return 0.0
@@ -67,6 +80,20 @@ class Admission:
         turn = max(self.batch_cost, self.item_cost)
         others = sum(min(cost, own + turn) for name, cost in self.flow_cost.items() if name != flow)
         return (own + others) / rate
+
+    def waited(self, predicted: float, actual: float) -> None:
+        """An admitted call is done: it was predicted `predicted` seconds (`queued_wait` once admitted) and took
+        `actual` from admission to its result. Moves `wait_scale` towards the WAIT_QUANTILE of actual over
+        predicted (a stochastic quantile estimate: up by WAIT_STEP x WAIT_QUANTILE when a call took longer
+        than scaled, down by WAIT_STEP x (1 - WAIT_QUANTILE) otherwise), so that accepted calls wait at most
+        about the bound (issue 23.6: p99 twice the bound when the prediction was taken as is)."""
+        if predicted < QUEUED_SHARE * self.max_wait_s:
+            return
+        if actual > self.wait_scale * predicted:
+            self.wait_scale *= 1 + WAIT_STEP * WAIT_QUANTILE
+        else:
+            self.wait_scale *= 1 - WAIT_STEP * (1 - WAIT_QUANTILE)
+        self.wait_scale = min(MAX_WAIT_SCALE, max(1.0, self.wait_scale))
 
     def admit(
         self, n: int, queued_items: int, deadline: float | None, flow: str = "", holds: int | None = None

@@ -116,6 +116,7 @@ class Batcher:
         n = len(inputs)
         flow = flow or f"call:{next(_calls)}"
         estimate = self.admission.admit(n, self.queue_depth, deadline, flow, holds=min(n, self.slice_inputs))
+        predicted = self.admission.queued_wait(0.0, flow)
         loop = asyncio.get_running_loop()
         request = Request(
             future=loop.create_future(),
@@ -138,6 +139,7 @@ class Batcher:
             if not feeder.done():
                 feeder.cancel()
             self._withdraw(request)
+        self.admission.waited(predicted, time.perf_counter() - request.enqueued)
         return BatchResult(
             rows=request.rows,
             truncated=request.truncated,
