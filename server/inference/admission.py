@@ -29,11 +29,14 @@ RELIEF_S = 1.0
 # Calls wait longer than the queued work at the measured rate says (batches of nearby lengths form out of
 # arrival order; the rate moves): the expected wait is scaled by the ratio of actual to predicted waits that
 # WAIT_QUANTILE of admitted calls stayed within, tracked as they finish, between 1 and MAX_WAIT_SCALE. Only calls
-# admitted behind a real queue (a predicted wait of at least QUEUED_SHARE of the bound) are counted.
+# admitted behind a real queue (a predicted wait of at least QUEUED_SHARE of the bound) are counted. With no
+# such calls the scale's excess over 1 halves every WAIT_SCALE_HALF_LIFE_S: what one overload taught (a stall
+# makes every call of a batch late at once) is not held against the next one minutes later.
 WAIT_QUANTILE = 0.98
 WAIT_STEP = 0.05
 MAX_WAIT_SCALE = 4.0
 QUEUED_SHARE = 0.25
+WAIT_SCALE_HALF_LIFE_S = 10.0
 # The most one batch's span can lower the measured service rate, as a factor of the rate before it (the
 # average then falls at most 1.6x a batch: 1 / (0.8 + 0.2 * 4)).
 STALL_FACTOR = 4.0
@@ -57,6 +60,7 @@ class Admission:
     flow_inputs: dict[str, int] = field(default_factory=dict)
     refused_at: float = float("-inf")  # when a call was last refused (time.monotonic())
     wait_scale: float = 1.0  # actual waits over predicted ones, WAIT_QUANTILE of them (see `waited`)
+    wait_scale_at: float = 0.0  # when it was last moved (time.monotonic())
 
     def refusing(self, now: float | None = None) -> bool:
         """Whether a call was refused in the last RELIEF_S seconds: the server is overloaded."""
@@ -69,7 +73,14 @@ class Admission:
     def expected_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
         """Seconds until `extra_cost` more work of `flow` would be done, with turns taken between flows (0:
         until the flow's queued work is done and its next call starts)."""
-        return self.wait_scale * self.queued_wait(extra_cost, flow)
+        return self.scale() * self.queued_wait(extra_cost, flow)
+
+    def scale(self, now: float | None = None) -> float:
+        """`wait_scale` as it stands at `now` (time.monotonic()): its excess over 1 decays while unmoved."""
+        if self.wait_scale == 1.0:
+            return 1.0
+        idle = (time.monotonic() if now is None else now) - self.wait_scale_at
+        return 1.0 + (self.wait_scale - 1.0) * 0.5 ** (max(0.0, idle) / WAIT_SCALE_HALF_LIFE_S)
 
     def queued_wait(self, extra_cost: float = 0.0, flow: str = "") -> float:
         """The same, unscaled: the work queued ahead at the measured rate."""
@@ -81,7 +92,7 @@ class Admission:
         others = sum(min(cost, own + turn) for name, cost in self.flow_cost.items() if name != flow)
         return (own + others) / rate
 
-    def waited(self, predicted: float, actual: float) -> None:
+    def waited(self, predicted: float, actual: float, now: float | None = None) -> None:
         """An admitted call is done: it was predicted `predicted` seconds (`queued_wait` once admitted) and took
         `actual` from admission to its result. Moves `wait_scale` towards the WAIT_QUANTILE of actual over
         predicted (a stochastic quantile estimate: up by WAIT_STEP x WAIT_QUANTILE when a call took longer
@@ -89,11 +100,15 @@ class Admission:
         about the bound (issue 23.6: p99 twice the bound when the prediction was taken as is)."""
         if predicted < QUEUED_SHARE * self.max_wait_s:
             return
-        if actual > self.wait_scale * predicted:
-            self.wait_scale *= 1 + WAIT_STEP * WAIT_QUANTILE
-        else:
-            self.wait_scale *= 1 - WAIT_STEP * (1 - WAIT_QUANTILE)
-        self.wait_scale = min(MAX_WAIT_SCALE, max(1.0, self.wait_scale))
+        now = time.monotonic() if now is None else now
+        scale = self.scale(now)
+        scale *= (
+            1 + WAIT_STEP * WAIT_QUANTILE
+            if actual > scale * predicted
+            else 1 - WAIT_STEP * (1 - WAIT_QUANTILE)
+        )
+        self.wait_scale = min(MAX_WAIT_SCALE, max(1.0, scale))
+        self.wait_scale_at = now
 
     def admit(
         self, n: int, queued_items: int, deadline: float | None, flow: str = "", holds: int | None = None

@@ -14,7 +14,7 @@ import pytest
 
 from headswap.server.domain import Input
 from headswap.server.errors import ResourceExhausted
-from headswap.server.inference.admission import MAX_WAIT_SCALE, Admission
+from headswap.server.inference.admission import MAX_WAIT_SCALE, WAIT_SCALE_HALF_LIFE_S, Admission
 from headswap.server.inference.batcher import Batcher
 from headswap.server.inference.pending import Pending
 from headswap.server.inference.protocols import Backbone, Prepared
@@ -167,12 +167,15 @@ def test_the_expected_wait_learns_how_far_actual_waits_run_past_it() -> None:
         admission.waited(0.6, 0.6 * rng.uniform(1.2, 2.0))
     assert 1.8 < admission.wait_scale < 2.1
     admission.flow_cost = {"tenant": 700.0}
-    assert admission.expected_wait(0.0, "tenant") == pytest.approx(0.7 * admission.wait_scale)
+    assert admission.expected_wait(0.0, "tenant") == pytest.approx(0.7 * admission.wait_scale, rel=0.01)
     with pytest.raises(ResourceExhausted, match="overloaded"):
         admission.admit(1, 70, None, "tenant")
     for _ in range(2000):  # and back when calls keep to the prediction
         admission.waited(0.6, 0.5)
     assert admission.wait_scale == 1.0
     for _ in range(2000):
-        admission.waited(0.6, 60.0)  # a stalled server: bounded
-    assert admission.wait_scale == MAX_WAIT_SCALE
+        admission.waited(0.6, 60.0, now=100.0)  # a stalled server: bounded
+    assert admission.scale(100.0) == MAX_WAIT_SCALE
+    # and forgotten by the next overload, a minute later with nothing queued meanwhile
+    assert admission.scale(100.0 + WAIT_SCALE_HALF_LIFE_S) == pytest.approx(1 + (MAX_WAIT_SCALE - 1) / 2)
+    assert admission.scale(160.0) < 1.05
