@@ -102,9 +102,9 @@ async def test_a_bucketed_batcher_runs_only_warmed_shapes() -> None:
     shapes: list[tuple[int, ...]] = []
     run = backbone.encoder.run
 
-    def recording(feeds):  # type: ignore[no-untyped-def]
+    def recording(feeds, spare_core=False):  # type: ignore[no-untyped-def]
         shapes.append(feeds["input_ids"].shape)
-        return run(feeds)
+        return run(feeds, spare_core)
 
     backbone.encoder.run = recording  # type: ignore[method-assign]
     buckets = ShapeBuckets.for_backbone(16, 32)

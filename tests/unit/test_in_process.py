@@ -378,9 +378,9 @@ async def test_an_expired_call_costs_no_encoder_work(
     entered = threading.Event()
     run = encoder.run
 
-    def watched(feeds: Any) -> Any:
+    def watched(feeds: Any, spare_core: bool = False) -> Any:
         entered.set()
-        return run(feeds)
+        return run(feeds, spare_core)
 
     monkeypatch.setattr(encoder, "run", watched)
     encoder.gate.clear()
