@@ -2,10 +2,12 @@
 
 The queue's bound is expressed in expected wait, not items: the work waiting (in cost units: tokens, or a
 cost per image) divided by the rate the server gets through it, measured as it runs (under load: from one
-batch's end to the next, not the encoder's time alone). A call is refused
-with RESOURCE_EXHAUSTED, in microseconds instead of timing out seconds later, when the expected wait is
-over the limit or when the call's own deadline would pass before its turn: under overload the server keeps
-serving what it admitted at full speed (goodput holds) and tells everyone else to back off.
+batch's end to the next, not the encoder's time alone), scaled by how far finished calls ran past such
+predictions (`waited`: their 98th percentile), so that the bound holds for what accepted calls actually wait.
+A call is refused with RESOURCE_EXHAUSTED, in microseconds instead of timing out seconds later, when the
+expected wait is over the limit or when the call's own deadline would pass before its turn: under overload
+the server keeps serving what it admitted and tells everyone else to back off (and, for a second after each
+refusal, `refusing` tells the encoder to leave a core to the event loop that answers them).
 
 The wait is a fair one. Work belongs to a flow (a tenant, a key, or a single call: the batcher's callers
 say which), and the batcher takes turns between flows, each leading one batch a round, so a call starts
