@@ -8,6 +8,8 @@ its request id.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -93,6 +95,15 @@ class CallInterceptor(aio.ServerInterceptor):
         self.lag = lag
         self.draining = False  # from SIGTERM on: new calls get UNAVAILABLE, calls in flight finish
         self.grace_ends: float | None = None  # set when draining: calls cancelled past it were cut off
+        self.in_flight = 0  # our calls in flight
+        self._idle = asyncio.Event()  # set whenever none is
+        self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no call of ours is in flight, at most `timeout` seconds; whether none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout))
+        return self._idle.is_set()
 
     def _done(self, rpc: str, request_id: str, code: grpc.StatusCode, started: float, message: str) -> None:
         seconds = time.perf_counter() - started
@@ -130,6 +141,8 @@ class CallInterceptor(aio.ServerInterceptor):
         call_deadline.set(None if remaining is None else time.monotonic() + remaining)
         if ours:
             self.metrics.calls_in_flight.inc()
+            self.in_flight += 1
+            self._idle.clear()
         try:
             yield
         except aio.AbortError:
@@ -152,6 +165,9 @@ class CallInterceptor(aio.ServerInterceptor):
         finally:
             if ours:
                 self.metrics.calls_in_flight.dec()
+                self.in_flight -= 1
+                if not self.in_flight:
+                    self._idle.set()
             self._done(rpc, request_id, code, started, message)
 
     async def _admit(self, ours: bool, context: aio.ServicerContext, rpc: str = "") -> None:

@@ -104,6 +104,10 @@ class GrpcServer:
             await self._health.enter_graceful_shutdown()
         self.interceptor.grace_ends = time.monotonic() + grace
         if self._server is not None:
-            await self._server.stop(grace)
+            # gRPC's own stop cancels a call that arrives while it runs (the caller saw CANCELLED, not the
+            # UNAVAILABLE it would retry elsewhere): the port stays open, refusing new calls through the
+            # interceptor, until the calls in flight are done or the grace period is over.
+            await self.interceptor.drained(grace)
+            await self._server.stop(max(0.0, self.interceptor.grace_ends - time.monotonic()))
         if self._health_server is not None:
             await self._health_server.stop(0)
