@@ -63,6 +63,7 @@ class Admission:
     refused_at: float = float("-inf")  # when a call was last refused (time.monotonic())
     wait_scale: float = 1.0  # actual waits over predicted ones, WAIT_QUANTILE of them (see `waited`)
     wait_scale_at: float = 0.0  # when it was last moved (time.monotonic())
+    predicted: float = 0.0  # the last admitted call's wait until done, unscaled (`queued_wait`), for `waited`
 
     def refusing(self, now: float | None = None) -> bool:
         """Whether a call was refused in the last RELIEF_S seconds: the server is overloaded."""
@@ -124,19 +125,22 @@ class Admission:
                 "later, with backoff, or on another replica"
             )
         cost = n * self.item_cost
-        wait = self.expected_wait(0.0, flow)
+        scale = self.scale()
+        wait = scale * self.queued_wait(0.0, flow)
         if wait > self.max_wait_s:
             raise self._refuse(
                 f"the server is overloaded: about {wait * 1000:.0f} ms of work is queued, over its limit of "
                 f"{self.max_wait_s * 1000:.0f} ms: retry later, with backoff, or on another replica"
             )
-        done = self.expected_wait(cost, flow)
+        predicted = self.queued_wait(cost, flow)
+        done = scale * predicted
         if deadline is not None and time.monotonic() + done > deadline:
             raise self._refuse(
                 f"the call's deadline is {max(0.0, deadline - time.monotonic()) * 1000:.0f} ms away but about "
                 f"{done * 1000:.0f} ms of work is queued ahead of it and in it: retry with a longer deadline, "
                 "later, or on another replica"
             )
+        self.predicted = predicted
         self.queued_cost += cost
         self.queued_inputs += n
         self.flow_cost[flow] = self.flow_cost.get(flow, 0.0) + cost

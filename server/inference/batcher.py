@@ -116,7 +116,7 @@ class Batcher:
         n = len(inputs)
         flow = flow or f"call:{next(_calls)}"
         estimate = self.admission.admit(n, self.queue_depth, deadline, flow, holds=min(n, self.slice_inputs))
-        predicted = self.admission.queued_wait(0.0, flow)
+        predicted = self.admission.predicted  # what admit just reckoned, not summed over the flows again
         loop = asyncio.get_running_loop()
         request = Request(
             future=loop.create_future(),
