@@ -3,8 +3,11 @@ item or to a shape bucket)."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +23,30 @@ CHEAP_CHARS = 1024
 # Real text runs 3 to 6 characters per token: cutting at 64 per token of max_length (16,384 characters for
 # 256 tokens) cuts nothing the backbone would see, and bounds the tokenizer's work on a huge text.
 CHARS_PER_TOKEN_BOUND = 64
+
+
+# Texts of printable ASCII (and tab, newline, carriage return) only: what BERT's normalizer leaves as it is
+# but for case (its control-character removal, CJK spacing and accent stripping find nothing to do there;
+# the tabs and newlines it turns into spaces split words all the same).
+_NOT_PLAIN = re.compile(r"[^\x20-\x7e\t\n\r]")
+
+
+def plain_twin(tokenizer: Any) -> Any | None:
+    """For a tokenizer whose normalizer is BERT's, a copy whose normalizer only lowercases (or does nothing,
+    for a cased one): the same ids for plain ASCII texts (tested on every Banking77 and SST-2 sentence and on
+    generated ones), at about 70% of the CPU (BERT's normalizer is a third of a short text's tokenizing).
+    None for any other normalizer."""
+    from tokenizers import Tokenizer, normalizers
+
+    config = json.loads(tokenizer.to_str())
+    normalizer = config.get("normalizer") or {}
+    if normalizer.get("type") != "BertNormalizer":
+        return None
+    twin = Tokenizer.from_str(tokenizer.to_str())
+    twin.normalizer = (
+        normalizers.Lowercase() if normalizer.get("lowercase", True) else normalizers.Sequence([])
+    )
+    return twin
 
 
 def from_backbone(directory: Path, manifest: BackboneManifest, limits: InputLimits) -> TextPreprocessor:
@@ -43,6 +70,7 @@ class TextPreprocessor:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=max_length)
         self.tokenizer.no_padding()
+        self.plain = plain_twin(self.tokenizer)  # for plain ASCII texts: the same ids, cheaper
 
     def clip(self, item: Input) -> Input:
         """The part of a text the backbone can see: cut by characters before tokenizing, so a huge text
@@ -61,7 +89,7 @@ class TextPreprocessor:
         """Several requests' inputs in one tokenizer call: the Rust batch call releases the GIL and spreads
         the texts over every core (and skips the character offsets nothing here reads)."""
         clipped = [[self.clip(item) for item in inputs] for inputs in groups]
-        encodings = self.tokenizer.encode_batch_fast([_text(item) for short in clipped for item in short])
+        encodings = self.encode([_text(item) for short in clipped for item in short])
         out: list[list[Prepared]] = []
         start = 0
         for inputs, short in zip(groups, clipped, strict=True):
@@ -71,6 +99,24 @@ class TextPreprocessor:
                 prepared.append(Prepared(ids, len(ids), len(ids), len(e.overflowing) > 0 or cut is not item))
             out.append(prepared)
             start += len(inputs)
+        return out
+
+    def encode(self, texts: list[str]) -> list[Any]:
+        """The tokenizer's encodings of ``texts``: plain ASCII ones through the cheaper twin (same ids)."""
+        if self.plain is None:
+            return list(self.tokenizer.encode_batch_fast(texts))
+        is_plain = [text.isascii() and _NOT_PLAIN.search(text) is None for text in texts]
+        if all(is_plain):
+            return list(self.plain.encode_batch_fast(texts))
+        if not any(is_plain):
+            return list(self.tokenizer.encode_batch_fast(texts))
+        out: list[Any] = [None] * len(texts)
+        for tokenizer, wanted in ((self.plain, True), (self.tokenizer, False)):
+            where = [i for i, p in enumerate(is_plain) if p is wanted]
+            for i, encoding in zip(
+                where, tokenizer.encode_batch_fast([texts[i] for i in where]), strict=True
+            ):
+                out[i] = encoding
         return out
 
     def collate(
