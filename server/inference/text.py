@@ -38,11 +38,11 @@ def plain_twin(tokenizer: Any) -> Any | None:
     None for any other normalizer."""
     from tokenizers import Tokenizer, normalizers
 
-    config = json.loads(tokenizer.to_str())
-    normalizer = config.get("normalizer") or {}
+    serialized = tokenizer.to_str()
+    normalizer = json.loads(serialized).get("normalizer") or {}
     if normalizer.get("type") != "BertNormalizer":
         return None
-    twin = Tokenizer.from_str(tokenizer.to_str())
+    twin = Tokenizer.from_str(serialized)
     twin.normalizer = (
         normalizers.Lowercase() if normalizer.get("lowercase", True) else normalizers.Sequence([])
     )
@@ -104,12 +104,13 @@ class TextPreprocessor:
     def encode(self, texts: list[str]) -> list[Any]:
         """The tokenizer's encodings of ``texts``: plain ASCII ones through the cheaper twin (same ids)."""
         if self.plain is None:
-            return list(self.tokenizer.encode_batch_fast(texts))
+            return self.tokenizer.encode_batch_fast(texts)
+        # isascii is O(1) in CPython: it spares the scan for texts that are not ASCII at all.
         is_plain = [text.isascii() and _NOT_PLAIN.search(text) is None for text in texts]
         if all(is_plain):
-            return list(self.plain.encode_batch_fast(texts))
+            return self.plain.encode_batch_fast(texts)
         if not any(is_plain):
-            return list(self.tokenizer.encode_batch_fast(texts))
+            return self.tokenizer.encode_batch_fast(texts)
         out: list[Any] = [None] * len(texts)
         for tokenizer, wanted in ((self.plain, True), (self.tokenizer, False)):
             where = [i for i, p in enumerate(is_plain) if p is wanted]
