@@ -118,13 +118,15 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by a process and every process below it (a server's workers)."""
+    """CPU time (user + system) used so far by a process and every process below it (a server's workers):
+    those alive, and those that have ended and been waited for, whose time the kernel adds to their parent's
+    (cutime, cstime). Without the latter a child's time vanished at its end (a test caught it in the window)."""
     tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
     while todo:
         current = todo.pop()
         try:
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            total += sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
             for task in Path(f"/proc/{current}/task").iterdir():
                 todo.extend(int(child) for child in (task / "children").read_text().split())
         except (FileNotFoundError, ProcessLookupError, ValueError):
