@@ -120,6 +120,9 @@ class HeadBank:
         self._pinned_capacity = pinned_capacity
         self._bytes = 0  # of the heads in _active and _pinned
         self._seen: dict[str, int] = {}  # newest change sequence seen per tenant
+        # The change each tenant's head is being loaded for, and an event set when that load is over: the
+        # feed's notice of a local commit and the commit's own call would otherwise both load the version.
+        self._loading: dict[str, tuple[int, threading.Event]] = {}
         self._changes = 0  # changes applied, any tenant: a version loaded across one is not kept
         self._lock = threading.Lock()
         self.on_swap: Callable[[], None] | None = None
@@ -279,6 +282,16 @@ class HeadBank:
             if current is not None and current.version == change.active_version and same_sha:
                 self._seen[tenant] = change.seq
                 return
+            under_way = self._loading.get(tenant)
+            if under_way is None or under_way[0] != change.seq:
+                under_way = None
+                done = threading.Event()
+                self._loading[tenant] = (change.seq, done)
+        if under_way is not None:
+            # The same change is being loaded already: the feed's notice leaves it to that load; the commit's
+            # own call waits for it, so that its reply is true of what serves next (and loads only if it failed).
+            if stored is None or self._applied(change, under_way[1]):
+                return
         try:
             head = self.check(self.load(tenant, change.active_version, stored))
         except Exception:
@@ -287,6 +300,12 @@ class HeadBank:
                     self._seen[tenant] = change.seq
                     self._drop_active(tenant)
             raise
+        finally:
+            if under_way is None:
+                with self._lock:
+                    if self._loading.get(tenant) == (change.seq, done):
+                        del self._loading[tenant]
+                done.set()
         with self._lock:
             if not newer(self._seen.get(tenant, -1)):
                 return  # a newer change won the race while this one loaded
@@ -296,6 +315,17 @@ class HeadBank:
             self._put_active(head)
         if self.on_swap is not None:
             self.on_swap()
+
+    def _applied(self, change: Change, loaded: threading.Event) -> bool:
+        """After another load of `change` (at most a minute): whether its version serves the tenant now."""
+        loaded.wait(60.0)
+        with self._lock:
+            head = self._active.get(change.tenant)
+            return (
+                head is not None
+                and head.version == change.active_version
+                and (not change.weights_sha256 or head.weights_sha256 == change.weights_sha256)
+            )
 
     def forget_version(self, tenant: str, version: int) -> None:
         with self._lock:

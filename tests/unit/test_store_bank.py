@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -194,6 +195,53 @@ def test_head_bank_swap_keeps_old_head_for_holders_then_frees_it(tmp_path: Path)
     assert ref() is None, "a retired head is still referenced"
     assert len(bank.stacks[FP]) == 1, "the retired version's weights were not released"
     assert bank.resident()[0] == 1
+
+
+@pytest.mark.parametrize("first", ["feed", "commit"])
+def test_a_change_being_loaded_is_not_loaded_again(tmp_path: Path, first: str) -> None:
+    """The feed's notice of a local commit and the commit's own call (with the version's bytes) race to apply
+    the same change: one load, and the commit's call returns only once the version serves."""
+    store = LocalStore(tmp_path)
+    bank = HeadBank(store, {FP: HeadStack(8)})
+    w1, m1 = trained(1)
+    store.commit_version("acme", NewVersion(m1, w1, EXAMPLES, activate=True))
+    assert bank.get("acme").version == 1
+    w2, m2 = trained(2)
+    state = store.commit_version("acme", NewVersion(m2, w2, EXAMPLES, activate=True))
+    change = Change("acme", state.active_version, state.seq)
+    stored = StoredVersion(2, dataclasses.replace(m2, version=2), w2)
+    loads, entered, release = [], threading.Event(), threading.Event()
+    original = bank.load
+
+    def slow_load(*args: object) -> object:
+        loads.append(args)
+        entered.set()
+        release.wait(10)
+        return original(*args)  # type: ignore[arg-type]
+
+    bank.load = slow_load  # type: ignore[method-assign]
+    calls = {"feed": (change, None), "commit": (change, stored)}
+    second = "commit" if first == "feed" else "feed"
+    loader = threading.Thread(target=bank.reconcile, args=calls[first])
+    loader.start()
+    assert entered.wait(10)
+    finished = threading.Event()
+
+    def then() -> None:
+        bank.reconcile(*calls[second])
+        finished.set()
+
+    follower = threading.Thread(target=then)
+    follower.start()
+    if second == "commit":  # it waits for the load under way: its reply must be true of what serves
+        assert not finished.wait(0.3)
+    release.set()
+    loader.join(10)
+    follower.join(10)
+    assert finished.is_set() and len(loads) == 1
+    assert bank.get("acme").version == 2
+    gc.collect()
+    assert len(bank.stacks[FP]) == 1
 
 
 def test_head_bank_pins_versions_and_checks_fingerprint(tmp_path: Path) -> None:
