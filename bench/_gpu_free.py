@@ -59,6 +59,17 @@ def baseline_tree(rev: str) -> Iterator[Path]:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
 
 
+# TCP connections each load process opens (its callers spread over them), for every system alike. Workers
+# that share a port (SO_REUSEPORT) are handed connections, not calls: over one connection every call went to
+# one worker, so a "2 workers" figure measured one (every free run before 2026-12-07 20:13 UTC).
+CONNECTIONS = 8
+
+# --gpu-batching: the batcher's bounds on a GPU (server/config.py: 256 inputs, 65,536 padded tokens a forward
+# pass), for every system alike (the baseline takes the same flags). The CPU's 16 inputs suit a CPU encoder's
+# caches; with the encoder taken out, the GPU's bounds are the pipeline a GPU server runs.
+GPU_BATCHING = ["--batch-max-items", "256", "--batch-max-tokens", "65536"]
+
+
 def free_run(args: argparse.Namespace, out: Results) -> None:
     backbone = args.backbone
     texts = workloads(backbone / "tokenizer.json", args.quick)["short"]
@@ -83,6 +94,7 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
             for name, env, workers in order:
                 # A baseline from before --workers knows no such flag; one worker is the default on a CPU.
                 flags = ["--precision", "fp32"] + (["--workers", str(workers)] if workers > 1 else [])
+                flags += GPU_BATCHING if args.gpu_batching else []
                 if "buckets on" in name:
                     flags += ["--shape-buckets", "on"]
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
@@ -97,7 +109,7 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                         wait_all_workers(proc, workers)
                         train_tenant(proc.target, "bench", 200)
                         pid = proc.proc.pid
-                        classify = classify_saturation(proc.target, texts, seconds)
+                        classify = classify_saturation(proc.target, texts, seconds, CONNECTIONS)
                         figures = {
                             "embed_r256": with_cpu(
                                 pid,
@@ -149,7 +161,16 @@ def with_cpu(pid: int, load: Callable[[], LoadResult]) -> dict[str, Any]:
 
 
 def _embed_spec(target: str, texts: list[str], size: int, seconds: float) -> LoadSpec:
-    return LoadSpec(target, "embed", texts, request_size=size, concurrency=8, seconds=seconds, client="raw")
+    return LoadSpec(
+        target,
+        "embed",
+        texts,
+        request_size=size,
+        concurrency=8,
+        seconds=seconds,
+        client="raw",
+        connections=CONNECTIONS,
+    )
 
 
 def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, float]:

@@ -76,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="--cpu/--fake-encoder: also this commit with shape buckets on",
     )
+    parser.add_argument(
+        "--gpu-batching",
+        action="store_true",
+        help="--cpu/--fake-encoder: every server batches as on a GPU (256 inputs, 65,536 tokens a pass)",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy on a worker during the loads")
     parser.add_argument(
         "--embed-workers", default="", help="worker counts to measure Embed at (default: all)"
@@ -106,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(body)
     if args.write_docs:
         mode = " --fake-encoder" if args.fake_encoder else (" --cpu" if args.cpu else "")
+        mode += " --gpu-batching" if args.gpu_batching else ""
         intro = f"Measured with `python -m bench.gpu{mode}` on {out.data.get('machine')} ({out.data.get('source')})."
         write_section(heading, intro + "\n\n" + body, DOCS)
     return 0

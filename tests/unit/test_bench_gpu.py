@@ -70,3 +70,17 @@ def test_the_echo_server_answers_classify_with_its_fixed_reply() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_free_runs_loads_open_enough_connections_for_two_workers() -> None:
+    """Workers sharing a port are handed connections, not calls (SO_REUSEPORT): the free run's loads must
+    open enough of them that two workers both get some. Over one connection, its "2 workers" measured one."""
+    from bench._gpu_free import CONNECTIONS, _embed_spec
+    from bench._gpu_serving import classify_saturation
+
+    specs = [_embed_spec("localhost:1", ["a"], size, 1.0) for size in (256, 32)]
+    specs.append(classify_saturation("localhost:1", ["a"], 1.0, CONNECTIONS))
+    assert all(spec.connections == CONNECTIONS for spec in specs)
+    # The kernel picks a worker per connection by hash: all on one of two is 2 * 0.5**n likely.
+    assert 2 * 0.5**CONNECTIONS <= 0.01
+    assert all(spec.concurrency >= CONNECTIONS for spec in specs)  # every connection carries calls
