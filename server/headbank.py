@@ -85,6 +85,15 @@ def live_head(
     return head
 
 
+def _serves(head: LiveHead | None, change: Change) -> bool:
+    """Whether `head` is the version `change` makes active (and, where it names them, those weights)."""
+    return (
+        head is not None
+        and head.version == change.active_version
+        and (not change.weights_sha256 or head.weights_sha256 == change.weights_sha256)
+    )
+
+
 class ScoredHeads:
     """What the batcher applies to a lane's Classify rows: each row is (the head's probabilities, the input's
     out-of-distribution score), both from one pass (`HeadStack.apply_scored`)."""
@@ -274,12 +283,7 @@ class HeadBank:
                 if change.active_version == 0:
                     self._drop_active(tenant)
                 return
-            same_sha = (
-                not change.weights_sha256
-                or current is None
-                or current.weights_sha256 == change.weights_sha256
-            )
-            if current is not None and current.version == change.active_version and same_sha:
+            if _serves(current, change):
                 self._seen[tenant] = change.seq
                 return
             under_way = self._loading.get(tenant)
@@ -300,19 +304,21 @@ class HeadBank:
                     self._seen[tenant] = change.seq
                     self._drop_active(tenant)
             raise
+        else:
+            with self._lock:
+                if not newer(self._seen.get(tenant, -1)):
+                    return  # a newer change won the race while this one loaded
+                self._seen[tenant] = change.seq
+                self._changes += 1
+                self._drop_pinned((tenant, head.version))
+                self._put_active(head)
         finally:
+            # Only once the head serves (or the load failed): a call waiting on this load checks what serves.
             if under_way is None:
                 with self._lock:
                     if self._loading.get(tenant) == (change.seq, done):
                         del self._loading[tenant]
                 done.set()
-        with self._lock:
-            if not newer(self._seen.get(tenant, -1)):
-                return  # a newer change won the race while this one loaded
-            self._seen[tenant] = change.seq
-            self._changes += 1
-            self._drop_pinned((tenant, head.version))
-            self._put_active(head)
         if self.on_swap is not None:
             self.on_swap()
 
@@ -320,12 +326,7 @@ class HeadBank:
         """After another load of `change` (at most a minute): whether its version serves the tenant now."""
         loaded.wait(60.0)
         with self._lock:
-            head = self._active.get(change.tenant)
-            return (
-                head is not None
-                and head.version == change.active_version
-                and (not change.weights_sha256 or head.weights_sha256 == change.weights_sha256)
-            )
+            return _serves(self._active.get(change.tenant), change)
 
     def forget_version(self, tenant: str, version: int) -> None:
         with self._lock:
