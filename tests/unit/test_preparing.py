@@ -1,0 +1,69 @@
+"""Where a request's inputs are prepared: on the event loop or in the preprocessing pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from headswap.server.domain import Input
+from headswap.server.inference.preparing import Preparer
+from headswap.server.inference.text import TextPreprocessor
+
+
+@pytest.fixture(scope="module")
+def pre(backbone_dir: Path) -> TextPreprocessor:
+    return TextPreprocessor(
+        backbone_dir / "tokenizer.json", 256, ("input_ids", "attention_mask", "token_type_ids")
+    )
+
+
+async def test_a_cheap_request_for_flash_tokenizer_does_not_wait_for_a_busy_pool(
+    pre: TextPreprocessor,
+) -> None:
+    if pre.flash is None:
+        pytest.skip("flash-tokenizer has no wheel for this platform")  # see test_tokenizing's install test
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(gate.wait)  # the pool's one thread is busy until the gate opens
+    preparer = Preparer(pre, pool, workers=1)
+    try:
+        big = asyncio.create_task(preparer.prepare([Input(text="word " * 400)]))  # not cheap: to the pool
+        await asyncio.sleep(0.05)
+        assert not big.done()
+        # Cheap and plain: tokenized on the loop at once, though the pool is busy.
+        [hello] = await asyncio.wait_for(preparer.prepare([Input(text="hello there")]), 1.0)
+        assert hello.payload.tolist() == pre.tokenizer.encode("hello there").ids
+        # Cheap, but not for flash-tokenizer: it waits its turn in the pool, behind the big one.
+        for text in ("Café", "a [CLS] b"):
+            assert not pre.inline([Input(text=text)])
+        accented = asyncio.create_task(preparer.prepare([Input(text="Café")]))
+        await asyncio.sleep(0.05)
+        assert not accented.done()
+        gate.set()
+        [cafe] = await asyncio.wait_for(accented, 5.0)
+        assert cafe.payload.tolist() == pre.tokenizer.encode("Café").ids
+        [long] = await asyncio.wait_for(big, 5.0)
+        assert long.truncated and len(long.payload) == 256
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+
+
+def test_only_cheap_requests_of_texts_for_flash_tokenizer_are_prepared_inline(pre: TextPreprocessor) -> None:
+    if pre.flash is None:
+        assert not pre.inline([Input(text="hello")])
+        return
+    assert pre.inline([Input(text="hello")])
+    assert pre.inline([Input(text="a short one")] * 8)
+    assert not pre.inline([Input(text="a short one")] * 9)  # not cheap: too many
+    assert not pre.inline([Input(text="x " * 600)])  # not cheap: too long
+    assert not pre.inline([Input(text="hello"), Input(text="naïve")])
+    pre.flash, flash = None, pre.flash
+    try:
+        assert not pre.inline([Input(text="hello")])
+    finally:
+        pre.flash = flash
