@@ -84,8 +84,8 @@ def flash_twin(tokenizer: Any, max_length: int) -> Callable[[list[str]], list[tu
     """For a BERT WordPiece tokenizer, the same tokenizing of plain texts by flash-tokenizer (C++, about a
     sixth of the Rust tokenizer's CPU a short text; it holds the GIL while it runs): a function from texts
     to (ids, truncated) pairs, which `TextPreprocessor` calls only for the texts `flash_fit` admits. None
-    where flash-tokenizer is not installed (it has wheels for x86-64 only), for any other tokenizer, or when
-    it does not give the backbone tokenizer's ids on a set of probes (`_FLASH_PROBES`)."""
+    where flash-tokenizer is not installed (wheels for Linux x86-64 and Windows only), for any other
+    tokenizer, or when it does not give the backbone tokenizer's ids on a set of probes (`_FLASH_PROBES`)."""
     try:
         from flash_tokenizer._core import FlashBertTokenizer
     except ImportError:
