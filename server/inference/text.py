@@ -132,12 +132,11 @@ def flash_fit(tokenizer: Any) -> Callable[[str], bool]:
     added token's text such as "[CLS]" (the backbone's tokenizer keeps it whole, flash-tokenizer splits it).
     Checked on every Banking77 and SST-2 sentence and on generated texts (tests/unit/test_tokenizing.py).
     Three cheap scans rather than one regex of their alternatives (under 1 µs a short text, a quarter)."""
-    spec = json.loads(tokenizer.to_str())
-    longest = int((spec.get("model") or {}).get("max_input_chars_per_word", 100))
+    longest = int(getattr(tokenizer.model, "max_input_chars_per_word", 100))
     # A run of non-space characters longer than the limit, matched from its start only (the look-behind),
     # so that the scan stays linear in the text's length.
     long_word = re.compile(rf"(?<![^ \t\n\r])[^ \t\n\r]{{{longest + 1}}}")
-    contents = [token["content"] for token in spec.get("added_tokens", []) if token["content"]]
+    contents = [token.content for token in tokenizer.get_added_tokens_decoder().values() if token.content]
     added = re.compile("|".join(re.escape(c) for c in contents), re.IGNORECASE) if contents else None
     starts = "".join({c[0].lower() + c[0].upper() for c in contents})
 
@@ -220,18 +219,19 @@ class TextPreprocessor:
         cheaper twin; the rest through the tokenizer itself."""
         routes = [self._route(text) for text in texts]
         if len(set(routes)) <= 1:
-            return self._encoders[routes[0]](texts) if routes else []
+            return self._encode_by(routes[0], texts) if routes else []
         out: list[tuple[list[int], bool]] = [([], False)] * len(texts)
-        for route, encoder in enumerate(self._encoders):
+        for route in sorted(set(routes)):
             where = [i for i, r in enumerate(routes) if r == route]
-            if where:
-                for i, encoded in zip(where, encoder([texts[i] for i in where]), strict=True):
-                    out[i] = encoded
+            for i, encoded in zip(where, self._encode_by(route, [texts[i] for i in where]), strict=True):
+                out[i] = encoded
         return out
 
-    @property
-    def _encoders(self) -> tuple[Callable[[list[str]], list[tuple[list[int], bool]]], ...]:
-        return (self.flash or _no_flash, _hf(self.plain or self.tokenizer), _hf(self.tokenizer))
+    def _encode_by(self, route: int, texts: list[str]) -> list[tuple[list[int], bool]]:
+        if route == 0 and self.flash is not None:
+            return self.flash(texts)
+        tokenizer = self.plain if route == 1 and self.plain is not None else self.tokenizer
+        return [(e.ids, len(e.overflowing) > 0) for e in tokenizer.encode_batch_fast(texts)]
 
     def _route(self, text: str) -> int:
         """0: flash-tokenizer, 1: the plain twin, 2: the tokenizer itself."""
@@ -260,17 +260,6 @@ class TextPreprocessor:
             [Input(text="a sentence of middling length, the kind most callers send, " * 4)] * items,
             [Input(text="word " * (self.max_length + 8))] * 2,
         ]
-
-
-def _hf(tokenizer: Any) -> Callable[[list[str]], list[tuple[list[int], bool]]]:
-    def encode(texts: list[str]) -> list[tuple[list[int], bool]]:
-        return [(e.ids, len(e.overflowing) > 0) for e in tokenizer.encode_batch_fast(texts)]
-
-    return encode
-
-
-def _no_flash(texts: list[str]) -> list[tuple[list[int], bool]]:
-    raise AssertionError("no text is routed to flash-tokenizer when it is absent")
 
 
 def pad(items: Sequence[Prepared], shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
