@@ -123,9 +123,11 @@ def test_truncation_at_the_limit_and_one_past_it(pre: TextPreprocessor) -> None:
 def test_a_flash_tokenizer_that_disagrees_on_the_probes_is_not_used(
     pre: TextPreprocessor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if pre.flash is None:
-        pytest.skip("flash-tokenizer has no wheel for this platform")
-    import flash_tokenizer._core as flash
+    try:
+        import flash_tokenizer._core as flash
+    except ImportError:  # no wheel for this platform: none is used, and the Rust tokenizer does every text
+        assert flash_twin(pre.tokenizer, 256) is None and pre.flash is None
+        return
 
     class Shifted(flash.FlashBertTokenizer):  # type: ignore[misc, name-defined]
         def batch_encode(self, *args: Any) -> list[list[int]]:
