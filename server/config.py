@@ -226,6 +226,7 @@ class ServerConfig:
     # of the fingerprint it was trained on (int8 has its own; fp32 and fp16 share one).
     strict_precision: bool = DECLARED
     worker_threads: int = DECLARED  # preprocessing threads
+    event_loop: str = DECLARED  # auto (uvloop where installed), uvloop, asyncio
     # Server processes sharing the port (server/workers.py); 0: one without a GPU, enough to feed one with.
     workers: int = DECLARED
     intra_op_threads: int = DECLARED  # ONNX Runtime's; 0: its own choice

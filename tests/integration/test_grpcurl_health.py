@@ -6,6 +6,7 @@ import base64
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -100,3 +101,5 @@ def test_serving_only_after_warm_up(backbone_dir: Path, tmp_path: Path) -> None:
     assert info.value.code == grpc.StatusCode.UNAVAILABLE and "warming up" in info.value.details
     serving = next(line for line in log.splitlines() if "SERVING on port" in line)
     assert "warmed up in" in serving, serving
+    # The extra installs uvloop wherever it has a build (not Windows): the server runs on it by default.
+    assert ("event loop: uvloop" if sys.platform != "win32" else "event loop: asyncio") in serving, serving

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,22 @@ def test_cli_defaults_are_the_runtime_defaults() -> None:
             max_queue_wait_s=batching.max_queue_wait_ms / 1000.0,
             max_padding=batching.max_padding,
         )
+
+
+def test_the_event_loop_setting_picks_uvloop_where_it_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from headswap.server.app import loop_factory
+
+    assert loop_factory("asyncio") is None
+    if sys.platform != "win32":  # the server extra installs it there: auto must find it, not fall back
+        import uvloop
+
+        assert loop_factory("auto") is uvloop.new_event_loop
+        loop = loop_factory("uvloop")()  # type: ignore[misc]
+        assert isinstance(loop, uvloop.Loop) and isinstance(loop, asyncio.AbstractEventLoop)
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where it is not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        loop_factory("uvloop")

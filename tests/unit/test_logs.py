@@ -1,0 +1,116 @@
+"""The log handler: every record in order, the access lines of calls that went well written in batches."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from headswap.server.logs import ACCESS, Handler
+from headswap.server.rpc import interceptors
+
+
+class Stream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def logged() -> Iterator[tuple[Handler, Stream]]:
+    stream = Stream()
+    handler = Handler(stream, delay_s=3600)  # held until written by what the test does, never by the clock
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in (ACCESS, "headswap.test")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield handler, stream
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+            logger.propagate = True
+        handler.close()
+
+
+def test_access_lines_of_calls_that_went_well_wait_to_be_written_together(
+    logged: tuple[Handler, Stream],
+) -> None:
+    handler, stream = logged
+    access = logging.getLogger(ACCESS)
+    for i in range(100):
+        access.info("Classify OK %d", i)
+    assert stream.getvalue() == "" and stream.writes == 0
+    handler.flush()
+    assert stream.getvalue() == "".join(f"INFO headswap.access: Classify OK {i}\n" for i in range(100))
+    assert stream.writes == 1
+
+
+def test_any_other_record_writes_at_once_after_the_lines_before_it(logged: tuple[Handler, Stream]) -> None:
+    _, stream = logged
+    access, other = logging.getLogger(ACCESS), logging.getLogger("headswap.test")
+    access.info("Classify OK")
+    access.warning("Classify INVALID_ARGUMENT")
+    assert stream.getvalue().splitlines() == [
+        "INFO headswap.access: Classify OK",
+        "WARNING headswap.access: Classify INVALID_ARGUMENT",
+    ]
+    access.info("Embed OK")
+    other.info("SERVING on port 1")
+    assert stream.getvalue().splitlines()[2:] == [
+        "INFO headswap.access: Embed OK",
+        "INFO headswap.test: SERVING on port 1",
+    ]
+
+
+def test_the_buffer_is_bounded_in_bytes(logged: tuple[Handler, Stream]) -> None:
+    handler, stream = logged
+    handler.max_bytes = 1000
+    access = logging.getLogger(ACCESS)
+    for _ in range(100):
+        access.info("x" * 90)
+    line = len("INFO headswap.access: ") + 90 + 1
+    written = len(stream.getvalue())
+    assert 100 * line - 1000 <= written < 100 * line and written % line == 0
+    assert stream.writes == written // line // (1000 // line + 1)
+
+
+def test_held_lines_are_written_within_the_delay_and_on_close() -> None:
+    stream = Stream()
+    handler = Handler(stream, delay_s=0.01)
+    logger = logging.getLogger(ACCESS)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("Classify OK")
+        deadline = time.monotonic() + 30
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "Classify OK\n"
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        handler.close()
+    closing = Stream()
+    held = Handler(closing, delay_s=3600)
+    record = logging.LogRecord(ACCESS, logging.INFO, __file__, 1, "Embed OK", None, None)
+    held.handle(record)
+    assert closing.getvalue() == ""
+    held.close()
+    assert closing.getvalue() == "Embed OK\n"
+
+
+def test_request_ids_are_random_and_never_repeat() -> None:
+    ids = [interceptors._new_id() for _ in range(3 * interceptors._IDS_PER_DRAW + 5)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
