@@ -256,7 +256,14 @@ def run_load(spec: LoadSpec, processes: int, *, python: str = sys.executable) ->
 
 def main() -> None:
     spec = LoadSpec(**json.loads(Path(sys.argv[1]).read_text()))
-    result = asyncio.run(_drive(spec))
+    # The load shares the machine with the server it measures: it runs on uvloop where installed (about a
+    # tenth less CPU a call than asyncio's loop), whatever server it drives, today's or an older checkout.
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(_drive(spec))
+    else:
+        result = uvloop.run(_drive(spec))
     print(json.dumps(asdict(result)))
 
 

@@ -127,8 +127,14 @@ class Batcher:
             rows=[None] * n,
             remaining=n,
         )
-        feeder = loop.create_task(self._feed(request, inputs, estimate / max(1, n)))
+        feeder: asyncio.Task[None] | None = None
         try:
+            if n <= self.slice_inputs:
+                # One slice (every Classify of a few texts): fed here, without a task of its own to make,
+                # schedule and collect per call. Its errors land on the future, as from a task.
+                await self._feed(request, inputs, estimate / max(1, n))
+            else:
+                feeder = loop.create_task(self._feed(request, inputs, estimate / max(1, n)))
             await request.future
         except asyncio.CancelledError:
             # The caller went away (cancelled, or its deadline passed): its waiting items go now, before they
@@ -136,7 +142,7 @@ class Batcher:
             request.future.cancel()
             raise
         finally:
-            if not feeder.done():
+            if feeder is not None and not feeder.done():
                 feeder.cancel()
             self._withdraw(request)
         self.admission.waited(predicted, time.perf_counter() - request.enqueued)

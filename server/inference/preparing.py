@@ -5,8 +5,9 @@ tokenizes a whole group in one Rust batch call (it releases the GIL and spreads 
 one thread hop per call. While nothing else is being prepared, a request the preprocessor calls cheap (a few
 short texts: tens of microseconds of tokenizing, less than the hop to a thread and back) is prepared on the
 loop; under load such requests go to the pool together, where tokenizing runs beside the loop. A request the
-preprocessor prepares `inline` is prepared on the loop even under load: its tokenizer holds the GIL, so in
-the pool it would not run beside the loop anyway, and the hop there and back costs more than it does.
+preprocessor prepares inline (`prepare_inline` gives its items) is prepared on the loop even under load: its
+tokenizer holds the GIL, so in the pool it would not run beside the loop anyway, and the hop there and back
+costs more than it does.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ class Preparer:
         self._tasks: set[asyncio.Task[None]] = set()  # held, so that a running drain is never collected
 
     async def prepare(self, inputs: list[Input]) -> list[Prepared]:
+        inline = getattr(self.preprocessor, "prepare_inline", None)
+        if inline is not None and (prepared := inline(inputs)) is not None:
+            return list(prepared)
         cheap = getattr(self.preprocessor, "cheap", None)
-        inline = getattr(self.preprocessor, "inline", None)
-        if (inline is not None and inline(inputs)) or (
-            cheap is not None and not self._running and not self._waiting and cheap(inputs)
-        ):
+        if cheap is not None and not self._running and not self._waiting and cheap(inputs):
             return list(self.preprocessor.prepare(inputs))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Prepared]] = loop.create_future()

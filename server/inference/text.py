@@ -183,15 +183,22 @@ class TextPreprocessor:
         """Cheaper to tokenize where it is than to hand to a thread: a few short texts."""
         return len(inputs) <= 8 and sum(len(_text(item)) for item in inputs) <= CHEAP_CHARS
 
-    def inline(self, inputs: Sequence[Input]) -> bool:
-        """Cheap, and every text goes to flash-tokenizer: prepared on the event loop even under load, since
-        flash-tokenizer holds the GIL and would gain nothing in a thread (`Preparer.prepare`). Single-text
-        Classify calls, two workers: about 4% less server CPU a call (docs/BENCHMARKS.md)."""
-        return (
-            self.flash is not None
-            and self.cheap(inputs)
-            and all(self._route(_text(item)) == 0 for item in inputs)
-        )
+    def prepare_inline(self, inputs: Sequence[Input]) -> list[Prepared] | None:
+        """`prepare(inputs)` where it is cheap and every text goes to flash-tokenizer, else None (`Preparer`
+        then decides). Such a request is prepared on the event loop even under load, since flash-tokenizer
+        holds the GIL and would gain nothing in a thread (single-text Classify calls, two workers: about 4%
+        less server CPU a call, docs/BENCHMARKS.md). Each text is routed once, to decide and to tokenize."""
+        if self.flash is None or not self.cheap(inputs):
+            return None
+        clipped = [self.clip(item) for item in inputs]
+        texts = [_text(item) for item in clipped]
+        if not all(self._route(text) == 0 for text in texts):
+            return None
+        prepared = []
+        for (ids, truncated), item, cut in zip(self.flash(texts), inputs, clipped, strict=True):
+            payload = np.asarray(ids, dtype=np.int64)
+            prepared.append(Prepared(payload, len(payload), len(payload), truncated or cut is not item))
+        return prepared
 
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         return self.prepare_many([inputs])[0]

@@ -41,7 +41,7 @@ async def test_a_cheap_request_for_flash_tokenizer_does_not_wait_for_a_busy_pool
         assert plain.done() is inline
         # Cheap, but not for flash-tokenizer: it waits its turn in the pool, behind the big one.
         for text in ("Café", "a [CLS] b"):
-            assert not pre.inline([Input(text=text)])
+            assert pre.prepare_inline([Input(text=text)]) is None
         accented = asyncio.create_task(preparer.prepare([Input(text="Café")]))
         await asyncio.sleep(0.05)
         assert not accented.done()
@@ -58,16 +58,28 @@ async def test_a_cheap_request_for_flash_tokenizer_does_not_wait_for_a_busy_pool
 
 
 def test_only_cheap_requests_of_texts_for_flash_tokenizer_are_prepared_inline(pre: TextPreprocessor) -> None:
+    def inline(inputs: list[Input]) -> bool:
+        prepared = pre.prepare_inline(inputs)
+        if prepared is None:
+            return False
+        expected = pre.prepare(inputs)  # the same items as the pool would make
+        assert [(p.payload.tolist(), p.cost, p.truncated) for p in prepared] == [
+            (p.payload.tolist(), p.cost, p.truncated) for p in expected
+        ]
+        return True
+
     if pre.flash is None:
-        assert not pre.inline([Input(text="hello")])
+        assert not inline([Input(text="hello")])
         return
-    assert pre.inline([Input(text="hello")])
-    assert pre.inline([Input(text="a short one")] * 8)
-    assert not pre.inline([Input(text="a short one")] * 9)  # not cheap: too many
-    assert not pre.inline([Input(text="x " * 600)])  # not cheap: too long
-    assert not pre.inline([Input(text="hello"), Input(text="naïve")])
+    assert inline([Input(text="hello")])
+    assert inline([Input(text="a short one")] * 8)
+    assert not inline([Input(text="a short one")] * 9)  # not cheap: too many
+    assert not inline([Input(text="x " * 600)])  # not cheap: too long
+    assert not inline([Input(text="hello"), Input(text="naïve")])
+    assert not inline([Input(text="a [CLS] b")])  # flash-tokenizer is not fit for it
+    assert inline([Input(text="w " * 400)])  # 400 words: truncated at the limit, as by the pool
     pre.flash, flash = None, pre.flash
     try:
-        assert not pre.inline([Input(text="hello")])
+        assert not inline([Input(text="hello")])
     finally:
         pre.flash = flash
