@@ -209,15 +209,15 @@ class CallInterceptor(aio.ServerInterceptor):
         scope, admit = self._scope, self._admit
         decode = handler.request_deserializer or (lambda raw: raw)
         # Requests arrive as raw bytes and are decoded inside the scope, so that malformed protobuf becomes
-        # INVALID_ARGUMENT (gRPC would answer UNKNOWN), and are read as a stream of one, so that a client
-        # that half-closes without sending its message gets an answer at once instead of a hang.
+        # INVALID_ARGUMENT (gRPC would answer UNKNOWN), and the call is a client stream read once (`_one`), so
+        # that a client that half-closes without sending its message gets an answer at once instead of a hang.
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(requests: AsyncIterator[bytes], context: aio.ServicerContext) -> Any:
                 async with scope(rpc, ours, context):
                     await admit(ours, context, rpc)
-                    return await inner(await _one(requests, decode), context)
+                    return await inner(await _one(context, decode), context)
 
             return grpc.stream_unary_rpc_method_handler(
                 unary, request_deserializer=None, response_serializer=handler.response_serializer
@@ -230,7 +230,7 @@ class CallInterceptor(aio.ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 async with scope(rpc, ours, context):
                     await admit(ours, context, rpc)
-                    async for item in inner_stream(await _one(requests, decode), context):
+                    async for item in inner_stream(await _one(context, decode), context):
                         yield item
 
             return grpc.stream_stream_rpc_method_handler(
@@ -248,20 +248,15 @@ def _fail(context: aio.ServicerContext, code: grpc.StatusCode, details: str) -> 
     context.set_details(details)
 
 
-async def _one(requests: AsyncIterator[bytes], decode: Callable[[bytes], Any]) -> Any:
-    """The one request message of a unary call, decoded."""
-    stream = aiter(requests)
-    try:
-        raw = await anext(stream)
-    except StopAsyncIteration:
-        raise errors.InvalidArgument("the call carried no request message: send exactly one") from None
-    finally:
-        # Closed, not read to its end (a client that keeps its side open would hold us until the deadline):
-        # gRPC's reader is a generator whose frame refers back to it, and left suspended that cycle (and the
-        # call's state with it) waits for the cycle collector.
-        close = getattr(stream, "aclose", None)
-        if close is not None:
-            await close()
+async def _one(context: aio.ServicerContext, decode: Callable[[bytes], Any]) -> Any:
+    """The one request message of a unary call, decoded. Read with the context's `read`, not through the
+    request iterator gRPC hands the handler: that is a generator around the same `read`, which had to be
+    closed after its first message (left suspended, its frame and the call's state waited for the cycle
+    collector). The iterator is never started, so it holds nothing. Measured with the free encoder on 2 cores
+    (4 pairs of runs): about 2% less server CPU a single-text Classify."""
+    raw = await context.read()
+    if raw is aio.EOF:
+        raise errors.InvalidArgument("the call carried no request message: send exactly one")
     try:
         return decode(raw)
     except DecodeError as exc:
