@@ -244,7 +244,10 @@ class Batcher:
                     break
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                    # asyncio.timeout, not wait_for: no task of its own to make for each wake (while a batch
+                    # runs, every call that arrives wakes this loop).
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
                 except TimeoutError:
                     break
             if not idle:
@@ -274,7 +277,8 @@ class Batcher:
             return
         self._ended.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._ended.wait()
 
     def _expected_run_s(self, batch: list[Item]) -> float:
         """How long the encoder should take over `batch`, from the rate measured so far (0: not yet known)."""
