@@ -29,6 +29,7 @@ def logged() -> Iterator[tuple[Handler, Stream]]:
     handler = Handler(stream, delay_s=3600)  # held until written by what the test does, never by the clock
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in (ACCESS, "headswap.test")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -36,8 +37,9 @@ def logged() -> Iterator[tuple[Handler, Stream]]:
     try:
         yield handler, stream
     finally:
-        for logger in loggers:
+        for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
+            logger.setLevel(level)
             logger.propagate = True
         handler.close()
 
@@ -88,6 +90,7 @@ def test_held_lines_are_written_within_the_delay_and_on_close() -> None:
     stream = Stream()
     handler = Handler(stream, delay_s=0.01)
     logger = logging.getLogger(ACCESS)
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -99,6 +102,7 @@ def test_held_lines_are_written_within_the_delay_and_on_close() -> None:
         assert stream.getvalue() == "Classify OK\n"
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
         logger.propagate = True
         handler.close()
     closing = Stream()
