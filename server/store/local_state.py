@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -85,13 +86,23 @@ class LocalState(HeadStore):
         directory = self.tenant_dir(tenant)
         return (directory / "state.json").exists() or holds_data(directory)
 
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        """Held by every write (LocalStore's, re-entrant); a read that sees what looks like damage looks again
+        under it, where no write is halfway."""
+        return contextlib.nullcontext()
+
     def raw_state(self, tenant: str) -> dict[str, Any]:
         path = self.tenant_dir(tenant) / "state.json"
-        if not path.exists():
-            if holds_data(path.parent):  # a lost pointer is damage to report, never a reason to forget data
-                raise self.quarantine(tenant, "state.json is missing")
-            raise no_head(tenant)
-        raw = self._read_json(tenant, path, "state.json")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = self._missing_state(tenant, path)
+        except OSError as exc:
+            raise self.quarantine(tenant, f"state.json cannot be read ({exc.strerror})") from None
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise self.quarantine(tenant, "state.json is not valid JSON") from None
         try:
             if not isinstance(raw, dict) or not EXAMPLES_REF.fullmatch(str(raw.get("examples", ""))):
                 raise TypeError  # the examples name becomes a path: only a sha256 (or nothing) is one
@@ -107,6 +118,25 @@ class LocalState(HeadStore):
         except (TypeError, KeyError, ValueError):
             raise self.quarantine(tenant, "state.json does not describe a state") from None
         return dict(raw)
+
+    def _missing_state(self, tenant: str, path: Path) -> bytes:
+        """state.json was not there when read. Without data beside it the tenant is gone, or was never there
+        (NotFound). With data, it is looked for again under the writers' lock: a delete renames the whole
+        directory away at once, and a new tenant's state.json is written before any of its data, so data
+        without state.json seen between those two moments (a tenant deleted and trained again while this
+        read ran) is no damage. Only data that still has no state.json under the lock is a lost pointer:
+        damage to report, never a reason to forget the data."""
+        if not holds_data(path.parent):
+            raise no_head(tenant)
+        with self._writing():
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                if holds_data(path.parent):
+                    raise self.quarantine(tenant, "state.json is missing") from None
+                raise no_head(tenant) from None
+            except OSError as exc:
+                raise self.quarantine(tenant, f"state.json cannot be read ({exc.strerror})") from None
 
     def state(self, tenant: str) -> TenantState:
         raw = self.raw_state(tenant)
