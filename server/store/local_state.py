@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ from headswap.server.validation import check_tenant
 log = logging.getLogger("headswap.server.store.local")
 
 
+class _Replaced(Exception):
+    """A file a read was looking for was replaced by a newer one while it ran (not damage)."""
+
+
 class LocalState(HeadStore):
     root: Path
     tenants_dir: Path
@@ -46,19 +51,36 @@ class LocalState(HeadStore):
     def version_dir(self, tenant: str, version: int) -> Path:
         return self.tenant_dir(tenant) / "versions" / str(int(version))
 
-    def _read(self, tenant: str, path: Path, what: str) -> bytes:
-        """A file of the tenant: NotFound when the tenant is gone, DataLoss (quarantine) when it is damaged."""
+    def _read(
+        self, tenant: str, path: Path, what: str, still_named: Callable[[], None] | None = None
+    ) -> bytes:
+        """A file of the tenant: NotFound when the tenant is gone, DataLoss (quarantine) when it is damaged.
+        A file found missing is looked for again under the writers' lock, where no write is halfway: a delete,
+        a prune or a new commit may have moved it while this read ran. `still_named` then raises (NotFound)
+        when the tenant's state no longer names it; a file the state still names that is not there is
+        damage."""
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            if not self.tenant_dir(tenant).is_dir():
-                raise no_head(tenant) from None
-            raise self.quarantine(tenant, f"{what} is missing") from None
+            pass
         except OSError as exc:
             raise self.quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
+        with self._writing():
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                if not self.tenant_dir(tenant).is_dir():
+                    raise no_head(tenant) from None
+                if still_named is not None:
+                    still_named()
+                raise self.quarantine(tenant, f"{what} is missing") from None
+            except OSError as exc:
+                raise self.quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
 
-    def _read_json(self, tenant: str, path: Path, what: str) -> Any:
-        raw = self._read(tenant, path, what)
+    def _read_json(
+        self, tenant: str, path: Path, what: str, still_named: Callable[[], None] | None = None
+    ) -> Any:
+        raw = self._read(tenant, path, what, still_named)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -151,14 +173,19 @@ class LocalState(HeadStore):
     def manifest(self, tenant: str, version: int) -> HeadManifest:
         self.state(tenant).require(version)
         data = self._read_json(
-            tenant, self.version_dir(tenant, version) / "head.json", f"version {version}'s head.json"
+            tenant,
+            self.version_dir(tenant, version) / "head.json",
+            f"version {version}'s head.json",
+            lambda: self.state(tenant).require(version),
         )
         return self.checked_manifest(tenant, version, data)
 
     def load_version(self, tenant: str, version: int) -> StoredVersion:
         manifest = self.manifest(tenant, version)
         path = self.version_dir(tenant, version) / "weights.safetensors"
-        weights = self._read(tenant, path, f"version {version}'s weights")
+        weights = self._read(
+            tenant, path, f"version {version}'s weights", lambda: self.state(tenant).require(version)
+        )
         try:
             verify_weights(tenant, version, manifest.weights_sha256, weights)
         except DataLoss:
@@ -186,7 +213,17 @@ class LocalState(HeadStore):
         path = self._examples_path(tenant, raw_state)
         if path is None:
             return []
-        raw = self._read_json(tenant, path, "the examples file")
+
+        def still_named() -> None:
+            # A commit that replaced the set (and pruned this one) while this read ran: the set now named.
+            if self._examples_path(tenant, self.raw_state(tenant)) != path:
+                raise _Replaced
+
+        try:
+            raw = self._read_json(tenant, path, "the examples file", still_named)
+        except _Replaced:
+            with self._writing():
+                return self.examples(tenant)
         try:
             return [example_from_json(e) for e in raw["examples"]]
         except (TypeError, KeyError, ValueError):

@@ -16,8 +16,10 @@ import pytest
 from headswap.client import AsyncClient
 from headswap.server.cli import run_store_check
 from headswap.server.config import ServerConfig
+from headswap.server.domain import Example, Input
 from headswap.server.errors import DataLoss, NotFound
 from headswap.server.inference.fake import fake_backbone
+from headswap.server.store.base import NewExamples
 from headswap.server.store.check import check_store
 from headswap.server.store.local import LocalStore
 from headswap.server.testing import in_process
@@ -114,3 +116,39 @@ def test_a_state_read_racing_a_delete_and_a_new_training_is_no_damage(
     shutil.rmtree(tenant_dir(store_root, "healthy"))
     with pytest.raises(NotFound):
         store.state("healthy")
+
+
+def test_files_moved_by_a_write_while_a_read_ran_are_no_damage(
+    store_root: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The read found the state naming version 1 and its example set; a write then deleted that version, or
+    # replaced the set (pruning the old file), before the read opened the file.
+    store = LocalStore(store_root)
+    assert store.state("healthy").versions == (1, 2)
+    head = tenant_dir(store_root, "healthy") / "versions" / "1" / "head.json"
+    old_set = next((tenant_dir(store_root, "healthy") / "examples").glob("*.json"))
+    newer = [Example(Input(text="a newer example"), "red")]
+    read_bytes = Path.read_bytes
+
+    def a_write_first(self: Path) -> bytes:
+        if self == head and head.exists():
+            store.delete_version("healthy", 1)
+            raise FileNotFoundError(str(self))
+        if self == old_set and old_set.exists():
+            store.commit_examples("healthy", NewExamples(newer))
+            assert not old_set.exists(), "the replaced set is pruned"
+            raise FileNotFoundError(str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", a_write_first)
+    with pytest.raises(NotFound, match="no version 1"):
+        store.manifest("healthy", 1)
+    assert store.examples("healthy") == newer
+    assert "healthy" not in store.damaged
+    monkeypatch.undo()
+
+    # A file the state still names that is not there is damage, as before.
+    (tenant_dir(store_root, "healthy") / "versions" / "2" / "head.json").unlink()
+    with pytest.raises(DataLoss, match="version 2's head.json is missing"):
+        store.manifest("healthy", 2)
