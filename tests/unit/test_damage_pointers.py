@@ -150,5 +150,5 @@ def test_files_moved_by_a_write_while_a_read_ran_are_no_damage(
 
     # A file the state still names that is not there is damage, as before.
     (tenant_dir(store_root, "healthy") / "versions" / "2" / "head.json").unlink()
-    with pytest.raises(DataLoss, match="version 2's head.json is missing"):
+    with pytest.raises(DataLoss, match=r"version 2's head\.json is missing"):
         store.manifest("healthy", 2)
