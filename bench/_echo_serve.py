@@ -7,13 +7,13 @@ to show what share of a single-text Classify's server CPU is gRPC itself.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from headswap.server import loops
 from headswap.v1 import headswap_pb2 as pb
 
 REPLY = pb.ClassifyResponse(
@@ -39,9 +39,4 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     # On the event loop headswap serves on by default (uvloop where installed): the floor under the same loop.
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main(int(sys.argv[1])))
-    else:
-        uvloop.run(main(int(sys.argv[1])))
+    loops.run(main(int(sys.argv[1])))

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headswap.server import loops
+
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -258,12 +260,7 @@ def main() -> None:
     spec = LoadSpec(**json.loads(Path(sys.argv[1]).read_text()))
     # The load shares the machine with the server it measures: it runs on uvloop where installed (about a
     # tenth less CPU a call than asyncio's loop), whatever server it drives, today's or an older checkout.
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(_drive(spec))
-    else:
-        result = uvloop.run(_drive(spec))
+    result = loops.run(_drive(spec))
     print(json.dumps(asdict(result)))
 
 

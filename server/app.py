@@ -11,11 +11,11 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from headswap.server import workers
+from headswap.server import loops, workers
 from headswap.server.backbones import load_backbones, name_lanes
 from headswap.server.binding import Bindings, ServedBackbone
 from headswap.server.cache import EmbeddingCache
@@ -96,13 +96,12 @@ class Server:
             f"{lane.name} on {lane.backbone.encoder.provider} in {lane.backbone.encoder.precision}"
             for lane in self.lanes
         )
-        loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
         log.info(
             "SERVING on port %d (backbones: %s; warmed up in %.1fs; event loop: %s)",
             self.port,
             served,
             warm_s,
-            loop,
+            loops.running_name(),
         )
         return self.port
 
@@ -343,25 +342,7 @@ def serve(config: ServerConfig) -> int:
             return 1
         return await server.run()
 
-    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-        return runner.run(main())
-
-
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop `--event-loop` asks for: uvloop's (where installed, for auto), or None: asyncio's own.
-    uvloop runs the loop itself in C (libuv): measured with the free encoder on 2 cores, single-text Classify
-    took about a tenth less CPU a call (docs/BENCHMARKS.md, "The pipeline's ceiling")."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise ValueError(
-                "--event-loop uvloop: uvloop is not installed (pip install uvloop; it has no Windows build)"
-            ) from None
-        return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return loops.run(main(), config.event_loop)
 
 
 __all__ = ["SERVICE_NAME", "Server", "build", "serve"]

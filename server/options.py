@@ -177,12 +177,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("worker_threads", None, integer(1), 2, "threads for preprocessing inputs (off the event loop)"),
     Option(
-        "event_loop",
-        None,
-        choice("auto", "uvloop", "asyncio"),
-        "auto",
-        "the event loop every call runs on: uvloop (libuv; less CPU a call), asyncio (the standard library's), "
-        "or auto: uvloop where it is installed (the server extra brings it on Linux and macOS)",
+        "event_loop", None, choice("auto", "uvloop", "asyncio"), "auto", "auto: uvloop if installed; asyncio"
     ),
     Option(
         "intra_op_threads", None, integer(0), 0, "ONNX Runtime threads per forward pass; 0 lets it choose"

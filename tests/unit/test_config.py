@@ -136,7 +136,7 @@ def test_cli_defaults_are_the_runtime_defaults() -> None:
 def test_the_event_loop_setting_picks_uvloop_where_it_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
-    from headswap.server.app import loop_factory
+    from headswap.server.loops import loop_factory
 
     assert loop_factory("asyncio") is None
     if sys.platform != "win32":  # the server extra installs it there: auto must find it, not fall back
