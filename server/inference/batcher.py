@@ -127,14 +127,15 @@ class Batcher:
             rows=[None] * n,
             remaining=n,
         )
+        feed = self._feed(request, inputs, estimate / max(1, n))
         feeder: asyncio.Task[None] | None = None
         try:
             if n <= self.slice_inputs:
                 # One slice (every Classify of a few texts): fed here, without a task of its own to make,
                 # schedule and collect per call. Its errors land on the future, as from a task.
-                await self._feed(request, inputs, estimate / max(1, n))
+                await feed
             else:
-                feeder = loop.create_task(self._feed(request, inputs, estimate / max(1, n)))
+                feeder = loop.create_task(feed)
             await request.future
         except asyncio.CancelledError:
             # The caller went away (cancelled, or its deadline passed): its waiting items go now, before they

@@ -194,11 +194,7 @@ class TextPreprocessor:
         texts = [_text(item) for item in clipped]
         if not all(self._route(text) == 0 for text in texts):
             return None
-        prepared = []
-        for (ids, truncated), item, cut in zip(self.flash(texts), inputs, clipped, strict=True):
-            payload = np.asarray(ids, dtype=np.int64)
-            prepared.append(Prepared(payload, len(payload), len(payload), truncated or cut is not item))
-        return prepared
+        return _prepared(self.flash(texts), inputs, clipped)
 
     def prepare(self, inputs: Sequence[Input]) -> list[Prepared]:
         return self.prepare_many([inputs])[0]
@@ -211,12 +207,7 @@ class TextPreprocessor:
         out: list[list[Prepared]] = []
         start = 0
         for inputs, short in zip(groups, clipped, strict=True):
-            prepared = []
-            mine = encoded[start : start + len(inputs)]
-            for (ids, truncated), item, cut in zip(mine, inputs, short, strict=True):
-                payload = np.asarray(ids, dtype=np.int64)
-                prepared.append(Prepared(payload, len(payload), len(payload), truncated or cut is not item))
-            out.append(prepared)
+            out.append(_prepared(encoded[start : start + len(inputs)], inputs, short))
             start += len(inputs)
         return out
 
@@ -267,6 +258,17 @@ class TextPreprocessor:
             [Input(text="a sentence of middling length, the kind most callers send, " * 4)] * items,
             [Input(text="word " * (self.max_length + 8))] * 2,
         ]
+
+
+def _prepared(
+    encoded: Sequence[tuple[list[int], bool]], inputs: Sequence[Input], clipped: Sequence[Input]
+) -> list[Prepared]:
+    """Each text's items from its ids: truncated by the tokenizer, or cut before it (`clip`)."""
+    out = []
+    for (ids, truncated), item, cut in zip(encoded, inputs, clipped, strict=True):
+        payload = np.asarray(ids, dtype=np.int64)
+        out.append(Prepared(payload, len(payload), len(payload), truncated or cut is not item))
+    return out
 
 
 def pad(items: Sequence[Prepared], shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
