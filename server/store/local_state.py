@@ -62,7 +62,8 @@ class LocalState(HeadStore):
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            pass
+            if not self.tenant_dir(tenant).is_dir():
+                raise no_head(tenant) from None
         except OSError as exc:
             raise self.quarantine(tenant, f"{what} cannot be read ({exc.strerror})") from None
         with self._writing():
@@ -114,17 +115,17 @@ class LocalState(HeadStore):
         return contextlib.nullcontext()
 
     def raw_state(self, tenant: str) -> dict[str, Any]:
-        path = self.tenant_dir(tenant) / "state.json"
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            data = self._missing_state(tenant, path)
-        except OSError as exc:
-            raise self.quarantine(tenant, f"state.json cannot be read ({exc.strerror})") from None
-        try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise self.quarantine(tenant, "state.json is not valid JSON") from None
+        directory = self.tenant_dir(tenant)
+
+        def holds_data_still() -> None:
+            # state.json names the rest: without it and without data, the tenant is gone (or being created:
+            # its state.json comes before any data). Data left without it under the writers' lock is a lost
+            # pointer, damage to report, never a reason to forget the data; seen only outside the lock, it
+            # was a delete and a new training of the tenant while this read ran.
+            if not holds_data(directory):
+                raise no_head(tenant)
+
+        raw = self._read_json(tenant, directory / "state.json", "state.json", holds_data_still)
         try:
             if not isinstance(raw, dict) or not EXAMPLES_REF.fullmatch(str(raw.get("examples", ""))):
                 raise TypeError  # the examples name becomes a path: only a sha256 (or nothing) is one
@@ -140,25 +141,6 @@ class LocalState(HeadStore):
         except (TypeError, KeyError, ValueError):
             raise self.quarantine(tenant, "state.json does not describe a state") from None
         return dict(raw)
-
-    def _missing_state(self, tenant: str, path: Path) -> bytes:
-        """state.json was not there when read. Without data beside it the tenant is gone, or was never there
-        (NotFound). With data, it is looked for again under the writers' lock: a delete renames the whole
-        directory away at once, and a new tenant's state.json is written before any of its data, so data
-        without state.json seen between those two moments (a tenant deleted and trained again while this
-        read ran) is no damage. Only data that still has no state.json under the lock is a lost pointer:
-        damage to report, never a reason to forget the data."""
-        if not holds_data(path.parent):
-            raise no_head(tenant)
-        with self._writing():
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                if holds_data(path.parent):
-                    raise self.quarantine(tenant, "state.json is missing") from None
-                raise no_head(tenant) from None
-            except OSError as exc:
-                raise self.quarantine(tenant, f"state.json cannot be read ({exc.strerror})") from None
 
     def state(self, tenant: str) -> TenantState:
         raw = self.raw_state(tenant)
