@@ -16,13 +16,14 @@ if ! command -v py-spy >/dev/null && ls /tmp/kit/wheels/py_spy-*.whl >/dev/null 
     cp /tmp/py-spy-wheel/py_spy-*.data/scripts/py-spy /tmp/site/bin/ && chmod +x /tmp/site/bin/py-spy
 fi
 # Wheels the shared kit leaves out (flash-tokenizer, the server's tokenizer for plain texts: without it the
-# Rust tokenizer does every text, correct but slower). Made here by `bash bench/gpu_extra_wheels.sh` into the
+# Rust tokenizer does every text, correct but slower; uvloop, the server's event loop: without it asyncio's). Made here by `bash bench/gpu_extra_wheels.sh` into the
 # git-ignored .gpu/extra, which the device call carries.
 if ls .gpu/extra/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/extra/*.whl
 fi
 python3 -c "import flash_tokenizer._core" 2>/dev/null && echo "flash-tokenizer: installed" ||
   echo "flash-tokenizer: absent (every text through the Rust tokenizer)"
+python3 -c "import uvloop" 2>/dev/null && echo "uvloop: installed" || echo "uvloop: absent (asyncio's loop)"
 if [ -z "${SKIP_PYTEST:-}" ]; then
   timeout 240 python3 -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -40 | tee "$out/pytest-gpu.txt"
 fi
