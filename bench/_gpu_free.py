@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from bench import h2load
 from bench._gpu_serving import classify_saturation, load_summary, server, train_tenant, wait_all_workers
 from bench._gpu_workload import Results, workloads
 from bench.common import REPO, machine
 from bench.load import LoadResult, LoadSpec, run_load
 from bench.serving import source_version
+from headswap.server.testing import free_port
 
 
 def compatible_backbone(backbone: Path, package: Path, into: Path) -> Path:
@@ -82,6 +84,9 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
     if args.buckets_too:  # what shape buckets cost where they are off by default
         systems.append(("this commit, shape buckets on", {}, args.workers[0]))
     old_backbone = backbone
+    use_h2load = h2load.installed()
+    if not use_h2load:
+        print(f"h2load is not installed ({h2load.INSTALL}): single-text Classify from the Python load only")
     with contextlib.ExitStack() as stack:
         if args.baseline:
             path = stack.enter_context(baseline_tree(args.baseline))
@@ -95,6 +100,8 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                 # A baseline from before --workers knows no such flag; one worker is the default on a CPU.
                 flags = ["--precision", "fp32"] + (["--workers", str(workers)] if workers > 1 else [])
                 flags += GPU_BATCHING if args.gpu_batching else []
+                metrics_port = free_port()
+                flags += ["--metrics-port", str(metrics_port)]  # h2load's calls are counted from /metrics
                 if "buckets on" in name:
                     flags += ["--shape-buckets", "on"]
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
@@ -123,10 +130,40 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                             ),
                             "classify_1": with_cpu(pid, partial(run_load, classify, args.clients)),
                         }
+                        if use_h2load:
+                            figures["classify_1_h2load"] = classify_h2load(
+                                proc.target, pid, metrics_port, texts, seconds
+                            )
                 rounds[name].append(figures)
                 out.put(f"free_{name}_round_{r}", figures)
         summary = {name: _median_rounds(runs) for name, runs in rounds.items()}
         out.put("free_summary", summary)
+
+
+def classify_h2load(
+    target: str, pid: int, metrics_port: int, texts: list[str], seconds: float
+) -> dict[str, Any]:
+    """Single-text Classify to the tenant "bench" at saturation from h2load (bench/h2load.py): 8 connections
+    of 8 calls in flight, as the Python load's 64 callers over 8 connections. Every call carries one text,
+    of the workload's median length (h2load sends one body)."""
+    from headswap.client import _codec
+
+    text = sorted(texts, key=len)[len(texts) // 2]
+    message = bytes(_codec.classify_request("bench", [text], None, 1, 0, 0.0).SerializeToString())
+    method = "/headswap.v1.HeadswapService/Classify"
+    h2load.warm_up(target, method, message, connections=CONNECTIONS)
+    return with_cpu(
+        pid,
+        partial(
+            h2load.run_h2load,
+            target,
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            method,
+            message,
+            seconds,
+            connections=CONNECTIONS,
+        ),
+    )
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -178,7 +215,9 @@ def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, float]:
         "embed_r256": "inputs_per_s",
         "embed_r32": "inputs_per_s",
         "classify_1": "calls_per_s",
+        "classify_1_h2load": "calls_per_s",
     }
+    keys = {k: field for k, field in keys.items() if all(k in run for run in runs)}
     out = {k: float(np.median([run[k][field] for run in runs])) for k, field in keys.items()}
     for k, field in keys.items():  # the same per CPU-second of the server, where measured
         per_cpu = [run[k].get(field.replace("_per_s", "_per_cpu_s")) for run in runs]

@@ -76,9 +76,14 @@ def report_free(data: dict[str, Any]) -> str:
         ("embed_r256", "Embed, requests of 256 short texts: texts/s"),
         ("embed_r32", "Embed, requests of 32 short texts: texts/s"),
         ("classify_1", "Classify, one text per call: calls/s"),
+        ("classify_1_h2load", "Classify, one text per call, from h2load: calls/s"),
         ("embed_r256_per_cpu", "Embed, requests of 256: texts per server CPU-second"),
         ("embed_r32_per_cpu", "Embed, requests of 32: texts per server CPU-second"),
         ("classify_1_per_cpu", "Classify, one text per call: calls per server CPU-second"),
+        (
+            "classify_1_h2load_per_cpu",
+            "Classify, one text per call, from h2load: calls per server CPU-second",
+        ),
     ):
         if not all(key in summary[name] for name in names):
             continue
