@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from headswap.server import errors
+from headswap.server import errors, logs
 from headswap.server.domain import ANONYMOUS, Caller, call_deadline
 from headswap.server.logs import ACCESS
 from headswap.server.metrics import Metrics
@@ -126,7 +126,11 @@ class CallInterceptor(aio.ServerInterceptor):
         level = logging.INFO if quiet else logging.WARNING
         if code == grpc.StatusCode.INTERNAL:
             level = logging.ERROR
-        if access.isEnabledFor(level):
+        if quiet and (direct := logs.direct_access(access)) is not None:
+            direct.access_ok(
+                f"{rpc} {code.name} {seconds * 1000:.1f}ms", _fields(request_id, rpc, code, seconds)
+            )
+        elif access.isEnabledFor(level):
             access.log(
                 level,
                 "%s %s %.1fms%s",
@@ -134,12 +138,7 @@ class CallInterceptor(aio.ServerInterceptor):
                 code.name,
                 seconds * 1000,
                 f": {message}" if message else "",
-                extra={
-                    "request_id": request_id,
-                    "rpc": rpc,
-                    "code": code.name,
-                    "duration_ms": round(seconds * 1000, 3),
-                },
+                extra=_fields(request_id, rpc, code, seconds),
             )
 
     @asynccontextmanager
@@ -237,6 +236,11 @@ class CallInterceptor(aio.ServerInterceptor):
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler
+
+
+def _fields(request_id: str, rpc: str, code: grpc.StatusCode, seconds: float) -> dict[str, object]:
+    """The access log line's fields (the JSON format writes them as keys)."""
+    return {"request_id": request_id, "rpc": rpc, "code": code.name, "duration_ms": round(seconds * 1000, 3)}
 
 
 def _fail(context: aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from headswap.server import logs
 from headswap.server.logs import ACCESS, Handler
 from headswap.server.rpc import interceptors
 
@@ -118,3 +120,77 @@ def test_request_ids_are_random_and_never_repeat() -> None:
     ids = [interceptors._new_id() for _ in range(3 * interceptors._IDS_PER_DRAW + 5)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("worker", ["", "3"])
+def test_the_direct_access_line_is_the_line_logging_writes(
+    fmt: str, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Handler.access_ok` skips the LogRecord: what it writes must stay what the formatter makes of one."""
+    monkeypatch.setattr(logs, "WORKER", worker)
+    formatter = logs.TextFormatter() if fmt == "text" else logs.JsonFormatter()
+    fields: dict[str, object] = {"request_id": "ab12", "rpc": "Classify", "code": "OK", "duration_ms": 1.234}
+    record = logging.getLogger(ACCESS).makeRecord(
+        ACCESS, logging.INFO, __file__, 1, "%s %s %.1fms%s", ("Classify", "OK", 1.234, ""), None, extra=fields
+    )
+    for created in (1733600000.25, 1733600000.999, 1733600061.0):  # a new second, a new minute
+        record.created, record.msecs = created, float(int((created - int(created)) * 1000))
+        direct = formatter.access_line(created, int(record.msecs), "Classify OK 1.2ms", fields)
+        assert direct == formatter.format(record)
+
+
+@contextlib.contextmanager
+def configured(fmt: str) -> Iterator[Stream]:
+    """The server's own set-up (logs.configure) and nothing else on the root logger (pytest's capturing
+    handlers set aside), writing to a stream the test reads."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("INFO", fmt)
+    stream = Stream()
+    root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    try:
+        yield stream
+    finally:
+        root.handlers[0].close()
+        root.handlers[:], root.level = saved[0], saved[1]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_call_that_went_well_is_logged_directly_and_anything_else_set_up_still_gets_it(fmt: str) -> None:
+    with configured(fmt) as stream:
+        _direct_then_not(stream, fmt)
+
+
+def _direct_then_not(configured: Stream, fmt: str) -> None:
+    import grpc
+
+    from headswap.server.metrics import Metrics
+
+    calls = interceptors.CallInterceptor(Metrics())
+    access = logging.getLogger(ACCESS)
+    handler = logs.direct_access(access)
+    assert handler is logging.getLogger().handlers[0]  # the server's set-up takes the direct way
+    calls._done("Classify", "ab12", grpc.StatusCode.OK, time.perf_counter(), "")
+    handler.flush()
+    (line,) = configured.getvalue().splitlines()
+    assert "INFO headswap.access: Classify OK " in line if fmt == "text" else '"request_id": "ab12"' in line
+    # Another handler (a log shipper, a test's capture) or a level above INFO: the usual way, so it sees it.
+    captured: list[logging.LogRecord] = []
+    extra = logging.Handler()
+    extra.emit = captured.append  # type: ignore[method-assign]
+    access.addHandler(extra)
+    try:
+        assert logs.direct_access(access) is None
+        calls._done("Classify", "cd34", grpc.StatusCode.OK, time.perf_counter(), "")
+    finally:
+        access.removeHandler(extra)
+    assert [r.request_id for r in captured] == ["cd34"]  # type: ignore[attr-defined]
+    access.setLevel(logging.WARNING)
+    try:
+        assert logs.direct_access(access) is None
+        calls._done("Classify", "ef56", grpc.StatusCode.OK, time.perf_counter(), "")
+    finally:
+        access.setLevel(logging.NOTSET)
+    handler.flush()
+    assert "ef56" not in configured.getvalue() and configured.getvalue().count("Classify OK") == 2
