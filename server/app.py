@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from headswap.server import loops, workers
+from headswap.server import loops, scheduling, workers
 from headswap.server.backbones import load_backbones, name_lanes
 from headswap.server.binding import Bindings, ServedBackbone
 from headswap.server.cache import EmbeddingCache
@@ -97,11 +97,12 @@ class Server:
             for lane in self.lanes
         )
         log.info(
-            "SERVING on port %d (backbones: %s; warmed up in %.1fs; event loop: %s)",
+            "SERVING on port %d (backbones: %s; warmed up in %.1fs; event loop: %s; cpu policy: %s)",
             self.port,
             served,
             warm_s,
             loops.running_name(),
+            scheduling.current(),
         )
         return self.port
 
@@ -321,6 +322,8 @@ def _warm_up_training(dim: int) -> None:
 
 def serve(config: ServerConfig) -> int:
     """Serve until SIGTERM: this process alone, or (`--workers` > 1) as the supervisor of several."""
+    if not scheduling.applied(config.cpu_policy):  # before the workers and threads, which inherit it
+        return 1
     if workers.worker_index() is None:
         count = workers.auto_workers(config)
         if count > 1:

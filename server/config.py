@@ -227,6 +227,7 @@ class ServerConfig:
     strict_precision: bool = DECLARED
     worker_threads: int = DECLARED  # preprocessing threads
     event_loop: str = DECLARED  # auto (uvloop where installed), uvloop, asyncio
+    cpu_policy: str = DECLARED  # normal, batch (SCHED_BATCH: server/scheduling.py)
     # Server processes sharing the port (server/workers.py); 0: one without a GPU, enough to feed one with.
     workers: int = DECLARED
     intra_op_threads: int = DECLARED  # ONNX Runtime's; 0: its own choice

@@ -62,7 +62,7 @@ def workers(backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     work = tmp_path_factory.mktemp("workers")
     proc = ServerProcess(
         "--backbone", str(backbone_dir), "--precision", "fp32", "--workers", "2", "--log-format", "json",
-        metrics_port=free_port(), log_path=work / "server.log",
+        "--cpu-policy", "batch", metrics_port=free_port(), log_path=work / "server.log",
     )  # fmt: skip
     serving = lambda: sum(e.get("msg", "").startswith("SERVING") for e in log_entries(proc)) >= 2  # noqa: E731
     wait_for(serving, "both workers to serve", 300)
@@ -142,6 +142,22 @@ def test_one_metrics_endpoint_for_every_worker(workers: ServerProcess) -> None:
     embeds = {s.labels["worker"] for s in requests if s.labels["rpc"] == "Embed" and s.value > 0}
     assert embeds == {"0", "1"}
     assert {s.labels["worker"] for s in families["headswap_backbone_info"].samples} == {"0", "1"}
+
+
+def test_every_thread_of_the_supervisor_and_the_workers_runs_under_the_policy_asked_for(
+    workers: ServerProcess,
+) -> None:
+    """`--cpu-policy batch` (SCHED_BATCH, policy 3 in /proc's stat): set before the workers and threads were
+    made, so every one of them has it, gRPC's and ONNX Runtime's threads too."""
+    servings = [e["msg"] for e in log_entries(workers) if e.get("msg", "").startswith("SERVING")]
+    assert len(servings) >= 2 and all("cpu policy: batch" in msg for msg in servings), servings
+    children = Path(f"/proc/{workers.pid}/task/{workers.pid}/children").read_text().split()
+    policies = {}
+    for pid in [str(workers.pid), *children]:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            stat = (task / "stat").read_text()
+            policies[f"{pid}/{task.name}"] = int(stat.rsplit(")", 1)[1].split()[38])  # field 41: policy
+    assert len(policies) > 10 and set(policies.values()) == {3}, policies
 
 
 def test_a_killed_worker_is_started_again_and_sigterm_drains_both(workers: ServerProcess) -> None:
