@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,9 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
     ]
     if args.buckets_too:  # what shape buckets cost where they are off by default
         systems.append(("this commit, shape buckets on", {}, args.workers[0]))
+    if args.cpu_policy_too:  # the most workers, every thread under SCHED_BATCH (server/scheduling.py)
+        last = args.workers[-1]
+        systems.append((f"this commit, {last} worker{'s' if last > 1 else ''}, cpu policy batch", {}, last))
     old_backbone = backbone
     use_h2load = h2load.installed()
     if not use_h2load:
@@ -104,6 +108,8 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                 flags += ["--metrics-port", str(metrics_port)]  # h2load's calls are counted from /metrics
                 if "buckets on" in name:
                     flags += ["--shape-buckets", "on"]
+                if "cpu policy batch" in name:
+                    flags += ["--cpu-policy", "batch"]
                 with tempfile.TemporaryDirectory(prefix="headswap-free-") as tmp:
                     served = old_backbone if env else backbone
                     with server(
@@ -134,6 +140,16 @@ def free_run(args: argparse.Namespace, out: Results) -> None:
                             figures["classify_1_h2load"] = classify_h2load(
                                 proc.target, pid, metrics_port, texts, seconds
                             )
+                        for rate in args.free_rates:  # latency at a fixed rate (open loop), p50 and p99
+                            at = LoadSpec(
+                                **{
+                                    **asdict(classify),
+                                    "mode": "classify_rate",
+                                    "rate": rate,
+                                    "concurrency": 512,
+                                }
+                            )
+                            figures[f"classify_at_{rate:g}"] = load_summary(run_load(at, args.clients))
                 rounds[name].append(figures)
                 out.put(f"free_{name}_round_{r}", figures)
         summary = {name: _median_rounds(runs) for name, runs in rounds.items()}
@@ -219,6 +235,9 @@ def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, float]:
     }
     keys = {k: field for k, field in keys.items() if all(k in run for run in runs)}
     out = {k: float(np.median([run[k][field] for run in runs])) for k, field in keys.items()}
+    for k in sorted({k for run in runs for k in run if k.startswith("classify_at_")}):
+        for q in ("p50", "p99"):
+            out[f"{k}_{q}"] = float(np.median([run[k][f"{q}_ms"] for run in runs]))
     for k, field in keys.items():  # the same per CPU-second of the server, where measured
         per_cpu = [run[k].get(field.replace("_per_s", "_per_cpu_s")) for run in runs]
         if per_cpu and all(v is not None for v in per_cpu):

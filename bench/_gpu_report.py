@@ -84,6 +84,14 @@ def report_free(data: dict[str, Any]) -> str:
             "classify_1_h2load_per_cpu",
             "Classify, one text per call, from h2load: calls per server CPU-second",
         ),
+        *[
+            (f"{key}_{q}", f"Classify at {key.rsplit('_', 1)[1]} calls/s (open loop): {q}, ms")
+            for key in sorted(
+                {k.rsplit("_", 1)[0] for n in names for k in summary[n] if k.startswith("classify_at_")},
+                key=lambda k: float(k.rsplit("_", 1)[1]),
+            )
+            for q in ("p50", "p99")
+        ],
     ):
         if not all(key in summary[name] for name in names):
             continue

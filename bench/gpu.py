@@ -77,6 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="--cpu/--fake-encoder: also this commit with shape buckets on",
     )
     parser.add_argument(
+        "--cpu-policy-too",
+        action="store_true",
+        help="--cpu/--fake-encoder: also this commit's most workers with --cpu-policy batch",
+    )
+    parser.add_argument(
+        "--free-rates",
+        default="",
+        help="--cpu/--fake-encoder: single-text Classify rates (calls/s) to measure p50/p99 at, open loop",
+    )
+    parser.add_argument(
         "--gpu-batching",
         action="store_true",
         help="--cpu/--fake-encoder: every server batches as on a GPU (256 inputs, 65,536 tokens a pass)",
@@ -96,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_workers = "1,2" if args.fake_encoder else ("1" if args.cpu else "1,4,8")
     args.workers = [int(w) for w in str(args.workers or default_workers).split(",") if w]
     args.rates = [float(r) for r in str(args.rates).split(",") if r]
+    args.free_rates = [float(r) for r in str(args.free_rates).split(",") if r]
     for name in ("embed_workers", "classify_workers", "profile_workers"):
         setattr(args, name, [int(w) for w in str(getattr(args, name)).split(",") if w])
     _gpu_serving.PROFILE = args.profile

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 from bench._gpu_free import tree_cpu_seconds, with_cpu
 from bench.load import LoadResult
@@ -84,3 +85,31 @@ def test_the_free_runs_loads_open_enough_connections_for_two_workers() -> None:
     # The kernel picks a worker per connection by hash: all on one of two is 2 * 0.5**n likely.
     assert 2 * 0.5**CONNECTIONS <= 0.01
     assert all(spec.concurrency >= CONNECTIONS for spec in specs)  # every connection carries calls
+
+
+def test_the_free_table_takes_medians_over_rounds_and_shows_every_figure_measured() -> None:
+    """Rounds are summed up by their medians, h2load's figure and the latencies at fixed rates included,
+    and a figure one system lacks (a baseline without h2load) leaves its row out instead of failing."""
+    from bench._gpu_free import _median_rounds
+    from bench._gpu_report import report_free
+
+    def run(calls: float, h2: float, p99: float) -> dict[str, Any]:
+        fig = {"inputs_per_s": 10.0, "inputs_per_cpu_s": 5.0}
+        return {
+            "embed_r256": fig,
+            "embed_r32": fig,
+            "classify_1": {"calls_per_s": calls, "calls_per_cpu_s": calls / 2},
+            "classify_1_h2load": {"calls_per_s": h2, "calls_per_cpu_s": h2 / 2},
+            "classify_at_1000": {"p50_ms": 2.0, "p99_ms": p99},
+        }
+
+    new = _median_rounds([run(1000, 2000, 5.0), run(1200, 2400, 9.0), run(1100, 2200, 7.0)])
+    assert new["classify_1"] == 1100 and new["classify_1_h2load"] == 2200
+    assert new["classify_1_h2load_per_cpu"] == 1100
+    assert new["classify_at_1000_p50"] == 2.0 and new["classify_at_1000_p99"] == 7.0
+    old = _median_rounds([{k: v for k, v in run(500, 0, 4.0).items() if k != "classify_1_h2load"}])
+    assert "classify_1_h2load" not in old
+    table = report_free({"free_summary": {"baseline": old, "this commit": new}})
+    assert "| Classify, one text per call: calls/s | 500 | 1,100 | 2.20× |" in table
+    assert "from h2load" not in table  # the baseline has no such figure: no row
+    assert "| Classify at 1000 calls/s (open loop): p99, ms | 4.00 | 7.00 | 1.75× |" in table
