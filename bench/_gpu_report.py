@@ -96,7 +96,9 @@ def report_free(data: dict[str, Any]) -> str:
         if not all(key in summary[name] for name in names):
             continue
         values = [summary[name][key] for name in names]
-        ratios = [f"{v / values[0]:.2f}×" if values[0] else "—" for v in values[1:]]
+        # A latency's ratio to the baseline's says little (an overloaded baseline's seconds): shown as is.
+        latency = key.startswith("classify_at_")
+        ratios = [f"{v / values[0]:.2f}×" if values[0] and not latency else "—" for v in values[1:]]
         rows.append([label, *[_num(v) for v in values], *ratios])
     ratio_heads = [f"{name} / {names[0]}" for name in names[1:]]
     return markdown_table(
