@@ -141,12 +141,12 @@ class CallInterceptor(aio.ServerInterceptor):
                 extra=_fields(request_id, rpc, code, seconds),
             )
 
-    @asynccontextmanager
-    async def _scope(self, rpc: str, ours: bool, context: aio.ServicerContext) -> AsyncIterator[None]:
+    def _begin(self, ours: bool, context: aio.ServicerContext) -> tuple[float, str]:
+        """A call starts: its request id (echoed in the trailers), its caller and deadline, and (ours) the
+        count in flight. Returns when it started and its request id."""
         started = time.perf_counter()
         request_id = _request_id(context)
         context.set_trailing_metadata(((REQUEST_ID, request_id),))
-        code, message = grpc.StatusCode.OK, ""
         # Each call runs in its own task, so its own copy of the context: nothing to reset afterwards (and a
         # stream closed early is finalised in another context, where a reset would fail).
         _caller.set(ANONYMOUS)
@@ -156,32 +156,82 @@ class CallInterceptor(aio.ServerInterceptor):
             self.metrics.calls_in_flight.inc()
             self.in_flight += 1
             self._idle.clear()
-        try:
-            yield
-        except aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except errors.HeadswapError as exc:
-            code, message = status_of(exc), exc.message
+        return started, request_id
+
+    def _caught(
+        self, exc: BaseException, rpc: str, request_id: str, context: aio.ServicerContext
+    ) -> tuple[grpc.StatusCode, str, bool]:
+        """What a call that raised `exc` ends with: its code, its message, and whether `exc` goes on up
+        (gRPC's own abort, a cancellation) rather than being answered here with the code."""
+        if isinstance(exc, aio.AbortError):
+            return context.code() or grpc.StatusCode.UNKNOWN, "", True
+        if isinstance(exc, errors.HeadswapError):
+            code = status_of(exc)
             if isinstance(exc, errors.DiskFull):
                 self.metrics.store_disk_full.inc()
-            _fail(context, code, message)
-        except Exception as exc:
+            _fail(context, code, exc.message)
+            return code, exc.message, False
+        if isinstance(exc, Exception):
             log.error("unexpected error in %s (request %s)", rpc, request_id, exc_info=exc)
-            code, message = grpc.StatusCode.INTERNAL, type(exc).__name__
-            _fail(context, code, f"internal error in {rpc} (request id {request_id}): {message}")
-        except BaseException:  # cancelled: the caller went away or its deadline passed, or the drain ended
-            code = grpc.StatusCode.CANCELLED
-            if self.grace_ends is not None and time.monotonic() >= self.grace_ends - 0.05:
-                message = "still in flight when the grace period ran out (the caller got UNAVAILABLE)"
-            raise
+            message = type(exc).__name__
+            _fail(
+                context,
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {rpc} (request id {request_id}): {message}",
+            )
+            return grpc.StatusCode.INTERNAL, message, False
+        # Cancelled: the caller went away or its deadline passed, or the drain ended.
+        message = ""
+        if self.grace_ends is not None and time.monotonic() >= self.grace_ends - 0.05:
+            message = "still in flight when the grace period ran out (the caller got UNAVAILABLE)"
+        return grpc.StatusCode.CANCELLED, message, True
+
+    def _end(
+        self, ours: bool, rpc: str, request_id: str, code: grpc.StatusCode, started: float, message: str
+    ) -> None:
+        if ours:
+            self.metrics.calls_in_flight.dec()
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+        self._done(rpc, request_id, code, started, message)
+
+    async def _unary(
+        self,
+        rpc: str,
+        ours: bool,
+        context: aio.ServicerContext,
+        decode: Callable[[bytes], Any],
+        inner: Callable[[Any, aio.ServicerContext], Awaitable[Any]],
+    ) -> Any:
+        """A unary call from start to end: `_scope`'s steps written out, without an async context manager's
+        generator, its object and their awaits on every call of a busy server."""
+        started, request_id = self._begin(ours, context)
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            await self._admit(ours, context, rpc)
+            return await inner(await _one(context, decode), context)
+        except BaseException as exc:
+            code, message, going_on = self._caught(exc, rpc, request_id, context)
+            if going_on:
+                raise
+            return None
         finally:
-            if ours:
-                self.metrics.calls_in_flight.dec()
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self._idle.set()
-            self._done(rpc, request_id, code, started, message)
+            self._end(ours, rpc, request_id, code, started, message)
+
+    @asynccontextmanager
+    async def _scope(self, rpc: str, ours: bool, context: aio.ServicerContext) -> AsyncIterator[None]:
+        """A streamed call from start to end: the same steps as `_unary`'s."""
+        started, request_id = self._begin(ours, context)
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            yield
+        except BaseException as exc:
+            code, message, going_on = self._caught(exc, rpc, request_id, context)
+            if going_on:
+                raise
+        finally:
+            self._end(ours, rpc, request_id, code, started, message)
 
     async def _admit(self, ours: bool, context: aio.ServicerContext, rpc: str = "") -> None:
         """Run first inside the scope: the drain and readiness gates, load shedding and the caller
@@ -205,7 +255,7 @@ class CallInterceptor(aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         rpc, ours = _rpc_name(method), method.startswith(OUR_SERVICE)
-        scope, admit = self._scope, self._admit
+        scope, admit, call = self._scope, self._admit, self._unary
         decode = handler.request_deserializer or (lambda raw: raw)
         # Requests arrive as raw bytes and are decoded inside the scope, so that malformed protobuf becomes
         # INVALID_ARGUMENT (gRPC would answer UNKNOWN), and the call is a client stream read once (`_one`), so
@@ -214,9 +264,7 @@ class CallInterceptor(aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(requests: AsyncIterator[bytes], context: aio.ServicerContext) -> Any:
-                async with scope(rpc, ours, context):
-                    await admit(ours, context, rpc)
-                    return await inner(await _one(context, decode), context)
+                return await call(rpc, ours, context, decode, inner)
 
             return grpc.stream_unary_rpc_method_handler(
                 unary, request_deserializer=None, response_serializer=handler.response_serializer
