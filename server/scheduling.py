@@ -7,8 +7,8 @@ process's GIL while it runs; preempted, it holds it still, and its whole process
 on few cores that was most of what a worker beyond the first cost: measured with the free encoder on 2 cores
 and h2load, 2 workers carried about a fifth more single-text Classify calls a second under `batch`
 (docs/BENCHMARKS.md, "The pipeline's ceiling"). The price is in the tail: a woken thread may wait for the
-running one's time slice, and at 1,000 calls/s, a rate both policies carried, p99 was 8-12 ms against 7-9 (at
-1,500 only `batch` kept up). No privilege is needed (it only gives up wake-up preemption); the kernel has it
+running one's time slice; at 1,000 calls/s, a rate both policies carried, p99 was 7-12 ms against 7-9 over two
+runs (at 1,500 only `batch` came near). No privilege is needed (it only gives up wake-up preemption); the kernel has it
 since Linux 2.6.16, other systems do not. Default `normal`: measured on CPUs only."""
 
 from __future__ import annotations
