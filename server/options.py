@@ -179,14 +179,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "event_loop", None, choice("auto", "uvloop", "asyncio"), "auto", "auto: uvloop if installed; asyncio"
     ),
-    Option(
-        "cpu_policy",
-        None,
-        choice("normal", "batch"),
-        "normal",
-        "Linux scheduling policy of the server's threads; batch (SCHED_BATCH): a waking thread does not "
-        "preempt a running one, more calls/s with several workers on few cores, a higher p99 near saturation",
-    ),
+    Option("cpu_policy", None, choice("normal", "batch"), "normal", "batch: Linux SCHED_BATCH, for workers"),
     Option(
         "intra_op_threads", None, integer(0), 0, "ONNX Runtime threads per forward pass; 0 lets it choose"
     ),
