@@ -335,12 +335,7 @@ def serve(config: ServerConfig) -> int:
     async def main() -> int:
         try:
             server = build(config)
-        except (
-            HeadswapError,
-            OSError,
-            RuntimeError,
-            ValueError,
-        ) as exc:  # a bad setting, an unreachable store
+        except (HeadswapError, OSError, RuntimeError, ValueError) as exc:  # bad setting, store unreachable
             log.error("start-up failed: %s", exc.message if isinstance(exc, HeadswapError) else exc)
             return 1
         return await server.run()

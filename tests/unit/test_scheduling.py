@@ -12,8 +12,6 @@ import pytest
 
 from headswap.server import scheduling
 
-linux = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-
 
 def test_normal_changes_nothing() -> None:
     before = scheduling.current()
@@ -21,7 +19,6 @@ def test_normal_changes_nothing() -> None:
     assert scheduling.current() == before
 
 
-@linux
 def test_batch_holds_for_threads_made_before_and_after_and_for_child_processes() -> None:
     """In a process of its own: the test process keeps its own scheduling."""
     script = textwrap.dedent(
