@@ -8,49 +8,58 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 # Set in the processes of a server with several workers (server/workers.py): their lines say which.
 WORKER = os.environ.get("HEADSWAP_WORKER_INDEX", "")
 
 
-class JsonFormatter(logging.Formatter):
-    _second = -1
-    _stamp = ""
+ACCESS = "headswap.access"
 
-    def access_line(self, created: float, msecs: int, message: str, fields: dict[str, object]) -> str:
-        """What `format` makes of the access log's INFO record (`message`, `fields` its extra) at `created`;
-        the time's text is made once a second."""
+
+class _PerSecond:
+    """A time's text to the second, made again only when the second changes: the access log's direct line
+    (`Handler.access_ok`) would otherwise format the same second for every call in it."""
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]) -> None:
+        self.fmt, self.convert = fmt, convert
+        self._second, self._text = -1, ""
+
+    def __call__(self, created: float) -> str:
         second = int(created)
         if second != self._second:
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        entry: dict[str, object] = {
-            "ts": f"{self._stamp}.{msecs:03d}Z",
-            "level": "INFO",
-            "logger": ACCESS,
-            "msg": message,
-        }
-        if WORKER:
-            entry["worker"] = int(WORKER)
+            self._second, self._text = second, time.strftime(self.fmt, self.convert(second))
+        return self._text
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _PerSecond("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+    def access_line(self, created: float, msecs: int, message: str, fields: dict[str, object]) -> str:
+        """What `format` makes of the access log's INFO record (`message`, `fields` its extra) at `created`."""
+        entry = _entry(f"{self._stamp(created)}.{msecs:03d}Z", "INFO", ACCESS, message)
         entry.update(fields)
         return json.dumps(entry)
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if WORKER:
-            entry["worker"] = int(WORKER)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        entry = _entry(ts, record.levelname, record.name, record.getMessage())
         for key in ("request_id", "rpc", "code", "duration_ms", "tenant"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def _entry(ts: str, level: str, logger: str, message: str) -> dict[str, object]:
+    entry: dict[str, object] = {"ts": ts, "level": level, "logger": logger, "msg": message}
+    if WORKER:
+        entry["worker"] = int(WORKER)
+    return entry
 
 
 # Warnings from libraries that ask nothing of the user: ONNX Runtime's quantiser advises pre-processing,
@@ -76,29 +85,18 @@ class OwnRecords(logging.Filter):
         return not any(str(record.msg).startswith(text) for text in QUIET)
 
 
-ACCESS = "headswap.access"
-
-
 class TextFormatter(logging.Formatter):
     """Lines for people: time, level, [worker], logger, message."""
 
     def __init__(self) -> None:
-        self.prefix = f" INFO [worker {WORKER}] {ACCESS}: " if WORKER else f" INFO {ACCESS}: "
         where = f" [worker {WORKER}]" if WORKER else ""
         super().__init__(f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
-        self._second = -1
-        self._stamp = ""
+        self.prefix = f" INFO{where} {ACCESS}: "
+        self._stamp = _PerSecond(self.default_time_format, self.converter)
 
     def access_line(self, created: float, msecs: int, message: str, fields: dict[str, object]) -> str:
-        """What `format` makes of the access log's INFO record (`message`) at `created`; the time's text is
-        made once a second."""
-        second = int(created)
-        if second != self._second:
-            self._second, self._stamp = (
-                second,
-                time.strftime(self.default_time_format, time.localtime(second)),
-            )
-        return f"{self._stamp},{msecs:03d}{self.prefix}{message}"
+        """What `format` makes of the access log's INFO record (`message`) at `created`."""
+        return f"{self._stamp(created)},{msecs:03d}{self.prefix}{message}"
 
 
 class Handler(logging.StreamHandler):  # type: ignore[type-arg]
