@@ -22,7 +22,7 @@ from bench import h2load
 from bench._gpu_serving import classify_saturation, load_summary, server, train_tenant, wait_all_workers
 from bench._gpu_workload import Results, workloads
 from bench.common import REPO, machine
-from bench.load import LoadResult, LoadSpec, run_load
+from bench.load import LoadResult, LoadSpec, _request_bytes, run_load
 from bench.serving import source_version
 from headswap.server.testing import free_port
 
@@ -162,10 +162,9 @@ def classify_h2load(
     """Single-text Classify to the tenant "bench" at saturation from h2load (bench/h2load.py): 8 connections
     of 8 calls in flight, as the Python load's 64 callers over 8 connections. Every call carries one text,
     of the workload's median length (h2load sends one body)."""
-    from headswap.client import _codec
-
     text = sorted(texts, key=len)[len(texts) // 2]
-    message = bytes(_codec.classify_request("bench", [text], None, 1, 0, 0.0).SerializeToString())
+    # The request the Python load's raw client sends (bench.load), for this one text.
+    message = _request_bytes(LoadSpec(target, "classify_closed", [text], tenant="bench"), 0)
     method = "/headswap.v1.HeadswapService/Classify"
     h2load.warm_up(target, method, message, connections=CONNECTIONS)
     return with_cpu(

@@ -15,7 +15,6 @@ whose calls were not all OK reports the codes as errors.
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import subprocess
@@ -32,6 +31,10 @@ INSTALL = "scripts/install-h2load"
 # The headers of a gRPC call. The deadline is what a client sets (the headswap client always does): the
 # server keeps a timer for it, a cost a call without one would not show.
 HEADERS = ("content-type: application/grpc", "te: trailers", "grpc-timeout: 60S")
+
+
+def installed() -> bool:
+    return shutil.which("h2load") is not None
 
 
 def h2load_binary() -> str:
@@ -147,10 +150,6 @@ def _duration(summary: str) -> float | None:
                 if value.endswith(unit):
                     return float(value[: -len(unit)]) * scale
     return None
-
-
-def installed() -> bool:
-    return shutil.which("h2load") is not None and os.name == "posix"
 
 
 __all__ = [
